@@ -1,0 +1,1 @@
+"""The ``raybatch`` command line (typer)."""

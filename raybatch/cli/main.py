@@ -1,0 +1,289 @@
+"""``raybatch``: submit, watch and manage jobs.
+
+    raybatch submit recipes/pytorch-digits-ddp/job.yaml --wait
+    raybatch list | show ID | logs ID --follow | cancel ID | wait ID
+    raybatch up [--nodes 2] | down | status
+
+With no ``--address`` (or RAYBATCH_ADDRESS), commands talk to the embedded local
+default under RAYBATCH_HOME (~/.raybatch); ``submit`` starts it when needed.
+"""
+
+from __future__ import annotations
+
+import enum
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.text import Text
+
+from raybatch.cli import render
+from raybatch.client import Client, RaybatchError, exit_code_for
+from raybatch.spec.loader import SpecError, load_job_file
+from raybatch.state.states import JobState
+
+app = typer.Typer(
+    help="raybatch: queue, gang-schedule and run training jobs on Ray from one job file.",
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+)
+
+
+class Output(str, enum.Enum):
+    table = "table"
+    json = "json"
+
+
+class Stream(str, enum.Enum):
+    stdout = "stdout"
+    stderr = "stderr"
+
+
+class _Opts:
+    address: Optional[str] = None
+    token: Optional[str] = None
+
+
+OPTS = _Opts()
+OutputOpt = typer.Option(Output.table, "--output", "-o", help="table or json")
+
+
+@app.callback()
+def main(
+    address: Optional[str] = typer.Option(
+        None, "--address", envvar="RAYBATCH_ADDRESS",
+        help="URL of a raybatch server (default: the embedded local one)."),
+    token: Optional[str] = typer.Option(
+        None, "--token", envvar="RAYBATCH_TOKEN", help="Bearer token of that server.", show_default=False),
+) -> None:
+    OPTS.address, OPTS.token = address, token
+
+
+def _client(auto_start: bool = False) -> Client:
+    try:
+        return Client(OPTS.address, OPTS.token, auto_start=auto_start)
+    except RaybatchError as e:
+        _fail(str(e))
+    except Exception as e:  # noqa: BLE001 - starting the local default can fail many ways
+        _fail(f"could not start the local raybatch: {e}")
+
+
+def _fail(message: str, code: int = 1) -> None:
+    render.err_console.print(f"[red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def _call(fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except RaybatchError as e:
+        _fail(str(e))
+
+
+def _progress_line(job, started: float) -> Text:
+    t = Text()
+    t.append(f"{job.id} ", style="bold")
+    t.append(job.state.value, style=render.STATE_STYLE.get(job.state.value, "white"))
+    t.append(f"  attempt {job.attempt}  {time.monotonic() - started:5.0f}s")
+    extra = job.waiting_reason or job.reason
+    if extra:
+        t.append(f"  {extra}", style="dim")
+    return t
+
+
+def _wait_with_progress(client: Client, job_id: str, timeout: Optional[float]) -> int:
+    """Poll until the job is final: a live status line on a terminal, one line per
+    change otherwise; then say where the logs and outputs are."""
+    started = time.monotonic()
+    deadline = None if timeout is None else started + timeout
+    last = None
+    with render.err_console.status("", spinner="dots") as spinner:
+        while True:
+            job = _call(client.get, job_id)
+            line = _progress_line(job, started)
+            key = (job.state.value, job.attempt)
+            if render.err_console.is_terminal:
+                spinner.update(line)
+            elif key != last:
+                render.err_console.print(line)
+            last = key
+            if JobState(job.state).is_final:
+                break
+            if deadline is not None and time.monotonic() > deadline:
+                _fail(f"job {job_id} still {job.state.value} after {timeout:g} s", code=124)
+            time.sleep(0.5)
+    if render.err_console.is_terminal:
+        render.err_console.print(_progress_line(job, started))
+    outputs = "".join(f"\n  output {k}: {v}" for k, v in job.outputs.items())
+    render.console.print(f"logs: {job.logs_dir}{outputs}\ncheckpoints: {job.checkpoint_dir}",
+                         highlight=False, soft_wrap=True)
+    return exit_code_for(job)
+
+
+@app.command()
+def submit(
+    job_file: Path = typer.Argument(..., help="Job file (YAML)."),
+    set_: List[str] = typer.Option([], "--set", help="Override a field: --set nodes=2 --set resources.cpus=1"),
+    wait: bool = typer.Option(False, "--wait", help="Show progress and exit with the job's exit code."),
+    timeout: Optional[float] = typer.Option(None, help="With --wait: give up after this many seconds."),
+    output: Output = OutputOpt,
+) -> None:
+    """Validate a job file and queue it; prints the job id."""
+    try:
+        spec = load_job_file(job_file, set_)
+    except SpecError as e:
+        _fail(str(e), code=2)
+    client = _client(auto_start=True)
+    job = _call(client.submit, spec)
+    if output == Output.json:
+        render.print_json(job)
+    else:
+        print(job.id, flush=True)
+    if wait:
+        raise typer.Exit(_wait_with_progress(client, job.id, timeout))
+
+
+@app.command("list")
+def list_(
+    state: List[str] = typer.Option([], "--state", "-s", help="Only jobs in this state (repeatable)."),
+    experiment: Optional[str] = typer.Option(None, "--experiment", "-e"),
+    limit: int = typer.Option(200, help="At most this many, newest first."),
+    output: Output = OutputOpt,
+) -> None:
+    """List jobs, newest first."""
+    for s in state:
+        if s.upper() not in JobState.__members__:
+            _fail(f"--state {s}: allowed: {', '.join(JobState.__members__)}", code=2)
+    jobs = _call(_client().list, state=state, experiment=experiment, limit=limit)
+    if output == Output.json:
+        render.print_json([j.model_dump(mode="json") for j in jobs])
+    else:
+        render.console.print(render.jobs_table(jobs))
+
+
+@app.command()
+def show(job_id: str, output: Output = OutputOpt) -> None:
+    """A job's state history, attempts, where each rank ran and where its files are."""
+    job = _call(_client().get, job_id)
+    if output == Output.json:
+        render.print_json(job)
+    else:
+        render.show_job(job)
+
+
+@app.command()
+def logs(
+    job_id: str,
+    rank: int = typer.Option(0, "--rank", "-r", help="Which rank's log."),
+    stderr: bool = typer.Option(False, "--stderr", help="stderr instead of stdout."),
+    attempt: Optional[int] = typer.Option(None, "--attempt", "-a", help="Default: the latest."),
+    follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing until the job ends."),
+) -> None:
+    """Print a rank's stdout (or stderr)."""
+    client = _client()
+    stream = "stderr" if stderr else "stdout"
+    try:
+        for chunk in client.follow_logs(job_id, rank=rank, stream=stream, attempt=attempt, follow=follow):
+            sys.stdout.write(chunk)
+            sys.stdout.flush()
+    except RaybatchError as e:
+        _fail(str(e))
+    except KeyboardInterrupt:
+        raise typer.Exit(130)
+
+
+@app.command()
+def cancel(job_id: str, output: Output = OutputOpt) -> None:
+    """Cancel a job: queued jobs leave the queue; running ones get SIGTERM, the
+    job's grace period, then SIGKILL."""
+    job = _call(_client().cancel, job_id)
+    if output == Output.json:
+        render.print_json(job)
+    else:
+        render.console.print(f"{job.id}: {render.state(job.state)}"
+                             + ("" if job.state == JobState.CANCELLED else " (cancel requested)"))
+
+
+@app.command()
+def wait(
+    job_id: str,
+    timeout: Optional[float] = typer.Option(None, help="Give up after this many seconds (exit 124)."),
+) -> None:
+    """Wait for a job to end; exit with its exit code (0 succeeded, 130 cancelled)."""
+    raise typer.Exit(_wait_with_progress(_client(), job_id, timeout))
+
+
+@app.command()
+def up(
+    nodes: int = typer.Option(2, min=1, help="Local Ray nodes to start (multi-node jobs need several)."),
+    cpus_per_node: Optional[float] = typer.Option(None, help="CPUs each local node offers (default: cores/nodes)."),
+    port: Optional[int] = typer.Option(None, help="Port of the raybatch server (default: a free one)."),
+) -> None:
+    """Start the embedded local default: Ray nodes and the raybatch server."""
+    from raybatch.local.embedded import LocalCluster  # noqa: PLC0415
+
+    local = LocalCluster()
+    with render.err_console.status(f"starting {nodes} local Ray node(s) and the raybatch server..."):
+        try:
+            info = local.up(nodes=nodes, cpus_per_node=cpus_per_node, port=port)
+        except Exception as e:  # noqa: BLE001
+            _fail(str(e))
+    render.console.print(f"raybatch server: {info['url']}\nRay dashboard:   {info['dashboard_url']}\n"
+                         f"Ray nodes:       {info['nodes']} x {info['cpus_per_node']:g} CPU\n"
+                         f"state:           {local.home}", highlight=False)
+
+
+@app.command()
+def down() -> None:
+    """Stop the embedded local default (queued jobs stay in the store)."""
+    from raybatch.local.embedded import LocalCluster  # noqa: PLC0415
+
+    local = LocalCluster()
+    with render.err_console.status("stopping the raybatch server and local Ray nodes..."):
+        stopped = local.down()
+    render.console.print("stopped" if stopped else "nothing was running")
+
+
+@app.command()
+def status(output: Output = OutputOpt) -> None:
+    """The server this CLI talks to, and the live Ray nodes."""
+    client = _client()
+    nodes = _call(client.cluster)
+    if output == Output.json:
+        render.print_json({"address": client.address, "nodes": nodes})
+        return
+    render.console.print(f"server: {client.address}")
+    from rich.table import Table  # noqa: PLC0415
+
+    t = Table(box=None, header_style="bold")
+    for col in ("NODE ID", "IP", "ALIVE", "CPU free/total", "GPU free/total"):
+        t.add_column(col)
+    for n in nodes:
+        a, tot = n["available"], n["total"]
+        t.add_row(n["node_id"][:12], n["ip"], str(n["alive"]),
+                  f"{a.get('CPU', 0):g}/{tot.get('CPU', 0):g}", f"{a.get('GPU', 0):g}/{tot.get('GPU', 0):g}")
+    render.console.print(t)
+
+
+@app.command()
+def validate(
+    job_file: Path,
+    set_: List[str] = typer.Option([], "--set", help="Override a field, as with submit."),
+    output: Output = OutputOpt,
+) -> None:
+    """Check a job file without submitting it; print the job as raybatch reads it."""
+    try:
+        spec = load_job_file(job_file, set_)
+    except SpecError as e:
+        _fail(str(e), code=2)
+    if output == Output.json:
+        render.print_json(spec)
+    else:
+        import yaml  # noqa: PLC0415
+
+        print(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False), end="")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,98 @@
+"""Turning API models into tables and text for the terminal (rich)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from typing import Any, Iterable, Optional
+
+from pydantic import BaseModel
+from rich.console import Console
+from rich.table import Table
+
+from raybatch.models import JobDetail, JobSummary
+from raybatch.spec.units import format_duration
+
+def _console(stderr: bool = False) -> Console:
+    c = Console(stderr=stderr)
+    if not c.is_terminal:  # piped or captured: don't squeeze tables into 80 columns
+        c = Console(stderr=stderr, width=200)
+    return c
+
+
+console = _console()
+err_console = _console(stderr=True)
+
+STATE_STYLE = {
+    "QUEUED": "yellow", "STARTING": "cyan", "RUNNING": "blue", "SUCCEEDED": "green",
+    "FAILED": "red", "CANCELLED": "magenta", "PREEMPTED": "yellow", "RESTARTING": "yellow",
+}
+
+
+def ts(t: Optional[float]) -> str:
+    return dt.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S") if t else "-"
+
+
+def state(s: Any) -> str:
+    s = getattr(s, "value", s)
+    return f"[{STATE_STYLE.get(s, 'white')}]{s}[/]"
+
+
+def print_json(data: Any) -> None:
+    if isinstance(data, BaseModel):
+        text = data.model_dump_json(indent=2)
+    elif isinstance(data, list) and data and isinstance(data[0], BaseModel):
+        text = json.dumps([d.model_dump(mode="json") for d in data], indent=2)
+    else:
+        text = json.dumps(data, indent=2, default=str)
+    print(text)
+
+
+def jobs_table(jobs: Iterable[JobSummary]) -> Table:
+    t = Table(box=None, header_style="bold")
+    for col in ("ID", "NAME", "EXPERIMENT", "STATE", "PRIO", "NODES", "ATTEMPT", "SUBMITTED", "DURATION", "EXIT"):
+        t.add_column(col)
+    for j in jobs:
+        dur = (j.ended_at or dt.datetime.now().timestamp()) - j.started_at if j.started_at else None
+        t.add_row(j.id, j.name, j.experiment, state(j.state), str(j.priority), str(j.nodes),
+                  str(j.attempt), ts(j.submitted_at), format_duration(dur),
+                  "-" if j.exit_code is None else str(j.exit_code))
+    return t
+
+
+def show_job(j: JobDetail) -> None:
+    c = console
+    c.print(f"[bold]{j.id}[/]  {j.name}  (experiment {j.experiment})  {state(j.state)}")
+    if j.reason:
+        c.print(f"  reason:      {j.reason}")
+    if j.waiting_reason:
+        c.print(f"  waiting:     {j.waiting_reason}")
+    s = j.spec
+    c.print(f"  framework:   {s.framework}   nodes: {s.nodes} x {s.processes_per_node} process(es)"
+            f"   per node: {s.resources.as_ray_bundle()}   priority: {j.priority}")
+    c.print(f"  command:     {s.command}")
+    c.print(f"  submitted:   {ts(j.submitted_at)}   started: {ts(j.started_at)}   ended: {ts(j.ended_at)}"
+            f"   exit code: {'-' if j.exit_code is None else j.exit_code}")
+    c.print(f"  job dir:     {j.job_dir}")
+    c.print(f"  logs:        {j.logs_dir}")
+    c.print(f"  checkpoints: {j.checkpoint_dir}")
+    for ident, path in j.outputs.items():
+        c.print(f"  output {ident}: {path}")
+    c.print()
+    c.print("[bold]History[/]")
+    for t in j.transitions:
+        src = getattr(t.from_state, "value", t.from_state) or "-"
+        c.print(f"  {ts(t.at)}  {src:>10} -> {state(t.to_state)}  {t.reason}")
+    for a in j.attempts:
+        c.print()
+        c.print(f"[bold]Attempt {a.n}[/]  ray job {a.ray_job_id}  {a.outcome or 'in progress'}"
+                f"  {ts(a.started_at)} -> {ts(a.ended_at)}" + (f"  ({a.reason})" if a.reason else ""))
+        if a.ranks:
+            t = Table(box=None, header_style="bold", padding=(0, 1))
+            for col in ("RANK", "NODE RANK", "LOCAL", "NODE ID", "IP", "HOST", "PID", "EXIT", "STDOUT"):
+                t.add_column(col)
+            for r in a.ranks:
+                t.add_row(str(r.rank), str(r.node_rank), str(r.local_rank), (r.node_id or "-")[:12],
+                          r.node_ip or "-", r.hostname or "-", str(r.pid or "-"),
+                          "-" if r.exit_code is None else str(r.exit_code), r.stdout)
+            c.print(t)

@@ -1,0 +1,212 @@
+"""The Python SDK: ``raybatch.Client``. Plain HTTP (httpx) to the raybatch server,
+so it works from a laptop, a notebook, or inside a Ray driver or task.
+
+    from raybatch import Client
+    c = Client()                                   # embedded local default, started on demand
+    job = c.submit("recipes/hello-custom/job.yaml")
+    done = c.wait(job.id)
+    print(done.state, c.logs(job.id))
+
+Which server: ``address=`` > ``RAYBATCH_ADDRESS`` > the local default under
+``RAYBATCH_HOME``. Which token: ``token=`` > ``RAYBATCH_TOKEN`` > the local
+default's token file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import time
+import zipfile
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Optional, Union
+
+import httpx
+
+from raybatch import config
+from raybatch.models import JobDetail, JobSummary, LogChunk, SubmitRequest
+from raybatch.spec.job import JobSpec
+from raybatch.spec.loader import load_job_file, parse_job
+from raybatch.state.states import JobState
+
+_SKIP_DIRS = {".git", "__pycache__", ".venv", "node_modules", ".mypy_cache", ".pytest_cache"}
+
+
+class RaybatchError(RuntimeError):
+    """An error the server reported (or no server could be reached)."""
+
+    def __init__(self, message: str, status_code: Optional[int] = None):
+        super().__init__(message)
+        self.status_code = status_code
+
+
+def package_code(directory: str | Path) -> tuple[str, bytes]:
+    """A deterministic zip of ``directory`` (same content -> same sha256)."""
+    root = Path(directory)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS)
+            for name in sorted(filenames):
+                if name.endswith(".pyc"):
+                    continue
+                path = Path(dirpath) / name
+                if not path.is_file():
+                    continue
+                info = zipfile.ZipInfo(str(path.relative_to(root)), date_time=(1980, 1, 1, 0, 0, 0))
+                info.external_attr = (path.stat().st_mode & 0o777) << 16
+                info.compress_type = zipfile.ZIP_DEFLATED
+                zf.writestr(info, path.read_bytes())
+    data = buf.getvalue()
+    return hashlib.sha256(data).hexdigest(), data
+
+
+class Client:
+    def __init__(self, address: Optional[str] = None, token: Optional[str] = None, *,
+                 auto_start: bool = True, timeout: float = 30.0):
+        address = address or os.environ.get(config.ENV_ADDRESS)
+        token = token or os.environ.get(config.ENV_TOKEN)
+        if not address:
+            from raybatch.local.embedded import LocalCluster  # noqa: PLC0415
+
+            local = LocalCluster()
+            info = local.running()
+            if info is None:
+                if not auto_start:
+                    raise RaybatchError(
+                        "no raybatch server: run `raybatch up`, or set RAYBATCH_ADDRESS / --address"
+                    )
+                info = local.up()
+            address = info["url"]
+            token = token or local.token()
+        if not token:
+            token_file = config.home() / "token"
+            if token_file.exists():
+                token = token_file.read_text().strip()
+        self.address = address.rstrip("/")
+        self._http = httpx.Client(
+            base_url=self.address + config.API_PREFIX, timeout=timeout,
+            headers={"Authorization": f"Bearer {token}"} if token else {},
+        )
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ---- transport ---------------------------------------------------------
+    def _request(self, method: str, path: str, **kw: Any) -> Any:
+        try:
+            r = self._http.request(method, path, **kw)
+        except httpx.HTTPError as e:
+            raise RaybatchError(f"cannot reach the raybatch server at {self.address}: {e}") from None
+        if r.status_code >= 400:
+            try:
+                detail = r.json().get("detail", r.text)
+            except ValueError:
+                detail = r.text
+            if isinstance(detail, list):  # FastAPI validation errors
+                detail = "; ".join(
+                    f"{'.'.join(str(p) for p in d.get('loc', [])[1:])}: {d.get('msg')}" for d in detail
+                )
+            raise RaybatchError(str(detail), r.status_code)
+        return r.json()
+
+    # ---- jobs ----------------------------------------------------------------
+    def submit(self, job: Union[JobSpec, str, Path, dict], overrides: Iterable[str] = ()) -> JobSummary:
+        """Submit a job file path, a parsed ``JobSpec`` or a dict; ``overrides`` are
+        ``key=value`` strings like the CLI's ``--set``."""
+        if isinstance(job, (str, Path)):
+            spec = load_job_file(job, overrides)
+        elif isinstance(job, dict):
+            spec = parse_job(job, base_dir=Path.cwd())
+        else:
+            spec = job
+        sha = None
+        if spec.code:
+            sha, data = package_code(spec.code)
+            try:
+                self._request("GET", f"/code/{sha}")
+            except RaybatchError as e:
+                if e.status_code != 404:
+                    raise
+                self._request("PUT", f"/code/{sha}", content=data,
+                              headers={"Content-Type": "application/zip"})
+        body = SubmitRequest(spec=spec, code_package=sha).model_dump(mode="json")
+        return JobSummary.model_validate(self._request("POST", "/jobs", json=body))
+
+    def list(self, state: Optional[Iterable[str]] = None, experiment: Optional[str] = None,
+             limit: int = 200) -> list[JobSummary]:
+        params: dict[str, Any] = {"limit": limit}
+        if state:
+            params["state"] = [s.upper() for s in state]
+        if experiment:
+            params["experiment"] = experiment
+        return [JobSummary.model_validate(j) for j in self._request("GET", "/jobs", params=params)]
+
+    def get(self, job_id: str) -> JobDetail:
+        return JobDetail.model_validate(self._request("GET", f"/jobs/{job_id}"))
+
+    def cancel(self, job_id: str) -> JobSummary:
+        return JobSummary.model_validate(self._request("POST", f"/jobs/{job_id}/cancel"))
+
+    def cluster(self) -> list[dict[str, Any]]:
+        return self._request("GET", "/cluster")
+
+    def log_chunk(self, job_id: str, *, rank: int = 0, stream: str = "stdout",
+                  attempt: Optional[int] = None, offset: int = 0) -> LogChunk:
+        params: dict[str, Any] = {"rank": rank, "stream": stream, "offset": offset}
+        if attempt:
+            params["attempt"] = attempt
+        return LogChunk.model_validate(self._request("GET", f"/jobs/{job_id}/logs", params=params))
+
+    def logs(self, job_id: str, *, rank: int = 0, stream: str = "stdout",
+             attempt: Optional[int] = None) -> str:
+        """The whole log file as it is now."""
+        return "".join(self.follow_logs(job_id, rank=rank, stream=stream, attempt=attempt, follow=False))
+
+    def follow_logs(self, job_id: str, *, rank: int = 0, stream: str = "stdout",
+                    attempt: Optional[int] = None, follow: bool = True,
+                    poll: float = 0.5) -> Iterator[str]:
+        """Yield the log as it grows; with ``follow`` until the job is final."""
+        offset = 0
+        while True:
+            chunk = self.log_chunk(job_id, rank=rank, stream=stream, attempt=attempt, offset=offset)
+            if chunk.data:
+                yield chunk.data
+            if chunk.next_offset == offset and (chunk.eof or not follow):
+                return
+            if chunk.next_offset == offset:
+                time.sleep(poll)
+            offset = chunk.next_offset
+
+    def wait(self, job_id: str, timeout: Optional[float] = None, poll: float = 0.5,
+             on_change: Optional[Callable[[JobDetail], None]] = None) -> JobDetail:
+        """Block until the job is SUCCEEDED, FAILED or CANCELLED."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        last = None
+        while True:
+            job = self.get(job_id)
+            key = (job.state, job.attempt)
+            if on_change and key != last:
+                on_change(job)
+            last = key
+            if JobState(job.state).is_final:
+                return job
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} still {job.state.value} after {timeout} s")
+            time.sleep(poll)
+
+
+def exit_code_for(job: JobSummary) -> int:
+    """The process exit code that stands for a finished job (like `az batchai job wait`)."""
+    if job.state == JobState.SUCCEEDED:
+        return 0
+    if job.state == JobState.CANCELLED:
+        return 130
+    return job.exit_code if job.exit_code not in (None, 0) else 1

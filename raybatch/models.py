@@ -1,0 +1,96 @@
+"""API models: the REST API's request and response bodies, which are also what
+the SDK returns and what ``-o json`` prints. Defined once, here."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Optional
+
+from pydantic import BaseModel, Field
+
+from raybatch.spec.job import JobSpec
+from raybatch.state.states import JobState
+
+
+class SubmitRequest(BaseModel):
+    spec: JobSpec
+    code_package: Optional[str] = Field(
+        None, description="sha256 of a code package uploaded with PUT /code/{sha}."
+    )
+
+
+class JobSummary(BaseModel):
+    id: str
+    name: str
+    experiment: str
+    priority: int
+    state: JobState
+    attempt: int
+    submitted_at: float
+    started_at: Optional[float] = None
+    ended_at: Optional[float] = None
+    exit_code: Optional[int] = None
+    reason: Optional[str] = None
+    nodes: int
+    job_dir: str
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> "JobSummary":
+        spec = json.loads(row["spec"])
+        return cls(**{k: row[k] for k in (
+            "id", "name", "experiment", "priority", "state", "attempt", "submitted_at",
+            "started_at", "ended_at", "exit_code", "reason", "job_dir")}, nodes=spec["nodes"])
+
+
+class Transition(BaseModel):
+    at: float
+    from_state: Optional[JobState]
+    to_state: JobState
+    reason: str
+
+
+class RankInfo(BaseModel):
+    rank: int
+    node_rank: int
+    local_rank: int
+    node_id: Optional[str] = None
+    node_ip: Optional[str] = None
+    hostname: Optional[str] = None
+    pid: Optional[int] = None
+    exit_code: Optional[int] = None
+    stdout: str
+    stderr: str
+
+
+class AttemptInfo(BaseModel):
+    n: int
+    ray_job_id: str
+    started_at: float
+    running_at: Optional[float] = None
+    ended_at: Optional[float] = None
+    outcome: Optional[str] = None
+    exit_code: Optional[int] = None
+    reason: Optional[str] = None
+    ranks: list[RankInfo] = []
+
+
+class JobDetail(JobSummary):
+    spec: JobSpec
+    waiting_reason: Optional[str] = None
+    cancel_requested: bool = False
+    outputs: dict[str, str] = {}
+    checkpoint_dir: str
+    logs_dir: str
+    transitions: list[Transition] = []
+    attempts: list[AttemptInfo] = []
+
+
+class LogChunk(BaseModel):
+    attempt: int
+    rank: int
+    stream: str
+    path: str
+    offset: int
+    next_offset: int
+    data: str
+    eof: bool = Field(description="True when the job is final and the file is read to its end.")

@@ -1,0 +1,251 @@
+"""The entrypoint of an attempt's Ray Job: ``python -m raybatch.runtime.driver ATTEMPT_JSON``.
+
+1. reserve one placement group for the whole gang (STRICT_SPREAD by default);
+2. start one rank actor per process, rank 0 picks MASTER_PORT on its node;
+3. start every rank's process with the env contract, report "running";
+4. watch: the first rank to exit non-zero, a lost rank, SIGTERM (cancel from
+   the server through ``ray job stop``) or the wall-clock limit ends the attempt;
+   the other ranks get SIGTERM -> grace -> SIGKILL;
+5. free the placement group, then report "done" with each rank's exit code.
+
+The server reads the reports from ``status.json`` (see ``layout``)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Optional
+
+import ray
+from ray.exceptions import RayActorError, RayError
+from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from raybatch import frameworks
+from raybatch.frameworks.base import RankContext
+from raybatch.runtime import layout
+from raybatch.runtime.rank import RankActor
+from raybatch.spec.job import JobSpec
+from raybatch.state.states import AttemptOutcome
+
+PLACEMENT_TIMEOUT_S = float(os.environ.get("RAYBATCH_PLACEMENT_TIMEOUT_S", "120"))
+FAILURE_STOP_GRACE_S = 10.0  # when one rank failed, the others get at most this
+
+
+class Attempt:
+    def __init__(self, attempt_file: str):
+        self.info = layout.read_json(attempt_file)
+        if self.info is None:
+            raise SystemExit(f"cannot read {attempt_file}")
+        self.spec = JobSpec.model_validate(self.info["spec"])
+        self.job_id: str = self.info["job_id"]
+        self.n: int = self.info["attempt"]
+        self.job_dir = Path(self.info["job_dir"])
+        self.status_file = self.info["status_file"]
+        self.stop = threading.Event()
+        self.started = time.monotonic()
+        self.pg = None
+        self.actors: list[Any] = []
+        self.ranks: list[dict[str, Any]] = []
+
+    # ---- reporting ---------------------------------------------------------
+    def report(self, phase: str, **extra: Any) -> None:
+        layout.write_json_atomic(
+            self.status_file,
+            {"phase": phase, "at": time.time(), "pid": os.getpid(), "ranks": self.ranks, **extra},
+        )
+
+    def log(self, msg: str) -> None:
+        print(f"[raybatch] {msg}", flush=True)
+
+    # ---- steps -------------------------------------------------------------
+    def check_inputs(self) -> Optional[str]:
+        for ident, inp in self.spec.inputs.items():
+            if not Path(inp.path).expanduser().exists():
+                return f"input '{ident}': path {inp.path} does not exist on the head node"
+        return None
+
+    def reserve(self) -> Optional[str]:
+        spec = self.spec
+        bundle = spec.resources.as_ray_bundle()
+        strategy = "STRICT_SPREAD" if spec.placement.strategy == "spread" else "PACK"
+        self.pg = placement_group(
+            [dict(bundle) for _ in range(spec.nodes)], strategy=strategy,
+            name=f"raybatch-{self.job_id}-{self.n}",
+        )
+        ready = self.pg.ready()
+        deadline = time.monotonic() + PLACEMENT_TIMEOUT_S
+        while not self.stop.is_set():
+            done, _ = ray.wait([ready], timeout=0.2)
+            if done:
+                return None
+            if time.monotonic() > deadline:
+                return (f"the placement group ({spec.nodes} x {bundle}, {strategy}) was not placed "
+                        f"within {PLACEMENT_TIMEOUT_S:.0f} s")
+        return "stopped while reserving the placement group"
+
+    def start_ranks(self) -> None:
+        spec = self.spec
+        P = spec.processes_per_node
+        bundle = spec.resources.as_ray_bundle()
+        per_rank = {k: v / P for k, v in bundle.items()}
+        custom = {k: v for k, v in per_rank.items() if k not in ("CPU", "GPU", "memory")}
+        for node_rank in range(spec.nodes):
+            for local_rank in range(P):
+                opts: dict[str, Any] = {
+                    "num_cpus": per_rank["CPU"],
+                    "scheduling_strategy": PlacementGroupSchedulingStrategy(
+                        placement_group=self.pg, placement_group_bundle_index=node_rank
+                    ),
+                }
+                if "GPU" in per_rank:
+                    opts["num_gpus"] = per_rank["GPU"]
+                if "memory" in per_rank:
+                    opts["memory"] = per_rank["memory"]
+                if custom:
+                    opts["resources"] = custom
+                self.actors.append(RankActor.options(**opts).remote())
+        infos = ray.get([a.node_info.remote() for a in self.actors])
+        master_port = ray.get(self.actors[0].free_port.remote())
+        master_addr = infos[0]["node_ip"]
+        framework = frameworks.get(spec.framework)
+        ckpt = str(layout.checkpoint_dir(self.job_dir))
+        shared = str(self.job_dir / "shared")
+        outputs = {i: str(layout.output_dir(self.job_dir, i, o.path)) for i, o in spec.outputs.items()}
+        inputs = {i: str(Path(inp.path).expanduser()) for i, inp in spec.inputs.items()}
+        starts = []
+        for rank, (actor, info) in enumerate(zip(self.actors, infos)):
+            node_rank, local_rank = divmod(rank, P)
+            log_dir = str(layout.stdouterr_dir(self.job_dir, self.n, rank))
+            job_temp = str(Path(tempfile.gettempdir()) / "raybatch" / self.job_id / f"node-{node_rank}")
+            ctx = RankContext(
+                job_id=self.job_id, attempt=self.n, rank=rank, local_rank=local_rank,
+                node_rank=node_rank, num_nodes=spec.nodes, processes_per_node=P,
+                master_addr=master_addr, master_port=master_port, node_ip=info["node_ip"],
+                job_dir=str(self.job_dir), stdouterr_dir=log_dir, checkpoint_dir=ckpt,
+                job_temp=job_temp, shared_job_temp=shared, inputs=inputs, outputs=outputs,
+                gpus=per_rank.get("GPU", 0.0),
+            )
+            cwd = info["cwd"] if spec.code else job_temp
+            starts.append(actor.start.remote(
+                framework.command(spec, ctx), framework.rank_env(spec, ctx), cwd, log_dir,
+                [ckpt, shared, job_temp, *outputs.values()], spec.grace_period,
+            ))
+            self.ranks.append({
+                "rank": rank, "node_rank": node_rank, "local_rank": local_rank,
+                "node_id": info["node_id"], "node_ip": info["node_ip"],
+                "hostname": info["hostname"], "pid": None, "exit_code": None,
+            })
+        for r, pid in zip(self.ranks, ray.get(starts)):
+            r["pid"] = pid
+
+    def watch(self) -> tuple[AttemptOutcome, Optional[int], str]:
+        """Block until the attempt ends; stop whatever is left running."""
+        waits = {a.wait.remote(): i for i, a in enumerate(self.actors)}
+        deadline = self.started + self.spec.max_wall_clock
+        outcome: Optional[tuple[AttemptOutcome, Optional[int], str]] = None
+        grace = self.spec.grace_period
+        while waits:
+            done, _ = ray.wait(list(waits), num_returns=1, timeout=0.2)
+            for ref in done:
+                i = waits.pop(ref)
+                try:
+                    code = ray.get(ref)
+                except RayActorError as e:
+                    self.ranks[i]["exit_code"] = None
+                    outcome = outcome or (AttemptOutcome.NODE_LOST, None,
+                                          f"rank {i} was lost (node {self.ranks[i]['node_id'][:12]}): "
+                                          f"{type(e).__name__}")
+                    grace = min(grace, FAILURE_STOP_GRACE_S)
+                    continue
+                self.ranks[i]["exit_code"] = code
+                if code != 0 and outcome is None:
+                    outcome = (AttemptOutcome.USER_ERROR, code, f"rank {i} exited with code {code}")
+                    grace = min(grace, FAILURE_STOP_GRACE_S)
+            if outcome is None and self.stop.is_set():
+                outcome = (AttemptOutcome.CANCELLED, None, "stopped by the server (SIGTERM)")
+            if outcome is None and time.monotonic() > deadline:
+                outcome = (AttemptOutcome.TIMEOUT, None,
+                           f"exceeded max_wall_clock ({self.spec.max_wall_clock:.0f} s)")
+            if outcome is not None and waits:
+                self.log(f"{outcome[2]}; stopping {len(waits)} other rank(s), grace {grace:.0f} s")
+                self.report("stopping", reason=outcome[2])
+                self.terminate_all(grace, only=set(waits.values()))
+                break
+        return outcome or (AttemptOutcome.SUCCEEDED, 0, f"all {len(self.actors)} ranks exited 0")
+
+    def terminate_all(self, grace: float, only: Optional[set[int]] = None) -> None:
+        refs = {}
+        for i, a in enumerate(self.actors):
+            if only is None or i in only:
+                refs[a.terminate.remote(grace)] = i
+        for ref, i in refs.items():
+            try:
+                code = ray.get(ref, timeout=grace + 30)
+                if only is not None and code is not None:
+                    self.ranks[i]["exit_code"] = code
+            except (RayError, TimeoutError):
+                pass
+
+    def cleanup(self) -> None:
+        if self.actors:
+            self.terminate_all(0)  # reap stragglers left in the ranks' process groups
+        for a in self.actors:
+            try:
+                ray.kill(a)
+            except Exception:  # noqa: BLE001
+                pass
+        if self.pg is not None:
+            try:
+                remove_placement_group(self.pg)
+            except Exception:  # noqa: BLE001
+                pass
+
+    # ---- main ----------------------------------------------------------------
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, lambda *_: self.stop.set())
+        signal.signal(signal.SIGINT, lambda *_: self.stop.set())
+        self.report("placing")
+        ray.init(address="auto", log_to_driver=True, logging_level="WARNING")
+        outcome: tuple[AttemptOutcome, Optional[int], str]
+        try:
+            problem = self.check_inputs()
+            if problem:
+                outcome = (AttemptOutcome.START_FAILED, None, problem)
+            elif (problem := self.reserve()) is not None:
+                kind = AttemptOutcome.CANCELLED if self.stop.is_set() else AttemptOutcome.PLACEMENT_TIMEOUT
+                outcome = (kind, None, problem)
+            else:
+                table = placement_group_table(self.pg)
+                self.log(f"placement group ready: {table.get('bundles_to_node_id')}")
+                self.start_ranks()
+                self.report("running")
+                self.log(f"{len(self.actors)} rank(s) running")
+                outcome = self.watch()
+        except Exception as e:  # noqa: BLE001
+            traceback.print_exc()
+            outcome = (AttemptOutcome.START_FAILED if not self.ranks else AttemptOutcome.NODE_LOST,
+                       None, f"driver error: {type(e).__name__}: {e}")
+        finally:
+            self.cleanup()
+        kind, code, message = outcome
+        self.log(f"attempt {self.n} ended: {kind.value}: {message}")
+        self.report("done", outcome=kind.value, exit_code=code, message=message)
+        return 0 if kind == AttemptOutcome.SUCCEEDED else 1
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print("usage: python -m raybatch.runtime.driver ATTEMPT_JSON", file=sys.stderr)
+        return 2
+    return Attempt(argv[0]).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,89 @@
+"""Server side of an attempt: submit its Ray Job, read its reports, stop it.
+
+Each attempt is one Ray Job (``raybatch-<job id>-<attempt>``), visible in the Ray
+dashboard with the raybatch job id, name, experiment and attempt in its metadata.
+Secrets and environment values are never put in the metadata."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from raybatch.runtime import layout
+from raybatch.spec.job import JobSpec
+
+
+@dataclass
+class RayJobState:
+    status: str                 # PENDING | RUNNING | STOPPED | SUCCEEDED | FAILED | MISSING
+    terminal: bool
+    driver_exit_code: Optional[int] = None
+    message: str = ""
+
+
+def ray_job_id(job_id: str, attempt: int) -> str:
+    return f"raybatch-{job_id}-{attempt}"
+
+
+class RayJobLauncher:
+    def __init__(self, dashboard_url: str, state_dir: str | Path, code_root: str | Path):
+        from raybatch.config import ray_client_env  # noqa: PLC0415
+
+        ray_client_env()
+        from ray.job_submission import JobSubmissionClient  # noqa: PLC0415
+
+        self.dashboard_url = dashboard_url
+        self.state_dir = Path(state_dir)
+        self.code_root = Path(code_root)
+        self.client = JobSubmissionClient(dashboard_url)
+
+    def submit(self, job: dict[str, Any], attempt: int) -> str:
+        spec = JobSpec.model_validate_json(job["spec"])
+        ctl = layout.control_dir(self.state_dir, job["id"], attempt)
+        attempt_file = ctl / "attempt.json"
+        status_file = ctl / "status.json"
+        status_file.unlink(missing_ok=True)
+        layout.write_json_atomic(attempt_file, {
+            "job_id": job["id"], "attempt": attempt, "spec": spec.model_dump(mode="json"),
+            "job_dir": job["job_dir"], "status_file": str(status_file),
+        })
+        runtime_env: dict[str, Any] = {
+            # Ray's `job stop` SIGTERMs the driver, then SIGKILLs it after this long: leave
+            # the driver time to give every rank its grace period.
+            "env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": str(int(spec.grace_period) + 30)},
+        }
+        if job.get("code_package"):
+            runtime_env["working_dir"] = str(self.code_root / job["code_package"])
+        sid = ray_job_id(job["id"], attempt)
+        self.client.submit_job(
+            entrypoint=f"{sys.executable} -m raybatch.runtime.driver {attempt_file}",
+            submission_id=sid,
+            runtime_env=runtime_env,
+            metadata={
+                "raybatch_job_id": job["id"], "raybatch_job_name": spec.name,
+                "raybatch_experiment": spec.experiment, "raybatch_attempt": str(attempt),
+            },
+        )
+        return sid
+
+    def report(self, job_id: str, attempt: int) -> Optional[dict[str, Any]]:
+        """The driver's latest report (phase placing | running | stopping | done)."""
+        return layout.read_json(layout.control_dir(self.state_dir, job_id, attempt) / "status.json")
+
+    def state(self, sid: str) -> RayJobState:
+        try:
+            info = self.client.get_job_info(sid)
+        except RuntimeError as e:
+            if "does not exist" in str(e) or "404" in str(e):
+                return RayJobState("MISSING", True, None, "the Ray job is unknown to the cluster")
+            raise
+        status = str(info.status.value if hasattr(info.status, "value") else info.status)
+        return RayJobState(status, info.status.is_terminal(), info.driver_exit_code, info.message or "")
+
+    def stop(self, sid: str) -> None:
+        try:
+            self.client.stop_job(sid)
+        except RuntimeError:
+            pass

@@ -1,0 +1,144 @@
+"""The rank actor: one per process of the gang, placed in the job's placement
+group. It spawns the user's command as a subprocess in its own session, tees
+stdout/stderr to the job's files (and to the Ray job's log, so the dashboard
+shows them), and stops it with SIGTERM -> grace -> SIGKILL.
+
+If the actor itself dies (node lost, driver killed), a tiny shell watchdog kills
+the user's process group, so no user process outlives its attempt."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Optional
+
+import ray
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGKILL when the actor's process dies."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+def exit_code_of(returncode: int) -> int:
+    """Popen's -N for 'killed by signal N' as a shell reports it: 128 + N."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def _tee(src, path: Path, mirror) -> None:
+    with open(path, "ab", buffering=0) as out:
+        fd = src.fileno()
+        while True:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            out.write(chunk)
+            try:
+                mirror.write(chunk)
+                mirror.flush()
+            except (OSError, ValueError):
+                pass
+    src.close()
+
+
+@ray.remote(num_cpus=0, max_restarts=0, max_concurrency=4)
+class RankActor:
+    """Threaded actor: ``wait`` blocks while ``terminate`` can still be called."""
+
+    def __init__(self) -> None:
+        self.proc: Optional[subprocess.Popen] = None
+        self.threads: list[threading.Thread] = []
+        self.watchdog: Optional[subprocess.Popen] = None
+        self._lock = threading.Lock()
+
+    def node_info(self) -> dict:
+        ctx = ray.get_runtime_context()
+        return {
+            "node_id": ctx.get_node_id(),
+            "node_ip": ray.util.get_node_ip_address(),
+            "hostname": socket.gethostname(),
+            "cwd": os.getcwd(),
+        }
+
+    def free_port(self) -> int:
+        with socket.socket() as s:
+            s.bind(("", 0))
+            return s.getsockname()[1]
+
+    def start(self, argv: list[str], env: dict[str, str], cwd: Optional[str], log_dir: str,
+              make_dirs: list[str], grace: float) -> int:
+        for d in [log_dir, *make_dirs]:
+            Path(d).mkdir(parents=True, exist_ok=True)
+        child_env = {**os.environ, **env}
+        child_env.setdefault("PYTHONUNBUFFERED", "1")
+        with self._lock:
+            self.proc = subprocess.Popen(
+                argv, env=child_env, cwd=cwd or os.getcwd(), stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
+        pid = self.proc.pid
+        for src, name, mirror in ((self.proc.stdout, "stdout", sys.stdout.buffer),
+                                  (self.proc.stderr, "stderr", sys.stderr.buffer)):
+            t = threading.Thread(target=_tee, args=(src, Path(log_dir) / f"{name}.txt", mirror),
+                                 daemon=True)
+            t.start()
+            self.threads.append(t)
+        # Kills the process group if this actor's process disappears first.
+        script = (
+            f"while kill -0 {os.getpid()} 2>/dev/null && kill -0 -{pid} 2>/dev/null; do sleep 1; done; "
+            f"if kill -0 -{pid} 2>/dev/null; then kill -TERM -{pid}; sleep {max(1, int(grace))}; "
+            f"kill -KILL -{pid} 2>/dev/null; fi"
+        )
+        self.watchdog = subprocess.Popen(
+            ["/bin/sh", "-c", script], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL, start_new_session=True,
+        )
+        return pid
+
+    def wait(self) -> int:
+        assert self.proc is not None, "start() first"
+        code = self.proc.wait()
+        for t in self.threads:
+            t.join(timeout=5)
+        return exit_code_of(code)
+
+    def terminate(self, grace: float) -> Optional[int]:
+        """SIGTERM the whole process group, wait ``grace`` seconds, then SIGKILL."""
+        proc = self.proc
+        if proc is None:
+            return None
+        pgid = proc.pid
+        if proc.poll() is None:
+            _killpg(pgid, signal.SIGTERM)
+            deadline = time.monotonic() + grace
+            while proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+        # the group may hold children even after the leader exited
+        _killpg(pgid, signal.SIGKILL)
+        code = proc.wait()
+        for t in self.threads:
+            t.join(timeout=5)
+        if self.watchdog is not None and self.watchdog.poll() is None:
+            self.watchdog.kill()
+            self.watchdog.wait()
+        return exit_code_of(code)
+
+
+def _killpg(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass

@@ -1,0 +1,98 @@
+"""Gang fit: can N bundles be placed on the live nodes, node by node?
+
+Pure functions over a snapshot, so the policy is unit-testable without Ray. A job
+of N nodes x R fits only if N nodes (distinct ones for 'spread') each have R
+free — never by summing free resources across nodes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+EPS = 1e-9
+
+
+@dataclass
+class NodeView:
+    """One Ray node as the scheduler sees it."""
+
+    node_id: str
+    ip: str = ""
+    available: dict[str, float] = field(default_factory=dict)
+    total: dict[str, float] = field(default_factory=dict)
+    alive: bool = True
+    labels: dict[str, str] = field(default_factory=dict)
+
+    def copy(self) -> "NodeView":
+        return NodeView(self.node_id, self.ip, dict(self.available), dict(self.total),
+                        self.alive, dict(self.labels))
+
+
+def fits(available: dict[str, float], bundle: dict[str, float]) -> bool:
+    return all(available.get(k, 0.0) + EPS >= v for k, v in bundle.items() if v > 0)
+
+
+def _take(available: dict[str, float], bundle: dict[str, float]) -> None:
+    for k, v in bundle.items():
+        available[k] = available.get(k, 0.0) - v
+
+
+def gang_fit(
+    nodes: list[NodeView], bundle: dict[str, float], count: int, strategy: str = "spread"
+) -> Optional[list[str]]:
+    """Node ids for each of the ``count`` bundles, or None if the gang does not fit.
+
+    'spread' needs ``count`` distinct nodes; 'pack' may put several bundles on one
+    node. Nodes are tried most-loaded first (best fit), which keeps whole nodes
+    free for wide gangs."""
+    live = [n.copy() for n in nodes if n.alive]
+    live.sort(key=lambda n: (sum(n.available.values()), n.node_id))
+    placed: list[str] = []
+    for node in live:
+        while len(placed) < count and fits(node.available, bundle):
+            _take(node.available, bundle)
+            placed.append(node.node_id)
+            if strategy == "spread":
+                break
+        if len(placed) == count:
+            return placed
+    return None
+
+
+def reserve(nodes: list[NodeView], assignment: list[str], bundle: dict[str, float]) -> None:
+    """Subtract a placed gang from the snapshot (in place)."""
+    by_id = {n.node_id: n for n in nodes}
+    for node_id in assignment:
+        _take(by_id[node_id].available, bundle)
+
+
+def could_ever_fit(nodes: list[NodeView], bundle: dict[str, float], count: int, strategy: str) -> bool:
+    """Would the gang fit these nodes if they were all idle?"""
+    empty = [NodeView(n.node_id, n.ip, dict(n.total), dict(n.total), n.alive) for n in nodes]
+    return gang_fit(empty, bundle, count, strategy) is not None
+
+
+def _fmt_bundle(bundle: dict[str, float]) -> str:
+    parts = []
+    for k, v in bundle.items():
+        if k == "memory":
+            parts.append(f"{v / 2**30:.3g} GiB memory")
+        else:
+            name = {"CPU": "CPU", "GPU": "GPU"}.get(k, k)
+            parts.append(f"{v:g} {name}")
+    return ", ".join(parts)
+
+
+def why_not(nodes: list[NodeView], bundle: dict[str, float], count: int, strategy: str) -> str:
+    """Why a gang does not fit, in words (for ``show`` and the queue view)."""
+    live = [n for n in nodes if n.alive]
+    free = sum(1 for n in live if fits(n.available, bundle))
+    need = f"{count} node{'s' if count != 1 else ''} with {_fmt_bundle(bundle)} free"
+    if strategy == "spread":
+        capable = sum(1 for n in live if fits(n.total, bundle))
+        msg = f"needs {need}; {free} such node{'s are' if free != 1 else ' is'} free now"
+        if capable < count:
+            msg += f" and only {capable} of the {len(live)} live nodes could ever hold one"
+        return msg
+    return f"needs {need} (packing allowed); {free} node{'s' if free != 1 else ''} can take one now"

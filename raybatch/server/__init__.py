@@ -1,0 +1,1 @@
+"""The raybatch server: REST API + scheduler loop + state store, one process."""

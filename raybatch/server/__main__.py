@@ -1,0 +1,3 @@
+from raybatch.server.main import main
+
+main()

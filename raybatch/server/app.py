@@ -1,0 +1,223 @@
+"""REST API (FastAPI). Every route but /health needs the bearer token.
+
+    GET  /api/v1/health                    liveness, no auth
+    GET  /api/v1/cluster                   live nodes and their free resources
+    GET  /api/v1/code/{sha}                is this code package stored?
+    PUT  /api/v1/code/{sha}                upload a code package (zip, sha256 of the bytes)
+    POST /api/v1/jobs                      submit (SubmitRequest) -> JobSummary
+    GET  /api/v1/jobs                      list, newest first (?state=&experiment=&limit=)
+    GET  /api/v1/jobs/{id}                 JobDetail: history, attempts, ranks, paths
+    POST /api/v1/jobs/{id}/cancel          cancel (SIGTERM, grace, SIGKILL)
+    GET  /api/v1/jobs/{id}/logs            a chunk of a rank's stdout/stderr from an offset
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import time
+import shutil
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from fastapi import Depends, FastAPI, HTTPException, Query, Request, status
+
+from raybatch import __version__
+from raybatch.config import API_PREFIX
+from raybatch.models import (
+    AttemptInfo, JobDetail, JobSummary, LogChunk, RankInfo, SubmitRequest, Transition,
+)
+from raybatch.runtime import layout
+from raybatch.scheduler.loop import Scheduler
+from raybatch.server.auth import bearer_dependency
+from raybatch.spec.job import JobSpec
+from raybatch.state.states import InvalidTransition, JobState
+from raybatch.state.store import Store
+
+MAX_CODE_BYTES = 500 * 2**20  # Ray's working_dir limit
+MAX_LOG_CHUNK = 1 << 20
+
+
+@dataclass
+class ServerContext:
+    store: Store
+    scheduler: Scheduler
+    jobs_root: Path
+    code_root: Path
+
+
+def _job_or_404(store: Store, job_id: str) -> dict[str, Any]:
+    job = store.get_job(job_id)
+    if job is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no job with id '{job_id}'")
+    return job
+
+
+def job_detail(ctx: ServerContext, job: dict[str, Any]) -> JobDetail:
+    spec = JobSpec.model_validate_json(job["spec"])
+    store = ctx.store
+    ranks_by_attempt: dict[int, list[RankInfo]] = {}
+    for r in store.ranks(job["id"]):
+        ranks_by_attempt.setdefault(r["attempt"], []).append(RankInfo(
+            **{k: r[k] for k in RankInfo.model_fields if k in r},
+            stdout=str(layout.log_file(job["job_dir"], r["attempt"], r["rank"], "stdout")),
+            stderr=str(layout.log_file(job["job_dir"], r["attempt"], r["rank"], "stderr")),
+        ))
+    attempts = [
+        AttemptInfo(**{k: a[k] for k in AttemptInfo.model_fields if k in a},
+                    ranks=ranks_by_attempt.get(a["n"], []))
+        for a in store.attempts(job["id"])
+    ]
+    return JobDetail(
+        **JobSummary.from_row(job).model_dump(),
+        spec=spec,
+        waiting_reason=ctx.scheduler.waiting.get(job["id"]) if job["state"] == "QUEUED" else None,
+        cancel_requested=bool(job["cancel_requested"]),
+        outputs={i: str(layout.output_dir(job["job_dir"], i, o.path)) for i, o in spec.outputs.items()},
+        checkpoint_dir=str(layout.checkpoint_dir(job["job_dir"])),
+        logs_dir=str(Path(job["job_dir"]) / "stdouterr"),
+        transitions=[Transition(**t) for t in store.transitions(job["id"])],
+        attempts=attempts,
+    )
+
+
+def _unpack(data: bytes, dest: Path) -> None:
+    tmp = dest.with_name(dest.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        total = 0
+        for info in zf.infolist():
+            target = (tmp / info.filename).resolve()
+            if not str(target).startswith(str(tmp.resolve()) + "/") and target != tmp.resolve():
+                raise HTTPException(status.HTTP_400_BAD_REQUEST, f"unsafe path in package: {info.filename}")
+            total += info.file_size
+            if total > MAX_CODE_BYTES:
+                raise HTTPException(status.HTTP_413_REQUEST_ENTITY_TOO_LARGE,
+                                    "code package unpacks to more than 500 MiB")
+        zf.extractall(tmp)
+        for info in zf.infolist():  # keep the executable bit
+            mode = (info.external_attr >> 16) & 0o777
+            if mode and not info.is_dir():
+                (tmp / info.filename).chmod(mode)
+    tmp.rename(dest)
+
+
+def create_app(ctx: ServerContext, token: str) -> FastAPI:
+    app = FastAPI(title="raybatch", version=__version__)
+    auth = [Depends(bearer_dependency(token))]
+    store = ctx.store
+
+    @app.get(f"{API_PREFIX}/health")
+    def health() -> dict[str, Any]:
+        return {"ok": True, "version": __version__,
+                "scheduler_error": ctx.scheduler.last_cycle_error}
+
+    @app.get(f"{API_PREFIX}/cluster", dependencies=auth)
+    def cluster() -> list[dict[str, Any]]:
+        return [n.__dict__ for n in ctx.scheduler.cluster.snapshot()]
+
+    @app.get(f"{API_PREFIX}/code/{{sha}}", dependencies=auth)
+    def code_exists(sha: str) -> dict[str, Any]:
+        if not (ctx.code_root / sha).is_dir():
+            raise HTTPException(status.HTTP_404_NOT_FOUND, "no such code package")
+        return {"sha": sha}
+
+    @app.put(f"{API_PREFIX}/code/{{sha}}", dependencies=auth, status_code=201)
+    async def code_upload(sha: str, request: Request) -> dict[str, Any]:
+        data = await request.body()
+        if len(data) > MAX_CODE_BYTES:
+            raise HTTPException(status.HTTP_413_REQUEST_ENTITY_TOO_LARGE, "code package over 500 MiB")
+        if hashlib.sha256(data).hexdigest() != sha:
+            raise HTTPException(status.HTTP_400_BAD_REQUEST, "sha256 of the body does not match the URL")
+        dest = ctx.code_root / sha
+        if not dest.is_dir():
+            try:
+                _unpack(data, dest)
+            except zipfile.BadZipFile:
+                raise HTTPException(status.HTTP_400_BAD_REQUEST, "body is not a zip file") from None
+        return {"sha": sha}
+
+    @app.post(f"{API_PREFIX}/jobs", dependencies=auth, status_code=201)
+    def submit(req: SubmitRequest) -> JobSummary:
+        spec = req.spec
+        if req.code_package and not (ctx.code_root / req.code_package).is_dir():
+            raise HTTPException(status.HTTP_400_BAD_REQUEST,
+                                f"code package {req.code_package} was not uploaded")
+        if spec.code and not req.code_package:
+            raise HTTPException(status.HTTP_400_BAD_REQUEST,
+                                "code: the job names a code directory but no code package was uploaded")
+        root = Path(spec.output_root).expanduser() if spec.output_root else ctx.jobs_root
+        row = store.create_job(
+            name=spec.name, experiment=spec.experiment, priority=spec.priority_value,
+            spec=spec.model_dump(mode="json"), code_package=req.code_package,
+            job_dir_for=lambda job_id: (root / spec.experiment / job_id).resolve(),
+        )
+        ctx.scheduler.wake()
+        return JobSummary.from_row(row)
+
+    @app.get(f"{API_PREFIX}/jobs", dependencies=auth)
+    def list_jobs(
+        state: Optional[list[JobState]] = Query(None), experiment: Optional[str] = None,
+        limit: int = Query(200, ge=1, le=100000),
+    ) -> list[JobSummary]:
+        rows = store.list_jobs(states=state, experiment=experiment, limit=limit)
+        return [JobSummary.from_row(r) for r in rows]
+
+    @app.get(f"{API_PREFIX}/jobs/{{job_id}}", dependencies=auth)
+    def show(job_id: str) -> JobDetail:
+        return job_detail(ctx, _job_or_404(store, job_id))
+
+    @app.post(f"{API_PREFIX}/jobs/{{job_id}}/cancel", dependencies=auth)
+    def cancel(job_id: str) -> JobSummary:
+        job = _job_or_404(store, job_id)
+        state = JobState(job["state"])
+        if state.is_final:
+            raise HTTPException(status.HTTP_409_CONFLICT, f"job {job_id} is already {state.value}")
+        if state in (JobState.QUEUED, JobState.PREEMPTED, JobState.RESTARTING):
+            try:
+                job = store.transition(job_id, JobState.CANCELLED, "cancelled by user while queued",
+                                       expect=state)
+                return JobSummary.from_row(job)
+            except InvalidTransition:
+                pass  # admitted meanwhile: cancel it as a running job
+        store.update_job(job_id, cancel_requested=time.time())
+        ctx.scheduler.wake()
+        return JobSummary.from_row(store.get_job(job_id))  # type: ignore[arg-type]
+
+    @app.get(f"{API_PREFIX}/jobs/{{job_id}}/logs", dependencies=auth)
+    def logs(
+        job_id: str, rank: int = Query(0, ge=0), stream: str = Query("stdout", pattern="^(stdout|stderr)$"),
+        attempt: Optional[int] = Query(None, ge=1), offset: int = Query(0, ge=0),
+        max_bytes: int = Query(MAX_LOG_CHUNK, ge=1, le=MAX_LOG_CHUNK),
+    ) -> LogChunk:
+        job = _job_or_404(store, job_id)
+        spec = JobSpec.model_validate_json(job["spec"])
+        if rank >= spec.world_size:
+            raise HTTPException(status.HTTP_400_BAD_REQUEST,
+                                f"rank {rank} does not exist: the job has ranks 0-{spec.world_size - 1}")
+        n = attempt or job["attempt"]
+        if n > job["attempt"] or n < 1:
+            if job["attempt"] == 0:
+                n = 1
+            else:
+                raise HTTPException(status.HTTP_400_BAD_REQUEST,
+                                    f"attempt {n} does not exist: the job has attempts 1-{job['attempt']}")
+        path = layout.log_file(job["job_dir"], n, rank, stream)
+        data = b""
+        size = 0
+        if path.exists():
+            with open(path, "rb") as f:
+                f.seek(offset)
+                data = f.read(max_bytes)
+            size = path.stat().st_size
+        next_offset = offset + len(data)
+        final = JobState(job["state"]).is_final
+        return LogChunk(attempt=n, rank=rank, stream=stream, path=str(path), offset=offset,
+                        next_offset=next_offset, data=data.decode("utf-8", errors="replace"),
+                        eof=final and next_offset >= size)
+
+    return app
+

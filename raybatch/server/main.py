@@ -1,0 +1,67 @@
+"""``python -m raybatch.server``: one process that owns the store, runs the
+scheduler loop in a thread and serves the REST API with uvicorn.
+
+    python -m raybatch.server --state-dir DIR --ray-address HOST:PORT \\
+        --dashboard-url http://HOST:PORT [--host 127.0.0.1] [--port 8765]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import threading
+from pathlib import Path
+
+from raybatch.config import ray_client_env
+
+
+def build(state_dir: Path, ray_address: str, dashboard_url: str, jobs_root: Path | None = None,
+          tick: float = 0.5):
+    from raybatch.runtime.launcher import RayJobLauncher  # noqa: PLC0415
+    from raybatch.scheduler.cluster import RayClusterView  # noqa: PLC0415
+    from raybatch.scheduler.loop import Scheduler  # noqa: PLC0415
+    from raybatch.server.app import ServerContext, create_app  # noqa: PLC0415
+    from raybatch.server.auth import ensure_token  # noqa: PLC0415
+    from raybatch.state.store import Store  # noqa: PLC0415
+
+    ray_client_env()
+    state_dir.mkdir(parents=True, exist_ok=True)
+    token = ensure_token(state_dir / "token")
+    store = Store(state_dir / "raybatch.db")
+    code_root = state_dir / "code"
+    code_root.mkdir(exist_ok=True)
+    scheduler = Scheduler(store, RayJobLauncher(dashboard_url, state_dir, code_root),
+                          RayClusterView(ray_address), tick=tick)
+    ctx = ServerContext(store=store, scheduler=scheduler,
+                        jobs_root=(jobs_root or state_dir / "jobs").resolve(), code_root=code_root)
+    return create_app(ctx, token), scheduler
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m raybatch.server", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--state-dir", required=True, type=Path, help="store, token, code packages")
+    p.add_argument("--ray-address", required=True, help="the Ray cluster's GCS address host:port")
+    p.add_argument("--dashboard-url", required=True, help="the Ray dashboard, for Ray Jobs")
+    p.add_argument("--jobs-root", type=Path, help="default root of job directories")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--tick", type=float, default=0.5, help="scheduler period in seconds")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    import uvicorn  # noqa: PLC0415
+
+    app, scheduler = build(args.state_dir.resolve(), args.ray_address, args.dashboard_url,
+                           args.jobs_root, args.tick)
+    loop = threading.Thread(target=scheduler.run_forever, name="scheduler", daemon=True)
+    loop.start()
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    finally:
+        scheduler.stop()
+        loop.join(timeout=5)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,280 @@
+"""The raybatch job file.
+
+One YAML document per job. How it maps to Azure Batch AI's job (2018-05-01):
+
+==========================  ==============================================
+raybatch                    Batch AI
+==========================  ==============================================
+name, experiment            job name, experiment
+priority                    schedulingPriority (low | normal | high)
+nodes                       nodeCount (gang: all nodes or none)
+processes_per_node          <toolkit>Settings.processCount / nodeCount
+resources (per node)        the cluster's vmSize
+framework + command         pyTorchSettings / customToolkitSettings / ...
+code                        the script directory (shipped with the job)
+environment                 environmentVariables
+inputs / outputs            inputDirectories / outputDirectories
+output_root                 stdOutErrPathPrefix
+max_wall_clock              constraints.maxWallClockTime
+retries                     (none: Batch AI had no configurable retries)
+==========================  ==============================================
+
+Example::
+
+    name: pytorch-digits-ddp
+    experiment: recipes
+    framework: pytorch
+    nodes: 2
+    resources: {cpus: 1}
+    code: .
+    command: python train.py --epochs 30
+    outputs:
+      model: {}
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from raybatch.spec.units import DURATION_HELP, SIZE_HELP, parse_duration, parse_size
+
+NAME_PATTERN = r"^[-\w]{1,64}$"
+ID_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,63}$"
+ENV_NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+# Batch AI's schedulingPriority names, mapped onto the 0-1000 integer scale.
+PRIORITY_NAMES = {"low": 250, "normal": 500, "high": 750}
+DEFAULT_MAX_WALL_CLOCK = 7 * 86400.0  # Batch AI's default: 7 days
+
+# Framework names the runner knows; kept in step with raybatch.frameworks.
+KNOWN_FRAMEWORKS = ("custom", "pytorch")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class NodeResources(_Strict):
+    """What ONE node of the gang must have free: each of the job's nodes gets this."""
+
+    cpus: float = Field(1.0, gt=0, description="Logical CPUs per node (Ray 'CPU').")
+    gpus: float = Field(0.0, ge=0, description="GPUs per node (Ray 'GPU').")
+    memory: Optional[int] = Field(
+        None, description=f"Memory per node ({SIZE_HELP}); Ray 'memory'."
+    )
+    custom: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources per node, e.g. {lowpri: 1} or {accelerator_type:A100: 1}.",
+    )
+
+    @field_validator("memory", mode="before")
+    @classmethod
+    def _memory(cls, v: Any) -> Any:
+        return None if v is None else parse_size(v)
+
+    @field_validator("custom")
+    @classmethod
+    def _custom(cls, v: dict[str, float]) -> dict[str, float]:
+        for name, amount in v.items():
+            if name in ("CPU", "GPU", "memory", "object_store_memory"):
+                raise ValueError(f"'{name}' is a built-in resource: use cpus/gpus/memory instead")
+            if amount <= 0:
+                raise ValueError(f"custom resource '{name}' must be > 0 (got {amount})")
+        return v
+
+    def as_ray_bundle(self) -> dict[str, float]:
+        """The placement-group bundle for one node of the gang."""
+        bundle: dict[str, float] = {"CPU": float(self.cpus)}
+        if self.gpus:
+            bundle["GPU"] = float(self.gpus)
+        if self.memory:
+            bundle["memory"] = float(self.memory)
+        bundle.update({k: float(v) for k, v in self.custom.items()})
+        return bundle
+
+
+class InputSpec(_Strict):
+    """A declared input; the process sees its local path as RAYBATCH_INPUT_<ID>."""
+
+    path: str = Field(..., min_length=1, description="Local path or one mounted on every node.")
+    mode: Literal["direct"] = Field(
+        "direct", description="'direct': the path is handed to the script as is."
+    )
+
+
+class OutputSpec(_Strict):
+    """A declared output directory; the process sees it as RAYBATCH_OUTPUT_<ID>."""
+
+    path: Optional[str] = Field(
+        None, description="Where the output goes; default <job dir>/outputs/<id>."
+    )
+
+
+class RetryPolicy(_Strict):
+    """Separate budgets for infrastructure failures and user errors (like SkyPilot)."""
+
+    infrastructure: int = Field(3, ge=0, description="Retries after node or driver loss.")
+    user: int = Field(0, ge=0, description="Retries after the user's process exits non-zero.")
+
+
+class Placement(_Strict):
+    strategy: Literal["spread", "pack"] = Field(
+        "spread",
+        description="'spread': each of the job's nodes on a distinct Ray node (STRICT_SPREAD); "
+        "'pack': allow several of them on one Ray node (PACK).",
+    )
+
+
+Priority = Union[Literal["low", "normal", "high"], int]
+
+
+class JobSpec(_Strict):
+    """A raybatch job: what to run, on how many nodes, with what, and where results go."""
+
+    name: str = Field(..., description="Job name: letters, digits, '-', '_'; 1-64.")
+    experiment: str = Field("default", description="Experiment the job belongs to.")
+    priority: Priority = Field("normal", description="low | normal | high, or an integer 0-1000.")
+    framework: str = Field("custom", description=f"One of: {', '.join(KNOWN_FRAMEWORKS)}.")
+    command: str = Field(..., min_length=1, description="Shell command each rank runs (in the code dir).")
+    nodes: int = Field(1, ge=1, le=10000, description="Gang size: the job starts only when all fit.")
+    processes_per_node: int = Field(1, ge=1, le=1024, description="Ranks per node.")
+    resources: NodeResources = Field(default_factory=NodeResources)
+    placement: Placement = Field(default_factory=Placement)
+    code: Optional[str] = Field(
+        None, description="Local directory shipped with the job (relative to the job file)."
+    )
+    environment: dict[str, str] = Field(default_factory=dict, description="Environment variables.")
+    inputs: dict[str, InputSpec] = Field(default_factory=dict)
+    outputs: dict[str, OutputSpec] = Field(default_factory=dict)
+    output_root: Optional[str] = Field(
+        None,
+        description="Directory under which the job's directory (logs, outputs, checkpoints) is "
+        "created; default: the server's jobs root.",
+    )
+    max_wall_clock: float = Field(
+        DEFAULT_MAX_WALL_CLOCK, description=f"Maximum wall-clock time of an attempt ({DURATION_HELP})."
+    )
+    grace_period: float = Field(
+        30.0, description=f"Time between SIGTERM and SIGKILL on cancel ({DURATION_HELP})."
+    )
+    retries: RetryPolicy = Field(default_factory=RetryPolicy)
+
+    @field_validator("name", "experiment")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not re.match(NAME_PATTERN, v):
+            raise ValueError("use 1-64 letters, digits, '-' or '_'")
+        return v
+
+    @field_validator("priority", mode="before")
+    @classmethod
+    def _priority(cls, v: Any) -> Any:
+        allowed = "allowed: low, normal, high or an integer 0-1000"
+        if isinstance(v, bool):
+            raise ValueError(allowed)
+        if isinstance(v, str) and v.strip().isdigit():
+            v = int(v)
+        if isinstance(v, int):
+            if not 0 <= v <= 1000:
+                raise ValueError(f"out of range; {allowed}")
+            return v
+        if isinstance(v, str) and v.lower() in PRIORITY_NAMES:
+            return v.lower()
+        raise ValueError(f"unknown priority; {allowed}")
+
+    @field_validator("max_wall_clock", "grace_period", mode="before")
+    @classmethod
+    def _duration(cls, v: Any) -> float:
+        return parse_duration(v)
+
+    @field_validator("framework")
+    @classmethod
+    def _framework(cls, v: str) -> str:
+        if v == "cntk":
+            raise ValueError(
+                "CNTK has no wheel for modern Python; run CNTK jobs as framework 'custom' "
+                "with your own environment"
+            )
+        if v not in KNOWN_FRAMEWORKS:
+            raise ValueError(f"unknown framework '{v}'; allowed: {', '.join(KNOWN_FRAMEWORKS)}")
+        return v
+
+    @field_validator("command")
+    @classmethod
+    def _command(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("the command is empty; give the shell command each rank runs")
+        return v
+
+    @field_validator("environment", mode="before")
+    @classmethod
+    def _environment(cls, v: Any) -> Any:
+        if isinstance(v, list):  # Batch AI style: [{name, value}]
+            try:
+                v = {item["name"]: item["value"] for item in v}
+            except (TypeError, KeyError):
+                raise ValueError("a list of environment variables must hold {name, value} items")
+        if isinstance(v, dict):
+            out = {}
+            for name, value in v.items():
+                if not ENV_NAME_PATTERN.match(str(name)):
+                    raise ValueError(
+                        f"'{name}' is not a valid environment variable name "
+                        "(letters, digits and '_', not starting with a digit)"
+                    )
+                if isinstance(value, (dict, list)):
+                    raise ValueError(f"the value of '{name}' must be a string, number or boolean")
+                if isinstance(value, bool):
+                    value = "true" if value else "false"
+                out[str(name)] = "" if value is None else str(value)
+            return out
+        return v
+
+    @field_validator("inputs", mode="before")
+    @classmethod
+    def _inputs(cls, v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: ({"path": p} if isinstance(p, str) else p) for k, p in v.items()}
+        return v
+
+    @field_validator("outputs", mode="before")
+    @classmethod
+    def _outputs(cls, v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: ({"path": p} if isinstance(p, str) else ({} if p is None else p)) for k, p in v.items()}
+        return v
+
+    @field_validator("inputs", "outputs")
+    @classmethod
+    def _ids(cls, v: dict[str, Any]) -> dict[str, Any]:
+        for key in v:
+            if not re.match(ID_PATTERN, key):
+                raise ValueError(
+                    f"id '{key}' is not allowed: use letters, digits and '_' (it becomes part of an "
+                    "environment variable name)"
+                )
+        upper = [k.upper() for k in v]
+        dupes = {k for k in upper if upper.count(k) > 1}
+        if dupes:
+            raise ValueError(f"ids differ only in case: {sorted(dupes)}")
+        return v
+
+    @model_validator(mode="after")
+    def _gang(self) -> "JobSpec":
+        if self.grace_period > self.max_wall_clock:
+            raise ValueError("grace_period must not exceed max_wall_clock")
+        return self
+
+    # ---- derived values -------------------------------------------------
+    @property
+    def priority_value(self) -> int:
+        """The priority on the 0-1000 scale the queue sorts by (higher first)."""
+        p = self.priority
+        return PRIORITY_NAMES[p] if isinstance(p, str) else int(p)
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.processes_per_node

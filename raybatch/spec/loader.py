@@ -1,0 +1,148 @@
+"""Loading a job file: YAML -> ``--set`` overrides -> ``JobSpec``, with errors that
+name the field, say what was wrong and what is allowed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from raybatch.spec.job import JobSpec
+
+
+class SpecError(ValueError):
+    """A job file that cannot be queued. ``problems`` holds one line per bad field."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = problems
+        super().__init__(f"{source}: invalid job file\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def _field_names(model: type[BaseModel]) -> list[str]:
+    return sorted(model.model_fields)
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model that owns the field at ``loc`` (for 'allowed fields' hints)."""
+    model: type[BaseModel] | None = JobSpec
+    for part in loc[:-1]:
+        if model is None:
+            return None
+        field = model.model_fields.get(str(part))
+        if field is None:
+            # a dict key (inputs.<id>), the next part is the item's field
+            continue
+        ann = field.annotation
+        inner = getattr(ann, "__args__", None)
+        candidates = [ann, *(inner or ())]
+        model = next(
+            (c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None
+        )
+        if model is None and inner:
+            for c in inner:
+                args = getattr(c, "__args__", ())
+                model = next((a for a in args if isinstance(a, type) and issubclass(a, BaseModel)), None)
+                if model:
+                    break
+    return model
+
+
+def format_validation_error(err: ValidationError) -> list[str]:
+    problems = []
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith(("literal[", "int", "constrained"))))
+        where = ".".join(str(p) for p in loc) or "(top level)"
+        kind = e["type"]
+        given = e.get("input")
+        if kind == "extra_forbidden":
+            owner = _model_at(loc)
+            allowed = f"; allowed: {', '.join(_field_names(owner))}" if owner else ""
+            problems.append(f"{where}: unknown field{allowed}")
+        elif kind == "missing":
+            problems.append(f"{where}: required field is missing")
+        else:
+            msg = e["msg"]
+            if msg.startswith("Value error, "):
+                msg = msg[len("Value error, "):]
+            shown = repr(given) if not isinstance(given, (dict, list)) else type(given).__name__
+            problems.append(f"{where}: {msg} (got {shown})")
+    # a union (priority) reports once per member: keep the first of each location
+    seen, unique = set(), []
+    for p in problems:
+        key = p.split(":", 1)[0]
+        if key not in seen:
+            seen.add(key)
+            unique.append(p)
+    return unique
+
+
+def apply_overrides(data: dict[str, Any], overrides: Iterable[str], source: str) -> dict[str, Any]:
+    """``--set nodes=3 --set resources.cpus=2 --set environment.LR=0.1``: dotted keys,
+    YAML-typed values."""
+    for item in overrides:
+        if "=" not in item:
+            raise SpecError(source, [f"--set {item!r}: expected key=value, e.g. --set nodes=2"])
+        key, raw = item.split("=", 1)
+        parts = [p for p in key.strip().split(".") if p]
+        if not parts:
+            raise SpecError(source, [f"--set {item!r}: empty key"])
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        for p in parts[:-1]:
+            child = node.get(p)
+            if child is None:
+                child = node[p] = {}
+            if not isinstance(child, dict):
+                raise SpecError(source, [f"--set {key}: '{p}' is not a mapping"])
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def parse_job(
+    data: Any, *, base_dir: Path | None = None, source: str = "<job>", check_paths: bool = True
+) -> JobSpec:
+    """Validate a job document. ``code`` is resolved against ``base_dir`` and must exist."""
+    if not isinstance(data, dict):
+        raise SpecError(source, ["(top level): a job file must be a YAML mapping of fields"])
+    try:
+        spec = JobSpec.model_validate(data)
+    except ValidationError as err:
+        raise SpecError(source, format_validation_error(err)) from None
+    if spec.code is not None and check_paths:
+        code = Path(spec.code).expanduser()
+        if not code.is_absolute() and base_dir is not None:
+            code = base_dir / code
+        code = code.resolve()
+        if not code.is_dir():
+            raise SpecError(
+                source, [f"code: directory '{spec.code}' does not exist (resolved to {code}); "
+                         "give a directory relative to the job file or an absolute one"]
+            )
+        spec.code = str(code)
+    return spec
+
+
+def load_job_file(path: str | Path, overrides: Iterable[str] = ()) -> JobSpec:
+    """Read and validate a job file; raise ``SpecError`` with every problem found."""
+    p = Path(path)
+    source = str(path)
+    if not p.is_file():
+        raise SpecError(source, [f"no such job file: {p}"])
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise SpecError(source, [f"{where}not valid YAML: {getattr(err, 'problem', err)}"]) from None
+    if data is None:
+        data = {}
+    if isinstance(data, dict):
+        data = apply_overrides(data, overrides, source)
+    return parse_job(data, base_dir=p.parent.resolve(), source=source)

@@ -1,0 +1,79 @@
+"""Parsing of the human units a job file uses: durations and memory sizes."""
+
+from __future__ import annotations
+
+import re
+
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_SIMPLE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
+# Batch AI's maxWallClockTime: [d.]hh:mm:ss
+_CLOCK = re.compile(r"^\s*(?:(\d+)\.)?(\d{1,2}):(\d{2}):(\d{2})\s*$")
+
+DURATION_HELP = "seconds as a number, '90s', '30m', '2h', '7d', or Batch AI's 'd.hh:mm:ss'"
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from ``30``, ``'30m'``, ``'2h'``, ``'1d'``, ``'01:30:00'`` or ``'7.00:00:00'``."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a duration ({DURATION_HELP})")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    else:
+        text = str(value)
+        m = _SIMPLE.match(text)
+        if m:
+            seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2) or "s"]
+        else:
+            m = _CLOCK.match(text)
+            if not m:
+                raise ValueError(f"'{text}' is not a duration ({DURATION_HELP})")
+            days, hours, minutes, secs = (int(g) if g else 0 for g in m.groups())
+            if minutes >= 60 or secs >= 60:
+                raise ValueError(f"'{text}': minutes and seconds must be below 60")
+            seconds = float(days * 86400 + hours * 3600 + minutes * 60 + secs)
+    if seconds <= 0:
+        raise ValueError(f"a duration must be positive ({DURATION_HELP})")
+    return seconds
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
+_SIZE_FACTORS = {
+    "": 1, "b": 1,
+    "k": 1000, "kb": 1000, "ki": 1024, "kib": 1024,
+    "m": 1000**2, "mb": 1000**2, "mi": 1024**2, "mib": 1024**2,
+    "g": 1000**3, "gb": 1000**3, "gi": 1024**3, "gib": 1024**3,
+    "t": 1000**4, "tb": 1000**4, "ti": 1024**4, "tib": 1024**4,
+}
+SIZE_HELP = "bytes as a number, or with a unit such as '512MiB', '4GiB', '2GB'"
+
+
+def parse_size(value: object) -> int:
+    """Bytes from ``1073741824``, ``'1GiB'``, ``'512Mi'``, ``'2GB'``."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a size ({SIZE_HELP})")
+    if isinstance(value, (int, float)):
+        size = float(value)
+    else:
+        m = _SIZE.match(str(value))
+        if not m:
+            raise ValueError(f"'{value}' is not a size ({SIZE_HELP})")
+        size = float(m.group(1)) * _SIZE_FACTORS[(m.group(2) or "").lower()]
+    if size <= 0:
+        raise ValueError(f"a size must be positive ({SIZE_HELP})")
+    return int(size)
+
+
+def format_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(round(seconds))
+    d, rem = divmod(seconds, 86400)
+    h, rem = divmod(rem, 3600)
+    m, s = divmod(rem, 60)
+    if d:
+        return f"{d}d{h:02d}h{m:02d}m"
+    if h:
+        return f"{h}h{m:02d}m{s:02d}s"
+    if m:
+        return f"{m}m{s:02d}s"
+    return f"{s}s"

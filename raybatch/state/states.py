@@ -1,0 +1,92 @@
+"""The job state machine.
+
+Every transition is written (with a timestamp and a reason) before it is acted
+on; the allowed edges are listed here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class JobState(str, enum.Enum):
+    """The life of a job.
+
+    QUEUED      A row in the store, waiting for its gang to fit. Not a Ray job yet.
+    STARTING    Admitted: a Ray Job for the attempt was submitted; its placement
+                group is being reserved and rank actors started.
+    RUNNING     Every rank's process is running on its node.
+    SUCCEEDED   Every rank exited 0 (final).
+    FAILED      A rank exited non-zero, or the attempt could not run, with no retry
+                left (final).
+    CANCELLED   Cancelled by a user; every process was stopped (final).
+    PREEMPTED   Stopped to make room for a higher-priority job; goes back to QUEUED.
+    RESTARTING  The attempt ended with an infrastructure failure (node or driver
+                lost) and a retry is left; goes back to QUEUED.
+    """
+
+    QUEUED = "QUEUED"
+    STARTING = "STARTING"
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+    PREEMPTED = "PREEMPTED"
+    RESTARTING = "RESTARTING"
+
+    @property
+    def is_final(self) -> bool:
+        return self in FINAL_STATES
+
+    @property
+    def is_active(self) -> bool:
+        """An attempt exists in Ray for this job."""
+        return self in (JobState.STARTING, JobState.RUNNING)
+
+
+FINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
+
+ALLOWED: dict[JobState, frozenset[JobState]] = {
+    JobState.QUEUED: frozenset({JobState.STARTING, JobState.CANCELLED, JobState.FAILED}),
+    JobState.STARTING: frozenset(
+        {JobState.RUNNING, JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED,
+         JobState.RESTARTING, JobState.PREEMPTED}
+    ),
+    JobState.RUNNING: frozenset(
+        {JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.RESTARTING,
+         JobState.PREEMPTED}
+    ),
+    JobState.PREEMPTED: frozenset({JobState.QUEUED, JobState.CANCELLED}),
+    JobState.RESTARTING: frozenset({JobState.QUEUED, JobState.CANCELLED}),
+    JobState.SUCCEEDED: frozenset(),
+    JobState.FAILED: frozenset(),
+    JobState.CANCELLED: frozenset(),
+}
+
+
+class InvalidTransition(RuntimeError):
+    pass
+
+
+def check_transition(src: JobState, dst: JobState) -> None:
+    if dst not in ALLOWED[src]:
+        raise InvalidTransition(f"{src.value} -> {dst.value} is not an allowed transition")
+
+
+class AttemptOutcome(str, enum.Enum):
+    """How an attempt ended; the scheduler's retry policy maps it to the next job state."""
+
+    SUCCEEDED = "SUCCEEDED"      # every rank exited 0
+    USER_ERROR = "USER_ERROR"    # a rank exited non-zero
+    NODE_LOST = "NODE_LOST"      # a rank's node or actor died
+    DRIVER_LOST = "DRIVER_LOST"  # the attempt's Ray Job died without reporting
+    START_FAILED = "START_FAILED"  # inputs missing, placement impossible, ...
+    TIMEOUT = "TIMEOUT"          # max_wall_clock exceeded
+    CANCELLED = "CANCELLED"      # a user cancelled the job
+    PREEMPTED = "PREEMPTED"      # room was made for a higher-priority job
+    PLACEMENT_TIMEOUT = "PLACEMENT_TIMEOUT"  # the gang's placement group never placed
+
+    @property
+    def is_infrastructure(self) -> bool:
+        return self in (AttemptOutcome.NODE_LOST, AttemptOutcome.DRIVER_LOST,
+                        AttemptOutcome.PLACEMENT_TIMEOUT)

@@ -1,0 +1,282 @@
+"""SQLite store (WAL) of jobs, attempts, ranks and state transitions.
+
+The server owns this file; everything else reads it through the server's API.
+A queued job is a row here and nothing in Ray. Writes go through one connection
+guarded by a lock (SQLite serialises writers anyway); WAL lets readers proceed.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+from raybatch.state.states import FINAL_STATES, JobState, check_transition
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    seq            INTEGER PRIMARY KEY AUTOINCREMENT,  -- submission order, never changes
+    id             TEXT NOT NULL UNIQUE,
+    name           TEXT NOT NULL,
+    experiment     TEXT NOT NULL,
+    priority       INTEGER NOT NULL,
+    state          TEXT NOT NULL,
+    spec           TEXT NOT NULL,          -- JobSpec as JSON
+    code_package   TEXT,                   -- sha256 of the shipped code, if any
+    job_dir        TEXT NOT NULL,          -- logs, outputs, checkpoints
+    submitted_at   REAL NOT NULL,
+    updated_at     REAL NOT NULL,
+    started_at     REAL,
+    ended_at       REAL,
+    exit_code      INTEGER,
+    reason         TEXT,
+    attempt        INTEGER NOT NULL DEFAULT 0,  -- number of the latest attempt
+    user_retries   INTEGER NOT NULL DEFAULT 0,  -- retries used, per budget
+    infra_retries  INTEGER NOT NULL DEFAULT 0,
+    cancel_requested REAL
+);
+CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (state, priority DESC, seq);
+CREATE TABLE IF NOT EXISTS transitions (
+    id         INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id     TEXT NOT NULL,
+    at         REAL NOT NULL,
+    from_state TEXT,
+    to_state   TEXT NOT NULL,
+    reason     TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS transitions_job ON transitions (job_id, id);
+CREATE TABLE IF NOT EXISTS attempts (
+    job_id      TEXT NOT NULL,
+    n           INTEGER NOT NULL,
+    ray_job_id  TEXT NOT NULL,
+    started_at  REAL NOT NULL,
+    running_at  REAL,
+    ended_at    REAL,
+    outcome     TEXT,
+    exit_code   INTEGER,
+    reason      TEXT,
+    PRIMARY KEY (job_id, n)
+);
+CREATE TABLE IF NOT EXISTS ranks (
+    job_id     TEXT NOT NULL,
+    attempt    INTEGER NOT NULL,
+    rank       INTEGER NOT NULL,
+    node_rank  INTEGER NOT NULL,
+    local_rank INTEGER NOT NULL,
+    node_id    TEXT,
+    node_ip    TEXT,
+    hostname   TEXT,
+    pid        INTEGER,
+    exit_code  INTEGER,
+    PRIMARY KEY (job_id, attempt, rank)
+);
+"""
+
+_JOB_COLUMNS = (
+    "seq", "id", "name", "experiment", "priority", "state", "spec", "code_package", "job_dir",
+    "submitted_at", "updated_at", "started_at", "ended_at", "exit_code", "reason", "attempt",
+    "user_retries", "infra_retries", "cancel_requested",
+)
+_MUTABLE_JOB_FIELDS = frozenset(_JOB_COLUMNS) - {"seq", "id", "spec", "submitted_at"}
+
+
+def new_job_id() -> str:
+    return "rb-" + secrets.token_hex(4)
+
+
+def _row(cursor: sqlite3.Cursor, row: tuple) -> dict[str, Any]:
+    return {d[0]: v for d, v in zip(cursor.description, row)}
+
+
+class Store:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+        self._db.row_factory = _row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")  # durable across process crashes in WAL
+        self._db.execute("PRAGMA busy_timeout=5000")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # ---- helpers ----------------------------------------------------------
+    def _tx(self):
+        return _Transaction(self)
+
+    def _one(self, sql: str, args: Iterable[Any] = ()) -> Optional[dict[str, Any]]:
+        with self._lock:
+            return self._db.execute(sql, tuple(args)).fetchone()
+
+    def _all(self, sql: str, args: Iterable[Any] = ()) -> list[dict[str, Any]]:
+        with self._lock:
+            return self._db.execute(sql, tuple(args)).fetchall()
+
+    # ---- jobs -------------------------------------------------------------
+    def create_job(
+        self, *, name: str, experiment: str, priority: int, spec: dict[str, Any],
+        job_dir_for: Any, code_package: Optional[str] = None, reason: str = "submitted",
+    ) -> dict[str, Any]:
+        """Insert a QUEUED job. ``job_dir_for(job_id)`` gives its directory."""
+        now = time.time()
+        with self._tx() as db:
+            for _ in range(10):
+                job_id = new_job_id()
+                if not db.execute("SELECT 1 FROM jobs WHERE id=?", (job_id,)).fetchone():
+                    break
+            db.execute(
+                "INSERT INTO jobs (id, name, experiment, priority, state, spec, code_package, job_dir,"
+                " submitted_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (job_id, name, experiment, priority, JobState.QUEUED.value, json.dumps(spec),
+                 code_package, str(job_dir_for(job_id)), now, now),
+            )
+            db.execute(
+                "INSERT INTO transitions (job_id, at, from_state, to_state, reason) VALUES (?,?,?,?,?)",
+                (job_id, now, None, JobState.QUEUED.value, reason),
+            )
+        return self.get_job(job_id)  # type: ignore[return-value]
+
+    def get_job(self, job_id: str) -> Optional[dict[str, Any]]:
+        return self._one("SELECT * FROM jobs WHERE id=?", (job_id,))
+
+    def list_jobs(
+        self, *, states: Optional[Iterable[JobState]] = None, experiment: Optional[str] = None,
+        limit: int = 1000,
+    ) -> list[dict[str, Any]]:
+        sql, args = "SELECT * FROM jobs WHERE 1=1", []
+        if states:
+            st = [s.value for s in states]
+            sql += f" AND state IN ({','.join('?' * len(st))})"
+            args += st
+        if experiment:
+            sql += " AND experiment=?"
+            args.append(experiment)
+        sql += " ORDER BY seq DESC LIMIT ?"
+        args.append(limit)
+        return self._all(sql, args)
+
+    def queued_jobs(self) -> list[dict[str, Any]]:
+        """The queue in admission order: priority (high first), then submission order."""
+        return self._all(
+            "SELECT * FROM jobs WHERE state=? ORDER BY priority DESC, seq ASC",
+            (JobState.QUEUED.value,),
+        )
+
+    def active_jobs(self) -> list[dict[str, Any]]:
+        return self._all(
+            "SELECT * FROM jobs WHERE state IN (?,?) ORDER BY seq",
+            (JobState.STARTING.value, JobState.RUNNING.value),
+        )
+
+    def count_by_state(self) -> dict[str, int]:
+        rows = self._all("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state")
+        return {r["state"]: r["n"] for r in rows}
+
+    def transition(
+        self, job_id: str, to: JobState, reason: str, *, expect: Optional[JobState] = None,
+        **fields: Any,
+    ) -> dict[str, Any]:
+        """Move a job to ``to`` and record why, atomically (compare-and-set on the
+        current state). Extra ``fields`` update job columns in the same transaction."""
+        bad = set(fields) - _MUTABLE_JOB_FIELDS
+        if bad:
+            raise ValueError(f"not job fields: {sorted(bad)}")
+        now = time.time()
+        with self._tx() as db:
+            row = db.execute("SELECT state FROM jobs WHERE id=?", (job_id,)).fetchone()
+            if row is None:
+                raise KeyError(job_id)
+            src = JobState(row["state"])
+            if expect is not None and src != expect:
+                from raybatch.state.states import InvalidTransition  # noqa: PLC0415
+
+                raise InvalidTransition(f"{job_id} is {src.value}, expected {expect.value}")
+            check_transition(src, to)
+            fields = {**fields, "state": to.value, "updated_at": now, "reason": reason}
+            if to in FINAL_STATES:
+                fields.setdefault("ended_at", now)
+            sets = ", ".join(f"{k}=?" for k in fields)
+            db.execute(f"UPDATE jobs SET {sets} WHERE id=?", (*fields.values(), job_id))
+            db.execute(
+                "INSERT INTO transitions (job_id, at, from_state, to_state, reason) VALUES (?,?,?,?,?)",
+                (job_id, now, src.value, to.value, reason),
+            )
+        return self.get_job(job_id)  # type: ignore[return-value]
+
+    def update_job(self, job_id: str, **fields: Any) -> None:
+        bad = set(fields) - _MUTABLE_JOB_FIELDS - {"state"}
+        if bad or "state" in fields:
+            raise ValueError(f"use transition() for state; not updatable: {sorted(bad)}")
+        fields["updated_at"] = time.time()
+        sets = ", ".join(f"{k}=?" for k in fields)
+        with self._tx() as db:
+            db.execute(f"UPDATE jobs SET {sets} WHERE id=?", (*fields.values(), job_id))
+
+    def transitions(self, job_id: str) -> list[dict[str, Any]]:
+        return self._all(
+            "SELECT at, from_state, to_state, reason FROM transitions WHERE job_id=? ORDER BY id",
+            (job_id,),
+        )
+
+    # ---- attempts and ranks ----------------------------------------------
+    def add_attempt(self, job_id: str, n: int, ray_job_id: str) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO attempts (job_id, n, ray_job_id, started_at) VALUES (?,?,?,?)",
+                (job_id, n, ray_job_id, time.time()),
+            )
+
+    def update_attempt(self, job_id: str, n: int, **fields: Any) -> None:
+        allowed = {"running_at", "ended_at", "outcome", "exit_code", "reason"}
+        if set(fields) - allowed:
+            raise ValueError(f"not attempt fields: {sorted(set(fields) - allowed)}")
+        sets = ", ".join(f"{k}=?" for k in fields)
+        with self._tx() as db:
+            db.execute(f"UPDATE attempts SET {sets} WHERE job_id=? AND n=?", (*fields.values(), job_id, n))
+
+    def attempts(self, job_id: str) -> list[dict[str, Any]]:
+        return self._all("SELECT * FROM attempts WHERE job_id=? ORDER BY n", (job_id,))
+
+    def get_attempt(self, job_id: str, n: int) -> Optional[dict[str, Any]]:
+        return self._one("SELECT * FROM attempts WHERE job_id=? AND n=?", (job_id, n))
+
+    def set_ranks(self, job_id: str, attempt: int, ranks: list[dict[str, Any]]) -> None:
+        cols = ("rank", "node_rank", "local_rank", "node_id", "node_ip", "hostname", "pid", "exit_code")
+        with self._tx() as db:
+            for r in ranks:
+                db.execute(
+                    f"INSERT OR REPLACE INTO ranks (job_id, attempt, {', '.join(cols)})"
+                    f" VALUES (?,?,{','.join('?' * len(cols))})",
+                    (job_id, attempt, *(r.get(c) for c in cols)),
+                )
+
+    def ranks(self, job_id: str, attempt: Optional[int] = None) -> list[dict[str, Any]]:
+        if attempt is None:
+            return self._all("SELECT * FROM ranks WHERE job_id=? ORDER BY attempt, rank", (job_id,))
+        return self._all(
+            "SELECT * FROM ranks WHERE job_id=? AND attempt=? ORDER BY rank", (job_id, attempt)
+        )
+
+
+class _Transaction:
+    def __init__(self, store: Store):
+        self.store = store
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.store._lock.acquire()
+        self.store._db.execute("BEGIN IMMEDIATE")
+        return self.store._db
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            self.store._db.execute("ROLLBACK" if exc_type else "COMMIT")
+        finally:
+            self.store._lock.release()
