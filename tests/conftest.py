@@ -1,0 +1,143 @@
+"""Shared fixtures: a real multi-node Ray cluster (ray.cluster_utils.Cluster: each
+node its own raylet on this machine) with the dashboard's job API, and a real
+raybatch server process on top of it with its own SQLite file."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from raybatch.config import API_PREFIX, ray_client_env
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = ROOT / "recipes"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(check, timeout: float, what: str, interval: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+class RayTestCluster:
+    """A ray.cluster_utils.Cluster with a dashboard, plus the numbers tests need."""
+
+    def __init__(self, nodes: int, cpus: float = 1):
+        ray_client_env()
+        from ray.cluster_utils import Cluster
+
+        self.dashboard_port = free_port()
+        self.cluster = Cluster(
+            initialize_head=True,
+            head_node_args={
+                "num_cpus": cpus, "include_dashboard": True, "dashboard_port": self.dashboard_port,
+                "dashboard_host": "127.0.0.1", "object_store_memory": 100 * 2**20,
+            },
+        )
+        self.workers = [self.add_node(cpus) for _ in range(nodes - 1)]
+        self.cluster.wait_for_nodes()
+        self.dashboard_url = f"http://127.0.0.1:{self.dashboard_port}"
+
+    @property
+    def address(self) -> str:
+        return self.cluster.address
+
+    def add_node(self, cpus: float = 1, **kw):
+        return self.cluster.add_node(num_cpus=cpus, object_store_memory=100 * 2**20, **kw)
+
+    def shutdown(self) -> None:
+        self.cluster.shutdown()
+
+
+class ServerProcess:
+    """``python -m raybatch.server`` as a separate process, as in production."""
+
+    def __init__(self, cluster: RayTestCluster, state_dir: Path):
+        self.cluster = cluster
+        self.state_dir = state_dir
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "ServerProcess":
+        log = open(self.state_dir / "server.log", "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "raybatch.server", "--state-dir", str(self.state_dir),
+             "--ray-address", self.cluster.address, "--dashboard-url", self.cluster.dashboard_url,
+             "--port", str(self.port), "--tick", "0.25"],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env={**os.environ, "RAYBATCH_PLACEMENT_TIMEOUT_S": "60"},
+        )
+
+        def healthy() -> bool:
+            assert self.proc.poll() is None, (self.state_dir / "server.log").read_text()[-3000:]
+            try:
+                return httpx.get(self.url + API_PREFIX + "/health", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(healthy, 60, "the raybatch server")
+        return self
+
+    @property
+    def token(self) -> str:
+        return (self.state_dir / "token").read_text().strip()
+
+    def client(self):
+        from raybatch import Client
+
+        return Client(self.url, self.token)
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        self.kill(signal.SIGTERM)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    c = RayTestCluster(nodes=2)
+    yield c
+    c.shutdown()
+
+
+@pytest.fixture(scope="module")
+def server(ray_cluster, tmp_path_factory):
+    s = ServerProcess(ray_cluster, tmp_path_factory.mktemp("server")).start()
+    yield s
+    # leave nothing running in Ray for the next module
+    try:
+        c = s.client()
+        for job in c.list(state=["QUEUED", "STARTING", "RUNNING"]):
+            c.cancel(job.id)
+        wait_for(lambda: not c.list(state=["STARTING", "RUNNING"]), 60, "jobs to stop")
+    finally:
+        s.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    c = server.client()
+    yield c
+    c.close()

@@ -1,0 +1,223 @@
+"""End to end on a real 2-node Ray cluster (ray.cluster_utils) with a real
+raybatch server process: the recipe, gang queuing, failures, cancel, ordering,
+the env contract, logs."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from raybatch.config import ray_http_headers
+from tests.conftest import RECIPES, wait_for
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def job(client, **fields):
+    base = {"name": "t", "experiment": "tests", "resources": {"cpus": 1}}
+    return client.submit({**base, **fields})
+
+
+def state_of(client, job_id):
+    return client.get(job_id).state.value
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
+def _live_placement_groups(cluster, name: str) -> list:
+    from ray.util.state import list_placement_groups
+
+    pgs = list_placement_groups(address=cluster.dashboard_url, filters=[("name", "=", name)],
+                                raise_on_missing_output=False)
+    return [p for p in pgs if p.state != "REMOVED"]
+
+
+def test_pytorch_recipe_on_two_nodes(client):
+    sub = client.submit(RECIPES / "pytorch-digits-ddp" / "job.yaml",
+                        overrides=["command=python train.py --epochs 15"])
+    done = client.wait(sub.id, timeout=180)
+    assert done.state == "SUCCEEDED", (done.reason, client.logs(sub.id, stream="stderr"))
+    ranks = done.attempts[-1].ranks
+    assert [r.rank for r in ranks] == [0, 1]
+    assert len({r.node_id for r in ranks}) == 2, "ranks must run on distinct nodes"
+    assert all(r.exit_code == 0 for r in ranks)
+    log = client.logs(sub.id, rank=0)
+    acc = float(re.search(r"test accuracy: ([0-9.]+)", log).group(1))
+    assert acc > 0.9
+    model_dir = Path(done.outputs["model"])
+    assert (model_dir / "model.pt").stat().st_size > 0
+    assert json.loads((model_dir / "metrics.json").read_text())["world_size"] == 2
+    assert (Path(done.checkpoint_dir) / "checkpoint.pt").exists()
+    assert "rank 1/2" in client.logs(sub.id, rank=1)
+
+
+def test_gang_waits_for_a_third_node(client, ray_cluster):
+    sub = job(client, name="three", nodes=3, command="echo node $RAYBATCH_NODE_RANK")
+    time.sleep(3)
+    detail = client.get(sub.id)
+    assert detail.state == "QUEUED"
+    assert "needs 3 nodes" in detail.waiting_reason and "2 such nodes are free" in detail.waiting_reason
+    node = ray_cluster.add_node(1)
+    try:
+        done = client.wait(sub.id, timeout=90)
+        assert done.state == "SUCCEEDED", done.reason
+        assert len({r.node_id for r in done.attempts[-1].ranks}) == 3
+    finally:
+        ray_cluster.cluster.remove_node(node)
+
+
+def test_failing_rank_fails_job_with_its_exit_code(client):
+    cmd = 'if [ "$RANK" = 1 ]; then echo "boom from rank 1" >&2; exit 7; fi; sleep 120'
+    sub = job(client, name="fails", nodes=2, command=cmd)
+    done = client.wait(sub.id, timeout=90)
+    assert done.state == "FAILED"
+    assert done.exit_code == 7
+    assert "rank 1 exited with code 7" in done.reason
+    assert "boom from rank 1" in client.logs(sub.id, rank=1, stream="stderr")
+    ranks = {r.rank: r for r in done.attempts[-1].ranks}
+    assert ranks[1].exit_code == 7
+    assert ranks[0].exit_code == 143  # the other rank was stopped with SIGTERM
+    assert done.ended_at - done.started_at < 60
+
+
+def test_cancel_stops_every_process_and_frees_the_gang(client, ray_cluster):
+    # rank 1 ignores SIGTERM: it must be SIGKILLed after the grace period
+    cmd = ('if [ "$RANK" = 1 ]; then trap "" TERM; fi; echo started; '
+           'sleep 300 & child=$!; echo child $child; wait $child')
+    sub = job(client, name="cancel-me", nodes=2, command=cmd, grace_period="3s")
+    wait_for(lambda: state_of(client, sub.id) == "RUNNING", 60, "RUNNING")
+    wait_for(lambda: "child" in client.logs(sub.id, rank=1), 30, "rank 1 to start its child")
+    detail = client.get(sub.id)
+    pids = [r.pid for r in detail.attempts[-1].ranks]
+    children = [int(client.logs(sub.id, rank=r).split("child ")[1].split()[0]) for r in (0, 1)]
+    assert all(not _gone(p) for p in pids + children)
+    client.cancel(sub.id)
+    done = client.wait(sub.id, timeout=60)
+    assert done.state == "CANCELLED"
+    wait_for(lambda: all(_gone(p) for p in pids + children), 15, "user processes to exit")
+    pg_name = f"raybatch-{sub.id}-1"
+    wait_for(lambda: not _live_placement_groups(ray_cluster, pg_name), 15, "placement group removal")
+    # the gang's resources are free again: a 2-node job starts at once
+    again = job(client, name="after-cancel", nodes=2, command="true")
+    assert client.wait(again.id, timeout=60).state == "SUCCEEDED"
+
+
+def test_cancel_queued_job(client):
+    sub = job(client, name="never-fits", nodes=9, command="true")
+    assert client.cancel(sub.id).state == "CANCELLED"
+    history = [t.to_state.value for t in client.get(sub.id).transitions]
+    assert history == ["QUEUED", "CANCELLED"]
+
+
+def test_priority_then_submission_order(client):
+    blocker = job(client, name="blocker", nodes=2, command="sleep 4")
+    wait_for(lambda: state_of(client, blocker.id) in ("STARTING", "RUNNING"), 30, "blocker to start")
+    low = job(client, name="low", nodes=2, priority="low", command="true")
+    normal_1 = job(client, name="normal-1", nodes=2, command="true")
+    high = job(client, name="high", nodes=2, priority=900, command="true")
+    normal_2 = job(client, name="normal-2", nodes=2, command="true")
+    order = [low, normal_1, high, normal_2]
+    done = [client.wait(j.id, timeout=120) for j in order]
+    assert all(d.state == "SUCCEEDED" for d in done)
+    started = sorted(done, key=lambda d: d.started_at)
+    assert [d.name for d in started] == ["high", "normal-1", "normal-2", "low"]
+
+
+def test_env_contract_and_processes_per_node(client, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    out = tmp_path / "envs"
+    cmd = ('env | grep -E "^(RAYBATCH_|AZ_BATCHAI_|RANK=|WORLD_SIZE=|LOCAL_RANK=|NODE_RANK=|'
+           'MASTER_ADDR=|MASTER_PORT=|MY_VAR=)" | sort > "$RAYBATCH_OUTPUT_ENVS/rank-$RANK.env"')
+    sub = job(client, name="env", nodes=2, processes_per_node=2, framework="pytorch", command=cmd,
+              environment={"MY_VAR": "hello"}, inputs={"data": str(data)},
+              outputs={"envs": {"path": str(out)}})
+    done = client.wait(sub.id, timeout=90)
+    assert done.state == "SUCCEEDED", done.reason
+    envs = {}
+    for r in range(4):
+        lines = (out / f"rank-{r}.env").read_text().splitlines()
+        envs[r] = dict(line.split("=", 1) for line in lines)
+    for r, env in envs.items():
+        assert env["RANK"] == str(r) == env["AZ_BATCHAI_TASK_INDEX"]
+        assert env["WORLD_SIZE"] == "4"
+        assert env["LOCAL_RANK"] == str(r % 2)
+        assert env["NODE_RANK"] == env["RAYBATCH_NODE_RANK"] == str(r // 2)
+        assert env["RAYBATCH_NUM_NODES"] == "2"
+        assert env["RAYBATCH_JOB_ID"] == sub.id and env["RAYBATCH_ATTEMPT"] == "1"
+        assert env["RAYBATCH_INPUT_DATA"] == env["AZ_BATCHAI_INPUT_data"] == str(data)
+        assert env["RAYBATCH_OUTPUT_ENVS"] == env["AZ_BATCHAI_OUTPUT_envs"] == str(out)
+        assert env["RAYBATCH_CHECKPOINT_DIR"] == done.checkpoint_dir
+        assert env["RAYBATCH_STDOUTERR_DIR"].endswith(f"stdouterr/attempt-1/rank-{r}")
+        assert env["MY_VAR"] == "hello"
+        assert env["AZ_BATCHAI_PYTORCH_INIT_METHOD"] == f"tcp://{env['MASTER_ADDR']}:{env['MASTER_PORT']}"
+    assert len({e["MASTER_PORT"] for e in envs.values()}) == 1
+    nodes = {r.rank: r.node_id for r in done.attempts[-1].ranks}
+    assert nodes[0] == nodes[1] != nodes[2] == nodes[3]
+
+
+def test_missing_input_fails_at_start_with_the_path(client, tmp_path):
+    sub = job(client, name="no-input", command="true", inputs={"data": str(tmp_path / "nope")})
+    done = client.wait(sub.id, timeout=60)
+    assert done.state == "FAILED"
+    assert "input 'data'" in done.reason and str(tmp_path / "nope") in done.reason
+    assert done.attempts[-1].outcome == "START_FAILED"
+
+
+def test_follow_logs_while_running(client):
+    sub = job(client, name="ticker", command="for i in 1 2 3 4 5; do echo tick $i; sleep 0.5; done")
+    wait_for(lambda: state_of(client, sub.id) == "RUNNING", 60, "RUNNING")
+    first = client.logs(sub.id)
+    assert "tick 5" not in first  # read while the job runs
+    text = "".join(client.follow_logs(sub.id, poll=0.2))
+    assert [f"tick {i}" for i in range(1, 6)] == re.findall(r"tick \d", text)
+
+
+def test_user_retry_resumes_recipe_from_checkpoint(client):
+    # attempt 1 is stopped (SIGTERM, the recipe checkpoints and exits 143) once a
+    # checkpoint exists; the retry must resume from it.
+    cmd = ('if [ "$RAYBATCH_ATTEMPT" = 1 ]; then '
+           'python train.py --epochs 12 --sleep-per-epoch 0.4 & p=$!; '
+           'while [ ! -f "$RAYBATCH_CHECKPOINT_DIR/checkpoint.pt" ]; do sleep 0.1; done; sleep 1; '
+           'kill -TERM $p; wait $p; else python train.py --epochs 12; fi')
+    sub = client.submit(RECIPES / "pytorch-digits-ddp" / "job.yaml",
+                        overrides=[f"command={cmd}", "retries.user=1"])
+    done = client.wait(sub.id, timeout=200)
+    assert done.state == "SUCCEEDED", done.reason
+    assert [a.outcome for a in done.attempts] == ["USER_ERROR", "SUCCEEDED"]
+    assert done.attempts[0].exit_code == 143
+    first = client.logs(sub.id, attempt=1)
+    second = client.logs(sub.id, attempt=2)
+    assert "SIGTERM received: checkpoint saved" in first
+    resumed = int(re.search(r"resumed from checkpoint at epoch (\d+)", second).group(1))
+    assert 0 < resumed < 12
+    assert float(re.search(r"test accuracy: ([0-9.]+)", second).group(1)) > 0.9
+    states = [t.to_state.value for t in done.transitions]
+    assert states == ["QUEUED", "STARTING", "RUNNING", "RESTARTING", "QUEUED", "STARTING", "RUNNING",
+                      "SUCCEEDED"]
+
+
+def test_ray_dashboard_metadata(client, ray_cluster):
+    from ray.job_submission import JobSubmissionClient
+
+    sub = job(client, name="meta", command="true", environment={"SECRET_TOKEN": "hunter2"})
+    client.wait(sub.id, timeout=60)
+    info = JobSubmissionClient(ray_cluster.dashboard_url, headers=ray_http_headers()).get_job_info(
+        f"raybatch-{sub.id}-1")
+    assert info.metadata["raybatch_job_id"] == sub.id
+    assert info.metadata["raybatch_job_name"] == "meta"
+    assert info.metadata["raybatch_experiment"] == "tests"
+    assert info.metadata["raybatch_attempt"] == "1"
+    assert "hunter2" not in json.dumps(info.metadata) + json.dumps(info.runtime_env or {})
+    assert os.path.basename(info.entrypoint.split()[-1]) == "attempt.json"
