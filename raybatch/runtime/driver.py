@@ -62,7 +62,7 @@ class Attempt:
         )
 
     def log(self, msg: str) -> None:
-        print(f"[raybatch] {msg}", flush=True)
+        print(f"[raybatch +{time.monotonic() - self.started:.2f}s] {msg}", flush=True)
 
     # ---- steps -------------------------------------------------------------
     def check_inputs(self) -> Optional[str]:
@@ -80,6 +80,9 @@ class Attempt:
             name=f"raybatch-{self.job_id}-{self.n}",
         )
         ready = self.pg.ready()
+        # Rank actors are created now: their worker processes start the moment the
+        # bundles are placed, instead of after we have seen the placement.
+        self.create_actors()
         deadline = time.monotonic() + PLACEMENT_TIMEOUT_S
         while not self.stop.is_set():
             done, _ = ray.wait([ready], timeout=0.2)
@@ -90,11 +93,14 @@ class Attempt:
                         f"within {PLACEMENT_TIMEOUT_S:.0f} s")
         return "stopped while reserving the placement group"
 
-    def start_ranks(self) -> None:
+    def per_rank_resources(self) -> dict[str, float]:
+        bundle = self.spec.resources.as_ray_bundle()
+        return {k: v / self.spec.processes_per_node for k, v in bundle.items()}
+
+    def create_actors(self) -> None:
         spec = self.spec
         P = spec.processes_per_node
-        bundle = spec.resources.as_ray_bundle()
-        per_rank = {k: v / P for k, v in bundle.items()}
+        per_rank = self.per_rank_resources()
         custom = {k: v for k, v in per_rank.items() if k not in ("CPU", "GPU", "memory")}
         for node_rank in range(spec.nodes):
             for local_rank in range(P):
@@ -111,7 +117,13 @@ class Attempt:
                 if custom:
                     opts["resources"] = custom
                 self.actors.append(RankActor.options(**opts).remote())
+
+    def start_ranks(self) -> None:
+        spec = self.spec
+        P = spec.processes_per_node
+        per_rank = self.per_rank_resources()
         infos = ray.get([a.node_info.remote() for a in self.actors])
+        self.log(f"{len(self.actors)} rank actor(s) up")
         master_port = ray.get(self.actors[0].free_port.remote())
         master_addr = infos[0]["node_ip"]
         framework = frameworks.get(spec.framework)
@@ -212,7 +224,9 @@ class Attempt:
         signal.signal(signal.SIGTERM, lambda *_: self.stop.set())
         signal.signal(signal.SIGINT, lambda *_: self.stop.set())
         self.report("placing")
+        self.log(f"driver of {self.job_id} attempt {self.n} started")
         ray.init(address="auto", log_to_driver=True, logging_level="WARNING")
+        self.log("connected to Ray")
         outcome: tuple[AttemptOutcome, Optional[int], str]
         try:
             problem = self.check_inputs()

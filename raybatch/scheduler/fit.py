@@ -47,7 +47,9 @@ def gang_fit(
     node. Nodes are tried most-loaded first (best fit), which keeps whole nodes
     free for wide gangs."""
     live = [n.copy() for n in nodes if n.alive]
-    live.sort(key=lambda n: (sum(n.available.values()), n.node_id))
+    # best fit on the scarce resources first: GPUs, then CPUs, then memory
+    live.sort(key=lambda n: (n.available.get("GPU", 0.0), n.available.get("CPU", 0.0),
+                             n.available.get("memory", 0.0), n.node_id))
     placed: list[str] = []
     for node in live:
         while len(placed) < count and fits(node.available, bundle):

@@ -37,13 +37,13 @@ from __future__ import annotations
 import re
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from raybatch.spec.units import DURATION_HELP, SIZE_HELP, parse_duration, parse_size
 
-NAME_PATTERN = r"^[-\w]{1,64}$"
-ID_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,63}$"
-ENV_NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+NAME_PATTERN = r"[-\w]{1,64}"  # matched with re.fullmatch
+ID_PATTERN = r"[A-Za-z_][A-Za-z0-9_]{0,63}"
+ENV_NAME_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 # Batch AI's schedulingPriority names, mapped onto the 0-1000 integer scale.
 PRIORITY_NAMES = {"low": 250, "normal": 500, "high": 750}
@@ -158,14 +158,14 @@ class JobSpec(_Strict):
         DEFAULT_MAX_WALL_CLOCK, description=f"Maximum wall-clock time of an attempt ({DURATION_HELP})."
     )
     grace_period: float = Field(
-        30.0, description=f"Time between SIGTERM and SIGKILL on cancel ({DURATION_HELP})."
+        30.0, validate_default=True, description=f"Time between SIGTERM and SIGKILL on cancel ({DURATION_HELP})."
     )
     retries: RetryPolicy = Field(default_factory=RetryPolicy)
 
     @field_validator("name", "experiment")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not re.match(NAME_PATTERN, v):
+        if not re.fullmatch(NAME_PATTERN, v):
             raise ValueError("use 1-64 letters, digits, '-' or '_'")
         return v
 
@@ -220,7 +220,7 @@ class JobSpec(_Strict):
         if isinstance(v, dict):
             out = {}
             for name, value in v.items():
-                if not ENV_NAME_PATTERN.match(str(name)):
+                if not ENV_NAME_PATTERN.fullmatch(str(name)):
                     raise ValueError(
                         f"'{name}' is not a valid environment variable name "
                         "(letters, digits and '_', not starting with a digit)"
@@ -251,7 +251,7 @@ class JobSpec(_Strict):
     @classmethod
     def _ids(cls, v: dict[str, Any]) -> dict[str, Any]:
         for key in v:
-            if not re.match(ID_PATTERN, key):
+            if not re.fullmatch(ID_PATTERN, key):
                 raise ValueError(
                     f"id '{key}' is not allowed: use letters, digits and '_' (it becomes part of an "
                     "environment variable name)"
@@ -262,11 +262,13 @@ class JobSpec(_Strict):
             raise ValueError(f"ids differ only in case: {sorted(dupes)}")
         return v
 
-    @model_validator(mode="after")
-    def _gang(self) -> "JobSpec":
-        if self.grace_period > self.max_wall_clock:
-            raise ValueError("grace_period must not exceed max_wall_clock")
-        return self
+    @field_validator("grace_period")
+    @classmethod
+    def _grace_within_limit(cls, v: float, info: ValidationInfo) -> float:
+        limit = info.data.get("max_wall_clock")
+        if limit is not None and v > limit:
+            raise ValueError(f"must not exceed max_wall_clock ({limit:g} s)")
+        return v
 
     # ---- derived values -------------------------------------------------
     @property

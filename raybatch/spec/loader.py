@@ -53,7 +53,8 @@ def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
 def format_validation_error(err: ValidationError) -> list[str]:
     problems = []
     for e in err.errors():
-        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith(("literal[", "int", "constrained"))))
+        # drop pydantic's union-member tags (e.g. "literal['low','normal','high']"), keep user keys
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and ("[" in p or p == "function-before")))
         where = ".".join(str(p) for p in loc) or "(top level)"
         kind = e["type"]
         given = e.get("input")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -31,8 +32,8 @@ def parse_duration(value: object) -> float:
             if minutes >= 60 or secs >= 60:
                 raise ValueError(f"'{text}': minutes and seconds must be below 60")
             seconds = float(days * 86400 + hours * 3600 + minutes * 60 + secs)
-    if seconds <= 0:
-        raise ValueError(f"a duration must be positive ({DURATION_HELP})")
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError(f"a duration must be positive and finite ({DURATION_HELP})")
     return seconds
 
 
@@ -58,8 +59,8 @@ def parse_size(value: object) -> int:
         if not m:
             raise ValueError(f"'{value}' is not a size ({SIZE_HELP})")
         size = float(m.group(1)) * _SIZE_FACTORS[(m.group(2) or "").lower()]
-    if size <= 0:
-        raise ValueError(f"a size must be positive ({SIZE_HELP})")
+    if not math.isfinite(size) or size <= 0:
+        raise ValueError(f"a size must be positive and finite ({SIZE_HELP})")
     return int(size)
 
 

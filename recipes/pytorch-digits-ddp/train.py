@@ -238,6 +238,11 @@ def main(argv=None):
             f.write("\n")
 
     if distributed:
+        # Wait for rank 0's evaluation before tearing down: a rank that destroys
+        # the gloo group and exits while its peer still holds the connection can
+        # abort in gloo's C++ teardown ("terminate called without an active
+        # exception", exit 134).
+        dist.barrier()
         dist.destroy_process_group()
 
 

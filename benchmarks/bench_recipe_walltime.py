@@ -1,0 +1,75 @@
+"""Benchmark (b): the PyTorch DDP recipe's wall time under raybatch (2 nodes x 1
+process, submit -> SUCCEEDED as the user waits for it) against torchrun running
+the same script with 2 processes on the same machine, in the same run,
+interleaved.
+
+    python benchmarks/bench_recipe_walltime.py [--runs 3] [--epochs 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from raybatch import Client  # noqa: E402
+from raybatch.local.embedded import LocalCluster  # noqa: E402
+
+RECIPE = ROOT / "recipes" / "pytorch-digits-ddp"
+
+
+def via_torchrun(epochs: int) -> float:
+    with tempfile.TemporaryDirectory() as d:
+        t0 = time.monotonic()
+        subprocess.run(
+            [str(Path(sys.executable).with_name("torchrun")), "--nnodes", "1", "--nproc-per-node", "2",
+             "train.py", "--epochs", str(epochs), "--checkpoint-dir", f"{d}/ck", "--model-dir", f"{d}/m"],
+            cwd=RECIPE, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+        return time.monotonic() - t0
+
+
+def via_raybatch(client: Client, epochs: int) -> float:
+    t0 = time.monotonic()
+    job = client.submit(RECIPE / "job.yaml", overrides=[f"command=python train.py --epochs {epochs}"])
+    done = client.wait(job.id, poll=0.1)
+    elapsed = time.monotonic() - t0
+    assert done.state == "SUCCEEDED", done.reason
+    return elapsed
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--epochs", type=int, default=30)
+    args = ap.parse_args()
+    home = Path(tempfile.mkdtemp(prefix="raybatch-bench-"))
+    local = LocalCluster(home)
+    info = local.up(nodes=2)
+    try:
+        client = Client(info["url"], local.token())
+        via_raybatch(client, 1), via_torchrun(1)  # warm-up: page cache, worker pools
+        rb, tr = [], []
+        for _ in range(args.runs):
+            rb.append(via_raybatch(client, args.epochs))
+            tr.append(via_torchrun(args.epochs))
+        ratios = [a / b for a, b in zip(rb, tr)]
+        print(f"pytorch-digits-ddp, {args.epochs} epochs, 2 ranks, {args.runs} interleaved runs")
+        print(f"  raybatch (2 local nodes)  median {statistics.median(rb):.2f} s  (min {min(rb):.2f}, max {max(rb):.2f})")
+        print(f"  torchrun (2 processes)    median {statistics.median(tr):.2f} s  (min {min(tr):.2f}, max {max(tr):.2f})")
+        print(f"  ratio raybatch / torchrun: median {statistics.median(ratios):.2f}x  (target <= 1.05x)")
+    finally:
+        local.down()
+
+
+if __name__ == "__main__":
+    main()
