@@ -221,3 +221,34 @@ def test_ray_dashboard_metadata(client, ray_cluster):
     assert info.metadata["raybatch_attempt"] == "1"
     assert "hunter2" not in json.dumps(info.metadata) + json.dumps(info.runtime_env or {})
     assert os.path.basename(info.entrypoint.split()[-1]) == "attempt.json"
+
+
+def test_max_wall_clock_is_enforced(client):
+    sub = job(client, name="too-long", command="echo start; sleep 120", max_wall_clock="3s",
+              grace_period="1s")
+    done = client.wait(sub.id, timeout=60)
+    assert done.state == "FAILED"
+    assert done.attempts[-1].outcome == "TIMEOUT"
+    assert "max_wall_clock" in done.reason
+    assert done.ended_at - done.started_at < 20
+
+
+def test_ray_job_stopped_outside_raybatch_is_an_infrastructure_failure(client, ray_cluster):
+    from ray.job_submission import JobSubmissionClient
+
+    sub = job(client, name="stopped-outside", nodes=2, command="echo up; sleep 120",
+              retries={"infrastructure": 1})
+    wait_for(lambda: state_of(client, sub.id) == "RUNNING", 60, "RUNNING")
+    pids = [r.pid for r in client.get(sub.id).attempts[-1].ranks]
+    JobSubmissionClient(ray_cluster.dashboard_url, headers=ray_http_headers()).stop_job(
+        f"raybatch-{sub.id}-1")
+    # requeued on the infrastructure budget and started again as attempt 2
+    wait_for(lambda: client.get(sub.id).attempt == 2, 60, "attempt 2")
+    first = client.get(sub.id).attempts[0]
+    assert first.outcome == "DRIVER_LOST"
+    assert "SIGTERM from outside raybatch" in first.reason
+    wait_for(lambda: all(_gone(p) for p in pids), 15, "attempt 1's processes to exit")
+    client.cancel(sub.id)
+    done = client.wait(sub.id, timeout=60)
+    assert done.state == "CANCELLED"
+    assert "infrastructure retry 1 of 1" in " ".join(t.reason for t in done.transitions)

@@ -3,9 +3,10 @@
 1. reserve one placement group for the whole gang (STRICT_SPREAD by default);
 2. start one rank actor per process, rank 0 picks MASTER_PORT on its node;
 3. start every rank's process with the env contract, report "running";
-4. watch: the first rank to exit non-zero, a lost rank, SIGTERM (cancel from
-   the server through ``ray job stop``) or the wall-clock limit ends the attempt;
-   the other ranks get SIGTERM -> grace -> SIGKILL;
+4. watch: the first rank to exit non-zero, a lost rank, a stop request from the
+   server (``control.json``: cancel), SIGTERM from outside raybatch (``ray job
+   stop``: reported as DRIVER_LOST) or the wall-clock limit ends the attempt; the
+   other ranks get SIGTERM -> grace -> SIGKILL;
 5. free the placement group, then report "done" with each rank's exit code.
 
 The server reads the reports from ``status.json`` (see ``layout``)."""
@@ -36,6 +37,7 @@ from raybatch.state.states import AttemptOutcome
 
 PLACEMENT_TIMEOUT_S = float(os.environ.get("RAYBATCH_PLACEMENT_TIMEOUT_S", "120"))
 FAILURE_STOP_GRACE_S = 10.0  # when one rank failed, the others get at most this
+EXTERNAL_STOP_GRACE_S = 1.5  # stopped outside raybatch: Ray kills the driver after 3 s
 
 
 class Attempt:
@@ -48,7 +50,9 @@ class Attempt:
         self.n: int = self.info["attempt"]
         self.job_dir = Path(self.info["job_dir"])
         self.status_file = self.info["status_file"]
+        self.control_file = Path(self.status_file).with_name("control.json")
         self.stop = threading.Event()
+        self.stop_reason: Optional[tuple[AttemptOutcome, str]] = None
         self.started = time.monotonic()
         self.pg = None
         self.actors: list[Any] = []
@@ -63,6 +67,22 @@ class Attempt:
 
     def log(self, msg: str) -> None:
         print(f"[raybatch +{time.monotonic() - self.started:.2f}s] {msg}", flush=True)
+
+    def on_signal(self, signum: int, _frame: Any) -> None:
+        if self.stop_reason is None:
+            self.stop_reason = (AttemptOutcome.DRIVER_LOST,
+                                f"the attempt's driver got {signal.Signals(signum).name} from outside raybatch")
+        self.stop.set()
+
+    def check_control(self) -> bool:
+        """Has the server asked this attempt to stop? (``control.json``, written atomically)"""
+        if not self.stop.is_set() and self.control_file.exists():
+            request = layout.read_json(self.control_file) or {}
+            action = request.get("action")
+            if action == "cancel":
+                self.stop_reason = (AttemptOutcome.CANCELLED, "cancelled by user")
+                self.stop.set()
+        return self.stop.is_set()
 
     # ---- steps -------------------------------------------------------------
     def check_inputs(self) -> Optional[str]:
@@ -84,7 +104,7 @@ class Attempt:
         # bundles are placed, instead of after we have seen the placement.
         self.create_actors()
         deadline = time.monotonic() + PLACEMENT_TIMEOUT_S
-        while not self.stop.is_set():
+        while not self.check_control():
             done, _ = ray.wait([ready], timeout=0.2)
             if done:
                 return None
@@ -180,8 +200,13 @@ class Attempt:
                 if code != 0 and outcome is None:
                     outcome = (AttemptOutcome.USER_ERROR, code, f"rank {i} exited with code {code}")
                     grace = min(grace, FAILURE_STOP_GRACE_S)
-            if outcome is None and self.stop.is_set():
-                outcome = (AttemptOutcome.CANCELLED, None, "stopped by the server (SIGTERM)")
+            if outcome is None and self.check_control():
+                kind, why = self.stop_reason or (AttemptOutcome.CANCELLED, "stopped")
+                outcome = (kind, None, why)
+                if kind == AttemptOutcome.DRIVER_LOST:
+                    # `ray job stop` SIGKILLs this driver 3 s after its SIGTERM: be quick, and
+                    # leave the rest to the ranks' watchdogs
+                    grace = min(grace, EXTERNAL_STOP_GRACE_S)
             if outcome is None and time.monotonic() > deadline:
                 outcome = (AttemptOutcome.TIMEOUT, None,
                            f"exceeded max_wall_clock ({self.spec.max_wall_clock:.0f} s)")
@@ -221,11 +246,14 @@ class Attempt:
 
     # ---- main ----------------------------------------------------------------
     def run(self) -> int:
-        signal.signal(signal.SIGTERM, lambda *_: self.stop.set())
-        signal.signal(signal.SIGINT, lambda *_: self.stop.set())
+        signal.signal(signal.SIGTERM, self.on_signal)
+        signal.signal(signal.SIGINT, self.on_signal)
         self.report("placing")
         self.log(f"driver of {self.job_id} attempt {self.n} started")
         ray.init(address="auto", log_to_driver=True, logging_level="WARNING")
+        # ray.init installs its own SIGTERM handler (exit at once): ours must win, so
+        # that a stop still ends every rank and reports.
+        signal.signal(signal.SIGTERM, self.on_signal)
         self.log("connected to Ray")
         outcome: tuple[AttemptOutcome, Optional[int], str]
         try:
@@ -233,8 +261,10 @@ class Attempt:
             if problem:
                 outcome = (AttemptOutcome.START_FAILED, None, problem)
             elif (problem := self.reserve()) is not None:
-                kind = AttemptOutcome.CANCELLED if self.stop.is_set() else AttemptOutcome.PLACEMENT_TIMEOUT
-                outcome = (kind, None, problem)
+                if self.stop.is_set() and self.stop_reason:
+                    outcome = (self.stop_reason[0], None, self.stop_reason[1])
+                else:
+                    outcome = (AttemptOutcome.PLACEMENT_TIMEOUT, None, problem)
             else:
                 table = placement_group_table(self.pg)
                 self.log(f"placement group ready: {table.get('bundles_to_node_id')}")

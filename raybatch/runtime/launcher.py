@@ -7,6 +7,7 @@ Secrets and environment values are never put in the metadata."""
 from __future__ import annotations
 
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -49,18 +50,17 @@ class RayJobLauncher:
             "job_id": job["id"], "attempt": attempt, "spec": spec.model_dump(mode="json"),
             "job_dir": job["job_dir"], "status_file": str(status_file),
         })
-        runtime_env: dict[str, Any] = {
-            # Ray's `job stop` SIGTERMs the driver, then SIGKILLs it after this long: leave
-            # the driver time to give every rank its grace period.
-            "env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": str(int(spec.grace_period) + 30)},
-        }
+        (ctl / "control.json").unlink(missing_ok=True)
+        # No env_vars here: a runtime_env that only sets variables still costs every
+        # rank actor a round trip to the runtime-env agent (~0.7 s measured).
+        runtime_env: dict[str, Any] = {}
         if job.get("code_package"):
             runtime_env["working_dir"] = str(self.code_root / job["code_package"])
         sid = ray_job_id(job["id"], attempt)
         self.client.submit_job(
             entrypoint=f"{sys.executable} -m raybatch.runtime.driver {attempt_file}",
             submission_id=sid,
-            runtime_env=runtime_env,
+            runtime_env=runtime_env or None,
             metadata={
                 "raybatch_job_id": job["id"], "raybatch_job_name": spec.name,
                 "raybatch_experiment": spec.experiment, "raybatch_attempt": str(attempt),
@@ -82,7 +82,13 @@ class RayJobLauncher:
         status = str(info.status.value if hasattr(info.status, "value") else info.status)
         return RayJobState(status, info.status.is_terminal(), info.driver_exit_code, info.message or "")
 
+    def request_stop(self, job_id: str, attempt: int, action: str) -> None:
+        """Ask the attempt's driver to stop its ranks gracefully (it polls this file)."""
+        layout.write_json_atomic(layout.control_dir(self.state_dir, job_id, attempt) / "control.json",
+                                 {"action": action, "at": time.time()})
+
     def stop(self, sid: str) -> None:
+        """Last resort when the driver does not react: Ray SIGTERMs, then SIGKILLs it."""
         try:
             self.client.stop_job(sid)
         except RuntimeError:

@@ -25,6 +25,7 @@ from raybatch.state.states import AttemptOutcome, JobState
 from raybatch.state.store import Store
 
 log = logging.getLogger("raybatch.scheduler")
+STOP_ESCALATION_S = 30.0  # beyond the job's grace period, before `ray job stop`
 
 
 def _spec(job: dict[str, Any]) -> JobSpec:
@@ -41,6 +42,7 @@ class Scheduler:
         self._wake = threading.Event()
         self._stopped = threading.Event()
         self._stop_sent: set[str] = set()
+        self._killed: set[str] = set()
         self.waiting: dict[str, str] = {}  # job id -> why it is still queued
         self.last_cycle_error: Optional[str] = None
 
@@ -78,9 +80,8 @@ class Scheduler:
         sid = attempt["ray_job_id"] if attempt else ray_job_id(job_id, n)
         if attempt is None:  # the server died between the transition and recording the attempt
             self.store.add_attempt(job_id, n, sid)
-        if job["cancel_requested"] and sid not in self._stop_sent:
-            self.launcher.stop(sid)
-            self._stop_sent.add(sid)
+        if job["cancel_requested"]:
+            self._stop(job, sid, "cancel")
         report = self.launcher.report(job_id, n) or {}
         if job["state"] == JobState.STARTING.value and report.get("phase") in ("running", "stopping", "done") \
                 and report.get("ranks"):
@@ -92,10 +93,12 @@ class Scheduler:
                 f"all {len(report['ranks'])} ranks running on {nodes} node(s)",
                 expect=JobState.STARTING, started_at=job["started_at"] or report.get("at"),
             )
-        ray_state = self.launcher.state(sid)
-        if not ray_state.terminal:
+        # "done" is written after every rank's process group is gone and the placement
+        # group is removed, so the attempt can end before Ray marks its job finished.
+        ray_state = None if report.get("phase") == "done" else self.launcher.state(sid)
+        if ray_state is not None and not ray_state.terminal:
             return
-        if report.get("phase") == "done":
+        if ray_state is None:
             outcome = AttemptOutcome(report["outcome"])
             code, message = report.get("exit_code"), report.get("message", "")
             if report.get("ranks"):
@@ -117,7 +120,20 @@ class Scheduler:
             outcome = AttemptOutcome.CANCELLED
             message = "cancelled by user"
         self._stop_sent.discard(sid)
+        self._killed.discard(sid)
         self.end_attempt(job, outcome, code, message)
+
+    def _stop(self, job: dict[str, Any], sid: str, action: str) -> None:
+        """Ask the driver to stop the gang (it gives each rank its grace period); if
+        it has not finished well after that, have Ray stop the driver itself."""
+        if sid not in self._stop_sent:
+            self.launcher.request_stop(job["id"], job["attempt"], action)
+            self._stop_sent.add(sid)
+        grace = _spec(job).grace_period
+        if time.time() - job["cancel_requested"] > grace + STOP_ESCALATION_S and sid not in self._killed:
+            log.warning("%s did not stop within %.0f s: stopping its Ray job", sid, grace + STOP_ESCALATION_S)
+            self.launcher.stop(sid)
+            self._killed.add(sid)
 
     def end_attempt(self, job: dict[str, Any], outcome: AttemptOutcome, code: Optional[int],
                     message: str) -> None:
