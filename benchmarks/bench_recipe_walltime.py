@@ -67,6 +67,7 @@ def main() -> None:
         print(f"  raybatch (2 local nodes)  median {statistics.median(rb):.2f} s  (min {min(rb):.2f}, max {max(rb):.2f})")
         print(f"  torchrun (2 processes)    median {statistics.median(tr):.2f} s  (min {min(tr):.2f}, max {max(tr):.2f})")
         print(f"  ratio raybatch / torchrun: median {statistics.median(ratios):.2f}x  (target <= 1.05x)")
+        print(f"  fixed cost of raybatch (median difference): {statistics.median(a - b for a, b in zip(rb, tr)):.2f} s")
     finally:
         local.down()
 

@@ -173,17 +173,28 @@ class Client:
     def follow_logs(self, job_id: str, *, rank: int = 0, stream: str = "stdout",
                     attempt: Optional[int] = None, follow: bool = True,
                     poll: float = 0.5) -> Iterator[str]:
-        """Yield the log as it grows; with ``follow`` until the job is final."""
+        """Yield the log as it grows. With ``follow`` and no ``attempt``, keep going
+        through retries (a ``--- attempt N ---`` line marks each new one) until the
+        job is final."""
         offset = 0
+        n = attempt
         while True:
-            chunk = self.log_chunk(job_id, rank=rank, stream=stream, attempt=attempt, offset=offset)
+            chunk = self.log_chunk(job_id, rank=rank, stream=stream, attempt=n, offset=offset)
+            n = chunk.attempt
             if chunk.data:
                 yield chunk.data
-            if chunk.next_offset == offset and (chunk.eof or not follow):
+                offset = chunk.next_offset
+                continue
+            if not follow:
                 return
-            if chunk.next_offset == offset:
-                time.sleep(poll)
-            offset = chunk.next_offset
+            if chunk.eof:
+                if attempt is not None or chunk.job_final and chunk.latest_attempt <= n:
+                    return
+                if chunk.latest_attempt > n:
+                    n, offset = n + 1, 0
+                    yield f"--- attempt {n} ---\n"
+                    continue
+            time.sleep(poll)
 
     def wait(self, job_id: str, timeout: Optional[float] = None, poll: float = 0.5,
              on_change: Optional[Callable[[JobDetail], None]] = None) -> JobDetail:

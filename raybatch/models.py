@@ -93,4 +93,6 @@ class LogChunk(BaseModel):
     offset: int
     next_offset: int
     data: str
-    eof: bool = Field(description="True when the job is final and the file is read to its end.")
+    eof: bool = Field(description="True when this attempt's log is read to its end and will not grow.")
+    job_final: bool = Field(False, description="The job is SUCCEEDED, FAILED or CANCELLED.")
+    latest_attempt: int = Field(0, description="The job's latest attempt number.")

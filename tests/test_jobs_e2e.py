@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 import time
 from pathlib import Path
 
@@ -184,7 +185,7 @@ def test_follow_logs_while_running(client):
     assert [f"tick {i}" for i in range(1, 6)] == re.findall(r"tick \d", text)
 
 
-def test_user_retry_resumes_recipe_from_checkpoint(client):
+def test_user_retry_resumes_recipe_from_checkpoint(client, server):
     # attempt 1 is stopped (SIGTERM, the recipe checkpoints and exits 143) once a
     # checkpoint exists; the retry must resume from it.
     cmd = ('if [ "$RAYBATCH_ATTEMPT" = 1 ]; then '
@@ -193,6 +194,11 @@ def test_user_retry_resumes_recipe_from_checkpoint(client):
            'kill -TERM $p; wait $p; else python train.py --epochs 12; fi')
     sub = client.submit(RECIPES / "pytorch-digits-ddp" / "job.yaml",
                         overrides=[f"command={cmd}", "retries.user=1"])
+    followed: list[str] = []
+    follower_client = server.client()  # its own connection: this one runs in a thread
+    follower = threading.Thread(
+        target=lambda: followed.extend(follower_client.follow_logs(sub.id, poll=0.2)), daemon=True)
+    follower.start()
     done = client.wait(sub.id, timeout=200)
     assert done.state == "SUCCEEDED", done.reason
     assert [a.outcome for a in done.attempts] == ["USER_ERROR", "SUCCEEDED"]
@@ -206,6 +212,10 @@ def test_user_retry_resumes_recipe_from_checkpoint(client):
     states = [t.to_state.value for t in done.transitions]
     assert states == ["QUEUED", "STARTING", "RUNNING", "RESTARTING", "QUEUED", "STARTING", "RUNNING",
                       "SUCCEEDED"]
+    # `logs --follow` started with the job goes through both attempts and ends with it
+    follower.join(timeout=30)
+    assert not follower.is_alive()
+    assert "".join(followed) == first + "--- attempt 2 ---\n" + second
 
 
 def test_ray_dashboard_metadata(client, ray_cluster):

@@ -214,10 +214,12 @@ def create_app(ctx: ServerContext, token: str) -> FastAPI:
                 data = f.read(max_bytes)
             size = path.stat().st_size
         next_offset = offset + len(data)
-        final = JobState(job["state"]).is_final
+        state = JobState(job["state"])
+        attempt_over = state.is_final or n < job["attempt"] or (job["attempt"] >= 1 and not state.is_active)
         return LogChunk(attempt=n, rank=rank, stream=stream, path=str(path), offset=offset,
                         next_offset=next_offset, data=data.decode("utf-8", errors="replace"),
-                        eof=final and next_offset >= size)
+                        eof=attempt_over and next_offset >= size, job_final=state.is_final,
+                        latest_attempt=job["attempt"])
 
     return app
 
