@@ -81,6 +81,14 @@ def _call(fn, *args, **kwargs):
         _fail(str(e))
 
 
+def _load(job_file: Path, overrides: List[str]):
+    """The job file, validated; a bad one exits 2 before any server is contacted."""
+    try:
+        return load_job_file(job_file, overrides)
+    except SpecError as e:
+        _fail(str(e), code=2)
+
+
 def _progress_line(job, started: float) -> Text:
     t = Text()
     t.append(f"{job.id} ", style="bold")
@@ -130,10 +138,7 @@ def submit(
     output: Output = OutputOpt,
 ) -> None:
     """Validate a job file and queue it; prints the job id."""
-    try:
-        spec = load_job_file(job_file, set_)
-    except SpecError as e:
-        _fail(str(e), code=2)
+    spec = _load(job_file, set_)
     client = _client(auto_start=True)
     job = _call(client.submit, spec)
     if output == Output.json:
@@ -273,10 +278,7 @@ def validate(
     output: Output = OutputOpt,
 ) -> None:
     """Check a job file without submitting it; print the job as raybatch reads it."""
-    try:
-        spec = load_job_file(job_file, set_)
-    except SpecError as e:
-        _fail(str(e), code=2)
+    spec = _load(job_file, set_)
     if output == Output.json:
         render.print_json(spec)
     else:
