@@ -18,7 +18,8 @@ from raybatch.spec.units import parse_duration, parse_size
 
 TOP_LEVEL_FIELDS = (
     "code, command, environment, experiment, framework, grace_period, inputs, max_wall_clock, "
-    "name, nodes, output_root, outputs, placement, priority, processes_per_node, resources, retries"
+    "name, nodes, output_root, outputs, placement, priority, processes_per_node, resources, retries, "
+    "stall_timeout"
 )
 
 FULL_JOB = """\
@@ -173,7 +174,7 @@ def test_unknown_top_level_field_lists_the_allowed_ones():
 
 @pytest.mark.parametrize("data, expected", [
     ({"resources": {"cpu": 2}}, "resources.cpu: unknown field; allowed: cpus, custom, gpus, memory"),
-    ({"retries": {"infra": 1}}, "retries.infra: unknown field; allowed: infrastructure, user"),
+    ({"retries": {"infra": 1}}, "retries.infra: unknown field; allowed: infrastructure, user, user_exit_codes"),
     ({"placement": {"strat": "pack"}}, "placement.strat: unknown field; allowed: strategy"),
     ({"inputs": {"data": {"path": "/d", "bogus": 1}}},
      "inputs.data.bogus: unknown field; allowed: mode, path"),
@@ -613,3 +614,13 @@ def test_validate_rejects_a_bad_file_with_exit_2(runner, cli_app, tmp_path):
     result = runner.invoke(cli_app, ["validate", str(bad)])
     assert result.exit_code == 2
     assert "framework: unknown framework 'tensorflow'; allowed: custom, pytorch" in flat(result.output)
+
+
+def test_retry_policy_exit_codes_and_stall_timeout():
+    spec = parse_job({"name": "r", "command": "x", "stall_timeout": "5m",
+                      "retries": {"user": 2, "user_exit_codes": [3, 75]}}, check_paths=False)
+    assert spec.stall_timeout == 300.0
+    assert spec.retries.retries_user_error(75) and not spec.retries.retries_user_error(1)
+    assert parse_job({"name": "r", "command": "x"}, check_paths=False).retries.retries_user_error(1)
+    problems = problems_of({"name": "r", "command": "x", "retries": {"user_exit_codes": [0, 300]}})
+    assert problems[0].startswith("retries.user_exit_codes: exit codes must be 1-255")

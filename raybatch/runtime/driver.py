@@ -38,6 +38,8 @@ from raybatch.state.states import AttemptOutcome
 PLACEMENT_TIMEOUT_S = float(os.environ.get("RAYBATCH_PLACEMENT_TIMEOUT_S", "120"))
 FAILURE_STOP_GRACE_S = 10.0  # when one rank failed, the others get at most this
 EXTERNAL_STOP_GRACE_S = 1.5  # stopped outside raybatch: Ray kills the driver after 3 s
+NODE_LOST_GRACE_S = 2.0  # the gang is broken: survivors are usually stuck in a collective
+STALL_CHECK_S = 2.0
 
 
 class Attempt:
@@ -183,6 +185,7 @@ class Attempt:
         deadline = self.started + self.spec.max_wall_clock
         outcome: Optional[tuple[AttemptOutcome, Optional[int], str]] = None
         grace = self.spec.grace_period
+        next_stall_check = time.monotonic() + STALL_CHECK_S
         while waits:
             done, _ = ray.wait(list(waits), num_returns=1, timeout=0.2)
             for ref in done:
@@ -194,7 +197,7 @@ class Attempt:
                     outcome = outcome or (AttemptOutcome.NODE_LOST, None,
                                           f"rank {i} was lost (node {self.ranks[i]['node_id'][:12]}): "
                                           f"{type(e).__name__}")
-                    grace = min(grace, FAILURE_STOP_GRACE_S)
+                    grace = min(grace, NODE_LOST_GRACE_S)
                     continue
                 self.ranks[i]["exit_code"] = code
                 if code != 0 and outcome is None:
@@ -207,6 +210,9 @@ class Attempt:
                     # `ray job stop` SIGKILLs this driver 3 s after its SIGTERM: be quick, and
                     # leave the rest to the ranks' watchdogs
                     grace = min(grace, EXTERNAL_STOP_GRACE_S)
+            if outcome is None and self.spec.stall_timeout and time.monotonic() > next_stall_check:
+                next_stall_check = time.monotonic() + STALL_CHECK_S
+                outcome = self.check_stall(set(waits.values()))
             if outcome is None and time.monotonic() > deadline:
                 outcome = (AttemptOutcome.TIMEOUT, None,
                            f"exceeded max_wall_clock ({self.spec.max_wall_clock:.0f} s)")
@@ -216,6 +222,19 @@ class Attempt:
                 self.terminate_all(grace, only=set(waits.values()))
                 break
         return outcome or (AttemptOutcome.SUCCEEDED, 0, f"all {len(self.actors)} ranks exited 0")
+
+    def check_stall(self, running: set[int]) -> Optional[tuple[AttemptOutcome, Optional[int], str]]:
+        """STALLED when every running rank has been silent for ``stall_timeout``."""
+        refs = [self.actors[i].idle_seconds.remote() for i in sorted(running)]
+        try:
+            idle = ray.get(refs, timeout=10)
+        except (RayError, TimeoutError):
+            return None  # a lost rank is reported by its wait()
+        limit = self.spec.stall_timeout or 0
+        if idle and min(idle) > limit:
+            return (AttemptOutcome.STALLED, None,
+                    f"no rank printed anything for {min(idle):.0f} s (stall_timeout {limit:g} s)")
+        return None
 
     def terminate_all(self, grace: float, only: Optional[set[int]] = None) -> None:
         refs = {}

@@ -37,13 +37,14 @@ def exit_code_of(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
-def _tee(src, path: Path, mirror) -> None:
+def _tee(src, path: Path, mirror, activity: list[float]) -> None:
     with open(path, "ab", buffering=0) as out:
         fd = src.fileno()
         while True:
             chunk = os.read(fd, 65536)
             if not chunk:
                 break
+            activity[0] = time.monotonic()
             out.write(chunk)
             try:
                 mirror.write(chunk)
@@ -62,6 +63,7 @@ class RankActor:
         self.threads: list[threading.Thread] = []
         self.watchdog: Optional[subprocess.Popen] = None
         self._lock = threading.Lock()
+        self._activity = [time.monotonic()]  # when the process last printed anything
 
     def node_info(self) -> dict:
         ctx = ray.get_runtime_context()
@@ -90,10 +92,11 @@ class RankActor:
                 preexec_fn=_die_with_parent,
             )
         pid = self.proc.pid
+        self._activity[0] = time.monotonic()
         for src, name, mirror in ((self.proc.stdout, "stdout", sys.stdout.buffer),
                                   (self.proc.stderr, "stderr", sys.stderr.buffer)):
-            t = threading.Thread(target=_tee, args=(src, Path(log_dir) / f"{name}.txt", mirror),
-                                 daemon=True)
+            t = threading.Thread(target=_tee, args=(src, Path(log_dir) / f"{name}.txt", mirror,
+                                                    self._activity), daemon=True)
             t.start()
             self.threads.append(t)
         # Kills the process group if this actor's process disappears first.
@@ -107,6 +110,10 @@ class RankActor:
             stderr=subprocess.DEVNULL, start_new_session=True,
         )
         return pid
+
+    def idle_seconds(self) -> float:
+        """Seconds since the process last wrote to stdout or stderr (or started)."""
+        return time.monotonic() - self._activity[0]
 
     def wait(self) -> int:
         assert self.proc is not None, "start() first"

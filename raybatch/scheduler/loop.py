@@ -157,15 +157,20 @@ class Scheduler:
                 job_id, JobState.QUEUED,
                 f"requeued: infrastructure retry {used} of {spec.retries.infrastructure}",
             )
-        elif outcome == AttemptOutcome.USER_ERROR and job["user_retries"] < spec.retries.user:
+        elif outcome in (AttemptOutcome.USER_ERROR, AttemptOutcome.STALLED) \
+                and job["user_retries"] < spec.retries.user \
+                and (outcome == AttemptOutcome.STALLED or spec.retries.retries_user_error(code)):
             used = job["user_retries"] + 1
             self.store.transition(job_id, JobState.RESTARTING, reason, user_retries=used)
             self.store.transition(
                 job_id, JobState.QUEUED, f"requeued: user-error retry {used} of {spec.retries.user}"
             )
         else:
-            if outcome.is_infrastructure or outcome == AttemptOutcome.USER_ERROR:
-                reason += " (no retries left)"
+            if outcome.is_infrastructure or outcome in (AttemptOutcome.USER_ERROR, AttemptOutcome.STALLED):
+                if outcome == AttemptOutcome.USER_ERROR and not spec.retries.retries_user_error(code):
+                    reason += f" (exit code {code} is not in retries.user_exit_codes)"
+                else:
+                    reason += " (no retries left)"
             self.store.transition(job_id, JobState.FAILED, reason,
                                   exit_code=code if code is not None else 1)
         self.wake()

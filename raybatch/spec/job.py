@@ -117,7 +117,23 @@ class RetryPolicy(_Strict):
     """Separate budgets for infrastructure failures and user errors (like SkyPilot)."""
 
     infrastructure: int = Field(3, ge=0, description="Retries after node or driver loss.")
-    user: int = Field(0, ge=0, description="Retries after the user's process exits non-zero.")
+    user: int = Field(0, ge=0, description="Retries after the user's process exits non-zero "
+                      "(or stalls).")
+    user_exit_codes: Optional[list[int]] = Field(
+        None, description="Retry user errors only for these exit codes (default: any non-zero)."
+    )
+
+    @field_validator("user_exit_codes")
+    @classmethod
+    def _codes(cls, v: Optional[list[int]]) -> Optional[list[int]]:
+        if v is not None:
+            bad = [c for c in v if not 1 <= c <= 255]
+            if bad:
+                raise ValueError(f"exit codes must be 1-255 (got {bad})")
+        return v
+
+    def retries_user_error(self, exit_code: Optional[int]) -> bool:
+        return self.user_exit_codes is None or exit_code in self.user_exit_codes
 
 
 class Placement(_Strict):
@@ -157,6 +173,10 @@ class JobSpec(_Strict):
     max_wall_clock: float = Field(
         DEFAULT_MAX_WALL_CLOCK, description=f"Maximum wall-clock time of an attempt ({DURATION_HELP})."
     )
+    stall_timeout: Optional[float] = Field(
+        None, description="Fail an attempt (STALLED) when no rank prints anything for this long "
+        f"({DURATION_HELP}); default: no stall detection.",
+    )
     grace_period: float = Field(
         30.0, validate_default=True, description=f"Time between SIGTERM and SIGKILL on cancel ({DURATION_HELP})."
     )
@@ -185,10 +205,10 @@ class JobSpec(_Strict):
             return v.lower()
         raise ValueError(f"unknown priority; {allowed}")
 
-    @field_validator("max_wall_clock", "grace_period", mode="before")
+    @field_validator("max_wall_clock", "grace_period", "stall_timeout", mode="before")
     @classmethod
-    def _duration(cls, v: Any) -> float:
-        return parse_duration(v)
+    def _duration(cls, v: Any) -> Optional[float]:
+        return None if v is None else parse_duration(v)
 
     @field_validator("framework")
     @classmethod

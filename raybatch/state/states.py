@@ -82,6 +82,7 @@ class AttemptOutcome(str, enum.Enum):
     DRIVER_LOST = "DRIVER_LOST"  # the attempt's Ray Job died without reporting
     START_FAILED = "START_FAILED"  # inputs missing, placement impossible, ...
     TIMEOUT = "TIMEOUT"          # max_wall_clock exceeded
+    STALLED = "STALLED"          # no rank printed anything for stall_timeout
     CANCELLED = "CANCELLED"      # a user cancelled the job
     PREEMPTED = "PREEMPTED"      # room was made for a higher-priority job
     PLACEMENT_TIMEOUT = "PLACEMENT_TIMEOUT"  # the gang's placement group never placed

@@ -1,0 +1,136 @@
+"""Fault tolerance on a real 3-node Ray cluster: a node killed mid-training, a
+killed driver, a server killed with SIGKILL while jobs run or finish, retry
+budgets, stall detection. Nothing is lost and nothing runs twice."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import RECIPES, RayTestCluster, ServerProcess, wait_for
+from tests.test_jobs_e2e import _gone
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    c = RayTestCluster(nodes=3)
+    yield c
+    c.shutdown()
+
+
+def _rank_pids(detail, attempt=-1):
+    return [r.pid for r in detail.attempts[attempt].ranks]
+
+
+def test_node_killed_mid_training_resumes_from_checkpoint(client, ray_cluster):
+    sub = client.submit(RECIPES / "pytorch-digits-ddp" / "job.yaml",
+                        overrides=["command=python train.py --epochs 30 --sleep-per-epoch 0.3"])
+    wait_for(lambda: re.search(r"epoch [3-9]/30", client.logs(sub.id)), 120, "epoch 3")
+    first = client.get(sub.id)
+    assert first.state == "RUNNING"
+    rank_nodes = {r.node_id for r in first.attempts[0].ranks}
+    victim = next(n for n in ray_cluster.cluster.worker_nodes if n.node_id in rank_nodes)
+    old_pids = _rank_pids(first)
+    ray_cluster.cluster.remove_node(victim)
+    try:
+        done = client.wait(sub.id, timeout=180)
+        assert done.state == "SUCCEEDED", done.reason
+        assert [a.outcome for a in done.attempts] == ["NODE_LOST", "SUCCEEDED"]
+        assert "was lost" in done.attempts[0].reason
+        # attempt 2 ran on healthy nodes only
+        assert victim.node_id not in {r.node_id for r in done.attempts[1].ranks}
+        assert len({r.node_id for r in done.attempts[1].ranks}) == 2
+        second_log = client.logs(sub.id, attempt=2)
+        resumed = int(re.search(r"resumed from checkpoint at epoch (\d+)", second_log).group(1))
+        assert resumed > 0
+        assert float(re.search(r"test accuracy: ([0-9.]+)", second_log).group(1)) > 0.9
+        # both attempts' logs are kept, per rank
+        for attempt in (1, 2):
+            for rank in (0, 1):
+                assert Path(done.job_dir, "stdouterr", f"attempt-{attempt}", f"rank-{rank}", "stdout.txt").exists()
+        assert "epoch 3/30" in client.logs(sub.id, attempt=1)
+        metrics = json.loads((Path(done.outputs["model"]) / "metrics.json").read_text())
+        assert metrics["resumed_from_epoch"] == resumed
+        wait_for(lambda: all(_gone(p) for p in old_pids), 15, "attempt 1's processes to exit")
+        states = [t.to_state.value for t in done.transitions]
+        assert states == ["QUEUED", "STARTING", "RUNNING", "RESTARTING", "QUEUED", "STARTING", "RUNNING",
+                          "SUCCEEDED"]
+    finally:
+        ray_cluster.add_node(1)
+
+
+def test_killed_driver_is_retried_on_the_infrastructure_budget(client, server):
+    sub = client.submit({"name": "driver-dies", "nodes": 2, "resources": {"cpus": 1},
+                         "command": 'echo "attempt $RAYBATCH_ATTEMPT"; sleep 4'})
+    wait_for(lambda: client.get(sub.id).state.value == "RUNNING", 60, "RUNNING")
+    status = json.loads((server.state_dir / "attempts" / sub.id / "1" / "status.json").read_text())
+    pids = _rank_pids(client.get(sub.id))
+    os.kill(status["pid"], signal.SIGKILL)
+    done = client.wait(sub.id, timeout=120)
+    assert done.state == "SUCCEEDED"
+    assert [a.outcome for a in done.attempts] == ["DRIVER_LOST", "SUCCEEDED"]
+    assert all(_gone(p) for p in pids)
+    assert "attempt 2" in client.logs(sub.id)
+
+
+def test_server_killed_while_jobs_run_completes_each_exactly_once(ray_cluster, tmp_path):
+    marks = tmp_path / "marks"
+    (tmp_path / "state").mkdir()
+    srv = ServerProcess(ray_cluster, tmp_path / "state").start()
+    c = srv.client()
+    cmd = 'echo "$RAYBATCH_ATTEMPT $RANK" >> "$RAYBATCH_OUTPUT_MARKS/$RAYBATCH_JOB_NAME"; sleep {s}; echo finished'
+    short = c.submit({"name": "short", "command": cmd.format(s=2), "outputs": {"marks": str(marks)}})
+    long = c.submit({"name": "long", "command": cmd.format(s=12), "outputs": {"marks": str(marks)}})
+    wait_for(lambda: all(c.get(j.id).state.value == "RUNNING" for j in (short, long)), 60, "both RUNNING")
+    srv.kill(signal.SIGKILL)
+    time.sleep(5)  # 'short' finishes while no server is running
+    restarted = ServerProcess(ray_cluster, tmp_path / "state").start()
+    try:
+        c2 = restarted.client()
+        assert c2.get(long.id).state.value == "RUNNING"  # re-adopted, not started again
+        for j in (short, long):
+            done = c2.wait(j.id, timeout=90)
+            assert done.state == "SUCCEEDED", done.reason
+            assert len(done.attempts) == 1
+            assert c2.logs(j.id).strip() == "finished"
+            assert (marks / j.name).read_text().splitlines() == ["1 0"]
+    finally:
+        restarted.stop()
+
+
+def test_user_error_retries_then_fails_with_history(client):
+    sub = client.submit({"name": "flaky", "command": "echo try $RAYBATCH_ATTEMPT; exit 3",
+                         "retries": {"user": 2}})
+    done = client.wait(sub.id, timeout=120)
+    assert done.state == "FAILED" and done.exit_code == 3
+    assert [a.outcome for a in done.attempts] == ["USER_ERROR"] * 3
+    assert "no retries left" in done.reason
+    reasons = [t.reason for t in done.transitions]
+    assert any("user-error retry 1 of 2" in r for r in reasons)
+    assert any("user-error retry 2 of 2" in r for r in reasons)
+    assert [client.logs(sub.id, attempt=n).strip() for n in (1, 2, 3)] == ["try 1", "try 2", "try 3"]
+
+
+def test_user_retries_limited_to_listed_exit_codes(client):
+    sub = client.submit({"name": "not-retried", "command": "exit 4",
+                         "retries": {"user": 3, "user_exit_codes": [75]}})
+    done = client.wait(sub.id, timeout=60)
+    assert done.state == "FAILED" and len(done.attempts) == 1
+    assert "exit code 4 is not in retries.user_exit_codes" in done.reason
+
+
+def test_stalled_job_fails_with_reason_stalled(client):
+    sub = client.submit({"name": "stalls", "command": "echo working; sleep 120", "stall_timeout": "3s",
+                         "grace_period": "1s"})
+    done = client.wait(sub.id, timeout=60)
+    assert done.state == "FAILED"
+    assert done.attempts[-1].outcome == "STALLED"
+    assert "stall_timeout" in done.reason
