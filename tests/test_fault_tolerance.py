@@ -134,3 +134,19 @@ def test_stalled_job_fails_with_reason_stalled(client):
     assert done.state == "FAILED"
     assert done.attempts[-1].outcome == "STALLED"
     assert "stall_timeout" in done.reason
+
+
+def test_lost_rank_retry_avoids_its_node(client):
+    sub = client.submit({"name": "rank-lost", "nodes": 2, "resources": {"cpus": 1},
+                         "command": 'echo "on $RAYBATCH_NODE_RANK"; sleep 5'})
+    wait_for(lambda: client.get(sub.id).state.value == "RUNNING", 60, "RUNNING")
+    rank1 = client.get(sub.id).attempts[0].ranks[1]
+    with open(f"/proc/{rank1.pid}/stat") as f:
+        actor_pid = int(f.read().split(")")[-1].split()[1])  # the rank actor's worker process
+    os.kill(actor_pid, signal.SIGKILL)  # the node stays up; only the rank is lost
+    done = client.wait(sub.id, timeout=120)
+    assert done.state == "SUCCEEDED", done.reason
+    first, second = done.attempts
+    assert first.outcome == "NODE_LOST" and first.lost_nodes == [rank1.node_id]
+    assert rank1.node_id not in {r.node_id for r in second.ranks}
+    assert _gone(rank1.pid)

@@ -55,6 +55,7 @@ class Attempt:
         self.control_file = Path(self.status_file).with_name("control.json")
         self.stop = threading.Event()
         self.stop_reason: Optional[tuple[AttemptOutcome, str]] = None
+        self.lost_nodes: set[str] = set()
         self.started = time.monotonic()
         self.pg = None
         self.actors: list[Any] = []
@@ -97,9 +98,14 @@ class Attempt:
         spec = self.spec
         bundle = spec.resources.as_ray_bundle()
         strategy = "STRICT_SPREAD" if spec.placement.strategy == "spread" else "PACK"
+        avoid = self.info.get("avoid_nodes") or []
+        selector = None
+        if avoid:  # nodes where an earlier attempt lost a rank
+            selector = [{"ray.io/node-id": f"!in({','.join(avoid)})"} for _ in range(spec.nodes)]
+            self.log(f"avoiding {len(avoid)} node(s) where an earlier attempt lost a rank")
         self.pg = placement_group(
             [dict(bundle) for _ in range(spec.nodes)], strategy=strategy,
-            name=f"raybatch-{self.job_id}-{self.n}",
+            name=f"raybatch-{self.job_id}-{self.n}", bundle_label_selector=selector,
         )
         ready = self.pg.ready()
         # Rank actors are created now: their worker processes start the moment the
@@ -194,6 +200,7 @@ class Attempt:
                     code = ray.get(ref)
                 except RayActorError as e:
                     self.ranks[i]["exit_code"] = None
+                    self.lost_nodes.add(self.ranks[i]["node_id"])
                     outcome = outcome or (AttemptOutcome.NODE_LOST, None,
                                           f"rank {i} was lost (node {self.ranks[i]['node_id'][:12]}): "
                                           f"{type(e).__name__}")
@@ -299,7 +306,8 @@ class Attempt:
             self.cleanup()
         kind, code, message = outcome
         self.log(f"attempt {self.n} ended: {kind.value}: {message}")
-        self.report("done", outcome=kind.value, exit_code=code, message=message)
+        self.report("done", outcome=kind.value, exit_code=code, message=message,
+                    lost_nodes=sorted(self.lost_nodes))
         return 0 if kind == AttemptOutcome.SUCCEEDED else 1
 
 

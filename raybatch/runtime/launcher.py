@@ -10,7 +10,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 from raybatch.runtime import layout
 from raybatch.spec.job import JobSpec
@@ -40,7 +40,8 @@ class RayJobLauncher:
         self.code_root = Path(code_root)
         self.client = JobSubmissionClient(dashboard_url)
 
-    def submit(self, job: dict[str, Any], attempt: int) -> str:
+    def submit(self, job: dict[str, Any], attempt: int, avoid_nodes: Iterable[str] = ()) -> str:
+        """Submit the attempt's Ray Job; its gang will not be placed on ``avoid_nodes``."""
         spec = JobSpec.model_validate_json(job["spec"])
         ctl = layout.control_dir(self.state_dir, job["id"], attempt)
         attempt_file = ctl / "attempt.json"
@@ -49,6 +50,7 @@ class RayJobLauncher:
         layout.write_json_atomic(attempt_file, {
             "job_id": job["id"], "attempt": attempt, "spec": spec.model_dump(mode="json"),
             "job_dir": job["job_dir"], "status_file": str(status_file),
+            "avoid_nodes": sorted(avoid_nodes),
         })
         (ctl / "control.json").unlink(missing_ok=True)
         # No env_vars here: a runtime_env that only sets variables still costs every

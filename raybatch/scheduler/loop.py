@@ -103,6 +103,8 @@ class Scheduler:
             code, message = report.get("exit_code"), report.get("message", "")
             if report.get("ranks"):
                 self.store.set_ranks(job_id, n, report["ranks"])
+            if report.get("lost_nodes"):
+                self.store.update_attempt(job_id, n, lost_nodes=report["lost_nodes"])
         elif ray_state.status == "MISSING" and not report:
             # the server died before the Ray job was submitted: nothing ran, nothing is charged
             self.store.update_attempt(job_id, n, ended_at=time.time(),
@@ -206,16 +208,24 @@ class Scheduler:
                 continue
             spec = _spec(job)
             bundle = spec.resources.as_ray_bundle()
-            placed = fit.gang_fit(nodes, bundle, spec.nodes, spec.placement.strategy)
+            # keep away from nodes where this job lost a rank, when the gang fits elsewhere
+            avoid = self.store.lost_nodes(job["id"]) if job["attempt"] else set()
+            placed = None
+            if avoid:
+                placed = fit.gang_fit([n for n in nodes if n.node_id not in avoid], bundle, spec.nodes,
+                                      spec.placement.strategy)
+            if placed is None:
+                avoid = set()
+                placed = fit.gang_fit(nodes, bundle, spec.nodes, spec.placement.strategy)
             if placed is None:
                 waiting[job["id"]] = fit.why_not(nodes, bundle, spec.nodes, spec.placement.strategy)
                 blocked_by = job["id"]
                 continue
             fit.reserve(nodes, placed, bundle)
-            self._start(job)
+            self._start(job, avoid)
         self.waiting = waiting
 
-    def _start(self, job: dict[str, Any]) -> None:
+    def _start(self, job: dict[str, Any], avoid_nodes: set[str]) -> None:
         n = job["attempt"] + 1
         job = self.store.transition(job["id"], JobState.STARTING,
                                     f"gang of {_spec(job).nodes} node(s) fits; starting attempt {n}",
@@ -223,7 +233,7 @@ class Scheduler:
         sid = ray_job_id(job["id"], n)
         self.store.add_attempt(job["id"], n, sid)  # intent first: a crash here is reconciled
         try:
-            self.launcher.submit(job, n)
+            self.launcher.submit(job, n, avoid_nodes)
         except Exception as e:  # noqa: BLE001 - the Ray dashboard may be down
             log.warning("submitting %s attempt %d failed: %s", job["id"], n, e)
             message = f"could not submit the Ray job: {type(e).__name__}: {e}"

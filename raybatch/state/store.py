@@ -59,6 +59,7 @@ CREATE TABLE IF NOT EXISTS attempts (
     outcome     TEXT,
     exit_code   INTEGER,
     reason      TEXT,
+    lost_nodes  TEXT,            -- JSON list of node ids where a rank was lost
     PRIMARY KEY (job_id, n)
 );
 CREATE TABLE IF NOT EXISTS ranks (
@@ -235,7 +236,9 @@ class Store:
             )
 
     def update_attempt(self, job_id: str, n: int, **fields: Any) -> None:
-        allowed = {"running_at", "ended_at", "outcome", "exit_code", "reason"}
+        allowed = {"running_at", "ended_at", "outcome", "exit_code", "reason", "lost_nodes"}
+        if "lost_nodes" in fields:
+            fields["lost_nodes"] = json.dumps(sorted(fields["lost_nodes"] or []))
         if set(fields) - allowed:
             raise ValueError(f"not attempt fields: {sorted(set(fields) - allowed)}")
         sets = ", ".join(f"{k}=?" for k in fields)
@@ -244,6 +247,14 @@ class Store:
 
     def attempts(self, job_id: str) -> list[dict[str, Any]]:
         return self._all("SELECT * FROM attempts WHERE job_id=? ORDER BY n", (job_id,))
+
+    def lost_nodes(self, job_id: str) -> set[str]:
+        """Nodes on which any attempt of this job lost a rank."""
+        nodes: set[str] = set()
+        for row in self._all("SELECT lost_nodes FROM attempts WHERE job_id=? AND lost_nodes IS NOT NULL",
+                             (job_id,)):
+            nodes.update(json.loads(row["lost_nodes"]))
+        return nodes
 
     def get_attempt(self, job_id: str, n: int) -> Optional[dict[str, Any]]:
         return self._one("SELECT * FROM attempts WHERE job_id=? AND n=?", (job_id, n))

@@ -1,0 +1,133 @@
+"""Benchmark (issue 4): recovery from a lost node.
+
+A 3-node local Ray cluster (ray.cluster_utils: each node its own raylet) and a
+raybatch server. The PyTorch recipe runs on 2 nodes, checkpointing every epoch;
+once a few epochs are done, one node holding a rank is removed (its raylet and
+every process on it die). Printed per run and as medians:
+
+- detection: node removed -> attempt 1 ended (NODE_LOST);
+- recovery: node removed -> every rank of attempt 2 running again, on the
+  remaining nodes (no new machine to provision: the spare node is already up);
+- work lost: node removed -> the last checkpoint before it (the checkpoint file's
+  mtime), next to the checkpoint interval (one epoch) it should not exceed.
+
+    python benchmarks/bench_node_loss_recovery.py [--runs 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import httpx  # noqa: E402
+
+from raybatch import Client  # noqa: E402
+from raybatch.config import API_PREFIX, ray_client_env  # noqa: E402
+
+RECIPE = ROOT / "recipes" / "pytorch-digits-ddp"
+EPOCH_SLEEP = 1.0  # seconds added to each epoch, so the checkpoint interval is well defined
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait(check, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = check()
+        if v:
+            return v
+        time.sleep(0.05)
+    raise TimeoutError(what)
+
+
+def one_run(client: Client, cluster, rng: random.Random) -> dict[str, float]:
+    job = client.submit(RECIPE / "job.yaml", overrides=[
+        f"command=python train.py --epochs 20 --sleep-per-epoch {EPOCH_SLEEP}"])
+    wait(lambda: re.search(r"epoch [4-9]/20", client.logs(job.id)), 180, "epoch 4")
+    detail = client.get(job.id)
+    ckpt = Path(detail.checkpoint_dir) / "checkpoint.pt"
+    nodes = {r.node_id for r in detail.attempts[0].ranks}
+    victim = next(n for n in cluster.worker_nodes if n.node_id in nodes)
+    wait(lambda: ckpt.exists(), 30, "a checkpoint")
+    time.sleep(rng.uniform(0, EPOCH_SLEEP))  # a node dies at any moment of an epoch
+    t_kill = time.time()
+    last_ckpt = ckpt.stat().st_mtime
+    cluster.remove_node(victim)
+    d = wait(lambda: (lambda j: j if len(j.attempts) == 2 and j.attempts[1].running_at else None)(
+        client.get(job.id)), 120, "attempt 2 running")
+    done = client.wait(job.id, timeout=180)
+    assert done.state == "SUCCEEDED", done.reason
+    cluster.add_node(num_cpus=1, object_store_memory=100 * 2**20)  # spare for the next run
+    return {
+        "detection": d.attempts[0].ended_at - t_kill,
+        "recovery": d.attempts[1].running_at - t_kill,
+        "work_lost": t_kill - last_ckpt,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=3)
+    args = ap.parse_args()
+    ray_client_env()
+    from ray.cluster_utils import Cluster
+
+    dash = free_port()
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 1, "include_dashboard": True, "dashboard_port": dash, "dashboard_host": "127.0.0.1",
+        "object_store_memory": 100 * 2**20})
+    for _ in range(2):
+        cluster.add_node(num_cpus=1, object_store_memory=100 * 2**20)
+    cluster.wait_for_nodes()
+    state = Path(tempfile.mkdtemp(prefix="raybatch-bench-"))
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "raybatch.server", "--state-dir", str(state), "--ray-address", cluster.address,
+         "--dashboard-url", f"http://127.0.0.1:{dash}", "--port", str(port)],
+        stdout=open(state / "server.log", "wb"), stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait(lambda: _healthy(url), 60, "server")
+        client = Client(url, (state / "token").read_text().strip())
+        rng = random.Random(7)
+        results = [one_run(client, cluster, rng) for _ in range(args.runs)]
+        interval = EPOCH_SLEEP  # plus ~0.1 s of training per epoch
+        print(f"node loss during the PyTorch recipe (2 of 3 local nodes), {args.runs} runs")
+        for key, label in (("detection", "node removed -> attempt ended (NODE_LOST)"),
+                           ("recovery", "node removed -> all ranks running again"),
+                           ("work_lost", "work lost (since the last checkpoint)")):
+            vals = [r[key] for r in results]
+            print(f"  {label:42s} median {statistics.median(vals):5.2f} s  "
+                  f"(min {min(vals):.2f}, max {max(vals):.2f})")
+        print(f"  recovery target <= 10 s; work lost target <= one checkpoint interval "
+              f"(~{interval + 0.1:.1f} s here)")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        cluster.shutdown()
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(url + API_PREFIX + "/health", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+if __name__ == "__main__":
+    main()
