@@ -87,6 +87,8 @@ def show_job(j: JobDetail) -> None:
         c.print()
         c.print(f"[bold]Attempt {a.n}[/]  ray job {a.ray_job_id}  {a.outcome or 'in progress'}"
                 f"  {ts(a.started_at)} -> {ts(a.ended_at)}" + (f"  ({a.reason})" if a.reason else ""))
+        if a.lost_nodes:
+            c.print(f"  lost rank(s) on node(s): {', '.join(n[:12] for n in a.lost_nodes)}")
         if a.ranks:
             t = Table(box=None, header_style="bold", padding=(0, 1))
             for col in ("RANK", "NODE RANK", "LOCAL", "NODE ID", "IP", "HOST", "PID", "EXIT", "STDOUT"):
