@@ -45,6 +45,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def add_node(cluster):
+    return cluster.add_node(num_cpus=1, object_store_memory=100 * 2**20,
+                            dashboard_agent_listen_port=free_port())
+
+
 def wait(check, timeout: float, what: str):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -72,7 +77,7 @@ def one_run(client: Client, cluster, rng: random.Random) -> dict[str, float]:
         client.get(job.id)), 120, "attempt 2 running")
     done = client.wait(job.id, timeout=180)
     assert done.state == "SUCCEEDED", done.reason
-    cluster.add_node(num_cpus=1, object_store_memory=100 * 2**20)  # spare for the next run
+    add_node(cluster)  # spare for the next run
     return {
         "detection": d.attempts[0].ended_at - t_kill,
         "recovery": d.attempts[1].running_at - t_kill,
@@ -90,9 +95,9 @@ def main() -> None:
     dash = free_port()
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 1, "include_dashboard": True, "dashboard_port": dash, "dashboard_host": "127.0.0.1",
-        "object_store_memory": 100 * 2**20})
+        "object_store_memory": 100 * 2**20, "dashboard_agent_listen_port": free_port()})
     for _ in range(2):
-        cluster.add_node(num_cpus=1, object_store_memory=100 * 2**20)
+        add_node(cluster)
     cluster.wait_for_nodes()
     state = Path(tempfile.mkdtemp(prefix="raybatch-bench-"))
     port = free_port()

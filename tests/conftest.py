@@ -50,6 +50,9 @@ class RayTestCluster:
             head_node_args={
                 "num_cpus": cpus, "include_dashboard": True, "dashboard_port": self.dashboard_port,
                 "dashboard_host": "127.0.0.1", "object_store_memory": 100 * 2**20,
+                # free ports, not Ray's fixed defaults: another Ray cluster on this machine
+                # (a developer's `raybatch up`) must not take the job agent's port
+                "dashboard_agent_listen_port": free_port(), "ray_client_server_port": free_port(),
             },
         )
         self.workers = [self.add_node(cpus) for _ in range(nodes - 1)]
@@ -61,7 +64,8 @@ class RayTestCluster:
         return self.cluster.address
 
     def add_node(self, cpus: float = 1, **kw):
-        return self.cluster.add_node(num_cpus=cpus, object_store_memory=100 * 2**20, **kw)
+        return self.cluster.add_node(num_cpus=cpus, object_store_memory=100 * 2**20,
+                                     dashboard_agent_listen_port=free_port(), **kw)
 
     def shutdown(self) -> None:
         self.cluster.shutdown()

@@ -262,3 +262,14 @@ def test_ray_job_stopped_outside_raybatch_is_an_infrastructure_failure(client, r
     done = client.wait(sub.id, timeout=60)
     assert done.state == "CANCELLED"
     assert "infrastructure retry 1 of 1" in " ".join(t.reason for t in done.transitions)
+
+
+def test_job_temp_is_removed_after_the_attempt(client):
+    sub = job(client, name="scratch", nodes=2,
+              command='echo data > "$RAYBATCH_JOB_TEMP/scratch.txt"; echo "$RAYBATCH_JOB_TEMP"; pwd')
+    done = client.wait(sub.id, timeout=60)
+    assert done.state == "SUCCEEDED", done.reason
+    temp, cwd = client.logs(sub.id).split()
+    assert cwd == temp  # a job without code runs in its scratch directory
+    assert temp.endswith(f"raybatch-jobs/{sub.id}/node-0")
+    assert not Path(temp).parent.exists()

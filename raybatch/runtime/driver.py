@@ -56,6 +56,7 @@ class Attempt:
         self.stop = threading.Event()
         self.stop_reason: Optional[tuple[AttemptOutcome, str]] = None
         self.lost_nodes: set[str] = set()
+        self.job_temps: list[str] = []  # per rank, removed when the attempt ends
         self.started = time.monotonic()
         self.pg = None
         self.actors: list[Any] = []
@@ -163,7 +164,7 @@ class Attempt:
         for rank, (actor, info) in enumerate(zip(self.actors, infos)):
             node_rank, local_rank = divmod(rank, P)
             log_dir = str(layout.stdouterr_dir(self.job_dir, self.n, rank))
-            job_temp = str(Path(tempfile.gettempdir()) / "raybatch" / self.job_id / f"node-{node_rank}")
+            job_temp = str(Path(tempfile.gettempdir()) / "raybatch-jobs" / self.job_id / f"node-{node_rank}")
             ctx = RankContext(
                 job_id=self.job_id, attempt=self.n, rank=rank, local_rank=local_rank,
                 node_rank=node_rank, num_nodes=spec.nodes, processes_per_node=P,
@@ -172,6 +173,7 @@ class Attempt:
                 job_temp=job_temp, shared_job_temp=shared, inputs=inputs, outputs=outputs,
                 gpus=per_rank.get("GPU", 0.0),
             )
+            self.job_temps.append(job_temp)
             cwd = info["cwd"] if spec.code else job_temp
             starts.append(actor.start.remote(
                 framework.command(spec, ctx), framework.rank_env(spec, ctx), cwd, log_dir,
@@ -259,6 +261,13 @@ class Attempt:
     def cleanup(self) -> None:
         if self.actors:
             self.terminate_all(0)  # reap stragglers left in the ranks' process groups
+            # each node's scratch space of this job: /tmp/raybatch-jobs/<job id>
+            refs = [a.remove_dir.remote(str(Path(d).parent)) for a, d in zip(self.actors, self.job_temps)]
+            for ref in refs:
+                try:
+                    ray.get(ref, timeout=30)
+                except (RayError, TimeoutError):
+                    pass  # a lost rank's node
         for a in self.actors:
             try:
                 ray.kill(a)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -121,6 +122,10 @@ class RankActor:
         for t in self.threads:
             t.join(timeout=5)
         return exit_code_of(code)
+
+    def remove_dir(self, path: str) -> None:
+        """Remove a per-attempt scratch directory on this node (AZ_BATCHAI_JOB_TEMP)."""
+        shutil.rmtree(path, ignore_errors=True)
 
     def terminate(self, grace: float) -> Optional[int]:
         """SIGTERM the whole process group, wait ``grace`` seconds, then SIGKILL."""
