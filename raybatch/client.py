@@ -27,7 +27,7 @@ import httpx
 from raybatch import config
 from raybatch.models import JobDetail, JobSummary, LogChunk, SubmitRequest
 from raybatch.spec.job import JobSpec
-from raybatch.spec.loader import load_job_file, parse_job
+from raybatch.spec.loader import apply_overrides, load_job_file, parse_job
 from raybatch.state.states import JobState
 
 _SKIP_DIRS = {".git", "__pycache__", ".venv", "node_modules", ".mypy_cache", ".pytest_cache"}
@@ -123,10 +123,10 @@ class Client:
         ``key=value`` strings like the CLI's ``--set``."""
         if isinstance(job, (str, Path)):
             spec = load_job_file(job, overrides)
-        elif isinstance(job, dict):
-            spec = parse_job(job, base_dir=Path.cwd())
         else:
-            spec = job
+            data = job.model_dump(mode="json") if isinstance(job, JobSpec) else dict(job)
+            spec = parse_job(apply_overrides(data, overrides, "<job>"), base_dir=Path.cwd(),
+                             source="<job>")
         sha = None
         if spec.code:
             sha, data = package_code(spec.code)

@@ -43,6 +43,8 @@ class Scheduler:
         self._stopped = threading.Event()
         self._stop_sent: set[str] = set()
         self._killed: set[str] = set()
+        self._submit_failures = 0       # consecutive Ray Job submissions that failed
+        self._submit_retry_at = 0.0     # no admission before this (monotonic) time
         self.waiting: dict[str, str] = {}  # job id -> why it is still queued
         self.last_cycle_error: Optional[str] = None
 
@@ -198,6 +200,11 @@ class Scheduler:
         if not queued:
             self.waiting.clear()
             return
+        if time.monotonic() < self._submit_retry_at:  # the last Ray Job submission failed
+            wait_s = self._submit_retry_at - time.monotonic()
+            self.waiting = {j["id"]: f"Ray Job submission failed {self._submit_failures} time(s) in a row; "
+                                     f"retrying in {wait_s:.0f} s" for j in queued}
+            return
         nodes = self.cluster.snapshot()
         self._pending_demand(nodes)
         waiting: dict[str, str] = {}
@@ -222,10 +229,13 @@ class Scheduler:
                 blocked_by = job["id"]
                 continue
             fit.reserve(nodes, placed, bundle)
-            self._start(job, avoid)
+            if not self._start(job, avoid):
+                break
         self.waiting = waiting
 
-    def _start(self, job: dict[str, Any], avoid_nodes: set[str]) -> None:
+    def _start(self, job: dict[str, Any], avoid_nodes: set[str]) -> bool:
+        """Admit ``job``: record the attempt, then submit its Ray Job. False if the
+        submission failed (the job is back in the queue, no retry budget charged)."""
         n = job["attempt"] + 1
         job = self.store.transition(job["id"], JobState.STARTING,
                                     f"gang of {_spec(job).nodes} node(s) fits; starting attempt {n}",
@@ -241,3 +251,8 @@ class Scheduler:
                                       outcome=AttemptOutcome.START_FAILED.value, reason=message)
             self.store.transition(job["id"], JobState.RESTARTING, message)
             self.store.transition(job["id"], JobState.QUEUED, "requeued")
+            self._submit_failures += 1
+            self._submit_retry_at = time.monotonic() + min(60.0, 2.0 ** self._submit_failures)
+            return False
+        self._submit_failures = 0
+        return True
