@@ -8,12 +8,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import RECIPES, ServerProcess, wait_for
+from tests.conftest import RECIPES, ServerProcess
 
 pytestmark = pytest.mark.timeout(240)
 RAYBATCH = str(Path(sys.executable).with_name("raybatch"))

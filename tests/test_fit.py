@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 
-import pytest
 
 from raybatch.scheduler.fit import NodeView, could_ever_fit, fits, gang_fit, reserve, why_not
 

@@ -85,7 +85,8 @@ def test_queue_orders_by_priority_then_submission(store):
 
 
 def test_queue_holds_only_queued_jobs(store):
-    a, b, c = new(store, "a"), new(store, "b"), new(store, "c")
+    new(store, "a")
+    b, c = new(store, "b"), new(store, "c")
     walk(store, b["id"], S)
     walk(store, c["id"], CXL)
     assert [j["name"] for j in store.queued_jobs()] == ["a"]
