@@ -20,20 +20,17 @@ import argparse
 import random
 import re
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import httpx
+from common import ROOT, figure
 
-import httpx  # noqa: E402
-
-from raybatch import Client  # noqa: E402
-from raybatch.config import API_PREFIX, ray_client_env  # noqa: E402
+from raybatch import Client
+from raybatch.config import API_PREFIX, ray_client_env
 
 RECIPE = ROOT / "recipes" / "pytorch-digits-ddp"
 EPOCH_SLEEP = 1.0  # seconds added to each epoch, so the checkpoint interval is well defined
@@ -116,9 +113,7 @@ def main() -> None:
         for key, label in (("detection", "node removed -> attempt ended (NODE_LOST)"),
                            ("recovery", "node removed -> all ranks running again"),
                            ("work_lost", "work lost (since the last checkpoint)")):
-            vals = [r[key] for r in results]
-            print(f"  {label:42s} median {statistics.median(vals):5.2f} s  "
-                  f"(min {min(vals):.2f}, max {max(vals):.2f})")
+            print(figure(label, [r[key] for r in results], width=42))
         print(f"  recovery target <= 10 s; work lost target <= one checkpoint interval "
               f"(~{interval + 0.1:.1f} s here)")
     finally:

@@ -10,18 +10,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from common import ROOT, figure, local_default
 
-from raybatch import Client  # noqa: E402
-from raybatch.local.embedded import LocalCluster  # noqa: E402
+from raybatch import Client
 
 RECIPE = ROOT / "recipes" / "pytorch-digits-ddp"
 
@@ -52,11 +49,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=30)
     args = ap.parse_args()
-    home = Path(tempfile.mkdtemp(prefix="raybatch-bench-"))
-    local = LocalCluster(home)
-    info = local.up(nodes=2)
-    try:
-        client = Client(info["url"], local.token())
+    with local_default(nodes=2) as (_, client):
         via_raybatch(client, 1), via_torchrun(1)  # warm-up: page cache, worker pools
         rb, tr = [], []
         for _ in range(args.runs):
@@ -64,12 +57,10 @@ def main() -> None:
             tr.append(via_torchrun(args.epochs))
         ratios = [a / b for a, b in zip(rb, tr)]
         print(f"pytorch-digits-ddp, {args.epochs} epochs, 2 ranks, {args.runs} interleaved runs")
-        print(f"  raybatch (2 local nodes)  median {statistics.median(rb):.2f} s  (min {min(rb):.2f}, max {max(rb):.2f})")
-        print(f"  torchrun (2 processes)    median {statistics.median(tr):.2f} s  (min {min(tr):.2f}, max {max(tr):.2f})")
-        print(f"  ratio raybatch / torchrun: median {statistics.median(ratios):.2f}x  (target <= 1.05x)")
-        print(f"  fixed cost of raybatch (median difference): {statistics.median(a - b for a, b in zip(rb, tr)):.2f} s")
-    finally:
-        local.down()
+        print(figure("raybatch (2 local nodes)", rb))
+        print(figure("torchrun (2 processes)", tr))
+        print(figure("ratio raybatch / torchrun", ratios, "x") + "  target <= 1.05x")
+        print(figure("fixed cost (difference)", [a - b for a, b in zip(rb, tr)]))
 
 
 if __name__ == "__main__":

@@ -12,17 +12,12 @@ from __future__ import annotations
 
 import argparse
 import re
-import statistics
-import sys
-import tempfile
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import figure, local_default
 
-from raybatch import Client  # noqa: E402
-from raybatch.config import ray_client_env  # noqa: E402
-from raybatch.local.embedded import LocalCluster  # noqa: E402
+from raybatch import Client
+from raybatch.config import ray_client_env
 
 CMD = "date +%s.%N"
 
@@ -59,15 +54,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=7)
     args = ap.parse_args()
-    home = Path(tempfile.mkdtemp(prefix="raybatch-bench-"))
-    local = LocalCluster(home)
-    info = local.up(nodes=2)
-    try:
+    with local_default(nodes=2) as (info, client):
         ray_client_env()
         from ray.job_submission import JobSubmissionClient
 
         jobs = JobSubmissionClient(info["dashboard_url"])
-        client = Client(info["url"], local.token())
         via_raybatch(client), via_ray_jobs(jobs)  # warm-up: code paths, worker pools
         rb, ray_ = [], []
         for _ in range(args.runs):
@@ -75,11 +66,9 @@ def main() -> None:
             ray_.append(via_ray_jobs(jobs))
         ratios = [a / b for a, b in zip(rb, ray_)]
         print(f"submit -> first line of a no-op job, {args.runs} interleaved runs, 2-node local cluster")
-        print(f"  raybatch          median {statistics.median(rb):.3f} s  (min {min(rb):.3f}, max {max(rb):.3f})")
-        print(f"  Ray Jobs (direct) median {statistics.median(ray_):.3f} s  (min {min(ray_):.3f}, max {max(ray_):.3f})")
-        print(f"  ratio raybatch / Ray Jobs: median {statistics.median(ratios):.2f}x  (target <= 1.5x)")
-    finally:
-        local.down()
+        print(figure("raybatch", rb))
+        print(figure("Ray Jobs (direct)", ray_))
+        print(figure("ratio raybatch / Ray Jobs", ratios, "x") + "  target <= 1.5x")
 
 
 if __name__ == "__main__":

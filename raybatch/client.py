@@ -188,7 +188,7 @@ class Client:
             if not follow:
                 return
             if chunk.eof:
-                if attempt is not None or chunk.job_final and chunk.latest_attempt <= n:
+                if attempt is not None or (chunk.job_final and chunk.latest_attempt <= n):
                     return
                 if chunk.latest_attempt > n:
                     n, offset = n + 1, 0

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any, Optional
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field
 
 from raybatch.spec.job import JobSpec
 from raybatch.state.states import JobState
@@ -73,13 +73,6 @@ class AttemptInfo(BaseModel):
     reason: Optional[str] = None
     lost_nodes: list[str] = Field(default_factory=list, description="Nodes where a rank was lost.")
     ranks: list[RankInfo] = []
-
-    @field_validator("lost_nodes", mode="before")
-    @classmethod
-    def _json_list(cls, v: Any) -> Any:
-        if v is None:
-            return []
-        return json.loads(v) if isinstance(v, str) else v
 
 
 class JobDetail(JobSummary):

@@ -212,8 +212,8 @@ class Attempt:
                 if code != 0 and outcome is None:
                     outcome = (AttemptOutcome.USER_ERROR, code, f"rank {i} exited with code {code}")
                     grace = min(grace, FAILURE_STOP_GRACE_S)
-            if outcome is None and self.check_control():
-                kind, why = self.stop_reason or (AttemptOutcome.CANCELLED, "stopped")
+            if outcome is None and self.check_control() and self.stop_reason:
+                kind, why = self.stop_reason
                 outcome = (kind, None, why)
                 if kind == AttemptOutcome.DRIVER_LOST:
                     # `ray job stop` SIGKILLs this driver 3 s after its SIGTERM: be quick, and
@@ -296,7 +296,7 @@ class Attempt:
             if problem:
                 outcome = (AttemptOutcome.START_FAILED, None, problem)
             elif (problem := self.reserve()) is not None:
-                if self.stop.is_set() and self.stop_reason:
+                if self.stop_reason:  # set together with self.stop
                     outcome = (self.stop_reason[0], None, self.stop_reason[1])
                 else:
                     outcome = (AttemptOutcome.PLACEMENT_TIMEOUT, None, problem)

@@ -55,14 +55,13 @@ class RayJobLauncher:
         (ctl / "control.json").unlink(missing_ok=True)
         # No env_vars here: a runtime_env that only sets variables still costs every
         # rank actor a round trip to the runtime-env agent (~0.7 s measured).
-        runtime_env: dict[str, Any] = {}
-        if job.get("code_package"):
-            runtime_env["working_dir"] = str(self.code_root / job["code_package"])
+        runtime_env = ({"working_dir": str(self.code_root / job["code_package"])}
+                       if job.get("code_package") else None)
         sid = ray_job_id(job["id"], attempt)
         self.client.submit_job(
             entrypoint=f"{sys.executable} -m raybatch.runtime.driver {attempt_file}",
             submission_id=sid,
-            runtime_env=runtime_env or None,
+            runtime_env=runtime_env,
             metadata={
                 "raybatch_job_id": job["id"], "raybatch_job_name": spec.name,
                 "raybatch_experiment": spec.experiment, "raybatch_attempt": str(attempt),

@@ -46,6 +46,7 @@ class Scheduler:
         self._submit_failures = 0       # consecutive Ray Job submissions that failed
         self._submit_retry_at = 0.0     # no admission before this (monotonic) time
         self.waiting: dict[str, str] = {}  # job id -> why it is still queued
+        self._unplaced: list[dict[str, Any]] = []
         self.last_cycle_error: Optional[str] = None
 
     # ---- driving the loop -------------------------------------------------
@@ -73,6 +74,7 @@ class Scheduler:
 
     # ---- reconcile running attempts -------------------------------------------
     def reconcile(self) -> None:
+        self._unplaced: list[dict[str, Any]] = []  # STARTING, gang not placed yet: see admit()
         for job in self.store.active_jobs():
             self._reconcile_one(job)
 
@@ -99,6 +101,8 @@ class Scheduler:
         # group is removed, so the attempt can end before Ray marks its job finished.
         ray_state = None if report.get("phase") == "done" else self.launcher.state(sid)
         if ray_state is not None and not ray_state.terminal:
+            if job["state"] == JobState.STARTING.value:
+                self._unplaced.append(job)
             return
         if ray_state is None:
             outcome = AttemptOutcome(report["outcome"])
@@ -147,6 +151,9 @@ class Scheduler:
                                   exit_code=code, reason=message)
         spec = _spec(job)
         reason = f"attempt {n}: {outcome.value}: {message}"
+        # a stall is the user's: it draws on the user budget, whatever the exit code filter
+        user_failure = outcome in (AttemptOutcome.USER_ERROR, AttemptOutcome.STALLED)
+        retryable = outcome == AttemptOutcome.STALLED or spec.retries.retries_user_error(code)
         if outcome == AttemptOutcome.SUCCEEDED:
             self.store.transition(job_id, JobState.SUCCEEDED, reason, exit_code=0)
         elif outcome == AttemptOutcome.CANCELLED:
@@ -161,20 +168,17 @@ class Scheduler:
                 job_id, JobState.QUEUED,
                 f"requeued: infrastructure retry {used} of {spec.retries.infrastructure}",
             )
-        elif outcome in (AttemptOutcome.USER_ERROR, AttemptOutcome.STALLED) \
-                and job["user_retries"] < spec.retries.user \
-                and (outcome == AttemptOutcome.STALLED or spec.retries.retries_user_error(code)):
+        elif user_failure and retryable and job["user_retries"] < spec.retries.user:
             used = job["user_retries"] + 1
             self.store.transition(job_id, JobState.RESTARTING, reason, user_retries=used)
             self.store.transition(
                 job_id, JobState.QUEUED, f"requeued: user-error retry {used} of {spec.retries.user}"
             )
         else:
-            if outcome.is_infrastructure or outcome in (AttemptOutcome.USER_ERROR, AttemptOutcome.STALLED):
-                if outcome == AttemptOutcome.USER_ERROR and not spec.retries.retries_user_error(code):
-                    reason += f" (exit code {code} is not in retries.user_exit_codes)"
-                else:
-                    reason += " (no retries left)"
+            if user_failure and not retryable:
+                reason += f" (exit code {code} is not in retries.user_exit_codes)"
+            elif outcome.is_infrastructure or user_failure:
+                reason += " (no retries left)"
             self.store.transition(job_id, JobState.FAILED, reason,
                                   exit_code=code if code is not None else 1)
         self.wake()
@@ -182,13 +186,9 @@ class Scheduler:
     # ---- admission -----------------------------------------------------------
     def _pending_demand(self, nodes: list[fit.NodeView]) -> None:
         """Attempts admitted but not yet placed hold no Ray resources yet: subtract
-        them from the snapshot so the same free nodes are not handed out twice."""
-        for job in self.store.active_jobs():
-            if job["state"] != JobState.STARTING.value:
-                continue
-            report = self.launcher.report(job["id"], job["attempt"]) or {}
-            if report.get("phase") in ("running", "stopping", "done"):
-                continue
+        them from the snapshot so the same free nodes are not handed out twice.
+        (``reconcile``, earlier in the same cycle, found them.)"""
+        for job in self._unplaced:
             spec = _spec(job)
             bundle = spec.resources.as_ray_bundle()
             placed = fit.gang_fit(nodes, bundle, spec.nodes, spec.placement.strategy)

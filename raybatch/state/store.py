@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-from raybatch.state.states import FINAL_STATES, JobState, check_transition
+from raybatch.state.states import FINAL_STATES, InvalidTransition, JobState, check_transition
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -197,8 +197,6 @@ class Store:
                 raise KeyError(job_id)
             src = JobState(row["state"])
             if expect is not None and src != expect:
-                from raybatch.state.states import InvalidTransition  # noqa: PLC0415
-
                 raise InvalidTransition(f"{job_id} is {src.value}, expected {expect.value}")
             check_transition(src, to)
             fields = {**fields, "state": to.value, "updated_at": now, "reason": reason}
@@ -246,18 +244,15 @@ class Store:
             db.execute(f"UPDATE attempts SET {sets} WHERE job_id=? AND n=?", (*fields.values(), job_id, n))
 
     def attempts(self, job_id: str) -> list[dict[str, Any]]:
-        return self._all("SELECT * FROM attempts WHERE job_id=? ORDER BY n", (job_id,))
+        rows = self._all("SELECT * FROM attempts WHERE job_id=? ORDER BY n", (job_id,))
+        return [_decode_attempt(r) for r in rows]
 
     def lost_nodes(self, job_id: str) -> set[str]:
         """Nodes on which any attempt of this job lost a rank."""
-        nodes: set[str] = set()
-        for row in self._all("SELECT lost_nodes FROM attempts WHERE job_id=? AND lost_nodes IS NOT NULL",
-                             (job_id,)):
-            nodes.update(json.loads(row["lost_nodes"]))
-        return nodes
+        return {node for a in self.attempts(job_id) for node in a["lost_nodes"]}
 
     def get_attempt(self, job_id: str, n: int) -> Optional[dict[str, Any]]:
-        return self._one("SELECT * FROM attempts WHERE job_id=? AND n=?", (job_id, n))
+        return _decode_attempt(self._one("SELECT * FROM attempts WHERE job_id=? AND n=?", (job_id, n)))
 
     def set_ranks(self, job_id: str, attempt: int, ranks: list[dict[str, Any]]) -> None:
         cols = ("rank", "node_rank", "local_rank", "node_id", "node_ip", "hostname", "pid", "exit_code")
@@ -275,6 +270,12 @@ class Store:
         return self._all(
             "SELECT * FROM ranks WHERE job_id=? AND attempt=? ORDER BY rank", (job_id, attempt)
         )
+
+
+def _decode_attempt(row: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
+    if row is not None:
+        row["lost_nodes"] = json.loads(row["lost_nodes"]) if row["lost_nodes"] else []
+    return row
 
 
 class _Transaction:
