@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Union
 import httpx
 
 from raybatch import config
-from raybatch.models import JobDetail, JobSummary, LogChunk, SubmitRequest
+from raybatch.models import JobDetail, JobSummary, LogChunk, QueueEntry, SchedulerInfo, SubmitRequest
 from raybatch.spec.job import JobSpec
 from raybatch.spec.loader import apply_overrides, load_job_file, parse_job
 from raybatch.state.states import JobState
@@ -157,6 +157,14 @@ class Client:
 
     def cluster(self) -> list[dict[str, Any]]:
         return self._request("GET", "/cluster")
+
+    def queue(self, limit: int = 200, estimate: bool = True) -> list[QueueEntry]:
+        """Waiting jobs in the order the scheduler considers them, with why each waits."""
+        rows = self._request("GET", "/queue", params={"limit": limit, "estimate": estimate})
+        return [QueueEntry.model_validate(r) for r in rows]
+
+    def scheduler(self) -> SchedulerInfo:
+        return SchedulerInfo.model_validate(self._request("GET", "/scheduler"))
 
     def log_chunk(self, job_id: str, *, rank: int = 0, stream: str = "stdout",
                   attempt: Optional[int] = None, offset: int = 0) -> LogChunk:

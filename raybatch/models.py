@@ -33,13 +33,16 @@ class JobSummary(BaseModel):
     reason: Optional[str] = None
     nodes: int
     job_dir: str
+    preemptions: int = Field(0, description="How many times a higher-priority job preempted it.")
+    preempted_by: Optional[str] = Field(None, description="The job that preempted it last.")
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> "JobSummary":
         spec = json.loads(row["spec"])
         return cls(**{k: row[k] for k in (
             "id", "name", "experiment", "priority", "state", "attempt", "submitted_at",
-            "started_at", "ended_at", "exit_code", "reason", "job_dir")}, nodes=spec["nodes"])
+            "started_at", "ended_at", "exit_code", "reason", "job_dir", "preemptions",
+            "preempted_by")}, nodes=spec["nodes"])
 
 
 class Transition(BaseModel):
@@ -79,6 +82,7 @@ class JobDetail(JobSummary):
     spec: JobSpec
     waiting_reason: Optional[str] = None
     cancel_requested: bool = False
+    preempt_requested: bool = Field(False, description="Being stopped for a higher-priority job.")
     outputs: dict[str, str] = {}
     checkpoint_dir: str
     logs_dir: str
@@ -97,3 +101,39 @@ class LogChunk(BaseModel):
     eof: bool = Field(description="True when this attempt's log is read to its end and will not grow.")
     job_final: bool = Field(False, description="The job is SUCCEEDED, FAILED or CANCELLED.")
     latest_attempt: int = Field(0, description="The job's latest attempt number.")
+
+
+class QueueEntry(BaseModel):
+    """A waiting job, in the order the scheduler considers the queue."""
+
+    position: int = Field(description="1 = considered first.")
+    id: str
+    name: str
+    experiment: str
+    priority: int
+    nodes: int
+    per_node: dict[str, float] = Field(description="Resources each node of the gang needs (Ray names).")
+    attempt: int
+    submitted_at: float
+    waiting_s: float = Field(description="Seconds since it was submitted.")
+    reason: Optional[str] = Field(None, description="Why it is still waiting, in words.")
+    estimated_start: Optional[float] = Field(
+        None, description="Starts by this time (epoch seconds) if every job runs to its max_wall_clock "
+        "on the current nodes; None when that gives no bound (e.g. the nodes are too few).")
+    preemptions: int = 0
+
+
+class SchedulerInfo(BaseModel):
+    """The scheduler's own state: timings, policy, the head's reservation, autoscaling demand."""
+
+    cycles: int
+    last_cycle_ms: float
+    last_plan_ms: float
+    queued: int
+    active: int
+    policy: dict[str, Any]
+    policy_file: Optional[str] = None
+    policy_error: Optional[str] = None
+    last_cycle_error: Optional[str] = None
+    reservation: Optional[dict[str, Any]] = None
+    autoscaler: Optional[dict[str, Any]] = None

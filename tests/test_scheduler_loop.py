@@ -21,11 +21,11 @@ class FakeLauncher:
         self.reports: dict[tuple[str, int], dict] = {}
         self.stops: list[tuple[str, int, str]] = []
 
-    def submit(self, job, attempt, avoid_nodes=()):
+    def submit(self, job, attempt, nodes=None, avoid_nodes=()):
         if self.fail_next:
             self.fail_next -= 1
             raise RuntimeError("No available agent to submit job")
-        self.submitted.append((job["id"], attempt, tuple(sorted(avoid_nodes))))
+        self.submitted.append((job["id"], attempt, tuple(nodes or ())))
         return f"raybatch-{job['id']}-{attempt}"
 
     def report(self, job_id, attempt):
@@ -34,7 +34,7 @@ class FakeLauncher:
     def state(self, sid):
         return RayJobState("RUNNING", False)
 
-    def request_stop(self, job_id, attempt, action):
+    def request_stop(self, job_id, attempt, action, reason=""):
         self.stops.append((job_id, attempt, action))
 
     def stop(self, sid):
@@ -75,8 +75,9 @@ def test_failed_submission_requeues_without_charge_and_backs_off(tmp_path):
     assert "retrying in" in sched.waiting[job["id"]]
     sched._submit_retry_at = time.monotonic()  # the back-off has passed
     sched.cycle()
-    assert launcher.submitted == [(job["id"], 2, ())]
+    assert launcher.submitted == [(job["id"], 2, ("node0",))]
     assert store.get_job(job["id"])["state"] == "STARTING"
+    assert store.get_attempt(job["id"], 2)["nodes"] == ["node0"]
 
 
 def test_node_lost_report_requeues_and_next_attempt_avoids_the_node(tmp_path):
@@ -93,7 +94,7 @@ def test_node_lost_report_requeues_and_next_attempt_avoids_the_node(tmp_path):
     sched.cycle()
     row = store.get_job(job["id"])
     assert row["infra_retries"] == 1
-    assert launcher.submitted[-1] == (job["id"], 2, ("node1",))
+    assert launcher.submitted[-1] == (job["id"], 2, ("node0", "node2"))  # not node1
     states = [t["to_state"] for t in store.transitions(job["id"])]
     assert states == ["QUEUED", "STARTING", "RUNNING", "RESTARTING", "QUEUED", "STARTING"]
 
@@ -105,7 +106,7 @@ def test_avoided_node_is_used_when_the_gang_fits_nowhere_else(tmp_path):
     launcher.reports[(job["id"], 1)] = {"phase": "done", "outcome": "NODE_LOST", "message": "lost",
                                         "ranks": [], "lost_nodes": ["node1"]}
     sched.cycle()
-    assert launcher.submitted[-1] == (job["id"], 2, ())  # rather run than wait forever
+    assert launcher.submitted[-1] == (job["id"], 2, ("node0", "node1"))  # rather run than wait forever
 
 
 def test_cancel_of_a_running_job_asks_the_driver_once(tmp_path):
@@ -119,3 +120,89 @@ def test_cancel_of_a_running_job_asks_the_driver_once(tmp_path):
     launcher.reports[(job["id"], 1)] = {"phase": "done", "outcome": "CANCELLED", "message": "cancelled by user"}
     sched.cycle()
     assert store.get_job(job["id"])["state"] == "CANCELLED"
+
+
+def _running(launcher, sched, store, job, nodes):
+    """Report the job's gang as placed, and take its nodes off the fake cluster."""
+    ranks = [{"rank": r, "node_rank": r, "local_rank": 0, "node_id": n} for r, n in enumerate(nodes)]
+    launcher.reports[(job["id"], store.get_job(job["id"])["attempt"])] = {
+        "phase": "running", "at": time.time(), "ranks": ranks}
+    for n in sched.cluster.nodes:
+        if n.node_id in nodes:
+            n.available["CPU"] = 0.0
+    sched.cycle()
+    assert store.get_job(job["id"])["state"] == "RUNNING"
+
+
+def test_preemption_stops_the_low_job_requeues_it_and_starts_the_high_one(tmp_path):
+    store, launcher, sched = make(tmp_path, nodes=2)
+    low = submit(store, nodes=2, priority="low", grace_period="10s")
+    sched.cycle()
+    _running(launcher, sched, store, low, ["node0", "node1"])
+    high = submit(store, nodes=2, priority="high")
+    sched.cycle()
+    row = store.get_job(low["id"])
+    assert row["preempted_by"] == high["id"] and row["preempt_requested"]
+    assert launcher.stops == [(low["id"], 1, "preempt")]
+    assert "preempting " + low["id"] in sched.waiting[high["id"]]
+    sched.cycle()
+    assert launcher.stops == [(low["id"], 1, "preempt")]  # asked once
+    launcher.reports[(low["id"], 1)] = {"phase": "done", "outcome": "PREEMPTED", "exit_code": None,
+                                        "message": "preempted"}
+    for n in sched.cluster.nodes:
+        n.available["CPU"] = 1.0
+    sched.cycle()
+    row = store.get_job(low["id"])
+    assert row["state"] == "QUEUED" and row["preemptions"] == 1 and row["preempt_requested"] is None
+    assert row["infra_retries"] == 0 and row["user_retries"] == 0
+    history = store.transitions(low["id"])
+    assert [t["to_state"] for t in history][-2:] == ["PREEMPTED", "QUEUED"]
+    assert f"preempted by {high['id']}" in history[-2]["reason"]
+    assert store.get_job(high["id"])["state"] == "STARTING"
+    assert "needs 2 nodes" in sched.waiting[low["id"]]
+
+
+def test_a_driver_that_dies_while_preempted_still_counts_as_preempted(tmp_path):
+    store, launcher, sched = make(tmp_path, nodes=1)
+    low = submit(store, priority=100)
+    sched.cycle()
+    _running(launcher, sched, store, low, ["node0"])
+    submit(store, priority=900)
+    sched.cycle()
+    launcher.state = lambda sid: RayJobState("STOPPED", True)  # killed, no report
+    launcher.reports.pop((low["id"], 1))
+    sched.cycle()
+    row = store.get_job(low["id"])
+    assert row["state"] == "QUEUED" and row["preemptions"] == 1 and row["infra_retries"] == 0
+
+
+def test_cancel_wins_over_preemption(tmp_path):
+    store, launcher, sched = make(tmp_path, nodes=1)
+    low = submit(store, priority=100)
+    sched.cycle()
+    _running(launcher, sched, store, low, ["node0"])
+    submit(store, priority=900)
+    sched.cycle()
+    store.update_job(low["id"], cancel_requested=time.time())
+    sched.cycle()
+    assert launcher.stops == [(low["id"], 1, "preempt"), (low["id"], 1, "cancel")]
+    launcher.reports[(low["id"], 1)] = {"phase": "done", "outcome": "PREEMPTED", "message": "x"}
+    sched.cycle()
+    assert store.get_job(low["id"])["state"] == "CANCELLED"
+
+
+def test_policy_file_is_read_and_a_bad_one_keeps_the_last_good_policy(tmp_path):
+    store, launcher, sched = make(tmp_path, nodes=4)
+    sched.policy_file = tmp_path / "policy.yaml"
+    sched.policy_file.write_text("quotas: {vision: {max_nodes: 1}}\n")
+    a = submit(store, experiment="vision")
+    b = submit(store, experiment="vision")
+    sched.cycle()
+    assert store.get_job(a["id"])["state"] == "STARTING"
+    assert "at its quota: 1 of 1 node(s)" in sched.waiting[b["id"]]
+    import os
+    sched.policy_file.write_text("quotas: {vision: {max_nodez: 1}}\n")
+    os.utime(sched.policy_file, (time.time() + 5, time.time() + 5))
+    sched.cycle()
+    assert "quotas.vision.max_nodez: unknown field" in sched.policy_error
+    assert sched.policy.quota("vision").max_nodes == 1

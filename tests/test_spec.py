@@ -17,9 +17,9 @@ from raybatch.spec.loader import apply_overrides
 from raybatch.spec.units import parse_duration, parse_size
 
 TOP_LEVEL_FIELDS = (
-    "code, command, environment, experiment, framework, grace_period, inputs, max_wall_clock, "
-    "name, nodes, output_root, outputs, placement, priority, processes_per_node, resources, retries, "
-    "stall_timeout"
+    "code, command, environment, experiment, framework, grace_period, inputs, low_priority_nodes, "
+    "max_wall_clock, name, nodes, output_root, outputs, placement, preemptible, priority, "
+    "processes_per_node, resources, retries, stall_timeout"
 )
 
 FULL_JOB = """\
@@ -349,8 +349,13 @@ def test_bad_durations_name_the_field(value, words):
 
 
 def test_grace_period_longer_than_wall_clock_is_rejected():
-    problem = one_problem(job(max_wall_clock=10))
+    problem = one_problem(job(max_wall_clock=10, grace_period="20s"))
     assert problem.startswith("grace_period: must not exceed max_wall_clock (10 s)"), problem
+
+
+def test_default_grace_period_fits_a_short_wall_clock():
+    assert parse_job(job(max_wall_clock=10)).grace_period == 10
+    assert parse_job(job()).grace_period == 30
 
 
 def test_nan_duration_is_rejected():
@@ -624,3 +629,10 @@ def test_retry_policy_exit_codes_and_stall_timeout():
     assert parse_job({"name": "r", "command": "x"}, check_paths=False).retries.retries_user_error(1)
     problems = problems_of({"name": "r", "command": "x", "retries": {"user_exit_codes": [0, 300]}})
     assert problems[0].startswith("retries.user_exit_codes: exit codes must be 1-255")
+
+
+def test_preemptible_and_low_priority_nodes():
+    spec = parse_job(job(preemptible=False, low_priority_nodes="require"))
+    assert spec.preemptible is False and spec.low_priority_nodes == "require"
+    assert parse_job(job()).preemptible is True
+    assert one_problem(job(low_priority_nodes="sometimes")).startswith("low_priority_nodes: Input should be")

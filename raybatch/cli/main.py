@@ -1,7 +1,7 @@
 """``raybatch``: submit, watch and manage jobs.
 
     raybatch submit recipes/pytorch-digits-ddp/job.yaml --wait
-    raybatch list | show ID | logs ID --follow | cancel ID | wait ID
+    raybatch list | show ID | logs ID --follow | cancel ID | wait ID | queue
     raybatch up [--nodes 2] | down | status
 
 With no ``--address`` (or RAYBATCH_ADDRESS), commands talk to the embedded local
@@ -168,6 +168,25 @@ def list_(
 
 
 @app.command()
+def queue(
+    limit: int = typer.Option(200, help="At most this many waiting jobs."),
+    estimate: bool = typer.Option(True, help="Estimate start times (simulates the first 100)."),
+    output: Output = OutputOpt,
+) -> None:
+    """Waiting jobs in the order the scheduler takes them: why each waits, and when it
+    starts at the latest if every job runs to its max_wall_clock."""
+    client = _client()
+    entries = _call(client.queue, limit=limit, estimate=estimate)
+    if output == Output.json:
+        render.print_json([e.model_dump(mode="json") for e in entries])
+        return
+    if not entries:
+        render.console.print("the queue is empty")
+        return
+    render.console.print(render.queue_table(entries))
+
+
+@app.command()
 def show(job_id: str, output: Output = OutputOpt) -> None:
     """A job's state history, attempts, where each rank ran and where its files are."""
     job = _call(_client().get, job_id)
@@ -252,13 +271,16 @@ def down() -> None:
 
 @app.command()
 def status(output: Output = OutputOpt) -> None:
-    """The server this CLI talks to, and the live Ray nodes."""
+    """The server this CLI talks to, its scheduler, and the live Ray nodes."""
     client = _client()
     nodes = _call(client.cluster)
     if output == Output.json:
-        render.print_json({"address": client.address, "nodes": nodes})
+        render.print_json({"address": client.address, "nodes": nodes,
+                           "scheduler": _call(client.scheduler).model_dump(mode="json")})
         return
     render.console.print(f"server: {client.address}")
+    info = _call(client.scheduler)
+    render.console.print(render.scheduler_line(info))
     from rich.table import Table  # noqa: PLC0415
 
     t = Table(box=None, header_style="bold")

@@ -67,6 +67,10 @@ def show_job(j: JobDetail) -> None:
         c.print(f"  reason:      {j.reason}")
     if j.waiting_reason:
         c.print(f"  waiting:     {j.waiting_reason}")
+    if j.preempt_requested:
+        c.print(f"  stopping:    preempted by {j.preempted_by}")
+    if j.preemptions:
+        c.print(f"  preempted:   {j.preemptions} time(s), last by {j.preempted_by}")
     s = j.spec
     c.print(f"  framework:   {s.framework}   nodes: {s.nodes} x {s.processes_per_node} process(es)"
             f"   per node: {s.resources.as_ray_bundle()}   priority: {j.priority}")
@@ -98,3 +102,38 @@ def show_job(j: JobDetail) -> None:
                           r.node_ip or "-", r.hostname or "-", str(r.pid or "-"),
                           "-" if r.exit_code is None else str(r.exit_code), r.stdout)
             c.print(t)
+
+
+def _bundle(b: dict[str, float]) -> str:
+    parts = []
+    for k, v in b.items():
+        parts.append(f"{v / 2**30:.3g}GiB" if k == "memory" else f"{v:g} {k}")
+    return ", ".join(parts)
+
+
+def queue_table(entries) -> Table:
+    now = dt.datetime.now().timestamp()
+    t = Table(box=None, header_style="bold")
+    for col in ("POS", "ID", "NAME", "EXPERIMENT", "PRIO", "NODES", "PER NODE", "WAITING", "START BY", "WHY"):
+        t.add_column(col, overflow="fold")
+    for e in entries:
+        start = "-"
+        if e.estimated_start is not None:
+            start = "now" if e.estimated_start <= now + 1 else ts(e.estimated_start)
+        t.add_row(str(e.position), e.id, e.name, e.experiment, str(e.priority), str(e.nodes),
+                  _bundle(e.per_node), format_duration(e.waiting_s), start, e.reason or "-")
+    return t
+
+
+def scheduler_line(info) -> str:
+    p = info.policy
+    on = [k for k in ("backfill", "preemption", "fair_share") if p.get(k)]
+    line = (f"scheduler: {info.queued} queued, {info.active} active; last cycle {info.last_cycle_ms:.1f} ms; "
+            f"policy: {', '.join(on) or 'strict order'}")
+    if p.get("quotas"):
+        line += f"; quotas for {', '.join(p['quotas'])}"
+    if info.policy_error:
+        line += f"\n[red]policy file error (previous policy kept):[/] {info.policy_error}"
+    if info.autoscaler:
+        line += f"\nautoscaler: {info.autoscaler.get('summary', '')}"
+    return line

@@ -86,6 +86,10 @@ class Attempt:
             if action == "cancel":
                 self.stop_reason = (AttemptOutcome.CANCELLED, "cancelled by user")
                 self.stop.set()
+            elif action == "preempt":
+                self.stop_reason = (AttemptOutcome.PREEMPTED,
+                                    request.get("reason") or "preempted by a higher-priority job")
+                self.stop.set()
         return self.stop.is_set()
 
     # ---- steps -------------------------------------------------------------
@@ -99,9 +103,12 @@ class Attempt:
         spec = self.spec
         bundle = spec.resources.as_ray_bundle()
         strategy = "STRICT_SPREAD" if spec.placement.strategy == "spread" else "PACK"
+        pinned = self.info.get("nodes") or []
         avoid = self.info.get("avoid_nodes") or []
         selector = None
-        if avoid:  # nodes where an earlier attempt lost a rank
+        if len(pinned) == spec.nodes:  # the scheduler's placement: bundle i on node i
+            selector = [{"ray.io/node-id": node_id} for node_id in pinned]
+        elif avoid:  # nodes where an earlier attempt lost a rank
             selector = [{"ray.io/node-id": f"!in({','.join(avoid)})"} for _ in range(spec.nodes)]
             self.log(f"avoiding {len(avoid)} node(s) where an earlier attempt lost a rank")
         self.pg = placement_group(

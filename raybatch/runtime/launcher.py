@@ -40,8 +40,10 @@ class RayJobLauncher:
         self.code_root = Path(code_root)
         self.client = JobSubmissionClient(dashboard_url)
 
-    def submit(self, job: dict[str, Any], attempt: int, avoid_nodes: Iterable[str] = ()) -> str:
-        """Submit the attempt's Ray Job; its gang will not be placed on ``avoid_nodes``."""
+    def submit(self, job: dict[str, Any], attempt: int, nodes: Optional[list[str]] = None,
+               avoid_nodes: Iterable[str] = ()) -> str:
+        """Submit the attempt's Ray Job. Bundle i of its gang goes on ``nodes[i]`` (the
+        scheduler's choice), or anywhere but ``avoid_nodes`` when ``nodes`` is not given."""
         spec = JobSpec.model_validate_json(job["spec"])
         ctl = layout.control_dir(self.state_dir, job["id"], attempt)
         attempt_file = ctl / "attempt.json"
@@ -50,7 +52,7 @@ class RayJobLauncher:
         layout.write_json_atomic(attempt_file, {
             "job_id": job["id"], "attempt": attempt, "spec": spec.model_dump(mode="json"),
             "job_dir": job["job_dir"], "status_file": str(status_file),
-            "avoid_nodes": sorted(avoid_nodes),
+            "nodes": list(nodes or []), "avoid_nodes": sorted(avoid_nodes),
         })
         (ctl / "control.json").unlink(missing_ok=True)
         # No env_vars here: a runtime_env that only sets variables still costs every
@@ -83,10 +85,11 @@ class RayJobLauncher:
         status = str(info.status.value if hasattr(info.status, "value") else info.status)
         return RayJobState(status, info.status.is_terminal(), info.driver_exit_code, info.message or "")
 
-    def request_stop(self, job_id: str, attempt: int, action: str) -> None:
-        """Ask the attempt's driver to stop its ranks gracefully (it polls this file)."""
+    def request_stop(self, job_id: str, attempt: int, action: str, reason: str = "") -> None:
+        """Ask the attempt's driver to stop its ranks gracefully (it polls this file).
+        ``action``: cancel | preempt."""
         layout.write_json_atomic(layout.control_dir(self.state_dir, job_id, attempt) / "control.json",
-                                 {"action": action, "at": time.time()})
+                                 {"action": action, "reason": reason, "at": time.time()})
 
     def stop(self, sid: str) -> None:
         """Last resort when the driver does not react: Ray SIGTERMs, then SIGKILLs it."""

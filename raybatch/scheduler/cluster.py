@@ -34,6 +34,7 @@ class RayClusterView:
                     total={k: float(v) for k, v in n.total_resources.items()},
                     alive=n.status in _ALIVE,
                     labels=dict(n.labels),
+                    node_type=n.ray_node_type_name,
                 )
             )
         return nodes

@@ -12,6 +12,10 @@ from typing import Optional
 
 EPS = 1e-9
 
+# How a low-priority (spot) node is marked: a Ray node label, or a custom resource.
+LOW_PRIORITY_LABEL = "raybatch.io/low-priority"
+LOW_PRIORITY_RESOURCE = "raybatch_low_priority"
+
 
 @dataclass
 class NodeView:
@@ -23,10 +27,17 @@ class NodeView:
     total: dict[str, float] = field(default_factory=dict)
     alive: bool = True
     labels: dict[str, str] = field(default_factory=dict)
+    node_type: str = ""  # the autoscaler's node type name, when there is one
 
     def copy(self) -> "NodeView":
         return NodeView(self.node_id, self.ip, dict(self.available), dict(self.total),
-                        self.alive, dict(self.labels))
+                        self.alive, dict(self.labels), self.node_type)
+
+
+def is_low_priority(node: NodeView) -> bool:
+    """Low-priority/spot nodes can be taken away by the cloud at any time."""
+    return (node.labels.get(LOW_PRIORITY_LABEL, "").lower() in ("true", "1", "yes")
+            or node.total.get(LOW_PRIORITY_RESOURCE, 0.0) > 0)
 
 
 def fits(available: dict[str, float], bundle: dict[str, float]) -> bool:
@@ -71,7 +82,8 @@ def reserve(nodes: list[NodeView], assignment: list[str], bundle: dict[str, floa
 
 def could_ever_fit(nodes: list[NodeView], bundle: dict[str, float], count: int, strategy: str) -> bool:
     """Would the gang fit these nodes if they were all idle?"""
-    empty = [NodeView(n.node_id, n.ip, dict(n.total), dict(n.total), n.alive) for n in nodes]
+    empty = [NodeView(n.node_id, n.ip, dict(n.total), dict(n.total), n.alive, dict(n.labels), n.node_type)
+             for n in nodes]
     return gang_fit(empty, bundle, count, strategy) is not None
 
 

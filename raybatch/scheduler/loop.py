@@ -1,11 +1,14 @@
-"""The scheduler loop: reconcile -> cancel -> nominate -> fit -> admit.
+"""The scheduler loop: reconcile -> plan -> act.
 
 - reconcile: for each STARTING/RUNNING job, read its driver's report and its Ray
-  Job; record where ranks run; end the attempt when the Ray Job is over.
-- cancel: stop the Ray Jobs of jobs a user cancelled.
-- admit: walk the queue in order (priority, then submission); a job starts only
-  when its whole gang fits the live nodes' free resources, node by node. For
-  now the queue is strict: the first job that does not fit blocks those behind it.
+  Job; record where ranks run; stop jobs that were cancelled or preempted; end
+  the attempt when the Ray Job is over (one retry policy: ``end_attempt``).
+- plan: hand the live nodes, the running jobs and the queue to the policy
+  (``policy.plan``: priorities, fair share, quotas, gang fit, EASY backfill,
+  preemption).
+- act: ask victims to stop, submit the admitted jobs pinned to the nodes the
+  policy chose, record why every other job waits, and tell the autoscaler what
+  the queue needs.
 
 Every state change is written to the store before it is acted on.
 """
@@ -17,15 +20,22 @@ import threading
 import time
 from typing import Any, Optional
 
+from pathlib import Path
+
 from raybatch.runtime.launcher import RayJobLauncher, ray_job_id
-from raybatch.scheduler import fit
+from raybatch.scheduler import fit, policy
 from raybatch.scheduler.cluster import RayClusterView
+from raybatch.scheduler.simulate import SimJob, simulate
 from raybatch.spec.job import JobSpec
-from raybatch.state.states import AttemptOutcome, JobState
+from raybatch.spec.loader import SpecError
+from raybatch.spec.policy import load_policy
+from raybatch.state.states import AttemptOutcome, InvalidTransition, JobState
 from raybatch.state.store import Store
 
 log = logging.getLogger("raybatch.scheduler")
 STOP_ESCALATION_S = 30.0  # beyond the job's grace period, before `ray job stop`
+STOP_SLACK_S = 5.0        # after the grace period, until a stopped gang's resources are back
+MIN_CYCLE_GAP_S = 0.2     # submissions wake the loop; at most one cycle per this long
 
 
 def _spec(job: dict[str, Any]) -> JobSpec:
@@ -34,11 +44,23 @@ def _spec(job: dict[str, Any]) -> JobSpec:
 
 class Scheduler:
     def __init__(self, store: Store, launcher: RayJobLauncher, cluster: RayClusterView,
-                 tick: float = 0.5):
+                 tick: float = 0.5, policy_file: Optional[Path] = None, autoscaler: Any = None):
         self.store = store
         self.launcher = launcher
         self.cluster = cluster
         self.tick = tick
+        self.policy_file = policy_file
+        self.policy = policy.PolicyConfig()
+        self.policy_error: Optional[str] = None
+        self._policy_mtime: Optional[float] = None
+        self.autoscaler = autoscaler    # raybatch.scheduler.autoscale.Demand, or None
+        self._specs: dict[str, JobSpec] = {}          # job id -> spec (specs never change)
+        self._queued: dict[tuple[str, int], policy.Job] = {}  # (id, attempt) -> policy view
+        self._active: list[dict[str, Any]] = []
+        self.reservation: Optional[policy.Reservation] = None
+        self.last_inputs: Optional[tuple] = None      # (now, nodes, running) of the last plan
+        self.stats: dict[str, float] = {"cycles": 0, "last_cycle_ms": 0.0, "last_plan_ms": 0.0,
+                                        "queued": 0, "active": 0}
         self._wake = threading.Event()
         self._stopped = threading.Event()
         self._stop_sent: set[str] = set()
@@ -59,6 +81,7 @@ class Scheduler:
 
     def run_forever(self) -> None:
         while not self._stopped.is_set():
+            started = time.monotonic()
             try:
                 self.cycle()
                 self.last_cycle_error = None
@@ -67,14 +90,47 @@ class Scheduler:
                 log.exception("scheduler cycle failed")
             self._wake.wait(self.tick)
             self._wake.clear()
+            # a burst of submissions must not turn into a cycle per submission
+            gap = min(MIN_CYCLE_GAP_S, self.tick) - (time.monotonic() - started)
+            if gap > 0 and not self._stopped.is_set():
+                time.sleep(gap)
 
     def cycle(self) -> None:
+        t0 = time.perf_counter()
         self.reconcile()
         self.admit()
+        self.stats["cycles"] += 1
+        self.stats["last_cycle_ms"] = (time.perf_counter() - t0) * 1000
+
+    def spec_of(self, job: dict[str, Any]) -> JobSpec:
+        spec = self._specs.get(job["id"])
+        if spec is None:
+            spec = self._specs[job["id"]] = _spec(job)
+        return spec
+
+    def load_policy(self) -> None:
+        """(Re)read the policy file when it changes; a bad file keeps the last good policy."""
+        if self.policy_file is None:
+            return
+        try:
+            mtime = self.policy_file.stat().st_mtime
+        except FileNotFoundError:
+            mtime = None
+        if mtime == self._policy_mtime:
+            return
+        self._policy_mtime = mtime
+        try:
+            self.policy = policy.config_from(load_policy(self.policy_file))
+            self.policy_error = None
+            log.info("scheduler policy loaded from %s", self.policy_file)
+        except SpecError as e:
+            self.policy_error = str(e)
+            log.error("%s (keeping the previous policy)", e)
 
     # ---- reconcile running attempts -------------------------------------------
     def reconcile(self) -> None:
         self._unplaced: list[dict[str, Any]] = []  # STARTING, gang not placed yet: see admit()
+        self._active = []                          # still running after this pass
         for job in self.store.active_jobs():
             self._reconcile_one(job)
 
@@ -84,8 +140,12 @@ class Scheduler:
         sid = attempt["ray_job_id"] if attempt else ray_job_id(job_id, n)
         if attempt is None:  # the server died between the transition and recording the attempt
             self.store.add_attempt(job_id, n, sid)
+            attempt = self.store.get_attempt(job_id, n)
         if job["cancel_requested"]:
-            self._stop(job, sid, "cancel")
+            self._stop(job, sid, "cancel", job["cancel_requested"])
+        elif job["preempt_requested"]:
+            self._stop(job, sid, "preempt", job["preempt_requested"],
+                       f"preempted by {job['preempted_by']}, which has a higher priority")
         report = self.launcher.report(job_id, n) or {}
         if job["state"] == JobState.STARTING.value and report.get("phase") in ("running", "stopping", "done") \
                 and report.get("ranks"):
@@ -101,6 +161,8 @@ class Scheduler:
         # group is removed, so the attempt can end before Ray marks its job finished.
         ray_state = None if report.get("phase") == "done" else self.launcher.state(sid)
         if ray_state is not None and not ray_state.terminal:
+            job["_attempt"] = attempt
+            self._active.append(job)
             if job["state"] == JobState.STARTING.value:
                 self._unplaced.append(job)
             return
@@ -127,18 +189,22 @@ class Scheduler:
         if job["cancel_requested"]:
             outcome = AttemptOutcome.CANCELLED
             message = "cancelled by user"
-        self._stop_sent.discard(sid)
+        elif job["preempt_requested"] and outcome != AttemptOutcome.SUCCEEDED:
+            outcome, code = AttemptOutcome.PREEMPTED, None
+            message = f"preempted by {job['preempted_by']}, which has a higher priority"
+        self._stop_sent -= {f"{sid}:cancel", f"{sid}:preempt"}
         self._killed.discard(sid)
         self.end_attempt(job, outcome, code, message)
 
-    def _stop(self, job: dict[str, Any], sid: str, action: str) -> None:
+    def _stop(self, job: dict[str, Any], sid: str, action: str, since: float, reason: str = "") -> None:
         """Ask the driver to stop the gang (it gives each rank its grace period); if
         it has not finished well after that, have Ray stop the driver itself."""
-        if sid not in self._stop_sent:
-            self.launcher.request_stop(job["id"], job["attempt"], action)
-            self._stop_sent.add(sid)
-        grace = _spec(job).grace_period
-        if time.time() - job["cancel_requested"] > grace + STOP_ESCALATION_S and sid not in self._killed:
+        key = f"{sid}:{action}"  # a cancel after a preemption request is sent too
+        if key not in self._stop_sent:
+            self.launcher.request_stop(job["id"], job["attempt"], action, reason)
+            self._stop_sent.add(key)
+        grace = self.spec_of(job).grace_period
+        if time.time() - since > grace + STOP_ESCALATION_S and sid not in self._killed:
             log.warning("%s did not stop within %.0f s: stopping its Ray job", sid, grace + STOP_ESCALATION_S)
             self.launcher.stop(sid)
             self._killed.add(sid)
@@ -149,7 +215,7 @@ class Scheduler:
         job_id, n = job["id"], job["attempt"]
         self.store.update_attempt(job_id, n, ended_at=time.time(), outcome=outcome.value,
                                   exit_code=code, reason=message)
-        spec = _spec(job)
+        spec = self.spec_of(job)
         reason = f"attempt {n}: {outcome.value}: {message}"
         # a stall is the user's: it draws on the user budget, whatever the exit code filter
         user_failure = outcome in (AttemptOutcome.USER_ERROR, AttemptOutcome.STALLED)
@@ -159,8 +225,11 @@ class Scheduler:
         elif outcome == AttemptOutcome.CANCELLED:
             self.store.transition(job_id, JobState.CANCELLED, reason, exit_code=code)
         elif outcome == AttemptOutcome.PREEMPTED:
-            self.store.transition(job_id, JobState.PREEMPTED, reason)
-            self.store.transition(job_id, JobState.QUEUED, "requeued after preemption")
+            self.store.transition(job_id, JobState.PREEMPTED, reason, preempt_requested=None,
+                                  preemptions=job["preemptions"] + 1)
+            self.store.transition(job_id, JobState.QUEUED,
+                                  "requeued after preemption: it keeps its place in the queue and "
+                                  "resumes from its checkpoint dir")
         elif outcome.is_infrastructure and job["infra_retries"] < spec.retries.infrastructure:
             used = job["infra_retries"] + 1
             self.store.transition(job_id, JobState.RESTARTING, reason, infra_retries=used)
@@ -184,66 +253,136 @@ class Scheduler:
         self.wake()
 
     # ---- admission -----------------------------------------------------------
-    def _pending_demand(self, nodes: list[fit.NodeView]) -> None:
-        """Attempts admitted but not yet placed hold no Ray resources yet: subtract
-        them from the snapshot so the same free nodes are not handed out twice.
-        (``reconcile``, earlier in the same cycle, found them.)"""
-        for job in self._unplaced:
-            spec = _spec(job)
+    def _running(self, nodes: list[fit.NodeView]) -> list[policy.Job]:
+        """The policy's view of the active jobs. Gangs admitted but not placed yet hold
+        no Ray resources: they are subtracted from ``nodes`` here, on the nodes the
+        scheduler gave them, so the same free nodes are not handed out twice."""
+        running = []
+        unplaced = {j["id"] for j in self._unplaced}
+        for job in self._active:
+            spec, attempt = self.spec_of(job), job["_attempt"]
+            placed = list(attempt["nodes"]) if attempt else []
+            if not placed:  # adopted from an older server: where its ranks run, else anywhere
+                placed = [r["node_id"] for r in self.store.ranks(job["id"], job["attempt"])
+                          if r["local_rank"] == 0 and r["node_id"]]
             bundle = spec.resources.as_ray_bundle()
-            placed = fit.gang_fit(nodes, bundle, spec.nodes, spec.placement.strategy)
-            if placed:
-                fit.reserve(nodes, placed, bundle)
+            if job["id"] in unplaced:
+                if len(placed) != spec.nodes:
+                    placed = fit.gang_fit(nodes, bundle, spec.nodes, spec.placement.strategy) or []
+                live = {n.node_id for n in nodes}
+                fit.reserve(nodes, [p for p in placed if p in live], bundle)
+            stop_at = job["cancel_requested"] or job["preempt_requested"]
+            running.append(policy.job_from_spec(
+                job["id"], job["seq"], spec,
+                started_at=attempt["started_at"] if attempt else time.time(),
+                nodes=tuple(placed),
+                stopping_until=stop_at + spec.grace_period + STOP_SLACK_S if stop_at else None,
+            ))
+        return running
+
+    def _queue(self) -> list[policy.Job]:
+        """The queued jobs as the policy sees them, cached across cycles (a spec never
+        changes; the nodes to avoid change only with a new attempt)."""
+        rows = self.store.queued_jobs("id, seq, attempt")
+        keys = [(r["id"], r["attempt"]) for r in rows]
+        missing = [k[0] for k in keys if k not in self._queued]
+        specs = self.store.specs(missing) if missing else {}
+        cache = {}
+        for r, key in zip(rows, keys):
+            pj = self._queued.get(key)
+            if pj is None:
+                spec = self._specs.get(r["id"]) or JobSpec.model_validate_json(specs[r["id"]])
+                self._specs[r["id"]] = spec
+                avoid = frozenset(self.store.lost_nodes(r["id"])) if r["attempt"] else frozenset()
+                pj = policy.job_from_spec(r["id"], r["seq"], spec, avoid=avoid)
+            cache[key] = pj
+        self._queued = cache
+        return list(cache.values())
 
     def admit(self) -> None:
-        queued = self.store.queued_jobs()
+        self.load_policy()
+        queued = self._queue()
+        self.stats["queued"], self.stats["active"] = len(queued), len(self._active)
         if not queued:
-            self.waiting.clear()
+            self.waiting = {}
+            self.reservation = None
+            if self.autoscaler is not None:
+                self.autoscaler.update([], [], [])
             return
         if time.monotonic() < self._submit_retry_at:  # the last Ray Job submission failed
             wait_s = self._submit_retry_at - time.monotonic()
-            self.waiting = {j["id"]: f"Ray Job submission failed {self._submit_failures} time(s) in a row; "
-                                     f"retrying in {wait_s:.0f} s" for j in queued}
+            self.waiting = {j.id: f"Ray Job submission failed {self._submit_failures} time(s) in a row; "
+                                  f"retrying in {wait_s:.0f} s" for j in queued}
             return
         nodes = self.cluster.snapshot()
-        self._pending_demand(nodes)
-        waiting: dict[str, str] = {}
-        blocked_by: Optional[str] = None
-        for job in queued:
-            if blocked_by is not None:
-                waiting[job["id"]] = f"behind {blocked_by} in the queue"
-                continue
-            spec = _spec(job)
-            bundle = spec.resources.as_ray_bundle()
-            # keep away from nodes where this job lost a rank, when the gang fits elsewhere
-            avoid = self.store.lost_nodes(job["id"]) if job["attempt"] else set()
-            placed = None
-            if avoid:
-                placed = fit.gang_fit([n for n in nodes if n.node_id not in avoid], bundle, spec.nodes,
-                                      spec.placement.strategy)
-            if placed is None:
-                avoid = set()
-                placed = fit.gang_fit(nodes, bundle, spec.nodes, spec.placement.strategy)
-            if placed is None:
-                waiting[job["id"]] = fit.why_not(nodes, bundle, spec.nodes, spec.placement.strategy)
-                blocked_by = job["id"]
-                continue
-            fit.reserve(nodes, placed, bundle)
-            if not self._start(job, avoid):
+        running = self._running(nodes)
+        now = time.time()
+        t0 = time.perf_counter()
+        plan = policy.plan(now, nodes, running, queued, self.policy)
+        self.stats["last_plan_ms"] = (time.perf_counter() - t0) * 1000
+        for victim, head in plan.preempt:
+            self._preempt(victim, head)
+        for job, placed in plan.start:
+            if not self._start(job, placed):
                 break
-        self.waiting = waiting
+        self.waiting = plan.waiting
+        self.reservation = plan.reservation
+        self.last_inputs = (now, nodes, running)
+        if self.autoscaler is not None:
+            self.autoscaler.update(nodes, running, plan.unfit)
 
-    def _start(self, job: dict[str, Any], avoid_nodes: set[str]) -> bool:
-        """Admit ``job``: record the attempt, then submit its Ray Job. False if the
-        submission failed (the job is back in the queue, no retry budget charged)."""
+    def never_runs(self, spec: JobSpec) -> Optional[str]:
+        """Why a job could never start (its experiment's quota, or the largest cluster the
+        autoscaler may build), or None. Checked at submit."""
+        pj = policy.job_from_spec("new", 0, spec)
+        problem = policy.never_admissible(pj, self.policy)
+        if problem is None and self.autoscaler is not None:
+            problem = self.autoscaler.never_fits(pj, self.cluster.snapshot())
+        return problem
+
+    def estimate_starts(self, job_ids: list[str]) -> dict[str, float]:
+        """Start-by times for these queued jobs if every job ran to its max_wall_clock on
+        the nodes of the last cycle (the real policy on a simulated clock)."""
+        if self.last_inputs is None:
+            return {}
+        now, nodes, running = self.last_inputs
+        queued = {j.id: j for j in list(self._queued.values())}
+        jobs = [SimJob(queued[i], queued[i].limit) for i in job_ids if i in queued]
+        if not jobs:
+            return {}
+        ends = [(r, r.expected_end(now)) for r in running]
+        result = simulate(nodes, jobs, self.policy, now=now, running=ends,
+                          stop_when_started={j.job.id for j in jobs}, max_cycles=10 * len(jobs) + 100)
+        return result.starts
+
+    def _preempt(self, victim: policy.Job, head: policy.Job) -> None:
+        log.info("preempting %s (priority %d) for %s (priority %d)", victim.id, victim.priority,
+                 head.id, head.priority)
+        now = time.time()
+        self.store.update_job(victim.id, preempt_requested=now, preempted_by=head.id)
+        job = self.store.get_job(victim.id)
+        if job is not None and JobState(job["state"]).is_active:
+            self._stop(job, ray_job_id(job["id"], job["attempt"]), "preempt", now,
+                       f"preempted by {head.id}, which has a higher priority")
+
+    def _start(self, pj: policy.Job, placed: list[str]) -> bool:
+        """Admit a job on the nodes the policy chose: record the attempt, then submit its
+        Ray Job. False if the submission failed (the job is back in the queue, no retry
+        budget charged)."""
+        job = self.store.get_job(pj.id)
+        if job is None or job["state"] != JobState.QUEUED.value:
+            return True  # cancelled since the snapshot was taken
         n = job["attempt"] + 1
-        job = self.store.transition(job["id"], JobState.STARTING,
-                                    f"gang of {_spec(job).nodes} node(s) fits; starting attempt {n}",
-                                    expect=JobState.QUEUED, attempt=n)
-        sid = ray_job_id(job["id"], n)
-        self.store.add_attempt(job["id"], n, sid)  # intent first: a crash here is reconciled
         try:
-            self.launcher.submit(job, n, avoid_nodes)
+            job = self.store.transition(job["id"], JobState.STARTING,
+                                        f"gang of {pj.count} node(s) fits; starting attempt {n}",
+                                        expect=JobState.QUEUED, attempt=n)
+        except InvalidTransition:
+            return True
+        sid = ray_job_id(job["id"], n)
+        self.store.add_attempt(job["id"], n, sid, nodes=placed)  # intent first: a crash here is reconciled
+        try:
+            self.launcher.submit(job, n, nodes=placed)
         except Exception as e:  # noqa: BLE001 - the Ray dashboard may be down
             log.warning("submitting %s attempt %d failed: %s", job["id"], n, e)
             message = f"could not submit the Ray job: {type(e).__name__}: {e}"

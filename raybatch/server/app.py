@@ -2,6 +2,8 @@
 
     GET  /api/v1/health                    liveness, no auth
     GET  /api/v1/cluster                   live nodes and their free resources
+    GET  /api/v1/scheduler                 cycle timings, policy, reservation, autoscaling demand
+    GET  /api/v1/queue                     waiting jobs in order, why they wait, estimated starts
     GET  /api/v1/code/{sha}                is this code package stored?
     PUT  /api/v1/code/{sha}                upload a code package (zip, sha256 of the bytes)
     POST /api/v1/jobs                      submit (SubmitRequest) -> JobSummary
@@ -27,7 +29,8 @@ from fastapi import Depends, FastAPI, HTTPException, Query, Request, status
 from raybatch import __version__
 from raybatch.config import API_PREFIX
 from raybatch.models import (
-    AttemptInfo, JobDetail, JobSummary, LogChunk, RankInfo, SubmitRequest, Transition,
+    AttemptInfo, JobDetail, JobSummary, LogChunk, QueueEntry, RankInfo, SchedulerInfo,
+    SubmitRequest, Transition,
 )
 from raybatch.runtime import layout
 from raybatch.scheduler.loop import Scheduler
@@ -38,6 +41,7 @@ from raybatch.state.store import Store
 
 MAX_CODE_BYTES = 500 * 2**20  # Ray's working_dir limit
 MAX_LOG_CHUNK = 1 << 20
+ESTIMATED_JOBS = 100  # the queue view simulates this many jobs ahead for start estimates
 
 
 @dataclass
@@ -75,6 +79,7 @@ def job_detail(ctx: ServerContext, job: dict[str, Any]) -> JobDetail:
         spec=spec,
         waiting_reason=ctx.scheduler.waiting.get(job["id"]) if job["state"] == "QUEUED" else None,
         cancel_requested=bool(job["cancel_requested"]),
+        preempt_requested=bool(job["preempt_requested"]),
         outputs={i: str(layout.output_dir(job["job_dir"], i, o.path)) for i, o in spec.outputs.items()},
         checkpoint_dir=str(layout.checkpoint_dir(job["job_dir"])),
         logs_dir=str(Path(job["job_dir"]) / "stdouterr"),
@@ -119,6 +124,47 @@ def create_app(ctx: ServerContext, token: str) -> FastAPI:
     def cluster() -> list[dict[str, Any]]:
         return [n.__dict__ for n in ctx.scheduler.cluster.snapshot()]
 
+    @app.get(f"{API_PREFIX}/scheduler", dependencies=auth)
+    def scheduler_info() -> SchedulerInfo:
+        sched = ctx.scheduler
+        res = sched.reservation
+        cfg = sched.policy
+        return SchedulerInfo(
+            **{k: sched.stats[k] for k in ("cycles", "last_cycle_ms", "last_plan_ms", "queued", "active")},
+            policy={"backfill": cfg.backfill, "preemption": cfg.preemption, "fair_share": cfg.fair_share,
+                    "quotas": {g: q.__dict__ for g, q in cfg.quotas.items()},
+                    "default_quota": cfg.default_quota.__dict__},
+            policy_file=str(sched.policy_file) if sched.policy_file else None,
+            policy_error=sched.policy_error, last_cycle_error=sched.last_cycle_error,
+            reservation=({"job_id": res.job_id, "at": res.at if res.at != float("inf") else None,
+                          "nodes": res.nodes} if res else None),
+            autoscaler=sched.autoscaler.info() if sched.autoscaler is not None else None,
+        )
+
+    @app.get(f"{API_PREFIX}/queue", dependencies=auth)
+    def queue(limit: int = Query(200, ge=1, le=100000),
+              estimate: bool = Query(True, description="Estimate start times (first 100 jobs).")
+              ) -> list[QueueEntry]:
+        rows = {r["id"]: r for r in store.queued_jobs()}
+        waiting = dict(ctx.scheduler.waiting)
+        # the order of the last cycle, then anything queued since, in store order
+        ids = [i for i in waiting if i in rows] + [i for i in rows if i not in waiting]
+        ids = ids[:limit]
+        starts = ctx.scheduler.estimate_starts(ids[:ESTIMATED_JOBS]) if estimate else {}
+        now = time.time()
+        out = []
+        for pos, job_id in enumerate(ids, 1):
+            row = rows[job_id]
+            spec = ctx.scheduler.spec_of(row)
+            out.append(QueueEntry(
+                position=pos, id=job_id, name=row["name"], experiment=row["experiment"],
+                priority=row["priority"], nodes=spec.nodes, per_node=spec.resources.as_ray_bundle(),
+                attempt=row["attempt"], submitted_at=row["submitted_at"],
+                waiting_s=now - row["submitted_at"], reason=waiting.get(job_id, "not considered yet"),
+                estimated_start=starts.get(job_id), preemptions=row["preemptions"],
+            ))
+        return out
+
     @app.get(f"{API_PREFIX}/code/{{sha}}", dependencies=auth)
     def code_exists(sha: str) -> dict[str, Any]:
         if not (ctx.code_root / sha).is_dir():
@@ -149,6 +195,9 @@ def create_app(ctx: ServerContext, token: str) -> FastAPI:
         if spec.code and not req.code_package:
             raise HTTPException(status.HTTP_400_BAD_REQUEST,
                                 "code: the job names a code directory but no code package was uploaded")
+        never = ctx.scheduler.never_runs(spec)
+        if never:
+            raise HTTPException(status.HTTP_400_BAD_REQUEST, f"this job can never run: {never}")
         root = Path(spec.output_root).expanduser() if spec.output_root else ctx.jobs_root
         row = store.create_job(
             name=spec.name, experiment=spec.experiment, priority=spec.priority_value,

@@ -2,7 +2,14 @@
 scheduler loop in a thread and serves the REST API with uvicorn.
 
     python -m raybatch.server --state-dir DIR --ray-address HOST:PORT \\
-        --dashboard-url http://HOST:PORT [--host 127.0.0.1] [--port 8765]
+        --dashboard-url http://HOST:PORT [--host 127.0.0.1] [--port 8765] \\
+        [--policy FILE] [--cluster-config ray-cluster.yaml]
+
+The scheduler policy (backfill, preemption, fair share, quotas) is read from
+``--policy`` (default ``<state dir>/policy.yaml``) and re-read when it changes.
+With ``--cluster-config`` (the Ray autoscaler's cluster YAML), the scheduler
+asks Ray's autoscaler for the nodes queued jobs need, and rejects at submit a
+job that even the largest cluster could not hold.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ from raybatch.config import ray_client_env
 
 
 def build(state_dir: Path, ray_address: str, dashboard_url: str, jobs_root: Path | None = None,
-          tick: float = 0.5):
+          tick: float = 0.5, policy_file: Path | None = None, cluster_config: Path | None = None):
     from raybatch.runtime.launcher import RayJobLauncher  # noqa: PLC0415
     from raybatch.scheduler.cluster import RayClusterView  # noqa: PLC0415
     from raybatch.scheduler.loop import Scheduler  # noqa: PLC0415
@@ -30,8 +37,17 @@ def build(state_dir: Path, ray_address: str, dashboard_url: str, jobs_root: Path
     store = Store(state_dir / "raybatch.db")
     code_root = state_dir / "code"
     code_root.mkdir(exist_ok=True)
+    autoscaler = None
+    if cluster_config is not None:
+        from raybatch.scheduler.autoscale import Demand, NodeTypes  # noqa: PLC0415
+
+        autoscaler = Demand(NodeTypes.from_cluster_yaml(cluster_config), ray_address)
     scheduler = Scheduler(store, RayJobLauncher(dashboard_url, state_dir, code_root),
-                          RayClusterView(ray_address), tick=tick)
+                          RayClusterView(ray_address), tick=tick,
+                          policy_file=policy_file or state_dir / "policy.yaml", autoscaler=autoscaler)
+    scheduler.load_policy()
+    if scheduler.policy_error:
+        raise SystemExit(scheduler.policy_error)
     ctx = ServerContext(store=store, scheduler=scheduler,
                         jobs_root=(jobs_root or state_dir / "jobs").resolve(), code_root=code_root)
     return create_app(ctx, token), scheduler
@@ -47,13 +63,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8765)
     p.add_argument("--tick", type=float, default=0.5, help="scheduler period in seconds")
+    p.add_argument("--policy", type=Path, help="scheduler policy file (default: <state dir>/policy.yaml)")
+    p.add_argument("--cluster-config", type=Path,
+                   help="the Ray autoscaler's cluster YAML: enables autoscaling demand")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     import uvicorn  # noqa: PLC0415
 
     app, scheduler = build(args.state_dir.resolve(), args.ray_address, args.dashboard_url,
-                           args.jobs_root, args.tick)
+                           args.jobs_root, args.tick, args.policy, args.cluster_config)
     loop = threading.Thread(target=scheduler.run_forever, name="scheduler", daemon=True)
     loop.start()
     try:

@@ -7,6 +7,8 @@ raybatch                    Batch AI
 ==========================  ==============================================
 name, experiment            job name, experiment
 priority                    schedulingPriority (low | normal | high)
+preemptible                 (none: Batch AI did not preempt jobs)
+low_priority_nodes          the cluster's vmPriority (lowpriority)
 nodes                       nodeCount (gang: all nodes or none)
 processes_per_node          <toolkit>Settings.processCount / nodeCount
 resources (per node)        the cluster's vmSize
@@ -48,6 +50,7 @@ ENV_NAME_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # Batch AI's schedulingPriority names, mapped onto the 0-1000 integer scale.
 PRIORITY_NAMES = {"low": 250, "normal": 500, "high": 750}
 DEFAULT_MAX_WALL_CLOCK = 7 * 86400.0  # Batch AI's default: 7 days
+DEFAULT_GRACE_PERIOD = 30.0
 
 # Framework names the runner knows; kept in step with raybatch.frameworks.
 KNOWN_FRAMEWORKS = ("custom", "pytorch")
@@ -153,6 +156,13 @@ class JobSpec(_Strict):
     name: str = Field(..., description="Job name: letters, digits, '-', '_'; 1-64.")
     experiment: str = Field("default", description="Experiment the job belongs to.")
     priority: Priority = Field("normal", description="low | normal | high, or an integer 0-1000.")
+    preemptible: bool = Field(
+        True, description="May a higher-priority job stop this one (SIGTERM, grace_period, requeue)?"
+    )
+    low_priority_nodes: Literal["allow", "require", "avoid"] = Field(
+        "allow", description="Low-priority (spot) nodes, marked by the Ray label "
+        "raybatch.io/low-priority=true or the resource raybatch_low_priority: allow, require or avoid.",
+    )
     framework: str = Field("custom", description=f"One of: {', '.join(KNOWN_FRAMEWORKS)}.")
     command: str = Field(..., min_length=1, description="Shell command each rank runs (in the code dir).")
     nodes: int = Field(1, ge=1, le=10000, description="Gang size: the job starts only when all fit.")
@@ -178,7 +188,9 @@ class JobSpec(_Strict):
         f"({DURATION_HELP}); default: no stall detection.",
     )
     grace_period: float = Field(
-        30.0, validate_default=True, description=f"Time between SIGTERM and SIGKILL on cancel ({DURATION_HELP})."
+        None, validate_default=True,
+        description=f"Time between SIGTERM and SIGKILL on cancel or preemption ({DURATION_HELP}); "
+        "default 30 s (at most max_wall_clock).",
     )
     retries: RetryPolicy = Field(default_factory=RetryPolicy)
 
@@ -205,10 +217,17 @@ class JobSpec(_Strict):
             return v.lower()
         raise ValueError(f"unknown priority; {allowed}")
 
-    @field_validator("max_wall_clock", "grace_period", "stall_timeout", mode="before")
+    @field_validator("max_wall_clock", "stall_timeout", mode="before")
     @classmethod
     def _duration(cls, v: Any) -> Optional[float]:
         return None if v is None else parse_duration(v)
+
+    @field_validator("grace_period", mode="before")
+    @classmethod
+    def _grace(cls, v: Any, info: ValidationInfo) -> float:
+        if v is None:  # not given: 30 s, or all of a shorter max_wall_clock
+            return min(DEFAULT_GRACE_PERIOD, info.data.get("max_wall_clock") or DEFAULT_GRACE_PERIOD)
+        return parse_duration(v)
 
     @field_validator("framework")
     @classmethod

@@ -15,19 +15,19 @@ from raybatch.spec.job import JobSpec
 class SpecError(ValueError):
     """A job file that cannot be queued. ``problems`` holds one line per bad field."""
 
-    def __init__(self, source: str, problems: list[str]):
+    def __init__(self, source: str, problems: list[str], what: str = "job file"):
         self.source = source
         self.problems = problems
-        super().__init__(f"{source}: invalid job file\n" + "\n".join(f"  - {p}" for p in problems))
+        super().__init__(f"{source}: invalid {what}\n" + "\n".join(f"  - {p}" for p in problems))
 
 
 def _field_names(model: type[BaseModel]) -> list[str]:
     return sorted(model.model_fields)
 
 
-def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+def _model_at(loc: tuple[Any, ...], root: type[BaseModel] = JobSpec) -> type[BaseModel] | None:
     """The pydantic model that owns the field at ``loc`` (for 'allowed fields' hints)."""
-    model: type[BaseModel] | None = JobSpec
+    model: type[BaseModel] | None = root
     for part in loc[:-1]:
         if model is None:
             return None
@@ -50,7 +50,7 @@ def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     return model
 
 
-def format_validation_error(err: ValidationError) -> list[str]:
+def format_validation_error(err: ValidationError, root: type[BaseModel] = JobSpec) -> list[str]:
     problems = []
     for e in err.errors():
         # drop pydantic's union-member tags (e.g. "literal['low','normal','high']"), keep user keys
@@ -59,7 +59,7 @@ def format_validation_error(err: ValidationError) -> list[str]:
         kind = e["type"]
         given = e.get("input")
         if kind == "extra_forbidden":
-            owner = _model_at(loc)
+            owner = _model_at(loc, root)
             allowed = f"; allowed: {', '.join(_field_names(owner))}" if owner else ""
             problems.append(f"{where}: unknown field{allowed}")
         elif kind == "missing":

@@ -37,7 +37,10 @@ CREATE TABLE IF NOT EXISTS jobs (
     attempt        INTEGER NOT NULL DEFAULT 0,  -- number of the latest attempt
     user_retries   INTEGER NOT NULL DEFAULT 0,  -- retries used, per budget
     infra_retries  INTEGER NOT NULL DEFAULT 0,
-    cancel_requested REAL
+    cancel_requested REAL,
+    preempt_requested REAL,                -- a higher-priority job needs its nodes
+    preempted_by   TEXT,                   -- ... this one
+    preemptions    INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (state, priority DESC, seq);
 CREATE TABLE IF NOT EXISTS transitions (
@@ -60,6 +63,7 @@ CREATE TABLE IF NOT EXISTS attempts (
     exit_code   INTEGER,
     reason      TEXT,
     lost_nodes  TEXT,            -- JSON list of node ids where a rank was lost
+    nodes       TEXT,            -- JSON list: the node the scheduler gave each bundle
     PRIMARY KEY (job_id, n)
 );
 CREATE TABLE IF NOT EXISTS ranks (
@@ -80,7 +84,15 @@ CREATE TABLE IF NOT EXISTS ranks (
 _JOB_COLUMNS = (
     "seq", "id", "name", "experiment", "priority", "state", "spec", "code_package", "job_dir",
     "submitted_at", "updated_at", "started_at", "ended_at", "exit_code", "reason", "attempt",
-    "user_retries", "infra_retries", "cancel_requested",
+    "user_retries", "infra_retries", "cancel_requested", "preempt_requested", "preempted_by",
+    "preemptions",
+)
+# Columns added after the first release: (table, column, declaration), added to older files.
+_ADDED_COLUMNS = (
+    ("jobs", "preempt_requested", "REAL"),
+    ("jobs", "preempted_by", "TEXT"),
+    ("jobs", "preemptions", "INTEGER NOT NULL DEFAULT 0"),
+    ("attempts", "nodes", "TEXT"),
 )
 _MUTABLE_JOB_FIELDS = frozenset(_JOB_COLUMNS) - {"seq", "id", "spec", "submitted_at"}
 
@@ -103,7 +115,15 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")  # durable across process crashes in WAL
         self._db.execute("PRAGMA busy_timeout=5000")
+        self._migrate()
         self._db.executescript(SCHEMA)
+
+    def _migrate(self) -> None:
+        """Bring a store written by an older raybatch up to this schema (adds columns)."""
+        for table, column, decl in _ADDED_COLUMNS:
+            cols = {r["name"] for r in self._db.execute(f"PRAGMA table_info({table})").fetchall()}
+            if cols and column not in cols:
+                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
 
     def close(self) -> None:
         with self._lock:
@@ -164,12 +184,23 @@ class Store:
         args.append(limit)
         return self._all(sql, args)
 
-    def queued_jobs(self) -> list[dict[str, Any]]:
-        """The queue in admission order: priority (high first), then submission order."""
+    def queued_jobs(self, columns: str = "*") -> list[dict[str, Any]]:
+        """The queue: priority (high first), then submission order. ``columns`` picks
+        fewer columns for the scheduler's hot path (at 10k queued jobs, the specs are
+        most of the bytes)."""
         return self._all(
-            "SELECT * FROM jobs WHERE state=? ORDER BY priority DESC, seq ASC",
+            f"SELECT {columns} FROM jobs WHERE state=? ORDER BY priority DESC, seq ASC",
             (JobState.QUEUED.value,),
         )
+
+    def specs(self, job_ids: list[str]) -> dict[str, str]:
+        """Job id -> spec JSON, for the given jobs."""
+        out: dict[str, str] = {}
+        for i in range(0, len(job_ids), 500):
+            chunk = job_ids[i:i + 500]
+            rows = self._all(f"SELECT id, spec FROM jobs WHERE id IN ({','.join('?' * len(chunk))})", chunk)
+            out.update({r["id"]: r["spec"] for r in rows})
+        return out
 
     def active_jobs(self) -> list[dict[str, Any]]:
         return self._all(
@@ -226,17 +257,19 @@ class Store:
         )
 
     # ---- attempts and ranks ----------------------------------------------
-    def add_attempt(self, job_id: str, n: int, ray_job_id: str) -> None:
+    def add_attempt(self, job_id: str, n: int, ray_job_id: str, nodes: Optional[list[str]] = None) -> None:
         with self._tx() as db:
             db.execute(
-                "INSERT INTO attempts (job_id, n, ray_job_id, started_at) VALUES (?,?,?,?)",
-                (job_id, n, ray_job_id, time.time()),
+                "INSERT INTO attempts (job_id, n, ray_job_id, started_at, nodes) VALUES (?,?,?,?,?)",
+                (job_id, n, ray_job_id, time.time(), json.dumps(nodes) if nodes else None),
             )
 
     def update_attempt(self, job_id: str, n: int, **fields: Any) -> None:
-        allowed = {"running_at", "ended_at", "outcome", "exit_code", "reason", "lost_nodes"}
+        allowed = {"running_at", "ended_at", "outcome", "exit_code", "reason", "lost_nodes", "nodes"}
         if "lost_nodes" in fields:
             fields["lost_nodes"] = json.dumps(sorted(fields["lost_nodes"] or []))
+        if "nodes" in fields:
+            fields["nodes"] = json.dumps(list(fields["nodes"] or []))
         if set(fields) - allowed:
             raise ValueError(f"not attempt fields: {sorted(set(fields) - allowed)}")
         sets = ", ".join(f"{k}=?" for k in fields)
@@ -275,6 +308,7 @@ class Store:
 def _decode_attempt(row: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
     if row is not None:
         row["lost_nodes"] = json.loads(row["lost_nodes"]) if row["lost_nodes"] else []
+        row["nodes"] = json.loads(row["nodes"]) if row.get("nodes") else []
     return row
 
 

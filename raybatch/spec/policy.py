@@ -1,0 +1,69 @@
+"""The scheduler's policy file (``<state dir>/policy.yaml``), read by the server.
+
+Example::
+
+    backfill: true        # EASY backfill (false: strict priority/FIFO order)
+    preemption: true      # higher priority may preempt lower (jobs can opt out)
+    fair_share: true      # among equal priority, the experiment using least of its share first
+    quotas:               # per experiment; 'default' applies to every other one
+      vision: {max_nodes: 4, max_gpus: 8, share: 2}
+      default: {max_nodes: 8}
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from raybatch.spec.job import NAME_PATTERN
+from raybatch.spec.loader import SpecError, format_validation_error
+
+DEFAULT_GROUP = "default"
+
+
+class QuotaSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_nodes: Optional[int] = Field(None, ge=1, description="Nodes its jobs may hold at once.")
+    max_gpus: Optional[float] = Field(None, ge=0, description="GPUs its jobs may hold at once.")
+    share: float = Field(1.0, gt=0, description="Fair-share weight (2 = twice the share of 1).")
+
+
+class SchedulerPolicy(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    backfill: bool = Field(True, description="EASY backfill; false: strict order.")
+    preemption: bool = Field(True, description="Higher priority may preempt lower priority.")
+    fair_share: bool = Field(True, description="Order equal priorities by share used.")
+    quotas: dict[str, QuotaSpec] = Field(
+        default_factory=dict, description="Per experiment; 'default' for every other experiment."
+    )
+
+    @field_validator("quotas")
+    @classmethod
+    def _names(cls, v: dict[str, QuotaSpec]) -> dict[str, QuotaSpec]:
+        import re  # noqa: PLC0415
+
+        for name in v:
+            if not re.fullmatch(NAME_PATTERN, name):
+                raise ValueError(f"'{name}' is not an experiment name (1-64 letters, digits, '-', '_')")
+        return v
+
+
+def load_policy(path: Path) -> SchedulerPolicy:
+    """Read the policy file; a missing file means the defaults."""
+    if not path.is_file():
+        return SchedulerPolicy()
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise SpecError(str(path), [f"not valid YAML: {err}"], "policy file") from None
+    if not isinstance(data, dict):
+        raise SpecError(str(path), ["(top level): the policy file must be a YAML mapping"], "policy file")
+    try:
+        return SchedulerPolicy.model_validate(data)
+    except ValidationError as err:
+        raise SpecError(str(path), format_validation_error(err, SchedulerPolicy), "policy file") from None
