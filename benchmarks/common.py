@@ -22,8 +22,9 @@ def local_default(nodes: int = 2) -> Iterator[tuple[dict, Client]]:
     """``raybatch up`` under a fresh RAYBATCH_HOME; ``down`` afterwards."""
     local = LocalCluster(Path(tempfile.mkdtemp(prefix="raybatch-bench-")))
     info = local.up(nodes=nodes)
+    info = {**info, "token": local.token()}
     try:
-        yield info, Client(info["url"], local.token())
+        yield info, Client(info["url"], info["token"])
     finally:
         local.down()
 

@@ -74,9 +74,10 @@ class RayTestCluster:
 class ServerProcess:
     """``python -m raybatch.server`` as a separate process, as in production."""
 
-    def __init__(self, cluster: RayTestCluster, state_dir: Path):
-        self.cluster = cluster
+    def __init__(self, cluster, state_dir: Path, extra_args: tuple[str, ...] = ()):
+        self.cluster = cluster  # anything with .address (GCS) and .dashboard_url
         self.state_dir = state_dir
+        self.extra_args = list(extra_args)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
@@ -86,7 +87,7 @@ class ServerProcess:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "raybatch.server", "--state-dir", str(self.state_dir),
              "--ray-address", self.cluster.address, "--dashboard-url", self.cluster.dashboard_url,
-             "--port", str(self.port), "--tick", "0.25"],
+             "--port", str(self.port), "--tick", "0.25", *self.extra_args],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env={**os.environ, "RAYBATCH_PLACEMENT_TIMEOUT_S": "60"},
         )

@@ -113,3 +113,14 @@ def test_a_failed_request_is_retried_next_cycle():
     assert "GCS unavailable" in demand.info()["summary"]
     demand.update(head_only(), [], [job("j", 1, cpus=2)])
     assert len(calls) == 2 and demand.error is None
+
+
+def test_live_nodes_are_kept_while_an_admitted_gang_is_being_placed():
+    demand, sent = make()
+    workers = [NodeView(f"w{i}", available={"CPU": 2.0}, total={"CPU": 2.0}, node_type="cpu")
+               for i in range(2)]
+    demand.update(head_only() + workers, [], [], starting=True)
+    assert sent == [[{"CPU": 1.0}, {"CPU": 2.0}, {"CPU": 2.0}]]
+    assert "keeping the live nodes" in demand.info()["summary"]
+    demand.update(head_only() + workers, [], [], starting=False)
+    assert sent[-1] == []

@@ -22,6 +22,7 @@ A job that does not fit even the largest cluster is rejected at submit.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -107,14 +108,25 @@ class NodeTypes:
 
 
 def request_via_gcs(gcs_address: str) -> Callable[[list[dict[str, float]]], None]:
-    """Send a cluster-shape request to Ray's autoscaler (no ``ray.init`` needed)."""
+    """Send a cluster-shape request to Ray's autoscaler, without ``ray.init``.
+
+    Ray 2.60 has two autoscalers that read demand from different places, each
+    ignoring the other's: v2 a GCS resource constraint, v1 (the default of
+    ``ray start``) an internal-KV key. Both are written; the request is a single
+    slot, so each write replaces the previous one (a user's own
+    ``request_resources`` would replace ours too, until our next change)."""
     from raybatch.config import ray_client_env  # noqa: PLC0415
 
     ray_client_env()
+    from ray._private.ray_constants import AUTOSCALER_RESOURCE_REQUEST_CHANNEL  # noqa: PLC0415
+    from ray._raylet import GcsClient  # noqa: PLC0415
     from ray.autoscaler.v2.sdk import request_cluster_resources  # noqa: PLC0415
 
+    gcs = GcsClient(address=gcs_address)
+
     def send(bundles: list[dict[str, float]]) -> None:
-        request_cluster_resources(gcs_address, bundles)
+        request_cluster_resources(gcs_address, [{"resources": b} for b in bundles])
+        gcs.internal_kv_put(AUTOSCALER_RESOURCE_REQUEST_CHANNEL, json.dumps(bundles).encode(), True, None)
 
     return send
 
@@ -155,15 +167,18 @@ class Demand:
                 to_add[n.node_type] = to_add.get(n.node_type, 0) + 1
         return to_add, jobs
 
-    def update(self, nodes: list[NodeView], running: list[Job], unfit: list[Job]) -> None:
+    def update(self, nodes: list[NodeView], running: list[Job], unfit: list[Job],
+               starting: bool = False) -> None:
+        """``starting``: some admitted gangs are not placed yet. Their nodes look idle
+        to the autoscaler until the placement group lands, so the live nodes are kept
+        (requested) until then instead of withdrawing."""
         to_add, jobs = self.plan(nodes, unfit) if unfit else ({}, [])
-        if to_add:
+        bundles = []  # no request: idle nodes may go
+        if to_add or starting:
             bundles = [_requestable(n.total) for n in nodes if n.alive]
             for t, k in sorted(to_add.items()):
                 bundles += [_requestable(self.types.types[t].resources) for _ in range(k)]
             bundles = [b for b in bundles if b]
-        else:
-            bundles = []  # withdraw: idle nodes may go
         self.to_add, self.for_jobs = to_add, jobs
         if bundles == self.requested:
             return
@@ -177,6 +192,8 @@ class Demand:
         self.requested, self.updated_at = bundles, time.time()
         if to_add:
             log.info("asked the autoscaler for %s for %s", to_add, ", ".join(jobs))
+        elif bundles:
+            log.info("keeping the live nodes while admitted gangs are placed")
         else:
             log.info("withdrew the autoscaler request")
 
@@ -194,7 +211,9 @@ class Demand:
                   "max_workers allow)")
 
     def info(self) -> dict[str, Any]:
-        if self.to_add:
+        if not self.to_add and self.requested:
+            summary = "keeping the live nodes until admitted gangs are placed"
+        elif self.to_add:
             summary = (f"asked for {', '.join(f'{k} x {t}' for t, k in sorted(self.to_add.items()))} "
                        f"for {', '.join(self.for_jobs)}")
         else:

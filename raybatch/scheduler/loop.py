@@ -283,20 +283,24 @@ class Scheduler:
     def _queue(self) -> list[policy.Job]:
         """The queued jobs as the policy sees them, cached across cycles (a spec never
         changes; the nodes to avoid change only with a new attempt)."""
-        rows = self.store.queued_jobs("id, seq, attempt")
-        keys = [(r["id"], r["attempt"]) for r in rows]
-        missing = [k[0] for k in keys if k not in self._queued]
-        specs = self.store.specs(missing) if missing else {}
-        cache = {}
-        for r, key in zip(rows, keys):
-            pj = self._queued.get(key)
+        old = self._queued
+        cache: dict[tuple[str, int], policy.Job] = {}
+        missing = []
+        for job_id, seq, attempt in self.store.queue_keys():
+            key = (job_id, attempt)
+            pj = cache[key] = old.get(key)  # type: ignore[assignment]
             if pj is None:
-                spec = self._specs.get(r["id"]) or JobSpec.model_validate_json(specs[r["id"]])
-                self._specs[r["id"]] = spec
-                avoid = frozenset(self.store.lost_nodes(r["id"])) if r["attempt"] else frozenset()
-                pj = policy.job_from_spec(r["id"], r["seq"], spec, avoid=avoid)
-            cache[key] = pj
+                missing.append((job_id, seq, attempt))
+        specs = self.store.specs([m[0] for m in missing]) if missing else {}
+        for job_id, seq, attempt in missing:
+            spec = self._specs.get(job_id) or JobSpec.model_validate_json(specs[job_id])
+            avoid = frozenset(self.store.lost_nodes(job_id)) if attempt else frozenset()
+            cache[(job_id, attempt)] = policy.job_from_spec(job_id, seq, spec, avoid=avoid)
         self._queued = cache
+        # keep parsed specs only for jobs still queued or running (the policy's view is enough)
+        if len(self._specs) > len(self._active) + 1000:
+            keep = {job_id for job_id, _ in cache} | {j["id"] for j in self._active}
+            self._specs = {k: v for k, v in self._specs.items() if k in keep}
         return list(cache.values())
 
     def admit(self) -> None:
@@ -307,7 +311,8 @@ class Scheduler:
             self.waiting = {}
             self.reservation = None
             if self.autoscaler is not None:
-                self.autoscaler.update([], [], [])
+                self.autoscaler.update(self.cluster.snapshot() if self._unplaced else [], [], [],
+                                       starting=bool(self._unplaced))
             return
         if time.monotonic() < self._submit_retry_at:  # the last Ray Job submission failed
             wait_s = self._submit_retry_at - time.monotonic()
@@ -329,7 +334,7 @@ class Scheduler:
         self.reservation = plan.reservation
         self.last_inputs = (now, nodes, running)
         if self.autoscaler is not None:
-            self.autoscaler.update(nodes, running, plan.unfit)
+            self.autoscaler.update(nodes, running, plan.unfit, starting=bool(self._unplaced or plan.start))
 
     def never_runs(self, spec: JobSpec) -> Optional[str]:
         """Why a job could never start (its experiment's quota, or the largest cluster the

@@ -31,10 +31,10 @@ and requeued, and the head waits for them.
 
 from __future__ import annotations
 
-import functools
 import heapq
 import itertools
 import math
+import operator
 from dataclasses import dataclass, field, replace
 from typing import Iterable, Iterator, Optional
 
@@ -93,11 +93,14 @@ class Job:
     def gpus(self) -> float:
         return self.bundle.get("GPU", 0.0) * self.count
 
-    @functools.cached_property
-    def shape(self) -> tuple:
-        """What it asks for: jobs of one shape fit, or not, alike."""
-        return (tuple(sorted(self.bundle.items())), self.count, self.strategy,
-                self.low_priority_nodes, self.avoid)
+    # derived once (the policy reads them for every queued job, every cycle)
+    shape: tuple = field(init=False, repr=False, compare=False)  # jobs of one shape fit alike
+    order_key: tuple = field(init=False, repr=False, compare=False)  # (-priority, seq)
+
+    def __post_init__(self) -> None:
+        self.shape = (tuple(sorted(self.bundle.items())), self.count, self.strategy,
+                      self.low_priority_nodes, self.avoid)
+        self.order_key = (-self.priority, self.seq)
 
     def expected_end(self, now: float) -> float:
         """When its resources come back, at the latest (never in the past)."""
@@ -189,6 +192,10 @@ def dominant_share(usage: dict[str, float], totals: dict[str, float]) -> float:
     return max((usage.get(r, 0.0) / totals[r] for r in RESOURCES_FOR_SHARE if totals.get(r)), default=0.0)
 
 
+_ORDER = operator.attrgetter("order_key")
+_PRIORITY = operator.attrgetter("priority")
+
+
 class QueueOrder:
     """Iterates queued jobs: priority first; within a priority, groups by least
     share used (if fair share is on), each group in submission order. Call
@@ -202,8 +209,16 @@ class QueueOrder:
         for r in running:
             self._add(r)
         self.levels: dict[int, dict[str, list[Job]]] = {}
-        for j in sorted(queued, key=lambda j: (-j.priority, j.seq)):
-            self.levels.setdefault(j.priority, {}).setdefault(j.group, []).append(j)
+        ordered = sorted(queued, key=_ORDER)
+        for priority, level in itertools.groupby(ordered, key=_PRIORITY):
+            jobs = list(level)
+            if len({j.group for j in jobs}) == 1:
+                self.levels[priority] = {jobs[0].group: jobs}
+                continue
+            groups: dict[str, list[Job]] = {}
+            for j in jobs:
+                groups.setdefault(j.group, []).append(j)
+            self.levels[priority] = groups
 
     def _add(self, job: Job) -> None:
         u = self.usage.setdefault(job.group, {})
