@@ -19,6 +19,11 @@ class SubmitRequest(BaseModel):
     )
 
 
+class BatchSubmitRequest(BaseModel):
+    jobs: list[SubmitRequest] = Field(min_length=1, max_length=1000,
+                                      description="Queued whole or not at all, in this order.")
+
+
 class JobSummary(BaseModel):
     id: str
     name: str

@@ -118,3 +118,17 @@ def test_quota_from_the_policy_file_and_rejection_at_submit(client, server):
     finally:
         policy.unlink()
     wait_for(lambda: not client.scheduler().policy["quotas"], 10, "the default policy")
+
+
+def test_batch_submission_is_all_or_nothing(client):
+    before = len(client.list(limit=100_000))
+    good = {"spec": {"name": "ok", "command": "true"}}
+    bad = {"spec": {"name": "bad", "command": "true"}, "code_package": "0" * 64}
+    with pytest.raises(RaybatchError, match=r"jobs\[1\]: code package 0+ was not uploaded"):
+        client._request("POST", "/jobs/batch", json={"jobs": [good, bad, good]})
+    assert len(client.list(limit=100_000)) == before  # nothing was queued
+    jobs = client.submit_many([{"name": f"array-{k}", "command": f"echo item {k}"} for k in range(3)])
+    assert [j.name for j in jobs] == ["array-0", "array-1", "array-2"]
+    for k, j in enumerate(jobs):
+        assert client.wait(j.id, timeout=60).state == "SUCCEEDED"
+        assert client.logs(j.id).strip() == f"item {k}"

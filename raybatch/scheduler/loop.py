@@ -36,6 +36,7 @@ log = logging.getLogger("raybatch.scheduler")
 STOP_ESCALATION_S = 30.0  # beyond the job's grace period, before `ray job stop`
 STOP_SLACK_S = 5.0        # after the grace period, until a stopped gang's resources are back
 MIN_CYCLE_GAP_S = 0.2     # submissions wake the loop; at most one cycle per this long
+RESYNC_S = 60.0           # re-read the whole queue this often (it is followed incrementally)
 
 
 def _spec(job: dict[str, Any]) -> JobSpec:
@@ -55,7 +56,10 @@ class Scheduler:
         self._policy_mtime: Optional[float] = None
         self.autoscaler = autoscaler    # raybatch.scheduler.autoscale.Demand, or None
         self._specs: dict[str, JobSpec] = {}          # job id -> spec (specs never change)
-        self._queued: dict[tuple[str, int], policy.Job] = {}  # (id, attempt) -> policy view
+        self._queued: dict[str, policy.Job] = {}      # job id -> policy view, for queued jobs
+        self._queued_attempt: dict[str, int] = {}     # ... and the attempt it was built for
+        self._queued_at: Optional[float] = None       # last full read of the queue (monotonic)
+        self._queue_order: Optional[policy.Queue] = None  # self._queued, sorted
         self._active: list[dict[str, Any]] = []
         self.reservation: Optional[policy.Reservation] = None
         self.last_inputs: Optional[tuple] = None      # (now, nodes, running) of the last plan
@@ -280,28 +284,53 @@ class Scheduler:
             ))
         return running
 
-    def _queue(self) -> list[policy.Job]:
-        """The queued jobs as the policy sees them, cached across cycles (a spec never
-        changes; the nodes to avoid change only with a new attempt)."""
-        old = self._queued
-        cache: dict[tuple[str, int], policy.Job] = {}
+    def _queue(self) -> policy.Queue:
+        """The queued jobs as the policy sees them. Followed incrementally: the store
+        says which jobs changed state since the last cycle, and only those are read
+        again (a spec never changes; the nodes to avoid change only with a new
+        attempt). The whole queue is re-read at start and every RESYNC_S."""
+        if self._queued_at is None or time.monotonic() - self._queued_at > RESYNC_S:
+            self.store.take_changed()  # before the read: nothing written after it is missed
+            rows = self.store.queue_keys()
+            self._queued_at = time.monotonic()
+            old, self._queued = self._queued, {}
+            self._add_queued([(job_id, seq, attempt) for job_id, seq, attempt in rows], old)
+            self._queue_order = None
+        else:
+            changed = self.store.take_changed()
+            if changed:
+                add = []
+                for job_id, state, seq, attempt in self.store.queue_rows(sorted(changed)):
+                    if state == JobState.QUEUED.value:
+                        add.append((job_id, seq, attempt))
+                    else:
+                        self._queued.pop(job_id, None)
+                self._add_queued(add, {})
+                self._queue_order = None
+        # keep parsed specs only for jobs still queued or running (the policy's view is enough)
+        if len(self._specs) > len(self._active) + 1000:
+            keep = set(self._queued) | {j["id"] for j in self._active}
+            self._specs = {k: v for k, v in self._specs.items() if k in keep}
+        if self._queue_order is None:  # sorted and grouped again only when the queue changed
+            self._queue_order = policy.Queue(self._queued.values())
+        return self._queue_order
+
+    def _add_queued(self, rows: list[tuple[str, int, int]], old: dict[str, policy.Job]) -> None:
         missing = []
-        for job_id, seq, attempt in self.store.queue_keys():
-            key = (job_id, attempt)
-            pj = cache[key] = old.get(key)  # type: ignore[assignment]
-            if pj is None:
+        for job_id, seq, attempt in rows:
+            pj = old.get(job_id)
+            if pj is not None and self._queued_attempt.get(job_id) == attempt:
+                self._queued[job_id] = pj
+            else:
                 missing.append((job_id, seq, attempt))
         specs = self.store.specs([m[0] for m in missing]) if missing else {}
         for job_id, seq, attempt in missing:
             spec = self._specs.get(job_id) or JobSpec.model_validate_json(specs[job_id])
             avoid = frozenset(self.store.lost_nodes(job_id)) if attempt else frozenset()
-            cache[(job_id, attempt)] = policy.job_from_spec(job_id, seq, spec, avoid=avoid)
-        self._queued = cache
-        # keep parsed specs only for jobs still queued or running (the policy's view is enough)
-        if len(self._specs) > len(self._active) + 1000:
-            keep = {job_id for job_id, _ in cache} | {j["id"] for j in self._active}
-            self._specs = {k: v for k, v in self._specs.items() if k in keep}
-        return list(cache.values())
+            self._queued[job_id] = policy.job_from_spec(job_id, seq, spec, avoid=avoid)
+            self._queued_attempt[job_id] = attempt
+        if len(self._queued_attempt) > 2 * len(self._queued) + 1000:
+            self._queued_attempt = {k: v for k, v in self._queued_attempt.items() if k in self._queued}
 
     def admit(self) -> None:
         self.load_policy()
@@ -317,7 +346,7 @@ class Scheduler:
         if time.monotonic() < self._submit_retry_at:  # the last Ray Job submission failed
             wait_s = self._submit_retry_at - time.monotonic()
             self.waiting = {j.id: f"Ray Job submission failed {self._submit_failures} time(s) in a row; "
-                                  f"retrying in {wait_s:.0f} s" for j in queued}
+                                  f"retrying in {wait_s:.0f} s" for j in self._queued.values()}
             return
         nodes = self.cluster.snapshot()
         running = self._running(nodes)

@@ -68,6 +68,21 @@ class PolicyConfig:
         return self.quotas.get(group, self.default_quota)
 
 
+_SHAPES: dict[tuple, int] = {}
+_shape_counter = itertools.count()
+
+
+def _shape_id(key: tuple) -> int:
+    """A small int per distinct shape: hashing the nested tuple once per job instead
+    of on every lookup, for every job, every cycle."""
+    sid = _SHAPES.get(key)
+    if sid is None:
+        if len(_SHAPES) > 100_000:  # ids stay unique (a counter): a cleared table only costs memos
+            _SHAPES.clear()
+        sid = _SHAPES[key] = next(_shape_counter)
+    return sid
+
+
 @dataclass
 class Job:
     """A job as the policy sees it: queued, or running (``nodes`` set)."""
@@ -94,12 +109,12 @@ class Job:
         return self.bundle.get("GPU", 0.0) * self.count
 
     # derived once (the policy reads them for every queued job, every cycle)
-    shape: tuple = field(init=False, repr=False, compare=False)  # jobs of one shape fit alike
+    shape: int = field(init=False, repr=False, compare=False)  # jobs of one shape fit alike
     order_key: tuple = field(init=False, repr=False, compare=False)  # (-priority, seq)
 
     def __post_init__(self) -> None:
-        self.shape = (tuple(sorted(self.bundle.items())), self.count, self.strategy,
-                      self.low_priority_nodes, self.avoid)
+        self.shape = _shape_id((tuple(sorted(self.bundle.items())), self.count, self.strategy,
+                                self.low_priority_nodes, self.avoid))
         self.order_key = (-self.priority, self.seq)
 
     def expected_end(self, now: float) -> float:
@@ -196,29 +211,42 @@ _ORDER = operator.attrgetter("order_key")
 _PRIORITY = operator.attrgetter("priority")
 
 
+class Queue:
+    """Queued jobs sorted once: priority level -> group -> jobs in submission order.
+    A caller that keeps one between cycles while the queue does not change spares
+    the policy a sort and a grouping pass over every job (``plan`` takes either)."""
+
+    def __init__(self, jobs: Iterable[Job]):
+        self.levels: dict[int, dict[str, list[Job]]] = {}
+        ordered = sorted(jobs, key=_ORDER)
+        self.size = len(ordered)
+        for priority, level in itertools.groupby(ordered, key=_PRIORITY):
+            members = list(level)
+            if len({j.group for j in members}) == 1:
+                self.levels[priority] = {members[0].group: members}
+                continue
+            groups: dict[str, list[Job]] = {}
+            for j in members:
+                groups.setdefault(j.group, []).append(j)
+            self.levels[priority] = groups
+
+    def __len__(self) -> int:
+        return self.size
+
+
 class QueueOrder:
     """Iterates queued jobs: priority first; within a priority, groups by least
     share used (if fair share is on), each group in submission order. Call
     ``started(job)`` when a job is admitted so its group's usage grows."""
 
-    def __init__(self, queued: list[Job], running: list[Job], totals: dict[str, float],
+    def __init__(self, queued: "list[Job] | Queue", running: list[Job], totals: dict[str, float],
                  config: PolicyConfig):
         self.config = config
         self.totals = totals
         self.usage: dict[str, dict[str, float]] = {}
         for r in running:
             self._add(r)
-        self.levels: dict[int, dict[str, list[Job]]] = {}
-        ordered = sorted(queued, key=_ORDER)
-        for priority, level in itertools.groupby(ordered, key=_PRIORITY):
-            jobs = list(level)
-            if len({j.group for j in jobs}) == 1:
-                self.levels[priority] = {jobs[0].group: jobs}
-                continue
-            groups: dict[str, list[Job]] = {}
-            for j in jobs:
-                groups.setdefault(j.group, []).append(j)
-            self.levels[priority] = groups
+        self.levels = (queued if isinstance(queued, Queue) else Queue(queued)).levels
 
     def _add(self, job: Job) -> None:
         u = self.usage.setdefault(job.group, {})
@@ -328,7 +356,7 @@ def _fmt_time(t: float, now: float) -> str:
     return f"in {d / 3600:.1f} h"
 
 
-def plan(now: float, nodes: list[NodeView], running: list[Job], queued: list[Job],
+def plan(now: float, nodes: list[NodeView], running: list[Job], queued: "list[Job] | Queue",
          config: Optional[PolicyConfig] = None) -> Plan:
     """Decide this cycle. ``nodes`` is the free/total snapshot with running jobs
     already subtracted; ``running`` are the admitted jobs (with ``nodes`` set)."""
@@ -350,8 +378,8 @@ def plan(now: float, nodes: list[NodeView], running: list[Job], queued: list[Job
     head: Optional[Job] = None
     reserved_at = math.inf
     reserved_free: Optional[list[NodeView]] = None  # free resources at the reservation
-    failed: dict[tuple, str] = {}  # shapes that did not fit this cycle (free only shrinks)
-    delays: dict[tuple, str] = {}  # shapes that would delay the head (until the next start)
+    failed: dict[int, str] = {}  # shapes that did not fit this cycle (free only shrinks)
+    delays: dict[int, str] = {}  # shapes that would delay the head (until the next start)
 
     limited = {g for g, q in config.quotas.items() if q.max_nodes is not None or q.max_gpus is not None}
     any_limited = config.default_quota.max_nodes is not None or config.default_quota.max_gpus is not None

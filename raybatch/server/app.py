@@ -7,6 +7,7 @@
     GET  /api/v1/code/{sha}                is this code package stored?
     PUT  /api/v1/code/{sha}                upload a code package (zip, sha256 of the bytes)
     POST /api/v1/jobs                      submit (SubmitRequest) -> JobSummary
+    POST /api/v1/jobs/batch                submit up to 1000 jobs at once, all or none
     GET  /api/v1/jobs                      list, newest first (?state=&experiment=&limit=)
     GET  /api/v1/jobs/{id}                 JobDetail: history, attempts, ranks, paths
     POST /api/v1/jobs/{id}/cancel          cancel (SIGTERM, grace, SIGKILL)
@@ -29,7 +30,7 @@ from fastapi import Depends, FastAPI, HTTPException, Query, Request, status
 from raybatch import __version__
 from raybatch.config import API_PREFIX
 from raybatch.models import (
-    AttemptInfo, JobDetail, JobSummary, LogChunk, QueueEntry, RankInfo, SchedulerInfo,
+    AttemptInfo, BatchSubmitRequest, JobDetail, JobSummary, LogChunk, QueueEntry, RankInfo, SchedulerInfo,
     SubmitRequest, Transition,
 )
 from raybatch.runtime import layout
@@ -186,26 +187,36 @@ def create_app(ctx: ServerContext, token: str) -> FastAPI:
                 raise HTTPException(status.HTTP_400_BAD_REQUEST, "body is not a zip file") from None
         return {"sha": sha}
 
-    @app.post(f"{API_PREFIX}/jobs", dependencies=auth, status_code=201)
-    def submit(req: SubmitRequest) -> JobSummary:
+    def admission(req: SubmitRequest, where: str = "") -> dict[str, Any]:
+        """Check a submission; the store's keyword arguments for it."""
         spec = req.spec
         if req.code_package and not (ctx.code_root / req.code_package).is_dir():
             raise HTTPException(status.HTTP_400_BAD_REQUEST,
-                                f"code package {req.code_package} was not uploaded")
+                                f"{where}code package {req.code_package} was not uploaded")
         if spec.code and not req.code_package:
             raise HTTPException(status.HTTP_400_BAD_REQUEST,
-                                "code: the job names a code directory but no code package was uploaded")
+                                f"{where}code: the job names a code directory but no code package was uploaded")
         never = ctx.scheduler.never_runs(spec)
         if never:
-            raise HTTPException(status.HTTP_400_BAD_REQUEST, f"this job can never run: {never}")
+            raise HTTPException(status.HTTP_400_BAD_REQUEST, f"{where}this job can never run: {never}")
         root = Path(spec.output_root).expanduser() if spec.output_root else ctx.jobs_root
-        row = store.create_job(
-            name=spec.name, experiment=spec.experiment, priority=spec.priority_value,
-            spec=spec.model_dump(mode="json"), code_package=req.code_package,
-            job_dir_for=lambda job_id: (root / spec.experiment / job_id).resolve(),
-        )
+        return dict(name=spec.name, experiment=spec.experiment, priority=spec.priority_value,
+                    spec=spec.model_dump(mode="json"), code_package=req.code_package,
+                    job_dir_for=lambda job_id: (root / spec.experiment / job_id).resolve())
+
+    @app.post(f"{API_PREFIX}/jobs", dependencies=auth, status_code=201)
+    def submit(req: SubmitRequest) -> JobSummary:
+        row = store.create_job(**admission(req))
         ctx.scheduler.wake()
         return JobSummary.from_row(row)
+
+    @app.post(f"{API_PREFIX}/jobs/batch", dependencies=auth, status_code=201)
+    def submit_batch(req: BatchSubmitRequest) -> list[JobSummary]:
+        """Many jobs (an array, a sweep) in one request: all queued or none."""
+        items = [admission(r, f"jobs[{i}]: ") for i, r in enumerate(req.jobs)]
+        rows = store.create_jobs(items)
+        ctx.scheduler.wake()
+        return [JobSummary.from_row(r) for r in rows]
 
     @app.get(f"{API_PREFIX}/jobs", dependencies=auth)
     def list_jobs(

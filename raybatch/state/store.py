@@ -112,6 +112,7 @@ class Store:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
+        self._changed: set[str] = set()  # jobs created or moved since take_changed()
         self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
         self._db.row_factory = _row
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -149,23 +150,38 @@ class Store:
         job_dir_for: Any, code_package: Optional[str] = None, reason: str = "submitted",
     ) -> dict[str, Any]:
         """Insert a QUEUED job. ``job_dir_for(job_id)`` gives its directory."""
+        return self.create_jobs([dict(name=name, experiment=experiment, priority=priority, spec=spec,
+                                      job_dir_for=job_dir_for, code_package=code_package)], reason)[0]
+
+    def create_jobs(self, jobs: list[dict[str, Any]], reason: str = "submitted") -> list[dict[str, Any]]:
+        """Insert QUEUED jobs in one transaction (all or none), in order. Each item has
+        the keyword arguments of ``create_job``."""
         now = time.time()
+        ids = []
         with self._tx() as db:
-            for _ in range(10):
-                job_id = new_job_id()
-                if not db.execute("SELECT 1 FROM jobs WHERE id=?", (job_id,)).fetchone():
-                    break
-            db.execute(
-                "INSERT INTO jobs (id, name, experiment, priority, state, spec, code_package, job_dir,"
-                " submitted_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                (job_id, name, experiment, priority, JobState.QUEUED.value, json.dumps(spec),
-                 code_package, str(job_dir_for(job_id)), now, now),
-            )
-            db.execute(
-                "INSERT INTO transitions (job_id, at, from_state, to_state, reason) VALUES (?,?,?,?,?)",
-                (job_id, now, None, JobState.QUEUED.value, reason),
-            )
-        return self.get_job(job_id)  # type: ignore[return-value]
+            for j in jobs:
+                for _ in range(10):
+                    job_id = new_job_id()
+                    if not db.execute("SELECT 1 FROM jobs WHERE id=?", (job_id,)).fetchone():
+                        break
+                db.execute(
+                    "INSERT INTO jobs (id, name, experiment, priority, state, spec, code_package, job_dir,"
+                    " submitted_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                    (job_id, j["name"], j["experiment"], j["priority"], JobState.QUEUED.value,
+                     json.dumps(j["spec"]), j.get("code_package"), str(j["job_dir_for"](job_id)), now, now),
+                )
+                db.execute(
+                    "INSERT INTO transitions (job_id, at, from_state, to_state, reason) VALUES (?,?,?,?,?)",
+                    (job_id, now, None, JobState.QUEUED.value, reason),
+                )
+                ids.append(job_id)
+            self._changed.update(ids)
+        rows = {}
+        for i in range(0, len(ids), 500):
+            chunk = ids[i:i + 500]
+            rows.update({r["id"]: r for r in self._all(
+                f"SELECT * FROM jobs WHERE id IN ({','.join('?' * len(chunk))})", chunk)})
+        return [rows[i] for i in ids]
 
     def get_job(self, job_id: str) -> Optional[dict[str, Any]]:
         return self._one("SELECT * FROM jobs WHERE id=?", (job_id,))
@@ -203,6 +219,26 @@ class Store:
                 "SELECT id, seq, attempt FROM jobs WHERE state=? ORDER BY priority DESC, seq ASC",
                 (JobState.QUEUED.value,),
             ).fetchall()
+
+    def take_changed(self) -> set[str]:
+        """Ids of the jobs created or moved to another state (by this Store object)
+        since the last call: lets the scheduler follow the queue without reading it
+        whole every cycle."""
+        with self._lock:
+            changed, self._changed = self._changed, set()
+        return changed
+
+    def queue_rows(self, job_ids: list[str]) -> list[tuple[str, str, int, int]]:
+        """(id, state, seq, attempt) of the given jobs."""
+        out: list[tuple[str, str, int, int]] = []
+        with self._lock:
+            cur = self._db.cursor()
+            cur.row_factory = None
+            for i in range(0, len(job_ids), 500):
+                chunk = job_ids[i:i + 500]
+                out += cur.execute(f"SELECT id, state, seq, attempt FROM jobs WHERE id IN "
+                                   f"({','.join('?' * len(chunk))})", chunk).fetchall()
+        return out
 
     def specs(self, job_ids: list[str]) -> dict[str, str]:
         """Job id -> spec JSON, for the given jobs."""
@@ -250,6 +286,7 @@ class Store:
                 "INSERT INTO transitions (job_id, at, from_state, to_state, reason) VALUES (?,?,?,?,?)",
                 (job_id, now, src.value, to.value, reason),
             )
+            self._changed.add(job_id)
         return self.get_job(job_id)  # type: ignore[return-value]
 
     def update_job(self, job_id: str, **fields: Any) -> None:
