@@ -21,7 +21,7 @@ class FakeLauncher:
         self.reports: dict[tuple[str, int], dict] = {}
         self.stops: list[tuple[str, int, str]] = []
 
-    def submit(self, job, attempt, nodes=None, avoid_nodes=()):
+    def submit(self, job, attempt, nodes=None):
         if self.fail_next:
             self.fail_next -= 1
             raise RuntimeError("No available agent to submit job")

@@ -82,7 +82,9 @@ def test_easy_backfill_runs_a_short_job_without_delaying_the_wide_one(client, se
     # short ends before the runner's limit, when the wide job's nodes are reserved: it backfills
     assert client.wait(short.id, timeout=60).state == "SUCCEEDED"
     assert client.get(wide.id).state.value == "QUEUED"
-    assert "would delay " + wide.id in client.get(long.id).waiting_reason
+    # (until Ray's view shows short's node free again, long simply does not fit)
+    wait_for(lambda: "would delay " + wide.id in (client.get(long.id).waiting_reason or ""), 15,
+             "long to wait for the reservation")
     entries = {e.id: e for e in client.queue()}
     assert entries[wide.id].position == 1 and entries[long.id].position == 2
     assert entries[wide.id].estimated_start is not None

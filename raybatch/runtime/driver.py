@@ -104,13 +104,12 @@ class Attempt:
         bundle = spec.resources.as_ray_bundle()
         strategy = "STRICT_SPREAD" if spec.placement.strategy == "spread" else "PACK"
         pinned = self.info.get("nodes") or []
-        avoid = self.info.get("avoid_nodes") or []
         selector = None
-        if len(pinned) == spec.nodes:  # the scheduler's placement: bundle i on node i
+        if len(pinned) == spec.nodes:
+            # the scheduler's placement, bundle i on node i: its reservations, preemptions
+            # and the nodes it avoids (where an earlier attempt lost a rank) hold exactly
             selector = [{"ray.io/node-id": node_id} for node_id in pinned]
-        elif avoid:  # nodes where an earlier attempt lost a rank
-            selector = [{"ray.io/node-id": f"!in({','.join(avoid)})"} for _ in range(spec.nodes)]
-            self.log(f"avoiding {len(avoid)} node(s) where an earlier attempt lost a rank")
+            self.log(f"gang pinned to node(s) {', '.join(n[:12] for n in pinned)}")
         self.pg = placement_group(
             [dict(bundle) for _ in range(spec.nodes)], strategy=strategy,
             name=f"raybatch-{self.job_id}-{self.n}", bundle_label_selector=selector,

@@ -10,7 +10,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
 from raybatch.runtime import layout
 from raybatch.spec.job import JobSpec
@@ -40,10 +40,9 @@ class RayJobLauncher:
         self.code_root = Path(code_root)
         self.client = JobSubmissionClient(dashboard_url)
 
-    def submit(self, job: dict[str, Any], attempt: int, nodes: Optional[list[str]] = None,
-               avoid_nodes: Iterable[str] = ()) -> str:
+    def submit(self, job: dict[str, Any], attempt: int, nodes: Optional[list[str]] = None) -> str:
         """Submit the attempt's Ray Job. Bundle i of its gang goes on ``nodes[i]`` (the
-        scheduler's choice), or anywhere but ``avoid_nodes`` when ``nodes`` is not given."""
+        scheduler's choice); anywhere Ray finds room when ``nodes`` is not given."""
         spec = JobSpec.model_validate_json(job["spec"])
         ctl = layout.control_dir(self.state_dir, job["id"], attempt)
         attempt_file = ctl / "attempt.json"
@@ -52,7 +51,7 @@ class RayJobLauncher:
         layout.write_json_atomic(attempt_file, {
             "job_id": job["id"], "attempt": attempt, "spec": spec.model_dump(mode="json"),
             "job_dir": job["job_dir"], "status_file": str(status_file),
-            "nodes": list(nodes or []), "avoid_nodes": sorted(avoid_nodes),
+            "nodes": list(nodes or []),
         })
         (ctl / "control.json").unlink(missing_ok=True)
         # No env_vars here: a runtime_env that only sets variables still costs every
