@@ -355,3 +355,16 @@ def test_resources_held_by_something_untracked_still_reserve_the_head():
     assert started(p) == []  # wide needs every CPU of every node
     p = plan(0, cluster, [], [job("wide", 1, count=3, cpus=2), job("small", 2, cpus=1, limit=3600)])
     assert started(p) == ["small"]
+
+
+def test_queue_extend_appends_new_submissions_and_refuses_out_of_order_ones():
+    from raybatch.scheduler.policy import Queue
+
+    q = Queue([job("a", 1), job("b", 3, group="x")])
+    assert q.extend([job("c", 5), job("d", 4, group="x")])
+    assert [j.id for j in q.levels[500]["default"]] == ["a", "c"]
+    assert [j.id for j in q.levels[500]["x"]] == ["b", "d"] and len(q) == 4
+    assert not q.extend([job("requeued", 2)])  # older than c: its place is not at the end
+    assert len(q) == 4
+    assert q.extend([job("hi", 9, priority=900)]) and list(q.levels) == [500, 900]
+    assert started(plan(0, nodes(1), [], q)) == ["hi"]

@@ -206,3 +206,19 @@ def test_policy_file_is_read_and_a_bad_one_keeps_the_last_good_policy(tmp_path):
     sched.cycle()
     assert "quotas.vision.max_nodez: unknown field" in sched.policy_error
     assert sched.policy.quota("vision").max_nodes == 1
+
+
+def test_the_incrementally_followed_queue_matches_a_full_read(tmp_path):
+    from raybatch.state.states import JobState
+
+    store, launcher, sched = make(tmp_path, nodes=0)  # nothing fits: everything stays queued
+    jobs = [submit(store, priority=p) for p in (500, 250, 750, 500)]
+    sched.cycle()
+    store.transition(jobs[0]["id"], JobState.CANCELLED, "cancelled by user while queued")
+    jobs += [submit(store, priority=p, experiment=e) for p, e in ((500, "b"), (900, "a"), (250, "b"))]
+    sched.cycle()
+    followed = list(sched.waiting)
+    assert jobs[0]["id"] not in followed and len(followed) == 6
+    sched._queued_at = None  # force the full re-read
+    sched.cycle()
+    assert list(sched.waiting) == followed

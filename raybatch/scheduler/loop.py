@@ -299,14 +299,17 @@ class Scheduler:
         else:
             changed = self.store.take_changed()
             if changed:
-                add = []
+                add, removed = [], False
                 for job_id, state, seq, attempt in self.store.queue_rows(sorted(changed)):
                     if state == JobState.QUEUED.value:
+                        removed |= job_id in self._queued  # a new attempt: rebuilt below
                         add.append((job_id, seq, attempt))
-                    else:
-                        self._queued.pop(job_id, None)
-                self._add_queued(add, {})
-                self._queue_order = None
+                    elif self._queued.pop(job_id, None) is not None:
+                        removed = True
+                new = self._add_queued(add, {})
+                # new submissions go at the end of their group: no re-sort of the whole queue
+                if removed or self._queue_order is None or not self._queue_order.extend(new):
+                    self._queue_order = None
         # keep parsed specs only for jobs still queued or running (the policy's view is enough)
         if len(self._specs) > len(self._active) + 1000:
             keep = set(self._queued) | {j["id"] for j in self._active}
@@ -315,7 +318,8 @@ class Scheduler:
             self._queue_order = policy.Queue(self._queued.values())
         return self._queue_order
 
-    def _add_queued(self, rows: list[tuple[str, int, int]], old: dict[str, policy.Job]) -> None:
+    def _add_queued(self, rows: list[tuple[str, int, int]], old: dict[str, policy.Job]) -> list[policy.Job]:
+        """Put these queued jobs in ``self._queued`` (reusing ``old``'s); the new ones."""
         missing = []
         for job_id, seq, attempt in rows:
             pj = old.get(job_id)
@@ -324,13 +328,16 @@ class Scheduler:
             else:
                 missing.append((job_id, seq, attempt))
         specs = self.store.specs([m[0] for m in missing]) if missing else {}
+        built = []
         for job_id, seq, attempt in missing:
             spec = self._specs.get(job_id) or JobSpec.model_validate_json(specs[job_id])
             avoid = frozenset(self.store.lost_nodes(job_id)) if attempt else frozenset()
-            self._queued[job_id] = policy.job_from_spec(job_id, seq, spec, avoid=avoid)
+            pj = self._queued[job_id] = policy.job_from_spec(job_id, seq, spec, avoid=avoid)
             self._queued_attempt[job_id] = attempt
+            built.append(pj)
         if len(self._queued_attempt) > 2 * len(self._queued) + 1000:
             self._queued_attempt = {k: v for k, v in self._queued_attempt.items() if k in self._queued}
+        return built
 
     def admit(self) -> None:
         self.load_policy()
@@ -371,7 +378,9 @@ class Scheduler:
         pj = policy.job_from_spec("new", 0, spec)
         problem = policy.never_admissible(pj, self.policy)
         if problem is None and self.autoscaler is not None:
-            problem = self.autoscaler.never_fits(pj, self.cluster.snapshot())
+            # the last cycle's nodes (at most a tick old): no GCS round trip per submission
+            nodes = self.last_inputs[1] if self.last_inputs else self.cluster.snapshot()
+            problem = self.autoscaler.never_fits(pj, nodes)
         return problem
 
     def estimate_starts(self, job_ids: list[str]) -> dict[str, float]:

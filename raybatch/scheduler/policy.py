@@ -233,6 +233,22 @@ class Queue:
     def __len__(self) -> int:
         return self.size
 
+    def extend(self, jobs: list[Job]) -> bool:
+        """Add jobs that go after every job of their (priority, group) already here, as
+        new submissions do: no re-sort. False (nothing added) if one does not."""
+        jobs = sorted(jobs, key=_ORDER)
+        last: dict[tuple[int, str], tuple] = {}
+        for j in jobs:
+            members = self.levels.get(j.priority, {}).get(j.group)
+            tail = last.get((j.priority, j.group)) or (members[-1].order_key if members else None)
+            if tail is not None and j.order_key <= tail:
+                return False
+            last[(j.priority, j.group)] = j.order_key
+        for j in jobs:
+            self.levels.setdefault(j.priority, {}).setdefault(j.group, []).append(j)
+        self.size += len(jobs)
+        return True
+
 
 class QueueOrder:
     """Iterates queued jobs: priority first; within a priority, groups by least

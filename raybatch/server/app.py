@@ -117,7 +117,7 @@ def create_app(ctx: ServerContext, token: str) -> FastAPI:
     store = ctx.store
 
     @app.get(f"{API_PREFIX}/health")
-    def health() -> dict[str, Any]:
+    async def health() -> dict[str, Any]:
         return {"ok": True, "version": __version__,
                 "scheduler_error": ctx.scheduler.last_cycle_error}
 
@@ -204,8 +204,10 @@ def create_app(ctx: ServerContext, token: str) -> FastAPI:
                     spec=spec.model_dump(mode="json"), code_package=req.code_package,
                     job_dir_for=lambda job_id: (root / spec.experiment / job_id).resolve())
 
+    # async, unlike the other routes: one short SQLite transaction, so it runs on the event
+    # loop; the thread pool's hop cost more CPU than the insert itself (benchmarks/bench_admission.py)
     @app.post(f"{API_PREFIX}/jobs", dependencies=auth, status_code=201)
-    def submit(req: SubmitRequest) -> JobSummary:
+    async def submit(req: SubmitRequest) -> JobSummary:
         row = store.create_job(**admission(req))
         ctx.scheduler.wake()
         return JobSummary.from_row(row)
