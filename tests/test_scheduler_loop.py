@@ -162,13 +162,19 @@ def test_preemption_stops_the_low_job_requeues_it_and_starts_the_high_one(tmp_pa
     assert "needs 2 nodes" in sched.waiting[low["id"]]
 
 
-def test_a_driver_that_dies_while_preempted_still_counts_as_preempted(tmp_path):
+def _low_preempted_by_high(tmp_path):
+    """One node: a low job running on it, then a high one that preempts it."""
     store, launcher, sched = make(tmp_path, nodes=1)
     low = submit(store, priority=100)
     sched.cycle()
     _running(launcher, sched, store, low, ["node0"])
     submit(store, priority=900)
     sched.cycle()
+    return store, launcher, sched, low
+
+
+def test_a_driver_that_dies_while_preempted_still_counts_as_preempted(tmp_path):
+    store, launcher, sched, low = _low_preempted_by_high(tmp_path)
     launcher.state = lambda sid: RayJobState("STOPPED", True)  # killed, no report
     launcher.reports.pop((low["id"], 1))
     sched.cycle()
@@ -177,12 +183,7 @@ def test_a_driver_that_dies_while_preempted_still_counts_as_preempted(tmp_path):
 
 
 def test_cancel_wins_over_preemption(tmp_path):
-    store, launcher, sched = make(tmp_path, nodes=1)
-    low = submit(store, priority=100)
-    sched.cycle()
-    _running(launcher, sched, store, low, ["node0"])
-    submit(store, priority=900)
-    sched.cycle()
+    store, launcher, sched, low = _low_preempted_by_high(tmp_path)
     store.update_job(low["id"], cancel_requested=time.time())
     sched.cycle()
     assert launcher.stops == [(low["id"], 1, "preempt"), (low["id"], 1, "cancel")]
@@ -219,6 +220,6 @@ def test_the_incrementally_followed_queue_matches_a_full_read(tmp_path):
     sched.cycle()
     followed = list(sched.waiting)
     assert jobs[0]["id"] not in followed and len(followed) == 6
-    sched._queued_at = None  # force the full re-read
+    sched.queue.resync()  # the full re-read
     sched.cycle()
     assert list(sched.waiting) == followed

@@ -636,3 +636,37 @@ def test_preemptible_and_low_priority_nodes():
     assert spec.preemptible is False and spec.low_priority_nodes == "require"
     assert parse_job(job()).preemptible is True
     assert one_problem(job(low_priority_nodes="sometimes")).startswith("low_priority_nodes: Input should be")
+
+
+# ---- the scheduler's policy file --------------------------------------------------------
+
+def test_policy_file_defaults_and_quotas(tmp_path):
+    from raybatch.scheduler.policy import config_from
+    from raybatch.spec.policy import load_policy
+
+    assert load_policy(tmp_path / "missing.yaml").backfill is True
+    p = tmp_path / "policy.yaml"
+    p.write_text("backfill: false\nquotas:\n  vision: {max_nodes: 4, max_gpus: 8, share: 2}\n"
+                 "  default: {max_nodes: 2}\n")
+    cfg = config_from(load_policy(p))
+    assert cfg.backfill is False and cfg.preemption is True
+    assert cfg.quota("vision").max_nodes == 4 and cfg.quota("vision").share == 2
+    assert cfg.quota("anything-else").max_nodes == 2
+
+
+@pytest.mark.parametrize("text,problem", [
+    ("quotas: {vision: {max_nodez: 1}}", "quotas.vision.max_nodez: unknown field; allowed: max_gpus, max_nodes, share"),
+    ("quotas: {vision: {share: 0}}", "quotas.vision.share: Input should be greater than 0"),
+    ("quotas: {'bad name': {}}", "quotas: 'bad name' is not an experiment name"),
+    ("backfil: true", "backfil: unknown field; allowed: backfill, fair_share, preemption, quotas"),
+    ("- a list", "(top level): the policy file must be a YAML mapping"),
+])
+def test_policy_file_errors_name_the_field(tmp_path, text, problem):
+    from raybatch.spec.policy import load_policy
+
+    p = tmp_path / "policy.yaml"
+    p.write_text(text + "\n")
+    with pytest.raises(SpecError) as e:
+        load_policy(p)
+    assert "invalid policy file" in str(e.value)
+    assert e.value.problems[0].startswith(problem), e.value.problems

@@ -25,6 +25,7 @@ from pathlib import Path
 from raybatch.runtime.launcher import RayJobLauncher, ray_job_id
 from raybatch.scheduler import fit, policy
 from raybatch.scheduler.cluster import RayClusterView
+from raybatch.scheduler.queue import QueueFollower
 from raybatch.scheduler.simulate import SimJob, simulate
 from raybatch.spec.job import JobSpec
 from raybatch.spec.loader import SpecError
@@ -56,10 +57,7 @@ class Scheduler:
         self._policy_mtime: Optional[float] = None
         self.autoscaler = autoscaler    # raybatch.scheduler.autoscale.Demand, or None
         self._specs: dict[str, JobSpec] = {}          # job id -> spec (specs never change)
-        self._queued: dict[str, policy.Job] = {}      # job id -> policy view, for queued jobs
-        self._queued_attempt: dict[str, int] = {}     # ... and the attempt it was built for
-        self._queued_at: Optional[float] = None       # last full read of the queue (monotonic)
-        self._queue_order: Optional[policy.Queue] = None  # self._queued, sorted
+        self.queue = QueueFollower(store, self._specs.get, RESYNC_S)
         self._active: list[dict[str, Any]] = []
         self.reservation: Optional[policy.Reservation] = None
         self.last_inputs: Optional[tuple] = None      # (now, nodes, running) of the last plan
@@ -284,64 +282,14 @@ class Scheduler:
             ))
         return running
 
-    def _queue(self) -> policy.Queue:
-        """The queued jobs as the policy sees them. Followed incrementally: the store
-        says which jobs changed state since the last cycle, and only those are read
-        again (a spec never changes; the nodes to avoid change only with a new
-        attempt). The whole queue is re-read at start and every RESYNC_S."""
-        if self._queued_at is None or time.monotonic() - self._queued_at > RESYNC_S:
-            self.store.take_changed()  # before the read: nothing written after it is missed
-            rows = self.store.queue_keys()
-            self._queued_at = time.monotonic()
-            old, self._queued = self._queued, {}
-            self._add_queued([(job_id, seq, attempt) for job_id, seq, attempt in rows], old)
-            self._queue_order = None
-        else:
-            changed = self.store.take_changed()
-            if changed:
-                add, removed = [], False
-                for job_id, state, seq, attempt in self.store.queue_rows(sorted(changed)):
-                    if state == JobState.QUEUED.value:
-                        removed |= job_id in self._queued  # a new attempt: rebuilt below
-                        add.append((job_id, seq, attempt))
-                    elif self._queued.pop(job_id, None) is not None:
-                        removed = True
-                new = self._add_queued(add, {})
-                # new submissions go at the end of their group: no re-sort of the whole queue
-                if removed or self._queue_order is None or not self._queue_order.extend(new):
-                    self._queue_order = None
-        # keep parsed specs only for jobs still queued or running (the policy's view is enough)
-        if len(self._specs) > len(self._active) + 1000:
-            keep = set(self._queued) | {j["id"] for j in self._active}
-            self._specs = {k: v for k, v in self._specs.items() if k in keep}
-        if self._queue_order is None:  # sorted and grouped again only when the queue changed
-            self._queue_order = policy.Queue(self._queued.values())
-        return self._queue_order
-
-    def _add_queued(self, rows: list[tuple[str, int, int]], old: dict[str, policy.Job]) -> list[policy.Job]:
-        """Put these queued jobs in ``self._queued`` (reusing ``old``'s); the new ones."""
-        missing = []
-        for job_id, seq, attempt in rows:
-            pj = old.get(job_id)
-            if pj is not None and self._queued_attempt.get(job_id) == attempt:
-                self._queued[job_id] = pj
-            else:
-                missing.append((job_id, seq, attempt))
-        specs = self.store.specs([m[0] for m in missing]) if missing else {}
-        built = []
-        for job_id, seq, attempt in missing:
-            spec = self._specs.get(job_id) or JobSpec.model_validate_json(specs[job_id])
-            avoid = frozenset(self.store.lost_nodes(job_id)) if attempt else frozenset()
-            pj = self._queued[job_id] = policy.job_from_spec(job_id, seq, spec, avoid=avoid)
-            self._queued_attempt[job_id] = attempt
-            built.append(pj)
-        if len(self._queued_attempt) > 2 * len(self._queued) + 1000:
-            self._queued_attempt = {k: v for k, v in self._queued_attempt.items() if k in self._queued}
-        return built
-
     def admit(self) -> None:
         self.load_policy()
-        queued = self._queue()
+        queued = self.queue.refresh()
+        # keep parsed specs only for jobs still queued or running (the policy's view is enough)
+        if len(self._specs) > len(self._active) + 1000:
+            keep = {j["id"] for j in self._active}
+            self._specs = {k: v for k, v in self._specs.items() if k in keep or k in self.queue}
+            self.queue.cached_spec = self._specs.get
         self.stats["queued"], self.stats["active"] = len(queued), len(self._active)
         if not queued:
             self.waiting = {}
@@ -353,7 +301,7 @@ class Scheduler:
         if time.monotonic() < self._submit_retry_at:  # the last Ray Job submission failed
             wait_s = self._submit_retry_at - time.monotonic()
             self.waiting = {j.id: f"Ray Job submission failed {self._submit_failures} time(s) in a row; "
-                                  f"retrying in {wait_s:.0f} s" for j in self._queued.values()}
+                                  f"retrying in {wait_s:.0f} s" for j in self.queue.views()}
             return
         nodes = self.cluster.snapshot()
         running = self._running(nodes)
@@ -389,7 +337,7 @@ class Scheduler:
         if self.last_inputs is None:
             return {}
         now, nodes, running = self.last_inputs
-        queued = {j.id: j for j in list(self._queued.values())}
+        queued = {j.id: j for j in self.queue.views()}
         jobs = [SimJob(queued[i], queued[i].limit) for i in job_ids if i in queued]
         if not jobs:
             return {}
