@@ -25,6 +25,7 @@ def nodes(n: int, cpus: float = 4, gpus: float = 0, prefix: str = "n", labels=No
 
 
 def job(jid: str, seq: int, count: int = 1, cpus: float = 4, priority: int = 500, **kw) -> Job:
+    kw.setdefault("grace", 0.0)  # so that a job holds its nodes for exactly its limit
     bundle = {"CPU": float(cpus)}
     if kw.get("gpus"):
         bundle["GPU"] = float(kw.pop("gpus"))
@@ -368,3 +369,40 @@ def test_queue_extend_appends_new_submissions_and_refuses_out_of_order_ones():
     assert len(q) == 4
     assert q.extend([job("hi", 9, priority=900)]) and list(q.levels) == [500, 900]
     assert started(plan(0, nodes(1), [], q)) == ["hi"]
+
+
+def test_backfill_keeps_off_the_heads_nodes_when_best_fit_would_take_one():
+    c = nodes(4)                                              # n0..n3, 4 CPU each
+    r0 = run(c, job("r0", 0, cpus=2, limit=100), 0, ["n0"])  # n0: 2 free, all back at t=100
+    r1 = run(c, job("r1", 0, cpus=3), 0, ["n1"])             # n1: 1 free, for days
+    r3 = run(c, job("r3", 0, cpus=1), 0, ["n3"])             # n3: 3 free, for days
+    head = job("head", 1, count=2, cpus=4)                    # n2 now, n0 at t=100
+    small = job("small", 2, cpus=2)                           # best fit: n0, which the head needs
+    p = plan(0, c, [r0, r1, r3], [head, small])
+    assert p.reservation.at == 100 and sorted(p.reservation.nodes) == ["n0", "n2"]
+    assert p.start == [(small, ["n3"])]
+
+
+def test_a_job_holds_its_nodes_for_its_limit_plus_its_grace_period():
+    cluster = nodes(2)
+    r = run(cluster, job("r", 0, limit=100, grace=30), 0, ["n0"])
+    p = plan(0, cluster, [r], [job("wide", 1, count=2), job("fits-limit-only", 2, limit=110, grace=30)])
+    assert p.reservation.at == 130
+    assert "would delay wide" in p.waiting["fits-limit-only"]  # 110 + 30 > 130
+    p = plan(0, cluster, [r], [job("wide", 1, count=2), job("short", 2, limit=100, grace=30)])
+    assert started(p) == ["short"]
+
+
+def test_a_head_waiting_for_its_victims_asks_the_autoscaler_for_nothing():
+    cluster = nodes(1)
+    low = run(cluster, job("low", 0, priority=100), 0, ["n0"])
+    p = plan(0, cluster, [low], [job("high", 1, priority=900), job("other", 2, priority=900)])
+    assert [v.id for v, _ in p.preempt] == ["low"]
+    assert [j.id for j in p.unfit] == ["other"]
+
+
+def test_a_settling_head_preempts_no_one_else():
+    cluster = nodes(1)
+    low = run(cluster, job("low2", 0, priority=100), 0, ["n0"])
+    p = plan(0, cluster, [low], [job("high", 1, priority=900)], settling=frozenset({"high"}))
+    assert p.preempt == [] and "preempted to show free" in p.waiting["high"]

@@ -223,3 +223,66 @@ def test_the_incrementally_followed_queue_matches_a_full_read(tmp_path):
     sched.queue.resync()  # the full re-read
     sched.cycle()
     assert list(sched.waiting) == followed
+
+
+def test_a_victim_that_just_ended_is_not_followed_by_a_second_one(tmp_path):
+    # node0: low a, node1: low b; high needs one node and preempts one of them
+    store, launcher, sched = make(tmp_path, nodes=2)
+    a, b = submit(store, priority=100), submit(store, priority=100)
+    sched.cycle()
+    _running(launcher, sched, store, a, ["node0"])
+    _running(launcher, sched, store, b, ["node1"])
+    submit(store, priority=900)
+    sched.cycle()
+    victim = next(j["id"] for j in (a, b) if store.get_job(j["id"])["preempt_requested"])
+    other = ({a["id"], b["id"]} - {victim}).pop()
+    # the victim's driver reports done, but Ray's view still shows its node busy
+    launcher.reports[(victim, 1)] = {"phase": "done", "outcome": "PREEMPTED", "message": "preempted"}
+    sched.cycle()
+    sched.cycle()
+    assert store.get_job(victim)["state"] == "QUEUED"
+    assert store.get_job(other)["preempt_requested"] is None
+
+
+class TwoCpuNode:
+    def __init__(self):
+        self.nodes = [NodeView("node0", available={"CPU": 2.0}, total={"CPU": 2.0})]
+
+    def snapshot(self):
+        return [n.copy() for n in self.nodes]
+
+
+def test_a_starting_gang_already_placed_is_not_subtracted_twice(tmp_path):
+    store, launcher, sched = make(tmp_path, nodes=1)
+    sched.cluster = TwoCpuNode()
+    a = submit(store)  # 1 CPU
+    sched.cycle()
+    assert store.get_job(a["id"])["state"] == "STARTING"
+    # its placement group is placed (Ray shows 1 CPU used) while its ranks start
+    sched.cluster.nodes[0].available["CPU"] = 1.0
+    launcher.reports[(a["id"], 1)] = {"phase": "placed", "at": time.time() - 5}
+    b = submit(store)  # fits the 1 CPU left
+    sched.cycle()
+    assert store.get_job(b["id"])["state"] == "STARTING", sched.waiting.get(b["id"])
+
+
+def test_a_gang_placed_a_moment_ago_still_counts_as_pending(tmp_path):
+    store, launcher, sched = make(tmp_path, nodes=1)
+    sched.cluster = TwoCpuNode()
+    a = submit(store, resources={"cpus": 2})
+    sched.cycle()
+    # placed just now: Ray's view may not show it yet (2 CPU still free)
+    launcher.reports[(a["id"], 1)] = {"phase": "placed", "at": time.time()}
+    b = submit(store, resources={"cpus": 2})
+    sched.cycle()
+    assert store.get_job(b["id"])["state"] == "QUEUED"
+
+
+def test_a_cancel_before_the_ray_job_was_submitted_is_not_requeued(tmp_path):
+    store, launcher, sched = make(tmp_path)
+    job = submit(store)
+    sched.cycle()
+    store.update_job(job["id"], cancel_requested=time.time())
+    launcher.state = lambda sid: RayJobState("MISSING", True)  # as after a server crash
+    sched.cycle()
+    assert store.get_job(job["id"])["state"] == "CANCELLED"

@@ -309,6 +309,7 @@ class Attempt:
             else:
                 table = placement_group_table(self.pg)
                 self.log(f"placement group ready: {table.get('bundles_to_node_id')}")
+                self.report("placed")  # the scheduler stops counting the gang as pending
                 self.start_ranks()
                 self.report("running")
                 self.log(f"{len(self.actors)} rank(s) running")

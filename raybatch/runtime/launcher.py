@@ -71,7 +71,7 @@ class RayJobLauncher:
         return sid
 
     def report(self, job_id: str, attempt: int) -> Optional[dict[str, Any]]:
-        """The driver's latest report (phase placing | running | stopping | done)."""
+        """The driver's latest report (phase placing | placed | running | stopping | done)."""
         return layout.read_json(layout.control_dir(self.state_dir, job_id, attempt) / "status.json")
 
     def state(self, sid: str) -> RayJobState:

@@ -38,10 +38,21 @@ STOP_ESCALATION_S = 30.0  # beyond the job's grace period, before `ray job stop`
 STOP_SLACK_S = 5.0        # after the grace period, until a stopped gang's resources are back
 MIN_CYCLE_GAP_S = 0.2     # submissions wake the loop; at most one cycle per this long
 RESYNC_S = 60.0           # re-read the whole queue this often (it is followed incrementally)
+VIEW_LAG_S = 2.0          # Ray's resource view may show a gang placed/removed this much later
+SETTLE_S = 5.0            # after a victim ends, its head preempts no one else for this long
 
 
 def _spec(job: dict[str, Any]) -> JobSpec:
     return JobSpec.model_validate_json(job["spec"])
+
+
+def _placed(report: dict[str, Any]) -> bool:
+    """Does Ray's resource view already show this attempt's gang? Its placement group is
+    placed, and long enough ago for the raylets to have reported it."""
+    phase = report.get("phase")
+    if phase in ("running", "stopping", "done"):
+        return True
+    return phase == "placed" and time.time() - report.get("at", 0) > VIEW_LAG_S
 
 
 class Scheduler:
@@ -58,6 +69,7 @@ class Scheduler:
         self.autoscaler = autoscaler    # raybatch.scheduler.autoscale.Demand, or None
         self._specs: dict[str, JobSpec] = {}          # job id -> spec (specs never change)
         self.queue = QueueFollower(store, self._specs.get, RESYNC_S)
+        self._settling: dict[str, float] = {}  # head job -> when one of its victims ended
         self._active: list[dict[str, Any]] = []
         self.reservation: Optional[policy.Reservation] = None
         self.last_inputs: Optional[tuple] = None      # (now, nodes, running) of the last plan
@@ -165,7 +177,7 @@ class Scheduler:
         if ray_state is not None and not ray_state.terminal:
             job["_attempt"] = attempt
             self._active.append(job)
-            if job["state"] == JobState.STARTING.value:
+            if job["state"] == JobState.STARTING.value and not _placed(report):
                 self._unplaced.append(job)
             return
         if ray_state is None:
@@ -180,7 +192,11 @@ class Scheduler:
             self.store.update_attempt(job_id, n, ended_at=time.time(),
                                       outcome=AttemptOutcome.START_FAILED.value,
                                       reason="the Ray job was never submitted")
-            self.store.transition(job_id, JobState.RESTARTING, "attempt's Ray job was never submitted")
+            if job["cancel_requested"]:
+                self.store.transition(job_id, JobState.CANCELLED, "cancelled by user before it started")
+                return
+            self.store.transition(job_id, JobState.RESTARTING, "attempt's Ray job was never submitted",
+                                  preempt_requested=None)
             self.store.transition(job_id, JobState.QUEUED, "requeued")
             return
         else:
@@ -215,9 +231,14 @@ class Scheduler:
                     message: str) -> None:
         """One way to end an attempt; the retry policy picks the job's next state."""
         job_id, n = job["id"], job["attempt"]
-        self.store.update_attempt(job_id, n, ended_at=time.time(), outcome=outcome.value,
+        now = time.time()
+        self.store.update_attempt(job_id, n, ended_at=now, outcome=outcome.value,
                                   exit_code=code, reason=message)
         spec = self.spec_of(job)
+        if outcome == AttemptOutcome.PREEMPTED and job["preempted_by"]:
+            # Ray's view shows the victim's nodes busy a moment longer: its head must not
+            # take that for a reason to preempt one more job
+            self._settling[job["preempted_by"]] = now
         reason = f"attempt {n}: {outcome.value}: {message}"
         # a stall is the user's: it draws on the user budget, whatever the exit code filter
         user_failure = outcome in (AttemptOutcome.USER_ERROR, AttemptOutcome.STALLED)
@@ -288,7 +309,8 @@ class Scheduler:
         # keep parsed specs only for jobs still queued or running (the policy's view is enough)
         if len(self._specs) > len(self._active) + 1000:
             keep = {j["id"] for j in self._active}
-            self._specs = {k: v for k, v in self._specs.items() if k in keep or k in self.queue}
+            # list(): the API thread may add to _specs meanwhile (spec_of)
+            self._specs = {k: v for k, v in list(self._specs.items()) if k in keep or k in self.queue}
             self.queue.cached_spec = self._specs.get
         self.stats["queued"], self.stats["active"] = len(queued), len(self._active)
         if not queued:
@@ -307,7 +329,8 @@ class Scheduler:
         running = self._running(nodes)
         now = time.time()
         t0 = time.perf_counter()
-        plan = policy.plan(now, nodes, running, queued, self.policy)
+        self._settling = {h: t for h, t in self._settling.items() if now - t < SETTLE_S}
+        plan = policy.plan(now, nodes, running, queued, self.policy, settling=frozenset(self._settling))
         self.stats["last_plan_ms"] = (time.perf_counter() - t0) * 1000
         for victim, head in plan.preempt:
             self._preempt(victim, head)

@@ -117,13 +117,18 @@ class Job:
                                 self.low_priority_nodes, self.avoid))
         self.order_key = (-self.priority, self.seq)
 
+    @property
+    def hold(self) -> float:
+        """How long it may hold its nodes: max_wall_clock, then SIGTERM and the grace period."""
+        return self.limit + self.grace
+
     def expected_end(self, now: float) -> float:
         """When its resources come back, at the latest (never in the past)."""
         if self.stopping_until is not None:
             return max(now, self.stopping_until)
         if self.started_at is None:
             return math.inf
-        return max(now, self.started_at + self.limit)
+        return max(now, self.started_at + self.hold)
 
 
 @dataclass
@@ -373,9 +378,11 @@ def _fmt_time(t: float, now: float) -> str:
 
 
 def plan(now: float, nodes: list[NodeView], running: list[Job], queued: "list[Job] | Queue",
-         config: Optional[PolicyConfig] = None) -> Plan:
+         config: Optional[PolicyConfig] = None, settling: frozenset[str] = frozenset()) -> Plan:
     """Decide this cycle. ``nodes`` is the free/total snapshot with running jobs
-    already subtracted; ``running`` are the admitted jobs (with ``nodes`` set)."""
+    already subtracted; ``running`` are the admitted jobs (with ``nodes`` set).
+    ``settling``: jobs whose preemption victims ended a moment ago, whose nodes the
+    snapshot may not show free yet; they preempt no one else meanwhile."""
     config = config or PolicyConfig()
     out = Plan()
     free = [n.copy() for n in nodes if n.alive]
@@ -394,6 +401,7 @@ def plan(now: float, nodes: list[NodeView], running: list[Job], queued: "list[Jo
     head: Optional[Job] = None
     reserved_at = math.inf
     reserved_free: Optional[list[NodeView]] = None  # free resources at the reservation
+    reserved_nodes: set[str] = set()  # where the head's gang goes at its reservation
     failed: dict[int, str] = {}  # shapes that did not fit this cycle (free only shrinks)
     delays: dict[int, str] = {}  # shapes that would delay the head (until the next start)
 
@@ -410,9 +418,10 @@ def plan(now: float, nodes: list[NodeView], running: list[Job], queued: "list[Jo
             out.waiting[job.id] = f"behind {head.id} in the queue (backfill is off)"
             continue
         shape = job.shape
-        ends_in_time = now + job.limit <= reserved_at < math.inf  # done before the head starts
+        ends_in_time = now + job.hold <= reserved_at < math.inf  # done before the head starts
         if head is not None and shape in delays and reserved_free is not None and not ends_in_time:
             out.waiting[job.id] = delays[shape]
+            out.unfit.append(job)
             continue
         placed = None if shape in failed else place(free, job)
         if placed is None:
@@ -422,7 +431,11 @@ def plan(now: float, nodes: list[NodeView], running: list[Job], queued: "list[Jo
             out.unfit.append(job)
             if head is None:
                 head = job
-                reason = _head(now, job, free, running, config, out, reason)
+                reason, from_victims = _head(now, job, free, running, config, out, reason,
+                                             job.id in settling)
+                reserved_nodes = set(out.reservation.nodes)
+                if from_victims:
+                    out.unfit.remove(job)  # it gets its nodes from its victims: no new ones for it
                 if out.reservation.at < math.inf:
                     reserved_at = out.reservation.at
                     reserved_free = _free_at(now, free, running, reserved_at)
@@ -438,15 +451,12 @@ def plan(now: float, nodes: list[NodeView], running: list[Job], queued: "list[Jo
             out.waiting[job.id] = reason
             continue
         if head is not None and reserved_free is not None and not ends_in_time:
-            later = None
-            if shape not in delays:
-                later = [n.copy() for n in reserved_free]
-                fit.reserve(later, placed, job.bundle)
-                if place(later, head) is None:  # it would still hold nodes the head needs then
-                    when = _fmt_time(reserved_at, now) if reserved_at < math.inf else "when they free up"
-                    delays[shape] = f"fits now, but would delay {head.id}, which has nodes reserved {when}"
-            if shape in delays:
+            placed, later = _without_delaying(free, reserved_free, job, head, placed, reserved_nodes)
+            if placed is None:  # wherever it fits now, it would still hold nodes the head needs then
+                when = _fmt_time(reserved_at, now) if reserved_at < math.inf else "when they free up"
+                delays[shape] = f"fits now, but would delay {head.id}, which has nodes reserved {when}"
                 out.waiting[job.id] = delays[shape]
+                out.unfit.append(job)
                 continue
             reserved_free = later
         delays.clear()  # the free resources change: every shape must be checked again
@@ -459,6 +469,28 @@ def plan(now: float, nodes: list[NodeView], running: list[Job], queued: "list[Jo
     return out
 
 
+def _without_delaying(free: list[NodeView], reserved_free: list[NodeView], job: Job, head: Job,
+                      placed: list[str], reserved_nodes: set[str]
+                      ) -> tuple[Optional[list[str]], Optional[list[NodeView]]]:
+    """A placement for ``job`` now that still leaves the head its gang at its
+    reservation (the job still running then): the best-fit one, else one that keeps
+    off the nodes the head is to get. With the free resources at the reservation."""
+    for candidate in (placed, _place_avoiding(free, job, reserved_nodes)):
+        if candidate is None:
+            continue
+        later = [n.copy() for n in reserved_free]
+        fit.reserve(later, candidate, job.bundle)
+        if place(later, head) is not None:
+            return candidate, later
+    return None, None
+
+
+def _place_avoiding(free: list[NodeView], job: Job, nodes: set[str]) -> Optional[list[str]]:
+    if not nodes:
+        return None
+    return place([n for n in free if n.node_id not in nodes], job)
+
+
 def _free_at(now: float, free: list[NodeView], running: list[Job], at: float) -> list[NodeView]:
     """Free resources at time ``at`` (every running job expected to end by then released)."""
     snap = [n.copy() for n in free]
@@ -469,9 +501,14 @@ def _free_at(now: float, free: list[NodeView], running: list[Job], at: float) ->
 
 
 def _head(now: float, head: Job, free: list[NodeView], running: list[Job], config: PolicyConfig,
-          out: Plan, reason: str) -> str:
-    """The first job that does not fit: preempt for it, or reserve for it."""
-    if config.preemption:
+          out: Plan, reason: str, settling: bool = False) -> tuple[str, bool]:
+    """The first job that does not fit: preempt for it, or reserve for it. Returns why
+    it waits, and whether it is to get its nodes from preempted jobs."""
+    from_victims = False
+    if settling:
+        reason = "waiting for the nodes of the jobs it preempted to show free"
+        from_victims = True
+    elif config.preemption:
         stopping = [r for r in running if r.stopping_until is not None]
         base = [n.copy() for n in free]
         for r in stopping:
@@ -479,6 +516,7 @@ def _head(now: float, head: Job, free: list[NodeView], running: list[Job], confi
         if stopping and place(base, head) is not None:
             ids = ", ".join(sorted(r.id for r in stopping))
             reason = f"waiting for {ids} to stop"
+            from_victims = True
         else:
             cands = [r for r in running if r.stopping_until is None and r.preemptible
                      and r.priority < head.priority]
@@ -489,15 +527,16 @@ def _head(now: float, head: Job, free: list[NodeView], running: list[Job], confi
                     out.preempt.append((v, head))
                 reason = (f"preempting {', '.join(v.id for v in victims)} (lower priority) to make room; "
                           f"starts when they have stopped")
+                from_victims = True
     found = shadow(now, free, running, head)
     if found is None:
         out.reservation = Reservation(head.id, math.inf, [])
-        return reason
+        return reason, from_victims
     at, nodes, _ = found
     out.reservation = Reservation(head.id, at, nodes)
-    if at < math.inf and "preempting" not in reason and "waiting for" not in reason:
+    if at < math.inf and not from_victims:
         reason += f"; next in line, nodes reserved to start {_fmt_time(at, now)} at the latest"
-    return reason
+    return reason, from_victims
 
 
 def config_from(policy) -> PolicyConfig:

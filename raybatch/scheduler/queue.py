@@ -37,7 +37,8 @@ class QueueFollower:
         return job_id in self.jobs
 
     def views(self) -> list[policy.Job]:
-        return [pj for _, pj in self.jobs.values()]
+        # list() copies in one step: the API thread calls this while refresh() changes the dict
+        return [pj for _, pj in list(self.jobs.values())]
 
     def refresh(self) -> policy.Queue:
         if self._read_at is None or time.monotonic() - self._read_at > self.resync_s:
