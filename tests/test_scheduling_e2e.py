@@ -74,7 +74,8 @@ def test_a_non_preemptible_job_is_not_preempted(client):
 
 
 def test_easy_backfill_runs_a_short_job_without_delaying_the_wide_one(client, server):
-    runner = client.submit({"name": "runner", "command": "sleep 10", "max_wall_clock": "30s"})
+    runner = client.submit({"name": "runner", "command": "sleep 10", "max_wall_clock": "30s",
+                            "grace_period": "5s"})
     wait_for(lambda: client.get(runner.id).state.value == "RUNNING", 60, "runner RUNNING")
     wide = client.submit({"name": "wide", "nodes": 2, "command": "echo wide", "max_wall_clock": "1m"})
     long = client.submit({"name": "long", "command": "echo long", "max_wall_clock": "1h"})
@@ -88,7 +89,8 @@ def test_easy_backfill_runs_a_short_job_without_delaying_the_wide_one(client, se
     entries = {e.id: e for e in client.queue()}
     assert entries[wide.id].position == 1 and entries[long.id].position == 2
     assert entries[wide.id].estimated_start is not None
-    assert entries[wide.id].estimated_start <= client.get(runner.id).attempts[0].started_at + 30 + 1
+    # the runner may hold its node for max_wall_clock + grace_period
+    assert entries[wide.id].estimated_start <= client.get(runner.id).attempts[0].started_at + 35 + 1
     # the CLI view, as users run it
     p = cli(server, "queue", "-o", "json", check=True)
     assert [e["id"] for e in json.loads(p.stdout)][:2] == [wide.id, long.id]
