@@ -110,6 +110,10 @@ def test_lost_nodes_are_avoided_only_when_the_gang_fits_elsewhere():
     assert "n0" not in p.start[0][1]
     p = plan(0, cluster, [], [job("j", 1, count=3, avoid=frozenset({"n0"}))])
     assert sorted(p.start[0][1]) == ["n0", "n1", "n2"]
+    # n1 busy for now: the gang could still fit off n0 later, so it waits rather than use n0
+    run(cluster, job("busy", 0), 0, ["n1"])
+    p = plan(0, cluster, [], [job("j", 1, count=2, avoid=frozenset({"n0"}))])
+    assert started(p) == [] and "keeping off 1 node(s) where it lost a rank" in p.waiting["j"]
 
 
 # ---- EASY backfill ---------------------------------------------------------------------

@@ -158,12 +158,13 @@ def node_class_ok(node: NodeView, job: Job) -> bool:
 
 def place(nodes: list[NodeView], job: Job) -> Optional[list[str]]:
     """Where the job's gang fits now (node per bundle), or None. Nodes where it
-    lost a rank are avoided when the gang fits elsewhere."""
+    lost a rank are used only if the gang could never fit without them: if it could,
+    it waits for room elsewhere (other nodes may just be busy for a moment)."""
     eligible = [n for n in nodes if n.alive and node_class_ok(n, job)]
     if job.avoid:
-        placed = fit.gang_fit([n for n in eligible if n.node_id not in job.avoid], job.bundle,
-                              job.count, job.strategy)
-        if placed is not None:
+        others = [n for n in eligible if n.node_id not in job.avoid]
+        placed = fit.gang_fit(others, job.bundle, job.count, job.strategy)
+        if placed is not None or fit.could_ever_fit(others, job.bundle, job.count, job.strategy):
             return placed
     return fit.gang_fit(eligible, job.bundle, job.count, job.strategy)
 
@@ -182,6 +183,8 @@ def release(nodes: list[NodeView], job: Job) -> None:
 def why_not(nodes: list[NodeView], job: Job) -> str:
     eligible = [n for n in nodes if node_class_ok(n, job)]
     msg = fit.why_not(eligible, job.bundle, job.count, job.strategy)
+    if job.avoid:
+        msg += f"; keeping off {len(job.avoid)} node(s) where it lost a rank"
     if job.low_priority_nodes != "allow":
         msg += f" (low-priority nodes: {job.low_priority_nodes})"
     return msg
