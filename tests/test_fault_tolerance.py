@@ -85,14 +85,16 @@ def test_server_killed_while_jobs_run_completes_each_exactly_once(ray_cluster, t
     marks = tmp_path / "marks"
     (tmp_path / "state").mkdir()
     srv = ServerProcess(ray_cluster, tmp_path / "state").start()
-    c = srv.client()
-    cmd = 'echo "$RAYBATCH_ATTEMPT $RANK" >> "$RAYBATCH_OUTPUT_MARKS/$RAYBATCH_JOB_NAME"; sleep {s}; echo finished'
-    short = c.submit({"name": "short", "command": cmd.format(s=2), "outputs": {"marks": str(marks)}})
-    long = c.submit({"name": "long", "command": cmd.format(s=12), "outputs": {"marks": str(marks)}})
-    # both have started their commands (their marks are written), and the server saw long running
-    wait_for(lambda: (marks / "short").exists() and (marks / "long").exists()
-             and c.get(long.id).state.value == "RUNNING", 60, "both to start")
-    srv.kill(signal.SIGKILL)
+    try:  # a failure before the kill must not leave this server running
+        c = srv.client()
+        cmd = 'echo "$RAYBATCH_ATTEMPT $RANK" >> "$RAYBATCH_OUTPUT_MARKS/$RAYBATCH_JOB_NAME"; sleep {s}; echo finished'
+        short = c.submit({"name": "short", "command": cmd.format(s=2), "outputs": {"marks": str(marks)}})
+        long = c.submit({"name": "long", "command": cmd.format(s=12), "outputs": {"marks": str(marks)}})
+        # both have started their commands (their marks are written), and the server saw long running
+        wait_for(lambda: (marks / "short").exists() and (marks / "long").exists()
+                 and c.get(long.id).state.value == "RUNNING", 60, "both to start")
+    finally:
+        srv.kill(signal.SIGKILL)
     time.sleep(5)  # 'short' finishes while no server is running
     restarted = ServerProcess(ray_cluster, tmp_path / "state").start()
     try:
