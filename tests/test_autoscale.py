@@ -38,7 +38,7 @@ def make():
 
 def test_a_spread_gang_asks_for_whole_nodes():
     demand, sent = make()
-    demand.update(head_only(), [], [job("j", 2, cpus=2)])
+    demand.update(head_only(), [job("j", 2, cpus=2)])
     assert demand.to_add == {"cpu": 2} and demand.for_jobs == ["j"]
     # the live head's capacity, then one whole node per node to add (so 2 distinct nodes)
     assert sent == [[{"CPU": 1.0}, {"CPU": 2.0}, {"CPU": 2.0}]]
@@ -46,17 +46,17 @@ def test_a_spread_gang_asks_for_whole_nodes():
 
 def test_the_request_is_sent_once_and_withdrawn_when_no_longer_needed():
     demand, sent = make()
-    demand.update(head_only(), [], [job("j", 2, cpus=2)])
-    demand.update(head_only(), [], [job("j", 2, cpus=2)])
+    demand.update(head_only(), [job("j", 2, cpus=2)])
+    demand.update(head_only(), [job("j", 2, cpus=2)])
     assert len(sent) == 1
-    demand.update(head_only(), [], [])
+    demand.update(head_only(), [])
     assert sent[-1] == [] and demand.to_add == {}
     assert "no request" in demand.info()["summary"]
 
 
 def test_free_live_nodes_are_used_before_new_ones():
     demand, sent = make()
-    demand.update(head_only(), [], [job("half-on-head", 2)])
+    demand.update(head_only(), [job("half-on-head", 2)])
     assert demand.to_add == {"cpu": 1}  # one bundle on the head's free CPU, one on a new node
 
 
@@ -72,15 +72,15 @@ def test_global_max_workers_caps_the_largest_cluster():
 
 def test_low_priority_jobs_get_spot_nodes_and_others_do_not():
     demand, _ = make()
-    demand.update(head_only(), [], [job("spot-job", 2, cpus=2, low_priority_nodes="require")])
+    demand.update(head_only(), [job("spot-job", 2, cpus=2, low_priority_nodes="require")])
     assert demand.to_add == {"spot": 2}
-    demand.update(head_only(), [], [job("no-spot", 3, cpus=2, low_priority_nodes="avoid")])
+    demand.update(head_only(), [job("no-spot", 3, cpus=2, low_priority_nodes="avoid")])
     assert demand.to_add == {"cpu": 3}
 
 
 def test_queued_jobs_share_the_new_nodes_in_queue_order():
     demand, _ = make()
-    demand.update(head_only(), [], [job("a", 2, cpus=2), job("b", 1, cpus=2), job("c", 3, cpus=2)])
+    demand.update(head_only(), [job("a", 2, cpus=2), job("b", 1, cpus=2), job("c", 3, cpus=2)])
     # a and b take 3 new nodes; c (3 more) would exceed max_workers 4
     assert sum(demand.to_add.values()) == 3
     assert demand.for_jobs == ["a", "b"]
@@ -109,9 +109,9 @@ def test_a_failed_request_is_retried_next_cycle():
             raise ConnectionError("GCS unavailable")
 
     demand = Demand(NodeTypes.from_config(CONFIG), send=flaky)
-    demand.update(head_only(), [], [job("j", 1, cpus=2)])
+    demand.update(head_only(), [job("j", 1, cpus=2)])
     assert "GCS unavailable" in demand.info()["summary"]
-    demand.update(head_only(), [], [job("j", 1, cpus=2)])
+    demand.update(head_only(), [job("j", 1, cpus=2)])
     assert len(calls) == 2 and demand.error is None
 
 
@@ -119,8 +119,8 @@ def test_live_nodes_are_kept_while_an_admitted_gang_is_being_placed():
     demand, sent = make()
     workers = [NodeView(f"w{i}", available={"CPU": 2.0}, total={"CPU": 2.0}, node_type="cpu")
                for i in range(2)]
-    demand.update(head_only() + workers, [], [], starting=True)
+    demand.update(head_only() + workers, [], starting=True)
     assert sent == [[{"CPU": 1.0}, {"CPU": 2.0}, {"CPU": 2.0}]]
     assert "keeping the live nodes" in demand.info()["summary"]
-    demand.update(head_only() + workers, [], [], starting=False)
+    demand.update(head_only() + workers, [], starting=False)
     assert sent[-1] == []

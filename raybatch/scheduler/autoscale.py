@@ -167,8 +167,7 @@ class Demand:
                 to_add[n.node_type] = to_add.get(n.node_type, 0) + 1
         return to_add, jobs
 
-    def update(self, nodes: list[NodeView], running: list[Job], unfit: list[Job],
-               starting: bool = False) -> None:
+    def update(self, nodes: list[NodeView], unfit: list[Job], starting: bool = False) -> None:
         """``starting``: some admitted gangs are not placed yet. Their nodes look idle
         to the autoscaler until the placement group lands, so the live nodes are kept
         (requested) until then instead of withdrawing."""
@@ -200,8 +199,7 @@ class Demand:
     def never_fits(self, job: Job, nodes: list[NodeView]) -> Optional[str]:
         """Why ``job`` cannot fit even the largest cluster (all of it idle), or None."""
         live, new, room = self.types.largest(nodes)
-        idle = [NodeView(n.node_id, n.ip, dict(n.total), dict(n.total), True, dict(n.labels), n.node_type)
-                for n in live] + new
+        idle = [n.idle() for n in live] + new
         placed = place(idle, job)
         if placed is not None and (room is None or sum(p.startswith(NEW_PREFIX) for p in placed) <= room):
             return None

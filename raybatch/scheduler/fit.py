@@ -33,6 +33,11 @@ class NodeView:
         return NodeView(self.node_id, self.ip, dict(self.available), dict(self.total),
                         self.alive, dict(self.labels), self.node_type)
 
+    def idle(self) -> "NodeView":
+        """This node with nothing running on it: all of its resources free."""
+        return NodeView(self.node_id, self.ip, dict(self.total), dict(self.total),
+                        self.alive, dict(self.labels), self.node_type)
+
 
 def is_low_priority(node: NodeView) -> bool:
     """Low-priority/spot nodes can be taken away by the cloud at any time."""
@@ -82,9 +87,7 @@ def reserve(nodes: list[NodeView], assignment: list[str], bundle: dict[str, floa
 
 def could_ever_fit(nodes: list[NodeView], bundle: dict[str, float], count: int, strategy: str) -> bool:
     """Would the gang fit these nodes if they were all idle?"""
-    empty = [NodeView(n.node_id, n.ip, dict(n.total), dict(n.total), n.alive, dict(n.labels), n.node_type)
-             for n in nodes]
-    return gang_fit(empty, bundle, count, strategy) is not None
+    return gang_fit([n.idle() for n in nodes], bundle, count, strategy) is not None
 
 
 def _fmt_bundle(bundle: dict[str, float]) -> str:

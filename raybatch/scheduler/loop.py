@@ -317,7 +317,7 @@ class Scheduler:
             self.waiting = {}
             self.reservation = None
             if self.autoscaler is not None:
-                self.autoscaler.update(self.cluster.snapshot() if self._unplaced else [], [], [],
+                self.autoscaler.update(self.cluster.snapshot() if self._unplaced else [], [],
                                        starting=bool(self._unplaced))
             return
         if time.monotonic() < self._submit_retry_at:  # the last Ray Job submission failed
@@ -341,7 +341,7 @@ class Scheduler:
         self.reservation = plan.reservation
         self.last_inputs = (now, nodes, running)
         if self.autoscaler is not None:
-            self.autoscaler.update(nodes, running, plan.unfit, starting=bool(self._unplaced or plan.start))
+            self.autoscaler.update(nodes, plan.unfit, starting=bool(self._unplaced or plan.start))
 
     def never_runs(self, spec: JobSpec) -> Optional[str]:
         """Why a job could never start (its experiment's quota, or the largest cluster the

@@ -447,8 +447,7 @@ def plan(now: float, nodes: list[NodeView], running: list[Job], queued: "list[Jo
                     # back (a job that just ended and whose placement group Ray has not
                     # removed yet, or other Ray work): no time is known, but a backfilled
                     # job still must not take the nodes it needs.
-                    idle = [NodeView(n.node_id, n.ip, dict(n.total), dict(n.total), n.alive,
-                                     n.labels, n.node_type) for n in free]
+                    idle = [n.idle() for n in free]
                     if place(idle, job) is not None:
                         reserved_free = idle
             out.waiting[job.id] = reason
