@@ -146,11 +146,13 @@ def create_app(ctx: ServerContext, token: str) -> FastAPI:
     def queue(limit: int = Query(200, ge=1, le=100000),
               estimate: bool = Query(True, description="Estimate start times (first 100 jobs).")
               ) -> list[QueueEntry]:
-        rows = {r["id"]: r for r in store.queued_jobs()}
+        queued = [job_id for job_id, _, _ in store.queue_keys()]  # ids only: cheap at 10k
         waiting = dict(ctx.scheduler.waiting)
         # the order of the last cycle, then anything queued since, in store order
-        ids = [i for i in waiting if i in rows] + [i for i in rows if i not in waiting]
-        ids = ids[:limit]
+        in_queue = set(queued)
+        ids = [i for i in waiting if i in in_queue] + [i for i in queued if i not in waiting]
+        rows = {r["id"]: r for r in store.jobs_by_id(ids[:limit])}  # full rows for those shown
+        ids = [i for i in ids[:limit] if i in rows]
         starts = ctx.scheduler.estimate_starts(ids[:ESTIMATED_JOBS]) if estimate else {}
         now = time.time()
         out = []

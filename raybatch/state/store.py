@@ -144,6 +144,25 @@ class Store:
         with self._lock:
             return self._db.execute(sql, tuple(args)).fetchall()
 
+    def _by_ids(self, columns: str, job_ids: list[str], tuples: bool = False) -> list[Any]:
+        """``SELECT columns FROM jobs`` for these ids (500 per query: SQLite's variable
+        limit); rows as dicts, or plain tuples for the scheduler's hot path."""
+        out: list[Any] = []
+        with self._lock:
+            cur = self._db.cursor()
+            if tuples:
+                cur.row_factory = None
+            for i in range(0, len(job_ids), 500):
+                chunk = job_ids[i:i + 500]
+                out += cur.execute(f"SELECT {columns} FROM jobs WHERE id IN ({','.join('?' * len(chunk))})",
+                                   chunk).fetchall()
+        return out
+
+    def jobs_by_id(self, job_ids: list[str]) -> list[dict[str, Any]]:
+        """These jobs' rows, in the order given (unknown ids left out)."""
+        rows = {r["id"]: r for r in self._by_ids("*", job_ids)}
+        return [rows[i] for i in job_ids if i in rows]
+
     # ---- jobs -------------------------------------------------------------
     def create_job(
         self, *, name: str, experiment: str, priority: int, spec: dict[str, Any],
@@ -176,12 +195,7 @@ class Store:
                 )
                 ids.append(job_id)
             self._changed.update(ids)
-        rows = {}
-        for i in range(0, len(ids), 500):
-            chunk = ids[i:i + 500]
-            rows.update({r["id"]: r for r in self._all(
-                f"SELECT * FROM jobs WHERE id IN ({','.join('?' * len(chunk))})", chunk)})
-        return [rows[i] for i in ids]
+        return self.jobs_by_id(ids)
 
     def get_job(self, job_id: str) -> Optional[dict[str, Any]]:
         return self._one("SELECT * FROM jobs WHERE id=?", (job_id,))
@@ -230,24 +244,11 @@ class Store:
 
     def queue_rows(self, job_ids: list[str]) -> list[tuple[str, str, int, int]]:
         """(id, state, seq, attempt) of the given jobs."""
-        out: list[tuple[str, str, int, int]] = []
-        with self._lock:
-            cur = self._db.cursor()
-            cur.row_factory = None
-            for i in range(0, len(job_ids), 500):
-                chunk = job_ids[i:i + 500]
-                out += cur.execute(f"SELECT id, state, seq, attempt FROM jobs WHERE id IN "
-                                   f"({','.join('?' * len(chunk))})", chunk).fetchall()
-        return out
+        return self._by_ids("id, state, seq, attempt", job_ids, tuples=True)
 
     def specs(self, job_ids: list[str]) -> dict[str, str]:
         """Job id -> spec JSON, for the given jobs."""
-        out: dict[str, str] = {}
-        for i in range(0, len(job_ids), 500):
-            chunk = job_ids[i:i + 500]
-            rows = self._all(f"SELECT id, spec FROM jobs WHERE id IN ({','.join('?' * len(chunk))})", chunk)
-            out.update({r["id"]: r["spec"] for r in rows})
-        return out
+        return dict(self._by_ids("id, spec", job_ids, tuples=True))
 
     def active_jobs(self) -> list[dict[str, Any]]:
         return self._all(
