@@ -25,7 +25,9 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Union
 import httpx
 
 from raybatch import config
-from raybatch.models import JobDetail, JobSummary, LogChunk, QueueEntry, SchedulerInfo, SubmitRequest
+from raybatch.models import (
+    FileEntry, JobDetail, JobSummary, LogChunk, QueueEntry, SchedulerInfo, SubmitRequest,
+)
 from raybatch.spec.job import JobSpec
 from raybatch.spec.loader import apply_overrides, load_job_file, parse_job
 from raybatch.state.states import JobState
@@ -218,6 +220,64 @@ class Client:
                     yield f"--- attempt {n} ---\n"
                     continue
             time.sleep(poll)
+
+    # ---- files -----------------------------------------------------------------
+    def files(self, job_id: str, path: str = "") -> list[FileEntry]:
+        """The job's files under ``path`` (stdouterr/..., checkpoints/..., outputs/<id>/...),
+        wherever they are stored."""
+        rows = self._request("GET", f"/jobs/{job_id}/files", params={"path": path})
+        return [FileEntry.model_validate(r) for r in rows]
+
+    def download(self, job_id: str, dest: Union[str, Path], path: str = "",
+                 progress: Optional[Callable[[FileEntry, int], None]] = None) -> list[Path]:
+        """Fetch the job's files under ``path`` into ``dest``, keeping their tree paths
+        relative to ``path``'s directory; ``progress(entry, bytes)`` as bytes arrive.
+        Each file is written to a temporary name first: a failed download leaves no
+        partial file behind."""
+        dest = Path(dest)
+        entries = self.files(job_id, path)
+        if not entries:
+            raise RaybatchError(f"job {job_id} has no files under '{path or '/'}'", 404)
+        base = path.strip("/")
+        single = len(entries) == 1 and entries[0].path == base
+        written = []
+        for e in entries:
+            if single:
+                rel = Path(e.path).name
+            else:
+                parent = base if base and e.path.startswith(base + "/") else ""
+                rel = e.path[len(parent) + 1:] if parent else e.path
+            target = dest / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".{target.name}.part")
+            try:
+                with self._http.stream("GET", f"/jobs/{job_id}/files/content", params={"path": e.path},
+                                       timeout=httpx.Timeout(30, read=300)) as r:
+                    if r.status_code >= 400:
+                        r.read()
+                        try:
+                            detail = r.json().get("detail", r.text)
+                        except ValueError:
+                            detail = r.text
+                        raise RaybatchError(str(detail), r.status_code)
+                    with open(tmp, "wb") as f:
+                        for chunk in r.iter_bytes(1 << 20):
+                            f.write(chunk)
+                            if progress:
+                                progress(e, len(chunk))
+                if tmp.stat().st_size != e.size:
+                    raise RaybatchError(f"{e.path}: got {tmp.stat().st_size} bytes, expected {e.size}")
+                os.replace(tmp, target)
+            except httpx.HTTPError as err:
+                raise RaybatchError(f"downloading {e.path}: {err}") from None
+            finally:
+                tmp.unlink(missing_ok=True)
+            written.append(target)
+        return written
+
+    def datastores(self) -> dict[str, Any]:
+        """The server's datastores: names, locations, credential kinds (never a secret)."""
+        return self._request("GET", "/datastores")
 
     def wait(self, job_id: str, timeout: Optional[float] = None, poll: float = 0.5,
              on_change: Optional[Callable[[JobDetail], None]] = None) -> JobDetail:

@@ -88,11 +88,23 @@ class JobDetail(JobSummary):
     waiting_reason: Optional[str] = None
     cancel_requested: bool = False
     preempt_requested: bool = Field(False, description="Being stopped for a higher-priority job.")
-    outputs: dict[str, str] = {}
+    outputs: dict[str, str] = Field(default_factory=dict, description="Output id -> its location.")
     checkpoint_dir: str
     logs_dir: str
+    phase: Optional[str] = Field(None, description="The running attempt's step: placing, placed, "
+                                 "staging, running, stopping, syncing, done.")
+    staging: Optional[dict[str, Any]] = Field(None, description="While staging: bytes_done, bytes_total.")
     transitions: list[Transition] = []
     attempts: list[AttemptInfo] = []
+
+
+class FileEntry(BaseModel):
+    """One file of a job, as `raybatch files` lists it (like `az batchai job file list`)."""
+
+    path: str = Field(description="Path in the job's tree: stdouterr/..., checkpoints/..., outputs/<id>/...")
+    size: int
+    modified: float = Field(description="Last modified, seconds since the epoch.")
+    location: str = Field(description="Where it is stored (a path or a blob URI).")
 
 
 class LogChunk(BaseModel):

@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from raybatch.config import API_PREFIX, ray_client_env
+from tests.azurite import Azurite
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
@@ -74,10 +75,12 @@ class RayTestCluster:
 class ServerProcess:
     """``python -m raybatch.server`` as a separate process, as in production."""
 
-    def __init__(self, cluster, state_dir: Path, extra_args: tuple[str, ...] = ()):
+    def __init__(self, cluster, state_dir: Path, extra_args: tuple[str, ...] = (),
+                 env: dict[str, str] | None = None):
         self.cluster = cluster  # anything with .address (GCS) and .dashboard_url
         self.state_dir = state_dir
         self.extra_args = list(extra_args)
+        self.env = dict(env or {})
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
@@ -89,7 +92,7 @@ class ServerProcess:
              "--ray-address", self.cluster.address, "--dashboard-url", self.cluster.dashboard_url,
              "--port", str(self.port), "--tick", "0.25", *self.extra_args],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env={**os.environ, "RAYBATCH_PLACEMENT_TIMEOUT_S": "60"},
+            env={**os.environ, "RAYBATCH_PLACEMENT_TIMEOUT_S": "60", **self.env},
         )
 
         def healthy() -> bool:
@@ -146,3 +149,13 @@ def client(server):
     c = server.client()
     yield c
     c.close()
+
+
+@pytest.fixture(scope="session")
+def azurite(tmp_path_factory):
+    """A real Azure blob service (Azurite) for the whole session; a test may stop() and
+    start() it (same port, same data)."""
+    a = Azurite(tmp_path_factory.mktemp("azurite"))
+    a.start()
+    yield a
+    a.close()

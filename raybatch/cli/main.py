@@ -2,6 +2,7 @@
 
     raybatch submit recipes/pytorch-digits-ddp/job.yaml --wait
     raybatch list | show ID | logs ID --follow | cancel ID | wait ID | queue
+    raybatch files ID [--path P] | download ID DEST [--path P] | datastores
     raybatch up [--nodes 2] | down | status
 
 With no ``--address`` (or RAYBATCH_ADDRESS), commands talk to the embedded local
@@ -94,6 +95,11 @@ def _progress_line(job, started: float) -> Text:
     t.append(f"{job.id} ", style="bold")
     t.append(job.state.value, style=render.STATE_STYLE.get(job.state.value, "white"))
     t.append(f"  attempt {job.attempt}  {time.monotonic() - started:5.0f}s")
+    if job.phase in ("staging", "syncing"):
+        t.append(f"  {job.phase}", style="cyan")
+        if job.staging and job.staging.get("bytes_total"):
+            done, total = job.staging["bytes_done"], job.staging["bytes_total"]
+            t.append(f" {render.size(done)} of {render.size(total)} ({100 * done / total:.0f}%)", style="cyan")
     extra = job.waiting_reason or job.reason
     if extra:
         t.append(f"  {extra}", style="dim")
@@ -110,7 +116,7 @@ def _wait_with_progress(client: Client, job_id: str, timeout: Optional[float]) -
         while True:
             job = _call(client.get, job_id)
             line = _progress_line(job, started)
-            key = (job.state.value, job.attempt)
+            key = (job.state.value, job.attempt, job.phase)
             if render.err_console.is_terminal:
                 spinner.update(line)
             elif key != last:
@@ -215,6 +221,58 @@ def logs(
         _fail(str(e))
     except KeyboardInterrupt:
         raise typer.Exit(130)
+
+
+@app.command()
+def files(
+    job_id: str,
+    path: str = typer.Option("", "--path", "-p",
+                             help="Only under this path: stdouterr, checkpoints, outputs/<id>, or below."),
+    output: Output = OutputOpt,
+) -> None:
+    """List a job's files (logs, checkpoints, outputs) with sizes and times, wherever they
+    are stored (like `az batchai job file list`)."""
+    entries = _call(_client().files, job_id, path)
+    if output == Output.json:
+        render.print_json(entries)
+    else:
+        render.console.print(render.files_table(entries))
+
+
+@app.command()
+def download(
+    job_id: str,
+    dest: Path = typer.Argument(..., help="Local directory to write into."),
+    path: str = typer.Option("", "--path", "-p", help="Only this file or directory of the job's tree."),
+) -> None:
+    """Fetch a job's files (default: all of them) into DEST, with progress."""
+    from rich.progress import (  # noqa: PLC0415
+        BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn,
+    )
+
+    client = _client()
+    entries = _call(client.files, job_id, path)
+    if not entries:
+        _fail(f"job {job_id} has no files under '{path or '/'}'")
+    total = sum(e.size for e in entries)
+    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                  TimeRemainingColumn(), console=render.err_console, transient=False) as bar:
+        task = bar.add_task(f"{len(entries)} file(s)", total=total)
+        written = _call(client.download, job_id, dest, path,
+                        progress=lambda _e, n: bar.update(task, advance=n))
+    render.console.print(f"{len(written)} file(s), {render.size(total)} -> {dest}", highlight=False)
+
+
+@app.command()
+def datastores(output: Output = OutputOpt) -> None:
+    """The server's datastores: name, location, credential kind (never a secret)."""
+    info = _call(_client().datastores)
+    if output == Output.json:
+        render.print_json(info)
+        return
+    if info.get("error"):
+        render.err_console.print(f"[red]datastores file:[/] {info['error']}", highlight=False)
+    render.console.print(render.datastores_table(info["datastores"]))
 
 
 @app.command()

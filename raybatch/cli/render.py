@@ -137,3 +137,30 @@ def scheduler_line(info) -> str:
     if info.autoscaler:
         line += f"\nautoscaler: {info.autoscaler.get('summary', '')}"
     return line
+
+
+def size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def files_table(entries) -> Table:
+    t = Table(box=None, header_style="bold")
+    for col in ("PATH", "SIZE", "MODIFIED", "LOCATION"):
+        t.add_column(col, justify="right" if col == "SIZE" else "left")
+    for e in entries:
+        t.add_row(e.path, size(e.size), ts(e.modified), e.location)
+    return t
+
+
+def datastores_table(rows: list[dict]) -> Table:
+    t = Table(box=None, header_style="bold")
+    for col in ("NAME", "URL", "ACCOUNT", "ENDPOINT", "CREDENTIAL", "DEFAULT"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(r["name"], r["url"], r.get("account") or "-", r.get("endpoint") or "-",
+                  r.get("credential") or "-", "yes" if r.get("default") else "")
+    return t

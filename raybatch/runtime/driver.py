@@ -7,7 +7,14 @@
    server (``control.json``: cancel), SIGTERM from outside raybatch (``ray job
    stop``: reported as DRIVER_LOST) or the wall-clock limit ends the attempt; the
    other ranks get SIGTERM -> grace -> SIGKILL;
-5. free the placement group, then report "done" with each rank's exit code.
+5. when outputs, checkpoints or logs live in blob storage: each node's last sync
+   (retried with backoff until FINAL_SYNC_TIMEOUT_S); the attempt fails with the
+   files that are not out, and their local copies are kept;
+6. free the placement group, then report "done" with each rank's exit code.
+
+Storage is checked before anything is reserved (a bad location fails in seconds),
+and ``download`` inputs and blob checkpoints are staged on every node after the
+gang is placed and before any rank starts (phase "staging", with progress).
 
 The server reads the reports from ``status.json`` (see ``layout``)."""
 
@@ -34,12 +41,16 @@ from raybatch.runtime import layout
 from raybatch.runtime.rank import RankActor
 from raybatch.spec.job import JobSpec
 from raybatch.state.states import AttemptOutcome
+from raybatch.storage.backends import StorageError, open_backend
+from raybatch.storage.plan import AttemptStorage
 
 PLACEMENT_TIMEOUT_S = float(os.environ.get("RAYBATCH_PLACEMENT_TIMEOUT_S", "120"))
 FAILURE_STOP_GRACE_S = 10.0  # when one rank failed, the others get at most this
 EXTERNAL_STOP_GRACE_S = 1.5  # stopped outside raybatch: Ray kills the driver after 3 s
 NODE_LOST_GRACE_S = 2.0  # the gang is broken: survivors are usually stuck in a collective
 STALL_CHECK_S = 2.0
+STORAGE_CHECK_S = 20.0        # retrying transient errors before failing the attempt
+FINAL_SYNC_TIMEOUT_S = 300.0  # the last upload's retries (both: the server's settings win)
 
 
 class Attempt:
@@ -61,6 +72,32 @@ class Attempt:
         self.pg = None
         self.actors: list[Any] = []
         self.ranks: list[dict[str, Any]] = []
+        self.storage = self.load_storage()
+        self.cache_dir = self.info.get("cache_dir") or str(Path.home() / ".cache" / "raybatch")
+        # this attempt's local copies of blob outputs/checkpoints/logs, one per node of the gang
+        self.mirror = Path(tempfile.gettempdir()) / "raybatch-mirror" / self.job_id / f"attempt-{self.n}"
+        self.staged_inputs: dict[int, dict[str, str]] = {}  # node rank -> input id -> local path
+        self.unsynced: list[str] = []
+        self.storage_check_s = float(self.info.get("storage_check_s") or STORAGE_CHECK_S)
+        self.final_sync_timeout_s = float(self.info.get("final_sync_timeout_s") or FINAL_SYNC_TIMEOUT_S)
+
+    def load_storage(self) -> AttemptStorage:
+        """The resolved locations; credentials come in a file only the server's user can
+        read, removed as soon as it is read."""
+        secrets = self.control_file.with_name("secrets.json")
+        data = layout.read_json(secrets)
+        secrets.unlink(missing_ok=True)
+        if data is None:
+            data = self.info.get("storage")
+        if data is None:  # an attempt file from before storage plans: everything is local
+            data = {"logs": {"kind": "local", "path": str(self.job_dir / "stdouterr"), "uri": ""},
+                    "checkpoints": {"kind": "local", "path": str(layout.checkpoint_dir(self.job_dir)), "uri": ""},
+                    "outputs": {i: {"kind": "local", "path": str(layout.output_dir(self.job_dir, i, o.path))}
+                                for i, o in self.spec.outputs.items()},
+                    "inputs": {i: {"kind": "local", "path": str(Path(inp.path).expanduser())}
+                               for i, inp in self.spec.inputs.items()},
+                    "input_modes": {i: inp.mode for i, inp in self.spec.inputs.items()}}
+        return AttemptStorage.from_dict(data)
 
     # ---- reporting ---------------------------------------------------------
     def report(self, phase: str, **extra: Any) -> None:
@@ -93,11 +130,92 @@ class Attempt:
         return self.stop.is_set()
 
     # ---- steps -------------------------------------------------------------
-    def check_inputs(self) -> Optional[str]:
-        for ident, inp in self.spec.inputs.items():
-            if not Path(inp.path).expanduser().exists():
-                return f"input '{ident}': path {inp.path} does not exist on the head node"
+    def check_storage(self) -> Optional[str]:
+        """Can every location be reached (inputs read, everything else written)? Retries
+        transient errors for up to storage_check_s; the first lasting problem, in words."""
+        st = self.storage
+        checks: list[tuple[str, Any, bool]] = []
+        for ident, access in st.inputs.items():
+            checks.append((f"input '{ident}'", access, False))
+        for name, access in [("logs", st.logs), ("checkpoints", st.checkpoints),
+                             *((f"output '{i}'", a) for i, a in st.outputs.items())]:
+            if access.kind != "local":
+                checks.append((name, access, True))
+        seen: set[tuple] = set()
+        for name, access, write in checks:
+            if access.kind == "local" and not write:
+                if not Path(access.path).exists():
+                    return f"{name}: path {access.path} does not exist on the head node"
+                continue
+            key = (access.endpoint, access.container, access.credential_kind, access.path if not write else "", write)
+            if key in seen:
+                continue
+            seen.add(key)
+            deadline = time.monotonic() + self.storage_check_s
+            delay = 1.0
+            while True:
+                try:
+                    backend = open_backend(access)
+                    if write:
+                        backend.check(write=True)
+                    elif not backend.list():
+                        backend.check(write=False)  # a missing container says so
+                        raise StorageError(access.uri, "no such file or directory (nothing is stored there)")
+                    break
+                except StorageError as e:
+                    if not e.transient or time.monotonic() + delay > deadline or self.check_control():
+                        return f"{name}: {e}"
+                    self.log(f"{name}: {e} (retrying in {delay:.0f} s)")
+                    time.sleep(delay)
+                    delay = min(8.0, delay * 2)
         return None
+
+    def prepare_nodes(self) -> Optional[str]:
+        """Stage inputs and restore blob checkpoints on every node of the gang, once per
+        node (its first rank), reporting progress. A problem in words, or None."""
+        st = self.storage
+        downloads = [i for i, m in st.input_modes.items() if m == "download"]
+        restore = st.checkpoints.kind != "local"
+        if not downloads and not restore:
+            return None
+        P = self.spec.processes_per_node
+        firsts = {node_rank: self.actors[node_rank * P] for node_rank in range(self.spec.nodes)}
+        refs = {a.prepare.remote(st.to_dict(secrets=True), self.cache_dir,
+                                 str(self.node_dir(k) / "checkpoints") if restore else None): k
+                for k, a in firsts.items()}
+        self.log(f"staging {len(downloads)} input(s){' and checkpoints' if restore else ''} "
+                 f"on {len(firsts)} node(s)")
+        pending = dict(refs)
+        t0 = time.monotonic()
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=0.5)
+            for ref in done:
+                k = pending.pop(ref)
+                try:
+                    result = ray.get(ref)
+                except RayActorError:
+                    raise
+                except RayError as e:
+                    cause = e.cause if hasattr(e, "cause") and e.cause else e
+                    return f"staging on node {k}: {cause}"
+                self.staged_inputs[k] = result["inputs"]
+                for ident, info in result["staged"].items():
+                    self.log(f"node {k}: input '{ident}': {info['files']} file(s), {info['bytes']} bytes, "
+                             f"{info['downloaded']} downloaded, {info['seconds']:.2f} s")
+                if result["checkpoint_files"]:
+                    self.log(f"node {k}: restored {result['checkpoint_files']} checkpoint file(s)")
+            if pending:
+                if self.check_control():
+                    return "stopped while staging"
+                prog = ray.get([firsts[k].staging_progress.remote() for k in pending.values()])
+                self.report("staging", staging={"bytes_done": sum(p[0] for p in prog),
+                                                "bytes_total": sum(p[1] for p in prog),
+                                                "nodes_left": len(pending),
+                                                "seconds": round(time.monotonic() - t0, 1)})
+        return None
+
+    def node_dir(self, node_rank: int) -> Path:
+        return self.mirror / f"node-{node_rank}"
 
     def reserve(self) -> Optional[str]:
         spec = self.spec
@@ -162,20 +280,32 @@ class Attempt:
         master_port = ray.get(self.actors[0].free_port.remote())
         master_addr = infos[0]["node_ip"]
         framework = frameworks.get(spec.framework)
-        ckpt = str(layout.checkpoint_dir(self.job_dir))
-        shared = str(self.job_dir / "shared")
-        outputs = {i: str(layout.output_dir(self.job_dir, i, o.path)) for i, o in spec.outputs.items()}
-        inputs = {i: str(Path(inp.path).expanduser()) for i, inp in spec.inputs.items()}
-        starts = []
+        st = self.storage
+        local_job_dir = st.logs.kind == "local" and Path(st.logs.path).parent == self.job_dir
+        shared = str((self.job_dir if local_job_dir else self.mirror) / "shared")
+        starts, syncs = [], []
         for rank, (actor, info) in enumerate(zip(self.actors, infos)):
             node_rank, local_rank = divmod(rank, P)
-            log_dir = str(layout.stdouterr_dir(self.job_dir, self.n, rank))
+            node_dir = self.node_dir(node_rank)
+            ckpt = st.checkpoints.path if st.checkpoints.kind == "local" else str(node_dir / "checkpoints")
+            outputs = {i: a.path if a.kind == "local" else str(node_dir / "outputs" / i)
+                       for i, a in st.outputs.items()}
+            inputs = {}
+            for i, a in st.inputs.items():
+                if st.input_modes.get(i) == "download":
+                    inputs[i] = self.staged_inputs[node_rank][i]
+                else:  # direct: the path, or the blob's URL for the script's own credential
+                    inputs[i] = a.path if a.kind == "local" else f"{a.endpoint}/{a.container}/{a.path}".rstrip("/")
+            rel_logs = f"attempt-{self.n}/rank-{rank}"
+            log_dir = str(Path(st.logs.path) / rel_logs if st.logs.kind == "local"
+                          else node_dir / "stdouterr" / rel_logs)
             job_temp = str(Path(tempfile.gettempdir()) / "raybatch-jobs" / self.job_id / f"node-{node_rank}")
             ctx = RankContext(
                 job_id=self.job_id, attempt=self.n, rank=rank, local_rank=local_rank,
                 node_rank=node_rank, num_nodes=spec.nodes, processes_per_node=P,
                 master_addr=master_addr, master_port=master_port, node_ip=info["node_ip"],
-                job_dir=str(self.job_dir), stdouterr_dir=log_dir, checkpoint_dir=ckpt,
+                job_dir=str(self.job_dir) if local_job_dir else self.info["job_dir"],
+                stdouterr_dir=log_dir, checkpoint_dir=ckpt,
                 job_temp=job_temp, shared_job_temp=shared, inputs=inputs, outputs=outputs,
                 gpus=per_rank.get("GPU", 0.0),
             )
@@ -185,11 +315,22 @@ class Attempt:
                 framework.command(spec, ctx), framework.rank_env(spec, ctx), cwd, log_dir,
                 [ckpt, shared, job_temp, *outputs.values()], spec.grace_period,
             ))
+            # blob destinations: this rank's logs, and (one rank per node) outputs and checkpoints
+            logs = ([(str(Path(log_dir) / f"{s_}.txt"), st.logs.to_dict(), f"{rel_logs}/{s_}.txt")
+                     for s_ in ("stdout", "stderr")] if st.logs.kind != "local" else [])
+            dirs = []
+            if local_rank == 0:
+                dirs = [(outputs[i], a.to_dict()) for i, a in st.outputs.items() if a.kind != "local"]
+                if st.checkpoints.kind != "local":
+                    dirs.append((ckpt, st.checkpoints.to_dict()))
+            if logs or dirs:
+                syncs.append(actor.start_sync.remote(dirs, logs, spec.sync_interval))
             self.ranks.append({
                 "rank": rank, "node_rank": node_rank, "local_rank": local_rank,
                 "node_id": info["node_id"], "node_ip": info["node_ip"],
                 "hostname": info["hostname"], "pid": None, "exit_code": None,
             })
+        ray.get(syncs)
         for r, pid in zip(self.ranks, ray.get(starts)):
             r["pid"] = pid
 
@@ -264,11 +405,45 @@ class Attempt:
             except (RayError, TimeoutError):
                 pass
 
+    def final_sync(self) -> Optional[str]:
+        """Every node's last upload, after its processes ended. A message naming what is
+        not out (and where the local copies are), or None when everything is."""
+        if not self.storage.remote or not self.ranks:
+            return None
+        refs = {a.finish_sync.remote(self.final_sync_timeout_s): i for i, a in enumerate(self.actors)}
+        self.log(f"uploading the last outputs, checkpoints and logs (up to {self.final_sync_timeout_s:.0f} s)")
+        kept: list[str] = []
+        errors: list[str] = []
+        pending = dict(refs)
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=5)
+            for ref in done:
+                i = pending.pop(ref)
+                try:
+                    result = ray.get(ref)
+                except RayError:
+                    continue  # a lost node: what it had not uploaded is gone with it
+                if result["unsynced"]:
+                    self.unsynced.extend(result["unsynced"])
+                    kept.append(f"{result['hostname']}:{self.node_dir(self.ranks[i]['node_rank'])}")
+                    if result["error"]:
+                        errors.append(result["error"])
+            if pending:
+                self.report("syncing", nodes_left=len(pending))  # the server waits while we do
+        if not self.unsynced:
+            return None
+        shown = ", ".join(self.unsynced[:5]) + (f" and {len(self.unsynced) - 5} more" if len(self.unsynced) > 5 else "")
+        return (f"{len(self.unsynced)} file(s) not uploaded: {shown}; cause: {errors[0] if errors else 'unknown'}; "
+                f"the local copies are kept at {', '.join(sorted(set(kept)))}")
+
     def cleanup(self) -> None:
         if self.actors:
             self.terminate_all(0)  # reap stragglers left in the ranks' process groups
             # each node's scratch space of this job: /tmp/raybatch-jobs/<job id>
-            refs = [a.remove_dir.remote(str(Path(d).parent)) for a, d in zip(self.actors, self.job_temps)]
+            dirs = [str(Path(d).parent) for d in self.job_temps]
+            if not self.unsynced:  # blob mirrors: everything is out (else they are the only copy)
+                dirs += [str(self.mirror)] * len(self.job_temps)
+            refs = [a.remove_dir.remote(d) for a, d in zip(self.actors * 2, dirs)]
             for ref in refs:
                 try:
                     ray.get(ref, timeout=30)
@@ -298,7 +473,7 @@ class Attempt:
         self.log("connected to Ray")
         outcome: tuple[AttemptOutcome, Optional[int], str]
         try:
-            problem = self.check_inputs()
+            problem = self.check_storage()
             if problem:
                 outcome = (AttemptOutcome.START_FAILED, None, problem)
             elif (problem := self.reserve()) is not None:
@@ -310,10 +485,25 @@ class Attempt:
                 table = placement_group_table(self.pg)
                 self.log(f"placement group ready: {table.get('bundles_to_node_id')}")
                 self.report("placed")  # the scheduler stops counting the gang as pending
-                self.start_ranks()
-                self.report("running")
-                self.log(f"{len(self.actors)} rank(s) running")
-                outcome = self.watch()
+                problem = self.prepare_nodes()
+                if problem:
+                    outcome = ((self.stop_reason[0], None, self.stop_reason[1]) if self.stop_reason
+                               else (AttemptOutcome.START_FAILED, None, problem))
+                else:
+                    self.start_ranks()
+                    self.report("running")
+                    self.log(f"{len(self.actors)} rank(s) running")
+                    outcome = self.watch()
+                    not_out = self.final_sync()
+                    if not_out:
+                        kind, code, message = outcome
+                        if kind == AttemptOutcome.SUCCEEDED:
+                            outcome = (AttemptOutcome.UPLOAD_FAILED, None, not_out)
+                        else:
+                            outcome = (kind, code, f"{message}; {not_out}")
+        except RayActorError as e:
+            traceback.print_exc()
+            outcome = (AttemptOutcome.NODE_LOST, None, f"a rank's node was lost while starting: {e}")
         except Exception as e:  # noqa: BLE001
             traceback.print_exc()
             outcome = (AttemptOutcome.START_FAILED if not self.ranks else AttemptOutcome.NODE_LOST,
@@ -323,7 +513,7 @@ class Attempt:
         kind, code, message = outcome
         self.log(f"attempt {self.n} ended: {kind.value}: {message}")
         self.report("done", outcome=kind.value, exit_code=code, message=message,
-                    lost_nodes=sorted(self.lost_nodes))
+                    lost_nodes=sorted(self.lost_nodes), unsynced=self.unsynced)
         return 0 if kind == AttemptOutcome.SUCCEEDED else 1
 
 

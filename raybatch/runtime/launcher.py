@@ -2,18 +2,29 @@
 
 Each attempt is one Ray Job (``raybatch-<job id>-<attempt>``), visible in the Ray
 dashboard with the raybatch job id, name, experiment and attempt in its metadata.
-Secrets and environment values are never put in the metadata."""
+Secrets and environment values are never put in the metadata. Storage credentials
+go to the driver in ``secrets.json`` (mode 0600, next to the attempt file), which
+the driver removes as soon as it has read it."""
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from raybatch.runtime import layout
 from raybatch.spec.job import JobSpec
+from raybatch.storage.datastores import CredentialError, Datastores
+from raybatch.storage.location import LocationError
+from raybatch.storage.plan import resolve_attempt
+
+
+class AttemptSetupError(RuntimeError):
+    """The attempt cannot start as configured (a datastore gone, a credential that
+    cannot be read): the job fails with this message instead of being retried."""
 
 
 @dataclass
@@ -29,7 +40,8 @@ def ray_job_id(job_id: str, attempt: int) -> str:
 
 
 class RayJobLauncher:
-    def __init__(self, dashboard_url: str, state_dir: str | Path, code_root: str | Path):
+    def __init__(self, dashboard_url: str, state_dir: str | Path, code_root: str | Path,
+                 datastores: Optional[Callable[[], Datastores]] = None, cache_dir: Optional[str] = None):
         from raybatch.config import ray_client_env  # noqa: PLC0415
 
         ray_client_env()
@@ -39,6 +51,8 @@ class RayJobLauncher:
         self.state_dir = Path(state_dir)
         self.code_root = Path(code_root)
         self.client = JobSubmissionClient(dashboard_url)
+        self.datastores = datastores or Datastores
+        self.cache_dir = cache_dir
 
     def submit(self, job: dict[str, Any], attempt: int, nodes: Optional[list[str]] = None) -> str:
         """Submit the attempt's Ray Job. Bundle i of its gang goes on ``nodes[i]`` (the
@@ -48,11 +62,24 @@ class RayJobLauncher:
         attempt_file = ctl / "attempt.json"
         status_file = ctl / "status.json"
         status_file.unlink(missing_ok=True)
+        try:
+            storage = resolve_attempt(spec, job["job_dir"], self.datastores())
+        except (CredentialError, LocationError) as e:
+            raise AttemptSetupError(f"storage: {e}") from None
         layout.write_json_atomic(attempt_file, {
             "job_id": job["id"], "attempt": attempt, "spec": spec.model_dump(mode="json"),
             "job_dir": job["job_dir"], "status_file": str(status_file),
-            "nodes": list(nodes or []),
+            "nodes": list(nodes or []), "storage": storage.to_dict(secrets=False),
+            "cache_dir": self.cache_dir,
+            # the server's settings (its environment), not the Ray cluster's
+            "storage_check_s": float(os.environ.get("RAYBATCH_STORAGE_CHECK_S", "20")),
+            "final_sync_timeout_s": float(os.environ.get("RAYBATCH_FINAL_SYNC_TIMEOUT_S", "300")),
         })
+        secrets = ctl / "secrets.json"
+        if any(a.secret for a in storage.all()):
+            write_private_json(secrets, storage.to_dict(secrets=True))
+        else:
+            secrets.unlink(missing_ok=True)
         (ctl / "control.json").unlink(missing_ok=True)
         # No env_vars here: a runtime_env that only sets variables still costs every
         # rank actor a round trip to the runtime-env agent (~0.7 s measured).
@@ -69,6 +96,11 @@ class RayJobLauncher:
             },
         )
         return sid
+
+    def discard_secrets(self, job_id: str, attempt: int) -> None:
+        """The attempt is over: its credentials file must not outlive it (a driver that
+        never started did not remove it)."""
+        (layout.control_dir(self.state_dir, job_id, attempt) / "secrets.json").unlink(missing_ok=True)
 
     def report(self, job_id: str, attempt: int) -> Optional[dict[str, Any]]:
         """The driver's latest report (phase placing | placed | running | stopping | done)."""
@@ -96,3 +128,15 @@ class RayJobLauncher:
             self.client.stop_job(sid)
         except RuntimeError:
             pass
+
+
+def write_private_json(path: Path, data: Any) -> None:
+    """Like write_json_atomic, readable by this user only from the first byte."""
+    import json  # noqa: PLC0415
+    import tempfile  # noqa: PLC0415
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")  # mode 0600
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f)
+    os.replace(tmp, path)

@@ -22,6 +22,12 @@ from typing import Optional
 
 import ray
 
+from raybatch.storage.backends import open_backend
+from raybatch.storage.datastores import Access
+from raybatch.storage.plan import AttemptStorage
+from raybatch.storage.staging import InputCache, download_tree
+from raybatch.storage.sync import DirSync, LogSync, NodeSync
+
 _PR_SET_PDEATHSIG = 1
 
 
@@ -65,6 +71,8 @@ class RankActor:
         self.watchdog: Optional[subprocess.Popen] = None
         self._lock = threading.Lock()
         self._activity = [time.monotonic()]  # when the process last printed anything
+        self._staging = [0, 0]  # bytes done, bytes total of this node's inputs and checkpoints
+        self.sync: Optional[NodeSync] = None
 
     def node_info(self) -> dict:
         ctx = ray.get_runtime_context()
@@ -111,6 +119,58 @@ class RankActor:
             stderr=subprocess.DEVNULL, start_new_session=True,
         )
         return pid
+
+    # ---- storage: runs on this rank's node ------------------------------------------------
+    def prepare(self, storage: dict, cache_dir: str, checkpoint_dir: Optional[str]) -> dict:
+        """Stage this node's ``download`` inputs through the node's cache and, when the
+        checkpoints are in blob storage, restore them into ``checkpoint_dir``. Returns
+        each input's local path and what was moved."""
+        plan = AttemptStorage.from_dict(storage)
+        cache = InputCache(cache_dir)
+        done: dict[str, int] = {}
+        totals: dict[str, int] = {}
+
+        def progress(key: str):
+            def cb(n: int, total: int) -> None:
+                done[key], totals[key] = n, total
+                self._staging = [sum(done.values()), sum(totals.values())]
+            return cb
+
+        out: dict = {"inputs": {}, "staged": {}, "checkpoint_files": 0}
+        for ident, access in plan.inputs.items():
+            if plan.input_modes.get(ident) != "download":
+                continue
+            res = cache.stage(open_backend(access), progress(f"in:{ident}"))
+            out["inputs"][ident] = res.path
+            out["staged"][ident] = {"files": res.files, "bytes": res.bytes_total,
+                                    "downloaded": res.bytes_downloaded, "seconds": round(res.seconds, 3)}
+        if checkpoint_dir and plan.checkpoints.kind != "local":
+            Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
+            files, _ = download_tree(open_backend(plan.checkpoints), Path(checkpoint_dir), progress("ckpt"))
+            out["checkpoint_files"] = files
+        return out
+
+    def staging_progress(self) -> list[int]:
+        return list(self._staging)
+
+    def start_sync(self, dirs: list[tuple[str, dict]], logs: list[tuple[str, dict, str]],
+                   interval: float) -> None:
+        """Copy this rank's logs (and, on one rank per node, outputs and checkpoints) out
+        while the process runs."""
+        self.sync = NodeSync(
+            [DirSync(Path(local), open_backend(Access.from_dict(a))) for local, a in dirs],
+            [LogSync(Path(local), open_backend(Access.from_dict(a)), rel) for local, a, rel in logs],
+            interval,
+        )
+        self.sync.start()
+
+    def finish_sync(self, timeout: float) -> dict:
+        """The last pass, after the process ended: what could not be uploaded, and why."""
+        if self.sync is None:
+            return {"unsynced": [], "error": None}
+        report = self.sync.finish(timeout)
+        return {"unsynced": report.unsynced, "error": report.error,
+                "node_ip": ray.util.get_node_ip_address(), "hostname": socket.gethostname()}
 
     def idle_seconds(self) -> float:
         """Seconds since the process last wrote to stdout or stderr (or started)."""

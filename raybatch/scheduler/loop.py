@@ -22,7 +22,7 @@ from typing import Any, Optional
 
 from pathlib import Path
 
-from raybatch.runtime.launcher import RayJobLauncher, ray_job_id
+from raybatch.runtime.launcher import AttemptSetupError, RayJobLauncher, ray_job_id
 from raybatch.scheduler import fit, policy
 from raybatch.scheduler.cluster import RayClusterView
 from raybatch.scheduler.queue import QueueFollower
@@ -36,6 +36,7 @@ from raybatch.state.store import Store
 log = logging.getLogger("raybatch.scheduler")
 STOP_ESCALATION_S = 30.0  # beyond the job's grace period, before `ray job stop`
 STOP_SLACK_S = 5.0        # after the grace period, until a stopped gang's resources are back
+SYNC_HEARTBEAT_S = 30.0   # a driver in its final upload reports at least this often
 MIN_CYCLE_GAP_S = 0.2     # submissions wake the loop; at most one cycle per this long
 RESYNC_S = 60.0           # re-read the whole queue this often (it is followed incrementally)
 VIEW_LAG_S = 2.0          # Ray's resource view may show a gang placed/removed this much later
@@ -223,6 +224,9 @@ class Scheduler:
             self._stop_sent.add(key)
         grace = self.spec_of(job).grace_period
         if time.time() - since > grace + STOP_ESCALATION_S and sid not in self._killed:
+            report = self.launcher.report(job["id"], job["attempt"]) or {}
+            if report.get("phase") == "syncing" and time.time() - report.get("at", 0) < SYNC_HEARTBEAT_S:
+                return  # the gang has stopped; its driver is uploading the last outputs
             log.warning("%s did not stop within %.0f s: stopping its Ray job", sid, grace + STOP_ESCALATION_S)
             self.launcher.stop(sid)
             self._killed.add(sid)
@@ -232,6 +236,9 @@ class Scheduler:
         """One way to end an attempt; the retry policy picks the job's next state."""
         job_id, n = job["id"], job["attempt"]
         now = time.time()
+        discard = getattr(self.launcher, "discard_secrets", None)
+        if discard is not None:
+            discard(job_id, n)
         self.store.update_attempt(job_id, n, ended_at=now, outcome=outcome.value,
                                   exit_code=code, reason=message)
         spec = self.spec_of(job)
@@ -397,6 +404,9 @@ class Scheduler:
         self.store.add_attempt(job["id"], n, sid, nodes=placed)  # intent first: a crash here is reconciled
         try:
             self.launcher.submit(job, n, nodes=placed)
+        except AttemptSetupError as e:  # the job's configuration: retrying cannot help
+            self.end_attempt(job, AttemptOutcome.START_FAILED, None, str(e))
+            return True
         except Exception as e:  # noqa: BLE001 - the Ray dashboard may be down
             log.warning("submitting %s attempt %d failed: %s", job["id"], n, e)
             message = f"could not submit the Ray job: {type(e).__name__}: {e}"

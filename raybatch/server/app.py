@@ -12,6 +12,12 @@
     GET  /api/v1/jobs/{id}                 JobDetail: history, attempts, ranks, paths
     POST /api/v1/jobs/{id}/cancel          cancel (SIGTERM, grace, SIGKILL)
     GET  /api/v1/jobs/{id}/logs            a chunk of a rank's stdout/stderr from an offset
+    GET  /api/v1/jobs/{id}/files           the job's files (?path=): logs, checkpoints, outputs
+    GET  /api/v1/jobs/{id}/files/content   one file's bytes (?path=), streamed
+    GET  /api/v1/datastores                the server's datastores (never a secret)
+
+Files are read where they are stored (a local path or blob storage), with the
+server's datastore credentials: clients never need storage keys.
 """
 
 from __future__ import annotations
@@ -26,19 +32,23 @@ from pathlib import Path
 from typing import Any, Optional
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, status
+from fastapi.responses import StreamingResponse
 
 from raybatch import __version__
 from raybatch.config import API_PREFIX
 from raybatch.models import (
-    AttemptInfo, BatchSubmitRequest, JobDetail, JobSummary, LogChunk, QueueEntry, RankInfo, SchedulerInfo,
-    SubmitRequest, Transition,
+    AttemptInfo, BatchSubmitRequest, FileEntry, JobDetail, JobSummary, LogChunk, QueueEntry, RankInfo,
+    SchedulerInfo, SubmitRequest, Transition,
 )
-from raybatch.runtime import layout
 from raybatch.scheduler.loop import Scheduler
 from raybatch.server.auth import bearer_dependency
 from raybatch.spec.job import JobSpec
 from raybatch.state.states import InvalidTransition, JobState
 from raybatch.state.store import Store
+from raybatch.storage import plan as storage_plan
+from raybatch.storage.backends import StorageError, open_backend
+from raybatch.storage.datastores import CredentialError, Datastores
+from raybatch.storage.location import LocationError
 
 MAX_CODE_BYTES = 500 * 2**20  # Ray's working_dir limit
 MAX_LOG_CHUNK = 1 << 20
@@ -49,8 +59,17 @@ ESTIMATED_JOBS = 100  # the queue view simulates this many jobs ahead for start 
 class ServerContext:
     store: Store
     scheduler: Scheduler
-    jobs_root: Path
+    jobs_root: str              # a path or a blob location
     code_root: Path
+    datastores: Any = Datastores  # () -> the current Datastores (re-read when its file changes)
+
+
+def _backend(ctx: ServerContext, location: str):
+    """A backend for one of a job's locations, or a 502/400 that says why not."""
+    try:
+        return open_backend(ctx.datastores().resolve(location))
+    except (CredentialError, LocationError) as e:
+        raise HTTPException(status.HTTP_502_BAD_GATEWAY, f"storage: {e}") from None
 
 
 def _job_or_404(store: Store, job_id: str) -> dict[str, Any]:
@@ -63,27 +82,33 @@ def _job_or_404(store: Store, job_id: str) -> dict[str, Any]:
 def job_detail(ctx: ServerContext, job: dict[str, Any]) -> JobDetail:
     spec = JobSpec.model_validate_json(job["spec"])
     store = ctx.store
+    tree = storage_plan.job_locations(spec, job["job_dir"])
     ranks_by_attempt: dict[int, list[RankInfo]] = {}
     for r in store.ranks(job["id"]):
+        logs = storage_plan.join(tree["stdouterr"], f"attempt-{r['attempt']}", f"rank-{r['rank']}")
         ranks_by_attempt.setdefault(r["attempt"], []).append(RankInfo(
             **{k: r[k] for k in RankInfo.model_fields if k in r},
-            stdout=str(layout.log_file(job["job_dir"], r["attempt"], r["rank"], "stdout")),
-            stderr=str(layout.log_file(job["job_dir"], r["attempt"], r["rank"], "stderr")),
+            stdout=storage_plan.join(logs, "stdout.txt"), stderr=storage_plan.join(logs, "stderr.txt"),
         ))
     attempts = [
         AttemptInfo(**{k: a[k] for k in AttemptInfo.model_fields if k in a},
                     ranks=ranks_by_attempt.get(a["n"], []))
         for a in store.attempts(job["id"])
     ]
+    report = {}
+    if JobState(job["state"]).is_active and job["attempt"]:
+        launcher_report = getattr(ctx.scheduler.launcher, "report", None)
+        report = (launcher_report(job["id"], job["attempt"]) if launcher_report else None) or {}
     return JobDetail(
         **JobSummary.from_row(job).model_dump(),
+        phase=report.get("phase"), staging=report.get("staging") if report.get("phase") == "staging" else None,
         spec=spec,
         waiting_reason=ctx.scheduler.waiting.get(job["id"]) if job["state"] == "QUEUED" else None,
         cancel_requested=bool(job["cancel_requested"]),
         preempt_requested=bool(job["preempt_requested"]),
-        outputs={i: str(layout.output_dir(job["job_dir"], i, o.path)) for i, o in spec.outputs.items()},
-        checkpoint_dir=str(layout.checkpoint_dir(job["job_dir"])),
-        logs_dir=str(Path(job["job_dir"]) / "stdouterr"),
+        outputs={i: tree[f"outputs/{i}"] for i in spec.outputs},
+        checkpoint_dir=tree["checkpoints"],
+        logs_dir=tree["stdouterr"],
         transitions=[Transition(**t) for t in store.transitions(job["id"])],
         attempts=attempts,
     )
@@ -201,10 +226,13 @@ def create_app(ctx: ServerContext, token: str) -> FastAPI:
         never = ctx.scheduler.never_runs(spec)
         if never:
             raise HTTPException(status.HTTP_400_BAD_REQUEST, f"{where}this job can never run: {never}")
-        root = Path(spec.output_root).expanduser() if spec.output_root else ctx.jobs_root
+        problems = storage_plan.check_locations(spec, spec.output_root, ctx.datastores())
+        if problems:
+            raise HTTPException(status.HTTP_400_BAD_REQUEST, f"{where}" + "; ".join(problems))
+        root = spec.output_root or ctx.jobs_root
         return dict(name=spec.name, experiment=spec.experiment, priority=spec.priority_value,
                     spec=spec.model_dump(mode="json"), code_package=req.code_package,
-                    job_dir_for=lambda job_id: (root / spec.experiment / job_id).resolve())
+                    job_dir_for=lambda job_id: storage_plan.job_dir_for(root, spec.experiment, job_id))
 
     # async, unlike the other routes: one short SQLite transaction, so it runs on the event
     # loop; the thread pool's hop cost more CPU than the insert itself (benchmarks/bench_admission.py)
@@ -269,21 +297,70 @@ def create_app(ctx: ServerContext, token: str) -> FastAPI:
             else:
                 raise HTTPException(status.HTTP_400_BAD_REQUEST,
                                     f"attempt {n} does not exist: the job has attempts 1-{job['attempt']}")
-        path = layout.log_file(job["job_dir"], n, rank, stream)
-        data = b""
-        size = 0
-        if path.exists():
-            with open(path, "rb") as f:
-                f.seek(offset)
-                data = f.read(max_bytes)
-            size = path.stat().st_size
+        tree = storage_plan.job_locations(spec, job["job_dir"])
+        rel = f"attempt-{n}/rank-{rank}/{stream}.txt"
+        path = storage_plan.join(tree["stdouterr"], rel)
+        try:
+            data, size = _backend(ctx, tree["stdouterr"]).read(rel, offset, max_bytes)
+        except StorageError as e:
+            raise HTTPException(status.HTTP_502_BAD_GATEWAY, f"reading the log: {e}") from None
         next_offset = offset + len(data)
         state = JobState(job["state"])
         attempt_over = state.is_final or n < job["attempt"] or (job["attempt"] >= 1 and not state.is_active)
-        return LogChunk(attempt=n, rank=rank, stream=stream, path=str(path), offset=offset,
+        return LogChunk(attempt=n, rank=rank, stream=stream, path=path, offset=offset,
                         next_offset=next_offset, data=data.decode("utf-8", errors="replace"),
                         eof=attempt_over and next_offset >= size, job_final=state.is_final,
                         latest_attempt=job["attempt"])
+
+    @app.get(f"{API_PREFIX}/jobs/{{job_id}}/files", dependencies=auth)
+    def files(job_id: str, path: str = "") -> list[FileEntry]:
+        """Every file under ``path`` of the job's tree (stdouterr/, checkpoints/, outputs/<id>/)."""
+        job = _job_or_404(store, job_id)
+        spec = JobSpec.model_validate_json(job["spec"])
+        try:
+            roots = storage_plan.locate(spec, job["job_dir"], path)
+        except ValueError as e:
+            raise HTTPException(status.HTTP_400_BAD_REQUEST, str(e)) from None
+        out = []
+        for root, location, below in roots:
+            try:
+                entries = _backend(ctx, location).list(below)
+            except StorageError as e:
+                raise HTTPException(status.HTTP_502_BAD_GATEWAY, f"listing {root}: {e}") from None
+            for e in entries:
+                if e.path.startswith(".") or "/." in e.path or e.path.endswith(".raybatch-write-check"):
+                    continue
+                rel = "/".join(p for p in (root, below, e.path) if p)
+                out.append(FileEntry(path=rel, size=e.size, modified=e.mtime,
+                                     location=storage_plan.join(location, below, e.path)))
+        return sorted(out, key=lambda f: f.path)
+
+    @app.get(f"{API_PREFIX}/jobs/{{job_id}}/files/content", dependencies=auth)
+    def file_content(job_id: str, path: str = Query(..., min_length=1)) -> StreamingResponse:
+        job = _job_or_404(store, job_id)
+        spec = JobSpec.model_validate_json(job["spec"])
+        try:
+            roots = storage_plan.locate(spec, job["job_dir"], path)
+        except ValueError as e:
+            raise HTTPException(status.HTTP_400_BAD_REQUEST, str(e)) from None
+        _root, location, below = roots[0]
+        if len(roots) != 1 or not below:
+            raise HTTPException(status.HTTP_400_BAD_REQUEST, f"'{path}' is a directory; name one file")
+        backend = _backend(ctx, location)
+        try:
+            entries = backend.list(below)
+        except StorageError as e:
+            raise HTTPException(status.HTTP_502_BAD_GATEWAY, str(e)) from None
+        if len(entries) != 1 or entries[0].path != "":
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"no file '{path}' in job {job_id}")
+        return StreamingResponse(backend.stream(below), media_type="application/octet-stream",
+                                 headers={"Content-Length": str(entries[0].size)})
+
+    @app.get(f"{API_PREFIX}/datastores", dependencies=auth)
+    def datastores() -> dict[str, Any]:
+        current = ctx.datastores()
+        return {"datastores": current.describe(), "default": current.spec.default,
+                "error": getattr(ctx.datastores, "error", None)}
 
     return app
 

@@ -3,33 +3,43 @@ scheduler loop in a thread and serves the REST API with uvicorn.
 
     python -m raybatch.server --state-dir DIR --ray-address HOST:PORT \\
         --dashboard-url http://HOST:PORT [--host 127.0.0.1] [--port 8765] \\
-        [--policy FILE] [--cluster-config ray-cluster.yaml]
+        [--policy FILE] [--cluster-config ray-cluster.yaml] [--datastores FILE] \
+        [--jobs-root PATH-OR-URI] [--cache-dir DIR]
 
 The scheduler policy (backfill, preemption, fair share, quotas) is read from
 ``--policy`` (default ``<state dir>/policy.yaml``) and re-read when it changes.
 With ``--cluster-config`` (the Ray autoscaler's cluster YAML), the scheduler
 asks Ray's autoscaler for the nodes queued jobs need, and rejects at submit a
 job that even the largest cluster could not hold.
+
+Datastores (named storage locations and their credential references, see
+docs/storage.md) are read from ``--datastores`` (default ``<state dir>/datastores.yaml``)
+and re-read when it changes. ``--cache-dir`` is where each node keeps its cache of
+downloaded inputs (default ``$RAYBATCH_CACHE_DIR`` or ``~/.cache/raybatch``).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import threading
 from pathlib import Path
 
 from raybatch.config import ray_client_env
 
 
-def build(state_dir: Path, ray_address: str, dashboard_url: str, jobs_root: Path | None = None,
-          tick: float = 0.5, policy_file: Path | None = None, cluster_config: Path | None = None):
+def build(state_dir: Path, ray_address: str, dashboard_url: str, jobs_root: str | Path | None = None,
+          tick: float = 0.5, policy_file: Path | None = None, cluster_config: Path | None = None,
+          datastores_file: Path | None = None, cache_dir: str | None = None):
     from raybatch.runtime.launcher import RayJobLauncher  # noqa: PLC0415
     from raybatch.scheduler.cluster import RayClusterView  # noqa: PLC0415
     from raybatch.scheduler.loop import Scheduler  # noqa: PLC0415
     from raybatch.server.app import ServerContext, create_app  # noqa: PLC0415
     from raybatch.server.auth import ensure_token  # noqa: PLC0415
     from raybatch.state.store import Store  # noqa: PLC0415
+    from raybatch.storage.datastores import DatastoresFileWatcher  # noqa: PLC0415
+    from raybatch.storage.location import LocationError, parse  # noqa: PLC0415
 
     ray_client_env()
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -42,14 +52,27 @@ def build(state_dir: Path, ray_address: str, dashboard_url: str, jobs_root: Path
         from raybatch.scheduler.autoscale import Demand, NodeTypes  # noqa: PLC0415
 
         autoscaler = Demand(NodeTypes.from_cluster_yaml(cluster_config), ray_address)
-    scheduler = Scheduler(store, RayJobLauncher(dashboard_url, state_dir, code_root),
+    datastores = DatastoresFileWatcher(datastores_file or state_dir / "datastores.yaml")
+    datastores()
+    if datastores.error:
+        raise SystemExit(datastores.error)
+    cache_dir = cache_dir or os.environ.get("RAYBATCH_CACHE_DIR") or str(Path.home() / ".cache" / "raybatch")
+    launcher = RayJobLauncher(dashboard_url, state_dir, code_root, datastores=datastores, cache_dir=cache_dir)
+    root = str(jobs_root or state_dir / "jobs")
+    try:
+        root_loc = parse(root)
+        datastores().check(root)
+    except LocationError as e:
+        raise SystemExit(f"--jobs-root: {e}")
+    scheduler = Scheduler(store, launcher,
                           RayClusterView(ray_address), tick=tick,
                           policy_file=policy_file or state_dir / "policy.yaml", autoscaler=autoscaler)
     scheduler.load_policy()
     if scheduler.policy_error:
         raise SystemExit(scheduler.policy_error)
     ctx = ServerContext(store=store, scheduler=scheduler,
-                        jobs_root=(jobs_root or state_dir / "jobs").resolve(), code_root=code_root)
+                        jobs_root=str(Path(root_loc.path).resolve()) if root_loc.is_local else root_loc.uri,
+                        code_root=code_root, datastores=datastores)
     return create_app(ctx, token), scheduler
 
 
@@ -59,20 +82,24 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--state-dir", required=True, type=Path, help="store, token, code packages")
     p.add_argument("--ray-address", required=True, help="the Ray cluster's GCS address host:port")
     p.add_argument("--dashboard-url", required=True, help="the Ray dashboard, for Ray Jobs")
-    p.add_argument("--jobs-root", type=Path, help="default root of job directories")
+    p.add_argument("--jobs-root", help="default root of job directories: a path, or a blob location "
+                   "(az://..., datastore://name/path)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8765)
     p.add_argument("--tick", type=float, default=0.5, help="scheduler period in seconds")
     p.add_argument("--policy", type=Path, help="scheduler policy file (default: <state dir>/policy.yaml)")
     p.add_argument("--cluster-config", type=Path,
                    help="the Ray autoscaler's cluster YAML: enables autoscaling demand")
+    p.add_argument("--datastores", type=Path, help="datastores file (default: <state dir>/datastores.yaml)")
+    p.add_argument("--cache-dir", help="each node's input cache (default: $RAYBATCH_CACHE_DIR or ~/.cache/raybatch)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     import uvicorn  # noqa: PLC0415
 
     app, scheduler = build(args.state_dir.resolve(), args.ray_address, args.dashboard_url,
-                           args.jobs_root, args.tick, args.policy, args.cluster_config)
+                           args.jobs_root, args.tick, args.policy, args.cluster_config,
+                           args.datastores, args.cache_dir)
     loop = threading.Thread(target=scheduler.run_forever, name="scheduler", daemon=True)
     loop.start()
     try:

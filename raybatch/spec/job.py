@@ -99,21 +99,57 @@ class NodeResources(_Strict):
         return bundle
 
 
-class InputSpec(_Strict):
-    """A declared input; the process sees its local path as RAYBATCH_INPUT_<ID>."""
+LOCATION_HELP = ("an absolute path on every node (local disk, NFS, an Azure Files mount), az://container/path, "
+                 "abfs://container@account.dfs.core.windows.net/path, datastore://name/path or "
+                 "azureml://datastores/name/paths/path")
 
-    path: str = Field(..., min_length=1, description="Local path or one mounted on every node.")
-    mode: Literal["direct"] = Field(
-        "direct", description="'direct': the path is handed to the script as is."
+
+def _location(v: Optional[str]) -> Optional[str]:
+    if v is not None:
+        from raybatch.storage.location import parse  # noqa: PLC0415
+
+        parse(v)  # LocationError (a ValueError) says what is wrong
+    return v
+
+
+class InputSpec(_Strict):
+    """A declared input; the process sees its local path (or URI) as RAYBATCH_INPUT_<ID>."""
+
+    path: str = Field(..., min_length=1, description=f"Where the input is: {LOCATION_HELP}.")
+    mode: Optional[Literal["direct", "download"]] = Field(
+        None, validate_default=True,
+        description="'download': staged onto each node (a cache shared by later jobs) before the "
+        "process starts; 'direct': the path or URI is handed to the script as is. Default: direct for "
+        "paths, download for blob storage.",
     )
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, v: str) -> str:
+        return _location(v)  # type: ignore[return-value]
+
+    @field_validator("mode")
+    @classmethod
+    def _mode(cls, v: Optional[str], info: ValidationInfo) -> Optional[str]:
+        if v is None and "path" in info.data:
+            from raybatch.storage.location import parse  # noqa: PLC0415
+
+            return "direct" if parse(info.data["path"]).is_local else "download"
+        return v
 
 
 class OutputSpec(_Strict):
     """A declared output directory; the process sees it as RAYBATCH_OUTPUT_<ID>."""
 
     path: Optional[str] = Field(
-        None, description="Where the output goes; default <job dir>/outputs/<id>."
+        None, description=f"Where the output goes ({LOCATION_HELP}); default <job dir>/outputs/<id>. "
+        "Blob outputs are written to a local directory and uploaded during the run and at its end.",
     )
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, v: Optional[str]) -> Optional[str]:
+        return _location(v)
 
 
 class RetryPolicy(_Strict):
@@ -177,8 +213,12 @@ class JobSpec(_Strict):
     outputs: dict[str, OutputSpec] = Field(default_factory=dict)
     output_root: Optional[str] = Field(
         None,
-        description="Directory under which the job's directory (logs, outputs, checkpoints) is "
-        "created; default: the server's jobs root.",
+        description="Where the job's directory (logs, outputs, checkpoints) is created: "
+        f"{LOCATION_HELP}; default: the server's jobs root.",
+    )
+    sync_interval: float = Field(
+        30.0, description="How often outputs and checkpoints in blob storage are uploaded while the "
+        f"job runs ({DURATION_HELP}); logs are appended every second, and everything once more at the end.",
     )
     max_wall_clock: float = Field(
         DEFAULT_MAX_WALL_CLOCK, description=f"Maximum wall-clock time of an attempt ({DURATION_HELP})."
@@ -216,6 +256,19 @@ class JobSpec(_Strict):
         if isinstance(v, str) and v.lower() in PRIORITY_NAMES:
             return v.lower()
         raise ValueError(f"unknown priority; {allowed}")
+
+    @field_validator("output_root")
+    @classmethod
+    def _output_root(cls, v: Optional[str]) -> Optional[str]:
+        return _location(v)
+
+    @field_validator("sync_interval", mode="before")
+    @classmethod
+    def _sync_interval(cls, v: Any) -> float:
+        value = parse_duration(v)
+        if value < 1:
+            raise ValueError("must be at least 1 s")
+        return value
 
     @field_validator("max_wall_clock", "stall_timeout", mode="before")
     @classmethod

@@ -86,6 +86,7 @@ class AttemptOutcome(str, enum.Enum):
     CANCELLED = "CANCELLED"      # a user cancelled the job
     PREEMPTED = "PREEMPTED"      # room was made for a higher-priority job
     PLACEMENT_TIMEOUT = "PLACEMENT_TIMEOUT"  # the gang's placement group never placed
+    UPLOAD_FAILED = "UPLOAD_FAILED"  # the processes succeeded, but outputs could not be uploaded
 
     @property
     def is_infrastructure(self) -> bool:

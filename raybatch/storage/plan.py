@@ -1,0 +1,124 @@
+"""Where one job's files are, as locations (server side) and resolved accesses (nodes).
+
+A job's directory (``<output_root>/<experiment>/<job id>``) holds, unless the job
+file sends an output elsewhere::
+
+    stdouterr/attempt-<n>/rank-<r>/{stdout,stderr}.txt
+    checkpoints/                     RAYBATCH_CHECKPOINT_DIR, kept across attempts
+    outputs/<id>/                    RAYBATCH_OUTPUT_<ID>
+
+Users see the same tree through ``raybatch files`` / ``download`` whether it is on
+a local disk or in blob storage: ``stdouterr/...``, ``checkpoints/...``,
+``outputs/<id>/...``."""
+
+from __future__ import annotations
+
+import posixpath
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from raybatch.spec.job import JobSpec
+from raybatch.storage.datastores import Access, Datastores
+from raybatch.storage.location import parse
+
+
+def join(location: str, *parts: str) -> str:
+    """A child of a location string, as a location string."""
+    return parse(location).join(*parts).uri
+
+
+def job_dir_for(root: str, experiment: str, job_id: str) -> str:
+    loc = parse(root)
+    if loc.is_local:
+        from pathlib import Path  # noqa: PLC0415
+
+        return str((Path(loc.path) / experiment / job_id).resolve())
+    return loc.join(experiment, job_id).uri
+
+
+def output_location(spec: JobSpec, job_dir: str, ident: str) -> str:
+    out = spec.outputs[ident]
+    return parse(out.path).uri if out.path else join(job_dir, "outputs", ident)
+
+
+def job_locations(spec: JobSpec, job_dir: str) -> dict[str, str]:
+    """The job's file tree as users see it -> location strings."""
+    tree = {"stdouterr": join(job_dir, "stdouterr"), "checkpoints": join(job_dir, "checkpoints")}
+    for ident in spec.outputs:
+        tree[f"outputs/{ident}"] = output_location(spec, job_dir, ident)
+    return tree
+
+
+def locate(spec: JobSpec, job_dir: str, path: str) -> list[tuple[str, str, str]]:
+    """The roots of the job's tree that a user path touches: (tree root, location, path
+    below that location). ``path`` '' is everything. ValueError when it names nothing."""
+    clean = posixpath.normpath("/" + (path or "").strip()).lstrip("/")
+    if clean in ("", "."):
+        clean = ""
+    out = []
+    for root, loc in job_locations(spec, job_dir).items():
+        if not clean or clean == root or root.startswith(clean + "/"):
+            out.append((root, loc, ""))
+        elif clean.startswith(root + "/"):
+            out.append((root, loc, clean[len(root) + 1:]))
+    if not out:
+        roots = ", ".join(job_locations(spec, job_dir))
+        raise ValueError(f"path '{path}' is not in the job's files; they are under: {roots}")
+    return out
+
+
+@dataclass
+class AttemptStorage:
+    """What the nodes of one attempt need: every location resolved, credentials included."""
+
+    logs: Access
+    checkpoints: Access
+    outputs: dict[str, Access] = field(default_factory=dict)
+    inputs: dict[str, Access] = field(default_factory=dict)
+    input_modes: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def remote(self) -> bool:
+        return any(a.kind != "local" for a in self.all())
+
+    def all(self) -> list[Access]:
+        return [self.logs, self.checkpoints, *self.outputs.values(), *self.inputs.values()]
+
+    def to_dict(self, secrets: bool) -> dict[str, Any]:
+        conv = (lambda a: a.to_dict()) if secrets else (lambda a: a.public())
+        return {"logs": conv(self.logs), "checkpoints": conv(self.checkpoints),
+                "outputs": {k: conv(a) for k, a in self.outputs.items()},
+                "inputs": {k: conv(a) for k, a in self.inputs.items()},
+                "input_modes": dict(self.input_modes)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "AttemptStorage":
+        return cls(Access.from_dict(d["logs"]), Access.from_dict(d["checkpoints"]),
+                   {k: Access.from_dict(a) for k, a in d.get("outputs", {}).items()},
+                   {k: Access.from_dict(a) for k, a in d.get("inputs", {}).items()},
+                   dict(d.get("input_modes", {})))
+
+
+def resolve_attempt(spec: JobSpec, job_dir: str, datastores: Datastores) -> AttemptStorage:
+    """Resolve every location of the job (reads credential references: server side)."""
+    return AttemptStorage(
+        logs=datastores.resolve(join(job_dir, "stdouterr")),
+        checkpoints=datastores.resolve(join(job_dir, "checkpoints")),
+        outputs={i: datastores.resolve(output_location(spec, job_dir, i)) for i in spec.outputs},
+        inputs={i: datastores.resolve(inp.path) for i, inp in spec.inputs.items()},
+        input_modes={i: inp.mode for i, inp in spec.inputs.items()},
+    )
+
+
+def check_locations(spec: JobSpec, output_root: Optional[str], datastores: Datastores) -> list[str]:
+    """Problems with the job's locations, one per field, at submit (no credential is read)."""
+    problems = []
+    fields = [("output_root", output_root)] if output_root else []
+    fields += [(f"inputs.{i}.path", inp.path) for i, inp in spec.inputs.items()]
+    fields += [(f"outputs.{i}.path", o.path) for i, o in spec.outputs.items() if o.path]
+    for name, text in fields:
+        try:
+            datastores.check(text)
+        except ValueError as e:
+            problems.append(f"{name}: {e}")
+    return problems
