@@ -344,3 +344,34 @@ def test_an_upload_that_keeps_failing_keeps_the_local_copy_and_names_the_files(e
     assert "outputs/out/result.bin" in done.reason and "not uploaded" in done.reason, done.reason
     kept = re.search(r"the local copies are kept at \S+?:(\S+)", done.reason).group(1).rstrip(";,")
     assert (Path(kept) / "outputs" / "out" / "result.bin").read_bytes() == b"x" * 100_000
+
+
+def test_cli_files_download_and_datastores(env, tmp_path):
+    from tests.test_cli_and_restart import cli
+
+    client, server = env["client"], env["server"]
+    cmd = script(tmp_path, "cli.py", """\
+        import os, pathlib
+        out = pathlib.Path(os.environ["RAYBATCH_OUTPUT_M"])
+        (out / "deep").mkdir()
+        (out / "deep" / "w.bin").write_bytes(b"w" * 70_000)
+        print("done", flush=True)
+    """)
+    sub = submit(client, name="cli-files", command=cmd, outputs={"m": {}})
+    assert client.wait(sub.id, timeout=120).state == "SUCCEEDED"
+    table = cli(server, "files", sub.id, check=True).stdout
+    assert "outputs/m/deep/w.bin" in table and "68.4 KiB" in table and "stdouterr/attempt-1/rank-0/stdout.txt" in table
+    rows = json.loads(cli(server, "files", sub.id, "--path", "outputs/m", "-o", "json", check=True).stdout)
+    assert [(r["path"], r["size"]) for r in rows] == [("outputs/m/deep/w.bin", 70_000)]
+    p = cli(server, "download", sub.id, str(tmp_path / "got"), "--path", "outputs/m", check=True)
+    assert "1 file(s)" in p.stdout
+    assert (tmp_path / "got" / "deep" / "w.bin").read_bytes() == b"w" * 70_000
+    p = cli(server, "download", sub.id, str(tmp_path / "one"), "--path", "outputs/m/deep/w.bin", check=True)
+    assert (tmp_path / "one" / "w.bin").stat().st_size == 70_000
+    p = cli(server, "files", sub.id, "--path", "nowhere")
+    assert p.returncode == 1 and "not in the job's files" in p.stderr
+    ds = json.loads(cli(server, "datastores", "-o", "json", check=True).stdout)
+    by_name = {d["name"]: d for d in ds["datastores"]}
+    assert by_name["blob"]["credential"] == f"account_key (env {KEY_ENV})" and by_name["blob"]["default"]
+    assert env["azurite"].account_key not in json.dumps(ds)
+    assert "results" in cli(server, "datastores", check=True).stdout

@@ -67,6 +67,12 @@ def show_job(j: JobDetail) -> None:
         c.print(f"  reason:      {j.reason}")
     if j.waiting_reason:
         c.print(f"  waiting:     {j.waiting_reason}")
+    if j.phase:
+        line = j.phase
+        if j.staging and j.staging.get("bytes_total"):
+            done, total = j.staging["bytes_done"], j.staging["bytes_total"]
+            line += f": {size(done)} of {size(total)} ({100 * done / total:.0f}%)"
+        c.print(f"  phase:       {line}")
     if j.preempt_requested:
         c.print(f"  stopping:    preempted by {j.preempted_by}")
     if j.preemptions:
