@@ -28,6 +28,7 @@ APPEND_MAX = 4 * 2**20           # Azure's largest append block
 TRANSFER_THREADS = 8             # blobs moved at once
 PER_BLOB_CONCURRENCY = 4         # ranged GETs per large blob
 COPY_CHUNK = 4 * 2**20
+WRITE_CHECK = ".raybatch-write-check"   # written by check(write=True); not a user's file
 
 Progress = Optional[Callable[[int], None]]  # called with bytes just moved
 
@@ -200,8 +201,8 @@ class BlobBackend(Backend):
         key = self._key(rel)
         out = []
         try:
-            for b in self.container.list_blobs(name_starts_with=f"{key}/" if key else None):
-                if (b.metadata or {}).get("hdi_isfolder") == "true":
+            for b in self.container.list_blobs(name_starts_with=f"{key}/" if key else None, include=["metadata"]):
+                if (b.metadata or {}).get("hdi_isfolder") == "true" or b.name.rsplit("/", 1)[-1] == WRITE_CHECK:
                     continue
                 out.append(_entry(b, b.name[len(key) + 1:] if key else b.name))
             if not out and key:
@@ -261,7 +262,7 @@ class BlobBackend(Backend):
                     # an earlier try of this block was written after all (a timed-out
                     # response): skip what is there already
                     size = blob.get_blob_properties().size
-                    if not offset + pos < size <= offset + pos + len(block):
+                    if not offset + pos < size <= offset + len(data):
                         raise
                     pos = size - offset
                     continue
@@ -298,7 +299,7 @@ class BlobBackend(Backend):
                                    f"storage account '{self.access.account}'")
             if write:
                 # a real write: a key without write permission (read-only SAS) fails here
-                name = self._key(".raybatch-write-check")
+                name = self._key(WRITE_CHECK)
                 self.container.get_blob_client(name).upload_blob(b"", overwrite=True)
         except StorageError:
             raise

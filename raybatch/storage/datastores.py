@@ -56,10 +56,10 @@ class SecretRef(BaseModel):
 
     def read(self, what: str) -> str:
         if self.env is not None:
-            value = os.environ.get(self.env)
+            value = (os.environ.get(self.env) or "").strip()
             if not value:
                 raise CredentialError(f"{what}: environment variable {self.env} is not set on the server")
-            return value.strip()
+            return value
         path = Path(self.file or "").expanduser()
         try:
             value = path.read_text().strip()
@@ -243,7 +243,10 @@ class Datastores:
         try:
             return cls(DatastoresFile.model_validate(data))
         except ValidationError as err:
-            raise SpecError(str(path), format_validation_error(err, DatastoresFile), "datastores file") from None
+            # never echo a value written under credential: (it may be an inline secret)
+            problems = [p.rsplit(" (got ", 1)[0] if ".credential" in p.split(":", 1)[0] else p
+                        for p in format_validation_error(err, DatastoresFile)]
+            raise SpecError(str(path), problems, "datastores file") from None
 
     @property
     def names(self) -> list[str]:

@@ -140,6 +140,8 @@ class NodeSync:
                 for d in self.dirs:
                     try:
                         left += d.push()
+                        if d.failed:  # transient failures are kept, not raised: report the cause
+                            self.error = f"{d.backend.uri}: {next(reversed(d.failed.values()))}"
                     except StorageError as e:
                         self.error, left = e.args[0], left + 1
         return left
