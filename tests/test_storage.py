@@ -972,3 +972,23 @@ def _msg(fn) -> str:
     except ValueError as e:
         return str(e)
     raise AssertionError("no error")
+
+
+def test_local_backend_does_not_serve_links_to_outside_the_location(tmp_path):
+    from raybatch.storage.backends import LocalBackend, StorageError
+    from raybatch.storage.datastores import Access
+
+    secret = tmp_path / "secret.txt"
+    secret.write_text("do not serve")
+    root = tmp_path / "outputs"
+    (root / "sub").mkdir(parents=True)
+    (root / "sub" / "ok.txt").write_text("fine")
+    (root / "sub" / "link.txt").symlink_to(secret)
+    (root / "inner.txt").symlink_to(root / "sub" / "ok.txt")
+    b = LocalBackend(Access("local", str(root), uri=str(root)))
+    assert b.read("sub/ok.txt", 0, 100) == (b"fine", 4)
+    assert b.read("inner.txt", 0, 100) == (b"fine", 4)  # a link inside the location is fine
+    with pytest.raises(StorageError, match="outside the location"):
+        b.read("sub/link.txt", 0, 100)
+    with pytest.raises(StorageError, match="outside the location"):
+        list(b.stream("sub/link.txt"))

@@ -353,6 +353,11 @@ def create_app(ctx: ServerContext, token: str) -> FastAPI:
             raise HTTPException(status.HTTP_502_BAD_GATEWAY, str(e)) from None
         if len(entries) != 1 or entries[0].path != "":
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"no file '{path}' in job {job_id}")
+        try:
+            backend.read(below, 0, 1)  # fail before the response starts, not in the middle of it
+        except StorageError as e:
+            code = status.HTTP_403_FORBIDDEN if "outside the location" in e.cause else status.HTTP_502_BAD_GATEWAY
+            raise HTTPException(code, str(e)) from None
         return StreamingResponse(backend.stream(below), media_type="application/octet-stream",
                                  headers={"Content-Length": str(entries[0].size)})
 

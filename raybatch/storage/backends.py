@@ -150,8 +150,17 @@ class LocalBackend(Backend):
                 f.truncate(offset)
             f.write(data)
 
-    def read(self, rel: str, offset: int, length: int) -> tuple[bytes, int]:
+    def _inside(self, rel: str) -> Path:
+        """The file to serve, refusing one that resolves outside the location: a job's
+        symlink to /etc/passwd in its outputs must not be readable through the server."""
         p = self._p(rel)
+        real, root = p.resolve(), self.root.resolve()
+        if real != root and root not in real.parents:
+            raise StorageError(self.access.child(rel).uri, "is a link to outside the location; not served")
+        return p
+
+    def read(self, rel: str, offset: int, length: int) -> tuple[bytes, int]:
+        p = self._inside(rel)
         try:
             with open(p, "rb") as f:
                 size = os.fstat(f.fileno()).st_size
@@ -161,7 +170,7 @@ class LocalBackend(Backend):
             return b"", 0
 
     def stream(self, rel: str) -> Iterator[bytes]:
-        with open(self._p(rel), "rb") as f:
+        with open(self._inside(rel), "rb") as f:
             while chunk := f.read(COPY_CHUNK):
                 yield chunk
 
