@@ -312,16 +312,20 @@ def create_app(ctx: ServerContext, token: str) -> FastAPI:
                         eof=attempt_over and next_offset >= size, job_final=state.is_final,
                         latest_attempt=job["attempt"])
 
-    @app.get(f"{API_PREFIX}/jobs/{{job_id}}/files", dependencies=auth)
-    def files(job_id: str, path: str = "") -> list[FileEntry]:
-        """Every file under ``path`` of the job's tree (stdouterr/, checkpoints/, outputs/<id>/)."""
+    def job_tree_roots(job_id: str, path: str) -> list[tuple[str, str, str]]:
+        """(tree root, location, path below it) for each part of the job's tree ``path`` touches."""
         job = _job_or_404(store, job_id)
         spec = JobSpec.model_validate_json(job["spec"])
         try:
-            roots = storage_plan.locate(spec, job["job_dir"], path)
+            return storage_plan.locate(spec, job["job_dir"], path)
         except ValueError as e:
             raise HTTPException(status.HTTP_400_BAD_REQUEST, str(e)) from None
+
+    @app.get(f"{API_PREFIX}/jobs/{{job_id}}/files", dependencies=auth)
+    def files(job_id: str, path: str = "") -> list[FileEntry]:
+        """Every file under ``path`` of the job's tree (stdouterr/, checkpoints/, outputs/<id>/)."""
         out = []
+        roots = job_tree_roots(job_id, path)
         for root, location, below in roots:
             try:
                 entries = _backend(ctx, location).list(below)
@@ -337,12 +341,7 @@ def create_app(ctx: ServerContext, token: str) -> FastAPI:
 
     @app.get(f"{API_PREFIX}/jobs/{{job_id}}/files/content", dependencies=auth)
     def file_content(job_id: str, path: str = Query(..., min_length=1)) -> StreamingResponse:
-        job = _job_or_404(store, job_id)
-        spec = JobSpec.model_validate_json(job["spec"])
-        try:
-            roots = storage_plan.locate(spec, job["job_dir"], path)
-        except ValueError as e:
-            raise HTTPException(status.HTTP_400_BAD_REQUEST, str(e)) from None
+        roots = job_tree_roots(job_id, path)
         _root, location, below = roots[0]
         if len(roots) != 1 or not below:
             raise HTTPException(status.HTTP_400_BAD_REQUEST, f"'{path}' is a directory; name one file")
