@@ -772,10 +772,11 @@ def test_dir_sync_uploads_new_and_changed_only(make, tmp_path):
     (local / "a.txt").write_text("a1")
     (local / "sub" / "b.txt").write_text("b1")
     (local / ".upload-tmp123").write_text("partial")  # temp names are never uploaded
-    (local / "x.download").write_text("partial")
+    (local / ".x.download").write_text("partial")  # download_tree's temp name
+    (local / "data.download").write_text("a user's file")  # not ours: uploaded
     ds = DirSync(local, remote)
     assert ds.push() == 0
-    assert sorted(remote.uploads) == ["a.txt", "sub/b.txt"]
+    assert sorted(remote.uploads) == ["a.txt", "data.download", "sub/b.txt"]
     remote.uploads.clear()
     assert ds.push() == 0 and remote.uploads == []  # nothing changed: nothing sent
     (local / "a.txt").write_text("a2-longer")
@@ -785,7 +786,7 @@ def test_dir_sync_uploads_new_and_changed_only(make, tmp_path):
     assert ds.push() == 0
     assert sorted(remote.uploads) == ["a.txt", "sub/c.txt"]
     assert remote.read("a.txt", 0, 100) == (b"a2-longer", 9)
-    assert sorted(e.path for e in remote.list()) == ["a.txt", "sub/b.txt", "sub/c.txt"]
+    assert sorted(e.path for e in remote.list()) == ["a.txt", "data.download", "sub/b.txt", "sub/c.txt"]
     os.utime(local / "sub" / "b.txt", (t + 1, t + 1))  # same size, new mtime: sent again
     remote.uploads.clear()
     assert ds.push() == 0 and remote.uploads == ["sub/b.txt"]
@@ -816,24 +817,30 @@ def test_log_sync_appends_only_new_bytes(make, tmp_path):
     remote = Recording(make())
     log = tmp_path / "stdout.txt"
     ls = LogSync(log, remote, "rank-0/stdout.txt")
-    assert ls.push() == 0 and remote.appends == []  # no file yet
+    assert ls.push(force=True) == 0 and remote.appends == []  # no file yet
     log.write_bytes(b"line 1\n")
-    assert ls.push() == 0
+    assert ls.push(force=True) == 0
     with open(log, "ab") as f:
         f.write(b"line 2\n")
     assert ls.pending() == [f"{remote.uri}/rank-0/stdout.txt (7 bytes)"]
-    assert ls.push() == 0 and ls.pending() == []
-    assert ls.push() == 0  # nothing new: no request
-    assert remote.appends == [("rank-0/stdout.txt", b"line 1\n", 0), ("rank-0/stdout.txt", b"line 2\n", 7)]
-    assert remote.read("rank-0/stdout.txt", 0, 100) == (b"line 1\nline 2\n", 14)
+    assert ls.push(force=True) == 0 and ls.pending() == []
+    assert ls.push(force=True) == 0  # nothing new: no request
+    with open(log, "ab") as f:
+        f.write(b"early\n")
+    assert ls.push() == 0 and ls.pending()  # within LOG_INTERVAL_S of the last append: not due yet
+    ls.last = float("-inf")
+    assert ls.push() == 0 and not ls.pending()
+    assert remote.appends == [("rank-0/stdout.txt", b"line 1\n", 0), ("rank-0/stdout.txt", b"line 2\n", 7),
+                              ("rank-0/stdout.txt", b"early\n", 14)]
+    assert remote.read("rank-0/stdout.txt", 0, 100) == (b"line 1\nline 2\nearly\n", 20)
     remote.fail["rank-0/stdout.txt"] = StorageError("u", "cannot reach", transient=True)
     with open(log, "ab") as f:
         f.write(b"line 3\n")
     with pytest.raises(StorageError):
-        ls.push()
+        ls.push(force=True)
     del remote.fail["rank-0/stdout.txt"]
-    assert ls.push() == 0  # the failed bytes are sent once, later
-    assert remote.read("rank-0/stdout.txt", 0, 100)[0] == b"line 1\nline 2\nline 3\n"
+    assert ls.push(force=True) == 0  # the failed bytes are sent once, later
+    assert remote.read("rank-0/stdout.txt", 0, 100)[0] == b"line 1\nline 2\nearly\nline 3\n"
 
 
 def test_node_sync_thread_and_finish(make, tmp_path, monkeypatch):

@@ -78,6 +78,8 @@ class Attempt:
         self.mirror = Path(tempfile.gettempdir()) / "raybatch-mirror" / self.job_id / f"attempt-{self.n}"
         self.staged_inputs: dict[int, dict[str, str]] = {}  # node rank -> input id -> local path
         self.unsynced: list[str] = []
+        self.synced: Optional[bool] = None  # None: no final upload yet; True: everything is out
+        self.staging_transient = False
         self.storage_check_s = float(self.info.get("storage_check_s") or STORAGE_CHECK_S)
         self.final_sync_timeout_s = float(self.info.get("final_sync_timeout_s") or FINAL_SYNC_TIMEOUT_S)
 
@@ -147,7 +149,7 @@ class Attempt:
                 if not Path(access.path).exists():
                     return f"{name}: path {access.path} does not exist on the head node"
                 continue
-            key = (access.endpoint, access.container, access.credential_kind, access.path if not write else "", write)
+            key = (access.endpoint, access.container, access.credential_kind, access.secret, access.path, write)
             if key in seen:
                 continue
             seen.add(key)
@@ -197,6 +199,9 @@ class Attempt:
                     raise
                 except RayError as e:
                     cause = e.cause if hasattr(e, "cause") and e.cause else e
+                    # still failing after the stager's retries: a blip outlasted them (the
+                    # locations were checked a moment ago), so the infrastructure budget pays
+                    self.staging_transient = isinstance(cause, StorageError) and cause.transient
                     return f"staging on node {k}: {cause}"
                 self.staged_inputs[k] = result["inputs"]
                 for ident, info in result["staged"].items():
@@ -281,8 +286,9 @@ class Attempt:
         master_addr = infos[0]["node_ip"]
         framework = frameworks.get(spec.framework)
         st = self.storage
-        local_job_dir = st.logs.kind == "local" and Path(st.logs.path).parent == self.job_dir
-        shared = str((self.job_dir if local_job_dir else self.mirror) / "shared")
+        # the job dir as the nodes see it: a path (also when it is a datastore on a mount)
+        local_job_dir = Path(st.logs.path).parent if st.logs.kind == "local" else None
+        shared = str((local_job_dir or self.mirror) / "shared")
         starts, syncs = [], []
         for rank, (actor, info) in enumerate(zip(self.actors, infos)):
             node_rank, local_rank = divmod(rank, P)
@@ -304,7 +310,7 @@ class Attempt:
                 job_id=self.job_id, attempt=self.n, rank=rank, local_rank=local_rank,
                 node_rank=node_rank, num_nodes=spec.nodes, processes_per_node=P,
                 master_addr=master_addr, master_port=master_port, node_ip=info["node_ip"],
-                job_dir=str(self.job_dir) if local_job_dir else self.info["job_dir"],
+                job_dir=str(local_job_dir) if local_job_dir else self.info["job_dir"],
                 stdouterr_dir=log_dir, checkpoint_dir=ckpt,
                 job_temp=job_temp, shared_job_temp=shared, inputs=inputs, outputs=outputs,
                 gpus=per_rank.get("GPU", 0.0),
@@ -408,8 +414,9 @@ class Attempt:
     def final_sync(self) -> Optional[str]:
         """Every node's last upload, after its processes ended. A message naming what is
         not out (and where the local copies are), or None when everything is."""
-        if not self.storage.remote or not self.ranks:
+        if not self.storage.remote or not self.ranks or self.synced is not None:
             return None
+        self.synced = False
         refs = {a.finish_sync.remote(self.final_sync_timeout_s): i for i, a in enumerate(self.actors)}
         self.log(f"uploading the last outputs, checkpoints and logs (up to {self.final_sync_timeout_s:.0f} s)")
         kept: list[str] = []
@@ -419,10 +426,17 @@ class Attempt:
             done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=5)
             for ref in done:
                 i = pending.pop(ref)
+                node_rank = self.ranks[i]["node_rank"]
                 try:
                     result = ray.get(ref)
-                except RayError:
-                    continue  # a lost node: what it had not uploaded is gone with it
+                except RayError as e:
+                    if self.ranks[i]["node_id"] in self.lost_nodes:
+                        continue  # a lost node: what it had not uploaded is gone with it
+                    # the actor died on a live node: its files may still be there, not out
+                    self.unsynced.append(f"everything node {node_rank} had not uploaded yet")
+                    kept.append(f"{self.ranks[i].get('hostname', '?')}:{self.node_dir(node_rank)}")
+                    errors.append(f"its final upload did not run: {type(e).__name__}")
+                    continue
                 if result["unsynced"]:
                     self.unsynced.extend(result["unsynced"])
                     kept.append(f"{result['hostname']}:{self.node_dir(self.ranks[i]['node_rank'])}")
@@ -431,6 +445,7 @@ class Attempt:
             if pending:
                 self.report("syncing", nodes_left=len(pending))  # the server waits while we do
         if not self.unsynced:
+            self.synced = True
             return None
         shown = ", ".join(self.unsynced[:5]) + (f" and {len(self.unsynced) - 5} more" if len(self.unsynced) > 5 else "")
         return (f"{len(self.unsynced)} file(s) not uploaded: {shown}; cause: {errors[0] if errors else 'unknown'}; "
@@ -441,7 +456,7 @@ class Attempt:
             self.terminate_all(0)  # reap stragglers left in the ranks' process groups
             # each node's scratch space of this job: /tmp/raybatch-jobs/<job id>
             dirs = [str(Path(d).parent) for d in self.job_temps]
-            if not self.unsynced:  # blob mirrors: everything is out (else they are the only copy)
+            if self.synced or not self.storage.remote:  # else the mirrors may be the only copy
                 dirs += [str(self.mirror)] * len(self.job_temps)
             refs = [a.remove_dir.remote(d) for a, d in zip(self.actors * 2, dirs)]
             for ref in refs:
@@ -487,20 +502,15 @@ class Attempt:
                 self.report("placed")  # the scheduler stops counting the gang as pending
                 problem = self.prepare_nodes()
                 if problem:
+                    kind = (AttemptOutcome.STORAGE_UNAVAILABLE if self.staging_transient
+                            else AttemptOutcome.START_FAILED)
                     outcome = ((self.stop_reason[0], None, self.stop_reason[1]) if self.stop_reason
-                               else (AttemptOutcome.START_FAILED, None, problem))
+                               else (kind, None, problem))
                 else:
                     self.start_ranks()
                     self.report("running")
                     self.log(f"{len(self.actors)} rank(s) running")
                     outcome = self.watch()
-                    not_out = self.final_sync()
-                    if not_out:
-                        kind, code, message = outcome
-                        if kind == AttemptOutcome.SUCCEEDED:
-                            outcome = (AttemptOutcome.UPLOAD_FAILED, None, not_out)
-                        else:
-                            outcome = (kind, code, f"{message}; {not_out}")
         except RayActorError as e:
             traceback.print_exc()
             outcome = (AttemptOutcome.NODE_LOST, None, f"a rank's node was lost while starting: {e}")
@@ -509,6 +519,17 @@ class Attempt:
             outcome = (AttemptOutcome.START_FAILED if not self.ranks else AttemptOutcome.NODE_LOST,
                        None, f"driver error: {type(e).__name__}: {e}")
         finally:
+            try:
+                if self.ranks and self.synced is None:
+                    # whatever ended the attempt, processes that ran may have written outputs
+                    self.terminate_all(0)
+                    not_out = self.final_sync()
+                    if not_out:
+                        kind, code, message = outcome
+                        outcome = ((AttemptOutcome.UPLOAD_FAILED, None, not_out) if kind == AttemptOutcome.SUCCEEDED
+                                   else (kind, code, f"{message}; {not_out}"))
+            except Exception:  # noqa: BLE001 - never skip the cleanup below
+                traceback.print_exc()
             self.cleanup()
         kind, code, message = outcome
         self.log(f"attempt {self.n} ended: {kind.value}: {message}")

@@ -16,6 +16,7 @@ Every state change is written to the store before it is acted on.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from typing import Any, Optional
@@ -51,7 +52,7 @@ def _placed(report: dict[str, Any]) -> bool:
     """Does Ray's resource view already show this attempt's gang? Its placement group is
     placed, and long enough ago for the raylets to have reported it."""
     phase = report.get("phase")
-    if phase in ("running", "stopping", "done"):
+    if phase in ("staging", "running", "stopping", "syncing", "done"):
         return True
     return phase == "placed" and time.time() - report.get("at", 0) > VIEW_LAG_S
 
@@ -193,6 +194,7 @@ class Scheduler:
             self.store.update_attempt(job_id, n, ended_at=time.time(),
                                       outcome=AttemptOutcome.START_FAILED.value,
                                       reason="the Ray job was never submitted")
+            self._discard_secrets(job_id, n)
             if job["cancel_requested"]:
                 self.store.transition(job_id, JobState.CANCELLED, "cancelled by user before it started")
                 return
@@ -205,12 +207,16 @@ class Scheduler:
             message = f"the attempt's Ray job ended {ray_state.status} without a report"
             if ray_state.message:
                 message += f": {ray_state.message}"
+        # what the driver could not upload (and where the copies are) must survive the relabel
+        m = re.search(r"\d+ file\(s\) not uploaded: .*$", message or "")
+        not_out = m.group(0) if m else ""
         if job["cancel_requested"]:
             outcome = AttemptOutcome.CANCELLED
-            message = "cancelled by user"
+            message = "cancelled by user" + (f"; {not_out}" if not_out else "")
         elif job["preempt_requested"] and outcome != AttemptOutcome.SUCCEEDED:
             outcome, code = AttemptOutcome.PREEMPTED, None
-            message = f"preempted by {job['preempted_by']}, which has a higher priority"
+            message = (f"preempted by {job['preempted_by']}, which has a higher priority"
+                       + (f"; {not_out}" if not_out else ""))
         self._stop_sent -= {f"{sid}:cancel", f"{sid}:preempt"}
         self._killed.discard(sid)
         self.end_attempt(job, outcome, code, message)
@@ -231,14 +237,19 @@ class Scheduler:
             self.launcher.stop(sid)
             self._killed.add(sid)
 
+    def _discard_secrets(self, job_id: str, n: int) -> None:
+        """The attempt is over: its storage credentials file goes (a driver that never
+        ran did not remove it)."""
+        discard = getattr(self.launcher, "discard_secrets", None)
+        if discard is not None:
+            discard(job_id, n)
+
     def end_attempt(self, job: dict[str, Any], outcome: AttemptOutcome, code: Optional[int],
                     message: str) -> None:
         """One way to end an attempt; the retry policy picks the job's next state."""
         job_id, n = job["id"], job["attempt"]
         now = time.time()
-        discard = getattr(self.launcher, "discard_secrets", None)
-        if discard is not None:
-            discard(job_id, n)
+        self._discard_secrets(job_id, n)
         self.store.update_attempt(job_id, n, ended_at=now, outcome=outcome.value,
                                   exit_code=code, reason=message)
         spec = self.spec_of(job)
@@ -408,6 +419,7 @@ class Scheduler:
             self.end_attempt(job, AttemptOutcome.START_FAILED, None, str(e))
             return True
         except Exception as e:  # noqa: BLE001 - the Ray dashboard may be down
+            self._discard_secrets(job["id"], n)
             log.warning("submitting %s attempt %d failed: %s", job["id"], n, e)
             message = f"could not submit the Ray job: {type(e).__name__}: {e}"
             self.store.update_attempt(job["id"], n, ended_at=time.time(),

@@ -49,6 +49,7 @@ from raybatch.storage import plan as storage_plan
 from raybatch.storage.backends import StorageError, open_backend
 from raybatch.storage.datastores import CredentialError, Datastores
 from raybatch.storage.location import LocationError
+from raybatch.storage.location import parse as parse_location
 
 MAX_CODE_BYTES = 500 * 2**20  # Ray's working_dir limit
 MAX_LOG_CHUNK = 1 << 20
@@ -62,6 +63,23 @@ class ServerContext:
     jobs_root: str              # a path or a blob location
     code_root: Path
     datastores: Any = Datastores  # () -> the current Datastores (re-read when its file changes)
+
+
+def _unservable(ctx: ServerContext, job: dict[str, Any], location: str) -> Optional[str]:
+    """Why the server must not read this location for a user, or None. It reads the job's
+    own directory, the server's jobs root and datastores: not any path on its machine, nor
+    a storage account through its own identity, just because a job file named them."""
+    job_dir = job["job_dir"].rstrip("/")
+    if location == job_dir or location.startswith(job_dir + "/") or ctx.datastores().covers(location):
+        return None
+    loc = parse_location(location)
+    if loc.is_local:
+        root = parse_location(ctx.jobs_root)
+        if root.is_local and (Path(loc.path) == Path(root.path) or Path(root.path) in Path(loc.path).parents):
+            return None
+        return (f"{location} is outside the job's directory and every datastore: the server does not "
+                "serve it (define a datastore for it, or read it on a node)")
+    return f"{location} is in a storage account no datastore describes: the server does not read it"
 
 
 def _backend(ctx: ServerContext, location: str):
@@ -325,15 +343,21 @@ def create_app(ctx: ServerContext, token: str) -> FastAPI:
     def files(job_id: str, path: str = "") -> list[FileEntry]:
         """Every file under ``path`` of the job's tree (stdouterr/, checkpoints/, outputs/<id>/)."""
         out = []
+        job = _job_or_404(store, job_id)
         roots = job_tree_roots(job_id, path)
         for root, location, below in roots:
+            why = _unservable(ctx, job, location)
+            if why:
+                if len(roots) == 1:
+                    raise HTTPException(status.HTTP_403_FORBIDDEN, f"{root}: {why}")
+                continue  # listing the whole tree: leave out what is not served
             try:
                 entries = _backend(ctx, location).list(below)
             except StorageError as e:
                 raise HTTPException(status.HTTP_502_BAD_GATEWAY, f"listing {root}: {e}") from None
             for e in entries:
-                if e.path.startswith(".") or "/." in e.path or e.path.endswith(".raybatch-write-check"):
-                    continue
+                if e.path.rsplit("/", 1)[-1].startswith(".upload-"):
+                    continue  # a local upload in progress (LocalBackend.upload's temp file)
                 rel = "/".join(p for p in (root, below, e.path) if p)
                 out.append(FileEntry(path=rel, size=e.size, modified=e.mtime,
                                      location=storage_plan.join(location, below, e.path)))
@@ -342,9 +366,12 @@ def create_app(ctx: ServerContext, token: str) -> FastAPI:
     @app.get(f"{API_PREFIX}/jobs/{{job_id}}/files/content", dependencies=auth)
     def file_content(job_id: str, path: str = Query(..., min_length=1)) -> StreamingResponse:
         roots = job_tree_roots(job_id, path)
-        _root, location, below = roots[0]
+        root, location, below = roots[0]
         if len(roots) != 1 or not below:
             raise HTTPException(status.HTTP_400_BAD_REQUEST, f"'{path}' is a directory; name one file")
+        why = _unservable(ctx, _job_or_404(store, job_id), location)
+        if why:
+            raise HTTPException(status.HTTP_403_FORBIDDEN, f"{root}: {why}")
         backend = _backend(ctx, location)
         try:
             entries = backend.list(below)
@@ -357,8 +384,9 @@ def create_app(ctx: ServerContext, token: str) -> FastAPI:
         except StorageError as e:
             code = status.HTTP_403_FORBIDDEN if "outside the location" in e.cause else status.HTTP_502_BAD_GATEWAY
             raise HTTPException(code, str(e)) from None
-        return StreamingResponse(backend.stream(below), media_type="application/octet-stream",
-                                 headers={"Content-Length": str(entries[0].size)})
+        size = entries[0].size  # the file as listed: a growing log is served up to here
+        return StreamingResponse(backend.stream(below, size), media_type="application/octet-stream",
+                                 headers={"Content-Length": str(size)})
 
     @app.get(f"{API_PREFIX}/datastores", dependencies=auth)
     def datastores() -> dict[str, Any]:

@@ -87,8 +87,9 @@ class AttemptOutcome(str, enum.Enum):
     PREEMPTED = "PREEMPTED"      # room was made for a higher-priority job
     PLACEMENT_TIMEOUT = "PLACEMENT_TIMEOUT"  # the gang's placement group never placed
     UPLOAD_FAILED = "UPLOAD_FAILED"  # the processes succeeded, but outputs could not be uploaded
+    STORAGE_UNAVAILABLE = "STORAGE_UNAVAILABLE"  # staging kept failing on a transient error
 
     @property
     def is_infrastructure(self) -> bool:
         return self in (AttemptOutcome.NODE_LOST, AttemptOutcome.DRIVER_LOST,
-                        AttemptOutcome.PLACEMENT_TIMEOUT)
+                        AttemptOutcome.PLACEMENT_TIMEOUT, AttemptOutcome.STORAGE_UNAVAILABLE)

@@ -78,7 +78,9 @@ class Backend:
         """Up to ``length`` bytes from ``offset``, and the file's size (0, b'' if missing)."""
         raise NotImplementedError
 
-    def stream(self, rel: str) -> Iterator[bytes]:
+    def stream(self, rel: str, length: Optional[int] = None) -> Iterator[bytes]:
+        """The file's bytes in chunks; at most ``length`` of them (a file that grows
+        while it is read is served as it was listed)."""
         raise NotImplementedError
 
     def check(self, write: bool) -> None:
@@ -169,9 +171,11 @@ class LocalBackend(Backend):
         except (FileNotFoundError, IsADirectoryError):
             return b"", 0
 
-    def stream(self, rel: str) -> Iterator[bytes]:
+    def stream(self, rel: str, length: Optional[int] = None) -> Iterator[bytes]:
+        left = float("inf") if length is None else length
         with open(self._inside(rel), "rb") as f:
-            while chunk := f.read(COPY_CHUNK):
+            while left > 0 and (chunk := f.read(int(min(COPY_CHUNK, left)))):
+                left -= len(chunk)
                 yield chunk
 
     def check(self, write: bool) -> None:
@@ -292,9 +296,10 @@ class BlobBackend(Backend):
                 return b"", 0
             raise self._error(e, rel) from None
 
-    def stream(self, rel: str) -> Iterator[bytes]:
+    def stream(self, rel: str, length: Optional[int] = None) -> Iterator[bytes]:
         try:
-            downloader = self.container.get_blob_client(self._key(rel)).download_blob()
+            downloader = self.container.get_blob_client(self._key(rel)).download_blob(
+                offset=0 if length is not None else None, length=length)
         except Exception as e:  # noqa: BLE001
             if _is_blob_missing(e):
                 raise FileNotFoundError(rel) from None

@@ -237,15 +237,25 @@ class Datastores:
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:
-            raise SpecError(str(path), [f"not valid YAML: {err}"], "datastores file") from None
+            # PyYAML quotes the offending line, which may hold a pasted secret: position only
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(err, "problem", None) or "cannot be parsed"
+            raise SpecError(str(path), [f"not valid YAML{where}: {problem}"], "datastores file") from None
         if not isinstance(data, dict):
             raise SpecError(str(path), ["(top level): must be a YAML mapping"], "datastores file")
         try:
             return cls(DatastoresFile.model_validate(data))
         except ValidationError as err:
-            # never echo a value written under credential: (it may be an inline secret)
-            problems = [p.rsplit(" (got ", 1)[0] if ".credential" in p.split(":", 1)[0] else p
-                        for p in format_validation_error(err, DatastoresFile)]
+            # never echo a value from this file: any of them may be a pasted secret
+            values = [str(e.get("input")) for e in err.errors()
+                      if isinstance(e.get("input"), (str, int, float)) and len(str(e.get("input"))) >= 16]
+            problems = []
+            for p in format_validation_error(err, DatastoresFile):
+                p = p.rsplit(" (got ", 1)[0]
+                for v in values:
+                    p = p.replace(v, "<the value given>")
+                problems.append(p)
             raise SpecError(str(path), problems, "datastores file") from None
 
     @property
@@ -287,6 +297,19 @@ class Datastores:
                     return name, ds
             return None  # an account without a datastore: DefaultAzureCredential
         return None
+
+    def covers(self, text: str) -> bool:
+        """Is the location reached through a datastore (its own credential), or inside a
+        local datastore's directory? What the server may read on a user's behalf."""
+        loc = parse(text)
+        if loc.kind == "local":
+            p = Path(loc.path)
+            return any(ds.location.kind == "local" and (p == Path(ds.location.path) or Path(ds.location.path) in p.parents)
+                       for ds in self.spec.datastores.values())
+        try:
+            return self._datastore_of(loc) is not None
+        except LocationError:
+            return False
 
     def resolve(self, text: str) -> Access:
         """The location with its credential read (when an attempt starts, on the server)."""

@@ -24,11 +24,26 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, TypeVar
 
 from raybatch.storage.backends import Backend, Entry, StorageError, parallel
 
+T = TypeVar("T")
 ProgressFn = Callable[[int, int], None]  # (bytes done, bytes total)
+TRIES = 4                 # a transient error (connection reset, 503) is retried ...
+BACKOFF_S = (1.0, 3.0, 9.0)  # ... after these pauses
+
+
+def retried(fn: Callable[[], "T"]) -> "T":
+    """``fn()``, retrying transient StorageErrors with backoff."""
+    for attempt in range(TRIES):
+        try:
+            return fn()
+        except StorageError as e:
+            if not e.transient or attempt == TRIES - 1:
+                raise
+            time.sleep(BACKOFF_S[min(attempt, len(BACKOFF_S) - 1)])
+    raise AssertionError("unreachable")
 
 
 @dataclass
@@ -66,7 +81,7 @@ class _Counter:
 
     def add(self, n: int) -> None:
         with self.lock:
-            self.done += n
+            self.done = min(self.total, self.done + n)  # a retried download counts once
             now = time.monotonic()
             if self.progress and (now - self.last > 0.5 or self.done >= self.total):
                 self.last = now
@@ -79,7 +94,7 @@ class InputCache:
 
     def stage(self, backend: Backend, progress: Optional[ProgressFn] = None) -> StageResult:
         t0 = time.monotonic()
-        entries = backend.list()
+        entries = retried(backend.list)
         if not entries:
             raise StorageError(backend.uri, "no such file or directory (nothing is stored under this path)")
         keys = {e.path: object_key(backend, e) for e in entries}
@@ -92,12 +107,13 @@ class InputCache:
         name = backend.uri.rstrip("/").rsplit("/", 1)[-1] or "input"
         target = str(tree / name) if single else str(tree)
         total = sum(e.size for e in entries)
-        if done.exists():
+        if done.exists() and self._intact(tree, entries, name):
             done.touch()  # for a future least-recently-used eviction
             return StageResult(target, len(entries), total, 0, time.monotonic() - t0)
         with _locked(self.root / "locks" / fp):
-            if done.exists():  # another job on this node staged it meanwhile
+            if done.exists() and self._intact(tree, entries, name):  # staged by another job meanwhile
                 return StageResult(target, len(entries), total, 0, time.monotonic() - t0)
+            done.unlink(missing_ok=True)
             fetched = self._fetch_objects(backend, entries, keys, progress)
             partial = tree.with_name(fp + ".partial")
             shutil.rmtree(partial, ignore_errors=True)
@@ -110,6 +126,17 @@ class InputCache:
             done.touch()
         return StageResult(target, len(entries), total, fetched, time.monotonic() - t0)
 
+    def _intact(self, tree: Path, entries: list[Entry], name: str) -> bool:
+        """Is every file of the tree there with its size? A job may have deleted or
+        rewritten its input (it is shared by later jobs on the node): then it is rebuilt."""
+        for e in entries:
+            try:
+                if (tree / (e.path or name)).stat().st_size != e.size:
+                    return False
+            except OSError:
+                return False
+        return True
+
     def _object(self, key: str) -> Path:
         return self.root / "objects" / key[-2:] / key
 
@@ -118,7 +145,8 @@ class InputCache:
         missing: dict[str, Entry] = {}
         for e in entries:
             k = keys[e.path]
-            if not self._object(k).exists() and k not in missing:
+            obj = self._object(k)
+            if k not in missing and not (obj.exists() and obj.stat().st_size == e.size):
                 missing[k] = e
         need = sum(e.size for e in missing.values())
         counter = _Counter(need, progress)
@@ -129,7 +157,7 @@ class InputCache:
             obj.parent.mkdir(parents=True, exist_ok=True)
             tmp = obj.with_name(f".{key}.{os.getpid()}.{threading.get_ident()}")
             try:
-                backend.download(e.path, tmp, counter.add)
+                retried(lambda: backend.download(e.path, tmp, counter.add))
                 got = tmp.stat().st_size
                 if got != e.size:
                     raise StorageError(f"{backend.uri}/{e.path}", f"downloaded {got} bytes, expected {e.size}",
@@ -155,14 +183,14 @@ def _link_or_copy(src: Path, dest: Path) -> None:
 
 def download_tree(backend: Backend, dest: Path, progress: Optional[ProgressFn] = None) -> tuple[int, int]:
     """Everything under a location into ``dest`` (checkpoints before a restart): (files, bytes)."""
-    entries = [e for e in backend.list() if e.path]
+    entries = [e for e in retried(backend.list) if e.path]
     counter = _Counter(sum(e.size for e in entries), progress)
 
     def fetch(e: Entry) -> None:
         target = dest / e.path
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.download")
-        backend.download(e.path, tmp, counter.add)
+        retried(lambda: backend.download(e.path, tmp, counter.add))
         os.replace(tmp, target)
         if e.mtime:
             os.utime(target, (e.mtime, e.mtime))

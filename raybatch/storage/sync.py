@@ -29,6 +29,16 @@ from raybatch.storage.backends import Backend, StorageError
 
 LOG_INTERVAL_S = float(os.environ.get("RAYBATCH_LOG_SYNC_S", "1.0"))
 LOG_CHUNK = 4 * 2**20
+# An Azure append blob holds at most 50,000 blocks. A log is appended every second for its
+# first 10,000 appends (~2.8 h), then every 5 s (~2.2 days more); past BLOCK_BUDGET it is
+# uploaded whole every minute instead (the blob becomes a block blob of the same name).
+LOG_SLOW_AFTER_BLOCKS, LOG_SLOW_INTERVAL_S = 10_000, 5.0
+BLOCK_BUDGET, WHOLE_INTERVAL_S = 45_000, 60.0
+
+
+def _ours(name: str) -> bool:
+    """Our own temporary files in a mirror (never a user's file)."""
+    return name.startswith(".upload-") or (name.startswith(".") and name.endswith(".download"))
 
 
 class DirSync:
@@ -39,12 +49,26 @@ class DirSync:
         self.backend = backend
         self.sent: dict[str, tuple[int, int]] = {}  # rel path -> (size, mtime_ns) uploaded
         self.failed: dict[str, str] = {}            # rel path -> last error
+        self._prime()
+
+    def _prime(self) -> None:
+        """Files already in the mirror that are the remote's copy (restored checkpoints:
+        same size, same mtime) count as sent: a node never uploads a restored file, which
+        could overwrite a newer version another node wrote since."""
+        try:
+            remote = {e.path: e for e in self.backend.list() if e.path}
+        except StorageError:
+            return  # nothing known: everything is uploaded as it changes
+        for rel, sig in self.changed():
+            e = remote.get(rel)
+            if e is not None and e.size == sig[0] and abs(e.mtime - sig[1] / 1e9) < 0.01:
+                self.sent[rel] = sig
 
     def changed(self) -> list[tuple[str, tuple[int, int]]]:
         out = []
         for dirpath, _dirs, files in os.walk(self.local):
             for name in files:
-                if name.startswith(".upload-") or name.endswith(".download"):
+                if _ours(name):
                     continue
                 p = Path(dirpath, name)
                 try:
@@ -58,7 +82,10 @@ class DirSync:
         return out
 
     def push(self) -> int:
-        """Upload what changed; returns how many files are still not out."""
+        """Upload what changed; returns how many files are still not out. A file the
+        service rejects does not hold up the others; the first such error is raised
+        after the pass."""
+        rejected: Optional[StorageError] = None
         for rel, sig in self.changed():
             try:
                 self.backend.upload(self.local / rel, rel)
@@ -66,11 +93,13 @@ class DirSync:
                 continue  # removed since the scan (a temp file renamed into place)
             except StorageError as e:
                 self.failed[rel] = e.cause
-                if not e.transient:
-                    raise
+                if not e.transient and rejected is None:
+                    rejected = e
                 continue
             self.failed.pop(rel, None)
             self.sent[rel] = sig
+        if rejected is not None:
+            raise rejected
         return len(self.changed())
 
     def pending(self) -> list[str]:
@@ -83,12 +112,33 @@ class LogSync:
     def __init__(self, local: Path, backend: Backend, rel: str):
         self.local, self.backend, self.rel = Path(local), backend, rel
         self.offset = 0
+        self.blocks = 0        # appends made (each at most LOG_CHUNK)
+        self.whole = False     # past the block budget: upload the file whole instead
+        self.last = float("-inf")
 
-    def push(self) -> int:
-        """Append the new bytes; returns how many are still not out."""
+    def interval(self) -> float:
+        if self.whole:
+            return WHOLE_INTERVAL_S
+        return LOG_INTERVAL_S if self.blocks < LOG_SLOW_AFTER_BLOCKS else max(LOG_INTERVAL_S, LOG_SLOW_INTERVAL_S)
+
+    def push(self, force: bool = False) -> int:
+        """Append the new bytes (at most once per ``interval()`` unless ``force``);
+        returns how many are still not out."""
         try:
             size = self.local.stat().st_size
         except FileNotFoundError:
+            return 0
+        if self.offset >= size:
+            return 0
+        now = time.monotonic()
+        if not force and now - self.last < self.interval():
+            return 0  # not due yet: nothing is wrong
+        self.last = now
+        if not self.whole and self.blocks + -(-(size - self.offset) // LOG_CHUNK) > BLOCK_BUDGET:
+            self.whole = True
+        if self.whole:
+            self.backend.upload(self.local, self.rel)
+            self.offset = size
             return 0
         while self.offset < size:
             with open(self.local, "rb") as f:
@@ -98,6 +148,7 @@ class LogSync:
                 break
             self.backend.append(self.rel, data, self.offset)
             self.offset += len(data)
+            self.blocks += 1
         return size - self.offset
 
     def pending(self) -> list[str]:
@@ -128,12 +179,12 @@ class NodeSync:
         if self.dirs or self.logs:
             self._thread.start()
 
-    def _pass(self, dirs: bool) -> int:
+    def _pass(self, dirs: bool, force: bool = False) -> int:
         left = 0
         with self._lock:
             for log in self.logs:
                 try:
-                    left += log.push()
+                    left += log.push(force)
                 except StorageError as e:
                     self.error, left = e.args[0], left + 1
             if dirs:
@@ -166,7 +217,7 @@ class NodeSync:
         delay = 1.0
         while True:
             self.error = None
-            left = self._pass(True)
+            left = self._pass(True, force=True)
             if not left:
                 return SyncReport()
             if time.monotonic() + delay > deadline:
