@@ -313,8 +313,12 @@ class BlobBackend(Backend):
                                    f"storage account '{self.access.account}'")
             if write:
                 # a real write: a key without write permission (read-only SAS) fails here
-                name = self._key(WRITE_CHECK)
-                self.container.get_blob_client(name).upload_blob(b"", overwrite=True)
+                probe = self.container.get_blob_client(self._key(WRITE_CHECK))
+                probe.upload_blob(b"", overwrite=True)
+                try:
+                    probe.delete_blob()  # leave nothing in the user's directory
+                except Exception:  # noqa: BLE001 - may write but not delete: listings skip it
+                    pass
         except StorageError:
             raise
         except Exception as e:  # noqa: BLE001
