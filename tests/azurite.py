@@ -1,5 +1,5 @@
 """A real Azure blob service for tests: Azurite (the npm package that
-./scripts/setup-env installs into .tools/azurite), run as its own process on a free
+./scripts/setup-env --tests installs into .tools/azurite), run as its own process on a free
 port with its data in a temporary folder. stop() and start() again keep the port and
 the folder, so blobs written before a stop are there after it."""
 
@@ -43,7 +43,7 @@ def emulator_account() -> tuple[str, str]:
     try:
         text = AZURITE_CONSTANTS.read_text()
     except FileNotFoundError:
-        raise RuntimeError(f"{AZURITE_CONSTANTS} not found: run ./scripts/setup-env to install Azurite") from None
+        raise RuntimeError(f"{AZURITE_CONSTANTS} not found: run ./scripts/setup-env --tests to install Azurite") from None
     name = re.search(r'EMULATOR_ACCOUNT_NAME\s*=\s*"([^"]+)"', text)
     key = re.search(r'EMULATOR_ACCOUNT_KEY\s*=\s*Buffer\.from\(\s*"([A-Za-z0-9+/=]+)"\s*,\s*"base64"\s*\)', text)
     if not (name and key):
@@ -61,7 +61,7 @@ class Azurite:
 
     def __init__(self, location: Path | str | None = None, port: int | None = None):
         if not os.access(AZURITE_BIN, os.X_OK):
-            raise RuntimeError(f"{AZURITE_BIN} not found: run ./scripts/setup-env to install Azurite")
+            raise RuntimeError(f"{AZURITE_BIN} not found: run ./scripts/setup-env --tests to install Azurite")
         self.account_name, self.account_key = emulator_account()
         self._own_location = location is None
         self.location = Path(location) if location is not None else Path(tempfile.mkdtemp(prefix="azurite-"))
