@@ -95,7 +95,7 @@ def _progress_line(job, started: float) -> Text:
     t.append(f"{job.id} ", style="bold")
     t.append(job.state.value, style=render.STATE_STYLE.get(job.state.value, "white"))
     t.append(f"  attempt {job.attempt}  {time.monotonic() - started:5.0f}s")
-    if job.phase in ("staging", "syncing"):
+    if job.phase and job.phase != "done":
         t.append(f"  {job.phase}", style="cyan")
         if job.staging and job.staging.get("bytes_total"):
             done, total = job.staging["bytes_done"], job.staging["bytes_total"]
