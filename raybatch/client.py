@@ -120,10 +120,12 @@ class Client:
         return r.json()
 
     # ---- jobs ----------------------------------------------------------------
-    def submit(self, job: Union[JobSpec, str, Path, dict], overrides: Iterable[str] = ()) -> JobSummary:
-        """Submit a job file path, a parsed ``JobSpec`` or a dict; ``overrides`` are
-        ``key=value`` strings like the CLI's ``--set``."""
-        body = self._request_body(job, overrides).model_dump(mode="json")
+    def submit(self, job: Union[JobSpec, str, Path, dict], overrides: Iterable[str] = (),
+               mount_root: Optional[str] = None) -> JobSummary:
+        """Submit a job file path (raybatch YAML, Batch AI job.json or Azure ML command job;
+        ``mount_root`` replaces Batch AI's $AZ_BATCHAI_MOUNT_ROOT), a parsed ``JobSpec`` or a
+        dict; ``overrides`` are ``key=value`` strings like the CLI's ``--set``."""
+        body = self._request_body(job, overrides, mount_root).model_dump(mode="json")
         return JobSummary.model_validate(self._request("POST", "/jobs", json=body))
 
     def submit_many(self, jobs: Iterable[Union[JobSpec, str, Path, dict]], overrides: Iterable[str] = (),
@@ -138,9 +140,10 @@ class Client:
             out += [JobSummary.model_validate(j) for j in self._request("POST", "/jobs/batch", json=payload)]
         return out
 
-    def _request_body(self, job: Union[JobSpec, str, Path, dict], overrides: Iterable[str]) -> SubmitRequest:
+    def _request_body(self, job: Union[JobSpec, str, Path, dict], overrides: Iterable[str],
+                      mount_root: Optional[str] = None) -> SubmitRequest:
         if isinstance(job, (str, Path)):
-            spec = load_job_file(job, overrides)
+            spec = load_job_file(job, overrides, mount_root)
         else:
             data = job.model_dump(mode="json") if isinstance(job, JobSpec) else dict(job)
             spec = parse_job(apply_overrides(data, overrides, "<job>"), base_dir=Path.cwd(),

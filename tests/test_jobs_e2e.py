@@ -273,3 +273,26 @@ def test_job_temp_is_removed_after_the_attempt(client):
     assert cwd == temp  # a job without code runs in its scratch directory
     assert temp.endswith(f"raybatch-jobs/{sub.id}/node-0")
     assert not Path(temp).parent.exists()
+
+
+def test_batchai_job_json_of_the_recipe_runs_as_is(client):
+    """The Batch AI job.json of the PyTorch recipe, submitted as it is: its script path is
+    under $AZ_BATCHAI_JOB_MOUNT_ROOT (the repo stands in for the mount), its output is
+    AZ_BATCHAI_OUTPUT_MODEL, its backend comes from communicationBackend."""
+    import warnings
+
+    from raybatch.spec.loader import ConversionWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sub = client.submit(RECIPES / "pytorch-digits-ddp" / "job.batchai.json",
+                            mount_root=str(RECIPES.parent))
+    assert any(issubclass(w.category, ConversionWarning) and "cluster: ignored" in str(w.message)
+               for w in caught)
+    done = client.wait(sub.id, timeout=180)
+    assert done.state == "SUCCEEDED", (done.reason, client.logs(sub.id, stream="stderr"))
+    assert done.name == "pytorch-digits-ddp-batchai" and done.spec.framework == "pytorch"
+    assert len({r.node_id for r in done.attempts[-1].ranks}) == 2
+    acc = float(re.search(r"test accuracy: ([0-9.]+)", client.logs(sub.id, rank=0)).group(1))
+    assert acc > 0.9
+    assert (Path(done.outputs["MODEL"]) / "model.pt").stat().st_size > 0

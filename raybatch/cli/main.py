@@ -22,7 +22,7 @@ from rich.text import Text
 
 from raybatch.cli import render
 from raybatch.client import Client, RaybatchError, exit_code_for
-from raybatch.spec.loader import SpecError, load_job_file
+from raybatch.spec.loader import SpecError, load_job_document, read_document
 from raybatch.state.states import JobState
 
 app = typer.Typer(
@@ -82,12 +82,21 @@ def _call(fn, *args, **kwargs):
         _fail(str(e))
 
 
-def _load(job_file: Path, overrides: List[str]):
-    """The job file, validated; a bad one exits 2 before any server is contacted."""
+MountRootOpt = typer.Option(
+    None, "--mount-root", help="Batch AI job.json: where $AZ_BATCHAI_MOUNT_ROOT's file systems are "
+    "mounted on every node.")
+
+
+def _load(job_file: Path, overrides: List[str], mount_root: Optional[str] = None):
+    """The job file (raybatch, Batch AI job.json or Azure ML command job), validated; a bad
+    one exits 2 before any server is contacted. Conversion warnings go to stderr."""
     try:
-        return load_job_file(job_file, overrides)
+        spec, notes = load_job_document(job_file, overrides, mount_root)
     except SpecError as e:
         _fail(str(e), code=2)
+    for note in notes:
+        render.err_console.print(f"[yellow]warning:[/] {note}", highlight=False)
+    return spec
 
 
 def _progress_line(job, started: float) -> Text:
@@ -137,14 +146,15 @@ def _wait_with_progress(client: Client, job_id: str, timeout: Optional[float]) -
 
 @app.command()
 def submit(
-    job_file: Path = typer.Argument(..., help="Job file (YAML)."),
+    job_file: Path = typer.Argument(..., help="Job file: raybatch YAML, Batch AI job.json or Azure ML command job."),
     set_: List[str] = typer.Option([], "--set", help="Override a field: --set nodes=2 --set resources.cpus=1"),
     wait: bool = typer.Option(False, "--wait", help="Show progress and exit with the job's exit code."),
     timeout: Optional[float] = typer.Option(None, help="With --wait: give up after this many seconds."),
+    mount_root: Optional[str] = MountRootOpt,
     output: Output = OutputOpt,
 ) -> None:
     """Validate a job file and queue it; prints the job id."""
-    spec = _load(job_file, set_)
+    spec = _load(job_file, set_, mount_root)
     client = _client(auto_start=True)
     job = _call(client.submit, spec)
     if output == Output.json:
@@ -352,13 +362,39 @@ def status(output: Output = OutputOpt) -> None:
 
 
 @app.command()
+def convert(
+    job_file: Path = typer.Argument(..., help="A Batch AI job.json or an Azure ML command job YAML."),
+    mount_root: Optional[str] = MountRootOpt,
+    output: Output = OutputOpt,
+) -> None:
+    """Print the raybatch job file equivalent to a Batch AI or Azure ML job file; what
+    cannot be honoured is an error (exit 2) or a warning (stderr)."""
+    try:
+        data, kind, notes = read_document(job_file, mount_root)
+        load_job_document(job_file, (), mount_root)  # the result must be a valid raybatch job
+    except SpecError as e:
+        _fail(str(e), code=2)
+    for note in notes:
+        render.err_console.print(f"[yellow]warning:[/] {note}", highlight=False)
+    if kind == "raybatch":
+        render.err_console.print(f"{job_file} is already a raybatch job file", highlight=False)
+    if output == Output.json:
+        render.print_json(data)
+    else:
+        import yaml  # noqa: PLC0415
+
+        print(yaml.safe_dump(data, sort_keys=False), end="")
+
+
+@app.command()
 def validate(
     job_file: Path,
     set_: List[str] = typer.Option([], "--set", help="Override a field, as with submit."),
+    mount_root: Optional[str] = MountRootOpt,
     output: Output = OutputOpt,
 ) -> None:
     """Check a job file without submitting it; print the job as raybatch reads it."""
-    spec = _load(job_file, set_)
+    spec = _load(job_file, set_, mount_root)
     if output == Output.json:
         render.print_json(spec)
     else:

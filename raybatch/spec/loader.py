@@ -130,8 +130,27 @@ def parse_job(
     return spec
 
 
-def load_job_file(path: str | Path, overrides: Iterable[str] = ()) -> JobSpec:
-    """Read and validate a job file; raise ``SpecError`` with every problem found."""
+class ConversionWarning(UserWarning):
+    """A Batch AI / Azure ML field raybatch ignores (the job still runs as intended)."""
+
+
+def load_job_file(path: str | Path, overrides: Iterable[str] = (), mount_root: str | None = None) -> JobSpec:
+    """Read and validate a job file (raybatch, Batch AI job.json or Azure ML command job);
+    raise ``SpecError`` with every problem found. Conversion warnings are issued as
+    ``ConversionWarning``."""
+    import warnings  # noqa: PLC0415
+
+    spec, notes = load_job_document(path, overrides, mount_root)
+    for note in notes:
+        warnings.warn(note, ConversionWarning, stacklevel=2)
+    return spec
+
+
+def read_document(path: str | Path, mount_root: str | None = None) -> tuple[Any, str, list[str]]:
+    """The file as a raybatch job document: (document, 'raybatch' | 'batchai' | 'azureml',
+    conversion warnings)."""
+    from raybatch.spec.convert import ConversionError, convert, detect  # noqa: PLC0415
+
     p = Path(path)
     source = str(path)
     if not p.is_file():
@@ -142,8 +161,25 @@ def load_job_file(path: str | Path, overrides: Iterable[str] = ()) -> JobSpec:
         mark = getattr(err, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         raise SpecError(source, [f"{where}not valid YAML: {getattr(err, 'problem', err)}"]) from None
+    kind = detect(data)
+    if kind == "raybatch":
+        return data, kind, []
+    label = {"batchai": "Batch AI job file", "azureml": "Azure ML job file"}[kind]
+    try:
+        converted, notes = convert(data, name_hint=p.stem, mount_root=mount_root)
+    except ConversionError as e:
+        raise SpecError(source, e.problems, label) from None
+    return converted, kind, notes
+
+
+def load_job_document(path: str | Path, overrides: Iterable[str] = (), mount_root: str | None = None
+                      ) -> tuple[JobSpec, list[str]]:
+    """Like ``load_job_file``, returning the conversion warnings instead of issuing them."""
+    p = Path(path)
+    source = str(path)
+    data, kind, notes = read_document(path, mount_root)
     if data is None:
         data = {}
     if isinstance(data, dict):
         data = apply_overrides(data, overrides, source)
-    return parse_job(data, base_dir=p.parent.resolve(), source=source)
+    return parse_job(data, base_dir=p.parent.resolve(), source=source), notes

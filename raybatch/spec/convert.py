@@ -1,0 +1,325 @@
+"""Job files from the services raybatch stands in for: an Azure Batch AI job.json
+(2018-05-01 schema) and an Azure ML command job YAML, converted to a raybatch job.
+
+``raybatch submit`` takes them directly; ``raybatch convert FILE`` prints the
+equivalent raybatch job file. A field raybatch cannot honour is an error when the
+job would run differently in a way that matters (an unsupported toolkit, job
+secrets, a container image), and a warning when it is only ignored (the cluster
+name, the compute target). Nothing is dropped silently.
+
+Mount roots: Batch AI paths under ``$AZ_BATCHAI_MOUNT_ROOT`` or
+``$AZ_BATCHAI_JOB_MOUNT_ROOT`` name file systems Batch AI mounted. Pass
+``mount_root`` (``--mount-root``) with the directory where the same file systems
+are mounted on every raybatch node."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from typing import Any, Optional
+
+from raybatch.spec.job import ID_PATTERN, NAME_PATTERN
+
+BATCHAI_TOOLKITS = ("pyTorchSettings", "tensorFlowSettings", "chainerSettings", "horovodSettings",
+                    "customMpiSettings", "customToolkitSettings", "cntkSettings", "caffeSettings",
+                    "caffe2Settings")
+NOT_YET = "is not supported yet: its framework adapter comes with the frameworks issue (#6)"
+MOUNT_VARS = ("$AZ_BATCHAI_JOB_MOUNT_ROOT", "${AZ_BATCHAI_JOB_MOUNT_ROOT}", "$AZ_BATCHAI_MOUNT_ROOT",
+              "${AZ_BATCHAI_MOUNT_ROOT}")
+
+
+class ConversionError(ValueError):
+    def __init__(self, problems: list[str]):
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+def detect(doc: Any) -> str:
+    """'batchai', 'azureml' or 'raybatch'."""
+    if not isinstance(doc, dict):
+        return "raybatch"
+    props = doc.get("properties") if isinstance(doc.get("properties"), dict) else doc
+    if any(k in props for k in BATCHAI_TOOLKITS) or "stdOutErrPathPrefix" in props or "nodeCount" in props:
+        return "batchai"
+    schema = str(doc.get("$schema", ""))
+    if "azureml" in schema or (doc.get("type") == "command" and "command" in doc) or (
+            "command" in doc and any(k in doc for k in ("distribution", "environment_variables", "limits",
+                                                          "compute", "display_name", "experiment_name"))):
+        return "azureml"
+    return "raybatch"
+
+
+def convert(doc: dict[str, Any], *, name_hint: str = "job", mount_root: Optional[str] = None
+            ) -> tuple[dict[str, Any], list[str]]:
+    """(raybatch job document, warnings) for a Batch AI or Azure ML document;
+    ConversionError lists every field that cannot be honoured."""
+    kind = detect(doc)
+    if kind == "batchai":
+        return _BatchAI(doc, name_hint, mount_root).run()
+    if kind == "azureml":
+        return _AzureML(doc, name_hint).run()
+    return doc, []
+
+
+def _name(text: str) -> str:
+    clean = re.sub(r"[^-\w]", "-", str(text)).strip("-")[:64] or "job"
+    return clean if re.fullmatch(NAME_PATTERN, clean) else "job"
+
+
+def _ident(text: str) -> str:
+    clean = re.sub(r"\W", "_", str(text))
+    return clean if re.fullmatch(ID_PATTERN, clean) else f"x_{clean}"[:64]
+
+
+class _Converter:
+    def __init__(self) -> None:
+        self.errors: list[str] = []
+        self.warnings: list[str] = []
+
+    def finish(self, out: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+        if self.errors:
+            raise ConversionError(self.errors)
+        return out, self.warnings
+
+
+class _BatchAI(_Converter):
+    def __init__(self, doc: dict[str, Any], name_hint: str, mount_root: Optional[str]):
+        super().__init__()
+        self.doc = doc
+        self.p = doc["properties"] if isinstance(doc.get("properties"), dict) else doc
+        self.prefix = "properties." if self.p is not doc else ""
+        self.name_hint = name_hint
+        self.mount_root = mount_root.rstrip("/") if mount_root else None
+
+    def path(self, field: str, value: str) -> Optional[str]:
+        """A Batch AI path with its mount-root variable replaced, or None (error recorded)."""
+        for var in MOUNT_VARS:
+            if var in value:
+                if self.mount_root is None:
+                    self.errors.append(
+                        f"{self.prefix}{field}: '{value}' is under a Batch AI mount ({var.strip('${}')}); "
+                        "give --mount-root DIR, where the same file systems are mounted on every node")
+                    return None
+                value = value.replace(var, self.mount_root)
+        if not value.startswith(("/", "~")) and "://" not in value:
+            self.errors.append(f"{self.prefix}{field}: '{value}' is not an absolute path")
+            return None
+        return value
+
+    def run(self) -> tuple[dict[str, Any], list[str]]:
+        p, pre = self.p, self.prefix
+        out: dict[str, Any] = {"name": _name(self.doc.get("name") or p.get("name") or self.name_hint)}
+        if "experiment" in p or "experimentName" in self.doc:
+            out["experiment"] = _name(p.get("experiment") or self.doc.get("experimentName"))
+        nodes = p.get("nodeCount", 1)
+        if not isinstance(nodes, int) or nodes < 1:
+            self.errors.append(f"{pre}nodeCount: must be an integer >= 1 (got {nodes!r})")
+            nodes = 1
+        out["nodes"] = nodes
+        if "cluster" in p:
+            self.warnings.append(f"{pre}cluster: ignored; raybatch schedules the job on its Ray cluster")
+        if "schedulingPriority" in p:
+            out["priority"] = str(p["schedulingPriority"]).lower()
+        wall = (p.get("constraints") or {}).get("maxWallClockTime")
+        if wall:
+            out["max_wall_clock"] = wall
+        toolkits = [k for k in BATCHAI_TOOLKITS if p.get(k)]
+        if len(toolkits) != 1:
+            self.errors.append(f"{pre}: exactly one toolkit setting is required (got {toolkits or 'none'}); "
+                               f"one of {', '.join(BATCHAI_TOOLKITS)}")
+        else:
+            self.toolkit(toolkits[0], p[toolkits[0]], out, nodes)
+        env = {}
+        for i, item in enumerate(p.get("environmentVariables") or []):
+            if not isinstance(item, dict) or "name" not in item:
+                self.errors.append(f"{pre}environmentVariables[{i}]: expected {{name, value}}")
+                continue
+            env[item["name"]] = "" if item.get("value") is None else str(item["value"])
+        if p.get("secrets"):
+            self.errors.append(f"{pre}secrets: job secrets are not supported yet (they would be stored and "
+                               "shown like environment variables); keep them out of the job file and read "
+                               "them from a file or a datastore credential")
+        env.update(out.pop("_env", {}))
+        if self.mount_root:  # scripts and command lines that read the variables themselves
+            env.setdefault("AZ_BATCHAI_MOUNT_ROOT", self.mount_root)
+            env.setdefault("AZ_BATCHAI_JOB_MOUNT_ROOT", self.mount_root)
+        if env:
+            out["environment"] = env
+        inputs = {}
+        for i, item in enumerate(p.get("inputDirectories") or []):
+            ident, path = item.get("id"), item.get("path")
+            if not ident or not path:
+                self.errors.append(f"{pre}inputDirectories[{i}]: expected {{id, path}}")
+                continue
+            resolved = self.path(f"inputDirectories[{i}].path", path)
+            if resolved:
+                inputs[_ident(ident)] = resolved
+        if inputs:
+            out["inputs"] = inputs
+        outputs = {}
+        for i, item in enumerate(p.get("outputDirectories") or []):
+            ident = item.get("id")
+            if not ident:
+                self.errors.append(f"{pre}outputDirectories[{i}]: expected {{id, pathPrefix}}")
+                continue
+            outputs[_ident(ident)] = {}
+            self.warnings.append(
+                f"{pre}outputDirectories[{i}] ({ident}): written to <job dir>/outputs/{_ident(ident)} "
+                "(Batch AI's pathPrefix/pathSuffix layout is not reproduced; see `raybatch files`)")
+        if outputs:
+            out["outputs"] = outputs
+        prefix = p.get("stdOutErrPathPrefix")
+        if prefix:
+            resolved = self.path("stdOutErrPathPrefix", prefix)
+            if resolved:
+                out["output_root"] = resolved
+        if p.get("mountVolumes"):
+            self.warnings.append(f"{pre}mountVolumes: raybatch does not mount file systems per job; mount "
+                                 "them on every node (cluster setup commands) and use --mount-root")
+        if p.get("containerSettings"):
+            self.errors.append(f"{pre}containerSettings: container images {NOT_YET}")
+        prep = (p.get("jobPreparation") or {}).get("commandLine")
+        if prep:
+            if out.get("processes_per_node", 1) == 1 and "command" in out:
+                out["command"] = f"{prep} && {out['command']}"
+                self.warnings.append(f"{pre}jobPreparation: runs before the command in every rank's shell "
+                                     "(one rank per node here, so once per node)")
+            else:
+                self.errors.append(f"{pre}jobPreparation: with several processes per node it {NOT_YET}")
+        for k in ("performanceCountersSettings", "inputDirectoriesMountOptions"):
+            if p.get(k):
+                self.warnings.append(f"{pre}{k}: ignored")
+        return self.finish(out)
+
+    def toolkit(self, kind: str, s: dict[str, Any], out: dict[str, Any], nodes: int) -> None:
+        pre = f"{self.prefix}{kind}"
+        if kind == "pyTorchSettings":
+            script = s.get("pythonScriptFilePath")
+            if not script:
+                self.errors.append(f"{pre}.pythonScriptFilePath: required")
+                return
+            script = self.path(f"{kind}.pythonScriptFilePath", script) if "AZ_BATCHAI" in script else script
+            interp = s.get("pythonInterpreterPath") or "python"
+            args = s.get("commandLineArgs") or ""
+            out["framework"] = "pytorch"
+            out["command"] = " ".join(x for x in (interp, shlex.quote(script or ""), args) if x)
+            count = s.get("processCount")
+            if count is not None:
+                if not isinstance(count, int) or count < nodes or count % nodes:
+                    self.errors.append(f"{pre}.processCount: must be a multiple of nodeCount ({nodes}); "
+                                       f"got {count!r}")
+                else:
+                    out["processes_per_node"] = count // nodes
+            backend = s.get("communicationBackend")
+            if backend:
+                out["_env"] = {"AZ_BATCHAI_PYTORCH_BACKEND": str(backend).lower(),
+                               "RAYBATCH_PYTORCH_BACKEND": str(backend).lower()}
+        elif kind == "customToolkitSettings":
+            line = s.get("commandLine")
+            if not line:
+                self.errors.append(f"{pre}.commandLine: required")
+                return
+            if nodes > 1:
+                self.errors.append(f"{pre}: Batch AI ran commandLine on the first node only, with the other "
+                                   f"nodes reserved for it; that mode {NOT_YET}")
+                return
+            out["framework"] = "custom"
+            out["command"] = line
+        elif kind in ("cntkSettings", "caffeSettings", "caffe2Settings"):
+            self.errors.append(f"{pre}: no wheel exists for modern Python; run the job as a custom command "
+                               "with your own environment")
+        else:
+            self.errors.append(f"{pre} {NOT_YET}")
+
+
+_TEMPLATE = re.compile(r"\$\{\{\s*(inputs|outputs)\.([A-Za-z0-9_]+)\s*\}\}")
+
+
+class _AzureML(_Converter):
+    def __init__(self, doc: dict[str, Any], name_hint: str):
+        super().__init__()
+        self.doc = doc
+        self.name_hint = name_hint
+
+    def run(self) -> tuple[dict[str, Any], list[str]]:
+        d = self.doc
+        out: dict[str, Any] = {"name": _name(d.get("display_name") or d.get("name") or self.name_hint)}
+        if d.get("experiment_name"):
+            out["experiment"] = _name(d["experiment_name"])
+        if d.get("type", "command") != "command":
+            self.errors.append(f"type: only command jobs are converted (got {d.get('type')!r})")
+        if d.get("code"):
+            out["code"] = d["code"]
+        env = {str(k): "" if v is None else str(v) for k, v in (d.get("environment_variables") or {}).items()}
+        if env:
+            out["environment"] = env
+        if d.get("environment"):
+            self.warnings.append("environment: per-job environments are not supported yet (#6); the job runs "
+                                 "in the nodes' Python environment")
+        if d.get("compute"):
+            self.warnings.append("compute: ignored; raybatch schedules the job on its Ray cluster")
+        res = d.get("resources") or {}
+        out["nodes"] = int(res.get("instance_count", 1))
+        if res.get("instance_type"):
+            self.warnings.append("resources.instance_type: ignored; set resources (cpus/gpus/memory) per node")
+        timeout = (d.get("limits") or {}).get("timeout")
+        if timeout:
+            out["max_wall_clock"] = timeout
+        dist = d.get("distribution") or {}
+        kind = str(dist.get("type", "")).lower()
+        if kind == "pytorch":
+            out["framework"] = "pytorch"
+            if dist.get("process_count_per_instance"):
+                out["processes_per_node"] = int(dist["process_count_per_instance"])
+        elif kind:
+            self.errors.append(f"distribution.type: '{kind}' {NOT_YET}")
+        values: dict[tuple[str, str], str] = {}
+        inputs, outputs = {}, {}
+        for name, spec in (d.get("inputs") or {}).items():
+            ident = _ident(name)
+            if isinstance(spec, dict) and ("path" in spec or spec.get("type", "").startswith(("uri_", "mltable"))):
+                if "path" not in spec:
+                    self.errors.append(f"inputs.{name}.path: required")
+                    continue
+                mode = str(spec.get("mode", "ro_mount"))
+                item: dict[str, Any] = {"path": spec["path"]}
+                if mode in ("ro_mount", "download", "eval_download", "eval_mount"):
+                    item["mode"] = "download" if "://" in spec["path"] else "direct"
+                elif mode == "direct":
+                    item["mode"] = "direct"
+                else:
+                    self.errors.append(f"inputs.{name}.mode: '{mode}' is not an input mode "
+                                       "(ro_mount, download, direct)")
+                inputs[ident] = item
+                values[("inputs", name)] = f"${{RAYBATCH_INPUT_{ident.upper()}}}"
+            else:  # a literal: number, string, boolean
+                value = spec.get("value", spec.get("default")) if isinstance(spec, dict) else spec
+                values[("inputs", name)] = shlex.quote(str(value))
+        for name, spec in (d.get("outputs") or {}).items():
+            ident = _ident(name)
+            spec = spec or {}
+            item = {"path": spec["path"]} if isinstance(spec, dict) and spec.get("path") else {}
+            if isinstance(spec, dict) and spec.get("mode") not in (None, "rw_mount", "upload"):
+                self.errors.append(f"outputs.{name}.mode: '{spec.get('mode')}' is not an output mode "
+                                   "(rw_mount, upload)")
+            outputs[ident] = item
+            values[("outputs", name)] = f"${{RAYBATCH_OUTPUT_{ident.upper()}}}"
+        if inputs:
+            out["inputs"] = inputs
+        if outputs:
+            out["outputs"] = outputs
+        command = d.get("command")
+        if not command:
+            self.errors.append("command: required")
+        else:
+            def sub(m: re.Match) -> str:
+                key = (m.group(1), m.group(2))
+                if key not in values:
+                    self.errors.append(f"command: ${{{{{key[0]}.{key[1]}}}}} names no {key[0][:-1]} of the job")
+                    return m.group(0)
+                return values[key]
+            out["command"] = _TEMPLATE.sub(sub, str(command))
+        for k in ("services", "identity", "queue_settings", "tags", "properties"):
+            if d.get(k):
+                self.warnings.append(f"{k}: ignored")
+        return self.finish(out)

@@ -1,0 +1,166 @@
+"""Batch AI job.json and Azure ML command jobs converted to raybatch jobs: every field
+mapped, unsupported ones an error or a warning (never silence), and the CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from raybatch.spec.convert import ConversionError, convert, detect
+from raybatch.spec.loader import SpecError, load_job_document
+
+RAYBATCH = str(Path(sys.executable).with_name("raybatch"))
+RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "pytorch-digits-ddp"
+
+
+def batchai(**props):
+    return {"name": "bai", "properties": {"nodeCount": 2, **props}}
+
+
+PYTORCH = {"pythonScriptFilePath": "/mnt/code/train.py", "commandLineArgs": "--lr 0.1", "processCount": 4}
+
+
+def test_detect():
+    assert detect(batchai(pyTorchSettings=PYTORCH)) == "batchai"
+    assert detect({"nodeCount": 1, "customToolkitSettings": {"commandLine": "x"}}) == "batchai"
+    assert detect({"type": "command", "command": "python x.py"}) == "azureml"
+    assert detect({"$schema": "https://azuremlschemas.azureedge.net/latest/commandJob.schema.json",
+                   "command": "x"}) == "azureml"
+    assert detect({"name": "x", "command": "echo"}) == "raybatch"
+    assert detect(["not", "a", "job"]) == "raybatch"
+
+
+def test_batchai_pytorch_every_field():
+    doc = batchai(
+        pyTorchSettings={**PYTORCH, "pythonInterpreterPath": "/opt/py/bin/python", "communicationBackend": "Gloo"},
+        schedulingPriority="High", constraints={"maxWallClockTime": "1.02:00:00"},
+        environmentVariables=[{"name": "A", "value": "1"}, {"name": "B", "value": None}],
+        inputDirectories=[{"id": "DATA", "path": "$AZ_BATCHAI_MOUNT_ROOT/data"}],
+        outputDirectories=[{"id": "MODEL", "pathPrefix": "$AZ_BATCHAI_MOUNT_ROOT/out", "pathSuffix": "m"}],
+        stdOutErrPathPrefix="$AZ_BATCHAI_JOB_MOUNT_ROOT/logs",
+        cluster={"id": "/subscriptions/x/clusters/c"},
+    )
+    out, warnings = convert(doc, mount_root="/mnt/shared/")
+    assert out == {
+        "name": "bai", "nodes": 2, "priority": "high", "max_wall_clock": "1.02:00:00",
+        "framework": "pytorch", "command": "/opt/py/bin/python /mnt/code/train.py --lr 0.1",
+        "processes_per_node": 2,
+        "environment": {"A": "1", "B": "", "AZ_BATCHAI_PYTORCH_BACKEND": "gloo", "RAYBATCH_PYTORCH_BACKEND": "gloo",
+                        "AZ_BATCHAI_MOUNT_ROOT": "/mnt/shared", "AZ_BATCHAI_JOB_MOUNT_ROOT": "/mnt/shared"},
+        "inputs": {"DATA": "/mnt/shared/data"}, "outputs": {"MODEL": {}},
+        "output_root": "/mnt/shared/logs",
+    }
+    assert any("cluster: ignored" in w for w in warnings)
+    assert any("outputDirectories[0] (MODEL)" in w for w in warnings)
+
+
+def test_batchai_problems_are_all_reported_with_their_fields():
+    doc = batchai(tensorFlowSettings={"pythonScriptFilePath": "x.py"}, secrets=[{"name": "K", "value": "v"}],
+                  containerSettings={"imageSourceRegistry": {"image": "x"}},
+                  inputDirectories=[{"id": "D", "path": "$AZ_BATCHAI_MOUNT_ROOT/d"}, {"id": "E"}])
+    with pytest.raises(ConversionError) as err:
+        convert(doc)
+    text = "\n".join(err.value.problems)
+    assert "properties.tensorFlowSettings is not supported yet" in text
+    assert "properties.secrets: job secrets are not supported yet" in text
+    assert "properties.containerSettings: container images" in text
+    assert "properties.inputDirectories[0].path: '$AZ_BATCHAI_MOUNT_ROOT/d' is under a Batch AI mount" in text
+    assert "--mount-root" in text
+    assert "properties.inputDirectories[1]: expected {id, path}" in text
+
+
+@pytest.mark.parametrize("props, problem", [
+    ({}, "exactly one toolkit setting is required (got none)"),
+    ({"pyTorchSettings": PYTORCH, "customToolkitSettings": {"commandLine": "x"}}, "exactly one toolkit"),
+    ({"pyTorchSettings": {**PYTORCH, "processCount": 3}}, "processCount: must be a multiple of nodeCount (2)"),
+    ({"pyTorchSettings": {"commandLineArgs": "x"}}, "pyTorchSettings.pythonScriptFilePath: required"),
+    ({"customToolkitSettings": {"commandLine": "mpirun x"}}, "first node only"),
+    ({"cntkSettings": {"pythonScriptFilePath": "x"}}, "no wheel exists for modern Python"),
+    ({"nodeCount": 0, "pyTorchSettings": PYTORCH}, "nodeCount: must be an integer >= 1"),
+])
+def test_batchai_rejections(props, problem):
+    with pytest.raises(ConversionError, match=problem.replace("(", r"\(").replace(")", r"\)")):
+        convert(batchai(**props))
+
+
+def test_batchai_custom_toolkit_and_job_preparation_on_one_node():
+    out, warnings = convert({"nodeCount": 1, "customToolkitSettings": {"commandLine": "python x.py"},
+                             "jobPreparation": {"commandLine": "pip install -r req.txt"}}, name_hint="my job")
+    assert out["framework"] == "custom" and out["name"] == "my-job"
+    assert out["command"] == "pip install -r req.txt && python x.py"
+    assert any("jobPreparation" in w for w in warnings)
+    with pytest.raises(ConversionError, match="jobPreparation: with several processes per node"):
+        convert(batchai(pyTorchSettings=PYTORCH, jobPreparation={"commandLine": "x"}))
+
+
+def test_azureml_command_job():
+    doc = {
+        "$schema": "https://azuremlschemas.azureedge.net/latest/commandJob.schema.json",
+        "type": "command", "display_name": "Train Digits", "experiment_name": "exp 1", "code": "./src",
+        "command": "python train.py --data ${{inputs.data}} --lr ${{inputs.lr}} --out ${{ outputs.model }}",
+        "inputs": {"data": {"type": "uri_folder", "path": "azureml://datastores/blob/paths/digits", "mode": "ro_mount"},
+                   "local": {"type": "uri_folder", "path": "/mnt/nfs/x"},
+                   "lr": 0.01, "tag": {"type": "string", "default": "a b"}},
+        "outputs": {"model": {"type": "uri_folder", "mode": "upload"}},
+        "environment_variables": {"X": 1}, "environment": "azureml:pytorch@latest", "compute": "azureml:gpu",
+        "distribution": {"type": "pytorch", "process_count_per_instance": 2},
+        "resources": {"instance_count": 3}, "limits": {"timeout": 3600},
+    }
+    out, warnings = convert(doc)
+    assert out == {
+        "name": "Train-Digits", "experiment": "exp-1", "code": "./src", "environment": {"X": "1"},
+        "nodes": 3, "max_wall_clock": 3600, "framework": "pytorch", "processes_per_node": 2,
+        "inputs": {"data": {"path": "azureml://datastores/blob/paths/digits", "mode": "download"},
+                   "local": {"path": "/mnt/nfs/x", "mode": "direct"}},
+        "outputs": {"model": {}},
+        "command": "python train.py --data ${RAYBATCH_INPUT_DATA} --lr 0.01 --out ${RAYBATCH_OUTPUT_MODEL}",
+    }
+    assert any(w.startswith("environment:") for w in warnings)
+    assert any(w.startswith("compute:") for w in warnings)
+
+
+@pytest.mark.parametrize("doc, problem", [
+    ({"command": "x ${{inputs.nope}}", "type": "command"}, "names no input of the job"),
+    ({"command": "x", "type": "command", "distribution": {"type": "mpi"}}, "distribution.type: 'mpi' is not supported yet"),
+    ({"command": "x", "type": "sweep", "$schema": "azureml"}, "only command jobs"),
+    ({"type": "command", "inputs": {"d": {"type": "uri_folder"}}, "command": "x"}, "inputs.d.path: required"),
+    ({"type": "command", "outputs": {"o": {"mode": "ro_mount"}}, "command": "x"}, "outputs.o.mode"),
+])
+def test_azureml_rejections(doc, problem):
+    with pytest.raises(ConversionError, match=problem.replace("(", r"\(").replace(")", r"\)")):
+        convert(doc)
+
+
+def test_recipe_files_load_as_raybatch_jobs(tmp_path):
+    spec, notes = load_job_document(RECIPE / "job.azureml.yml")
+    assert spec.framework == "pytorch" and spec.nodes == 2 and spec.code == str(RECIPE)
+    assert spec.command == "python train.py --epochs 30 --model-dir ${RAYBATCH_OUTPUT_MODEL}"
+    assert spec.max_wall_clock == 1800
+    spec, notes = load_job_document(RECIPE / "job.batchai.json", ["nodes=1"], mount_root="/repo")
+    assert spec.nodes == 1  # --set applies after conversion
+    assert spec.command.startswith("python /repo/recipes/pytorch-digits-ddp/train.py --epochs 30")
+    with pytest.raises(SpecError, match="invalid Batch AI job file"):
+        load_job_document(RECIPE / "job.batchai.json")
+
+
+def test_cli_convert_and_submit_errors(tmp_path):
+    p = subprocess.run([RAYBATCH, "convert", str(RECIPE / "job.batchai.json"), "--mount-root", "/repo"],
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    job = yaml.safe_load(p.stdout)
+    assert job["framework"] == "pytorch" and job["outputs"] == {"MODEL": {}}
+    assert "warning: properties.cluster: ignored" in p.stderr
+    p = subprocess.run([RAYBATCH, "convert", str(RECIPE / "job.azureml.yml"), "-o", "json"],
+                       capture_output=True, text=True)
+    assert p.returncode == 0 and json.loads(p.stdout)["nodes"] == 2
+    bad = tmp_path / "job.json"
+    bad.write_text(json.dumps(batchai(horovodSettings={"pythonScriptFilePath": "x.py"})))
+    p = subprocess.run([RAYBATCH, "submit", str(bad)], capture_output=True, text=True,
+                       env={"RAYBATCH_ADDRESS": "http://127.0.0.1:9", "RAYBATCH_TOKEN": "x", "PATH": "/usr/bin"})
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert "invalid Batch AI job file" in p.stderr and "horovodSettings is not supported yet" in p.stderr
