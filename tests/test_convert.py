@@ -88,14 +88,14 @@ def test_batchai_rejections(props, problem):
         convert(batchai(**props))
 
 
-def test_batchai_custom_toolkit_and_job_preparation_on_one_node():
+def test_batchai_custom_toolkit_and_job_preparation():
     out, warnings = convert({"nodeCount": 1, "customToolkitSettings": {"commandLine": "python x.py"},
                              "jobPreparation": {"commandLine": "pip install -r req.txt"}}, name_hint="my job")
     assert out["framework"] == "custom" and out["name"] == "my-job"
-    assert out["command"] == "pip install -r req.txt && python x.py"
-    assert any("jobPreparation" in w for w in warnings)
-    with pytest.raises(ConversionError, match="jobPreparation: with several processes per node"):
-        convert(batchai(pyTorchSettings=PYTORCH, jobPreparation={"commandLine": "x"}))
+    assert out["command"] == "python x.py" and out["prepare"] == "pip install -r req.txt"
+    assert warnings == []
+    out, _ = convert(batchai(pyTorchSettings=PYTORCH, jobPreparation={"commandLine": "x"}))
+    assert out["prepare"] == "x" and out["processes_per_node"] == 2
 
 
 def test_azureml_command_job():

@@ -296,3 +296,29 @@ def test_batchai_job_json_of_the_recipe_runs_as_is(client):
     acc = float(re.search(r"test accuracy: ([0-9.]+)", client.logs(sub.id, rank=0)).group(1))
     assert acc > 0.9
     assert (Path(done.outputs["MODEL"]) / "model.pt").stat().st_size > 0
+
+
+def test_prepare_runs_once_per_node_before_the_ranks(client):
+    """Batch AI's jobPreparation: once on every node, before any rank, with its own logs."""
+    sub = job(client, name="prep", nodes=2, processes_per_node=1,
+              prepare="echo prepared node $RAYBATCH_NODE_RANK; echo ready > $RAYBATCH_JOB_TEMP/marker",
+              command="cat $RAYBATCH_JOB_TEMP/marker")
+    done = client.wait(sub.id, timeout=120)
+    assert done.state == "SUCCEEDED", done.reason
+    assert client.logs(sub.id, rank=0).strip() == "ready" and client.logs(sub.id, rank=1).strip() == "ready"
+    files = {f.path for f in client.files(sub.id, "stdouterr/attempt-1/prepare")}
+    assert files == {f"stdouterr/attempt-1/prepare/node-{k}/{s}.txt" for k in (0, 1) for s in ("stdout", "stderr")}
+    prep_log = Path(done.logs_dir) / "attempt-1" / "prepare" / "node-1" / "stdout.txt"
+    assert prep_log.read_text().strip() == "prepared node 1"
+
+
+def test_a_failing_prepare_fails_the_job_at_start_with_its_output(client):
+    sub = job(client, name="prep-fails", nodes=2, prepare="echo 'no such package: torchh' >&2; exit 3",
+              command="echo should never run")
+    done = client.wait(sub.id, timeout=120)
+    assert done.state == "FAILED"
+    last = done.attempts[-1]
+    assert last.outcome == "START_FAILED"
+    assert "prepare failed on node" in last.reason and "exit code 3" in last.reason
+    assert "no such package: torchh" in last.reason
+    assert all(r.pid is None for r in last.ranks)  # no rank ever started

@@ -18,7 +18,7 @@ from raybatch.spec.units import parse_duration, parse_size
 
 TOP_LEVEL_FIELDS = (
     "code, command, environment, experiment, framework, grace_period, inputs, low_priority_nodes, "
-    "max_wall_clock, name, nodes, output_root, outputs, placement, preemptible, priority, "
+    "max_wall_clock, name, nodes, output_root, outputs, placement, preemptible, prepare, priority, "
     "processes_per_node, resources, retries, stall_timeout, sync_interval"
 )
 

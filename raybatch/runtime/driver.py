@@ -43,6 +43,7 @@ from raybatch.spec.job import JobSpec
 from raybatch.state.states import AttemptOutcome
 from raybatch.storage.backends import StorageError, open_backend
 from raybatch.storage.plan import AttemptStorage
+from raybatch.storage.plan import join as storage_join
 
 PLACEMENT_TIMEOUT_S = float(os.environ.get("RAYBATCH_PLACEMENT_TIMEOUT_S", "120"))
 FAILURE_STOP_GRACE_S = 10.0  # when one rank failed, the others get at most this
@@ -276,7 +277,9 @@ class Attempt:
                     opts["resources"] = custom
                 self.actors.append(RankActor.options(**opts).remote())
 
-    def start_ranks(self) -> None:
+    def start_ranks(self) -> Optional[str]:
+        """Start every rank (after the job's ``prepare`` command on each node, if any).
+        A problem in words (prepare failed, stopped meanwhile), or None."""
         spec = self.spec
         P = spec.processes_per_node
         per_rank = self.per_rank_resources()
@@ -289,7 +292,7 @@ class Attempt:
         # the job dir as the nodes see it: a path (also when it is a datastore on a mount)
         local_job_dir = Path(st.logs.path).parent if st.logs.kind == "local" else None
         shared = str((local_job_dir or self.mirror) / "shared")
-        starts, syncs = [], []
+        launches, syncs = [], []
         for rank, (actor, info) in enumerate(zip(self.actors, infos)):
             node_rank, local_rank = divmod(rank, P)
             node_dir = self.node_dir(node_rank)
@@ -317,15 +320,18 @@ class Attempt:
             )
             self.job_temps.append(job_temp)
             cwd = info["cwd"] if spec.code else job_temp
-            starts.append(actor.start.remote(
-                framework.command(spec, ctx), framework.rank_env(spec, ctx), cwd, log_dir,
-                [ckpt, shared, job_temp, *outputs.values()], spec.grace_period,
-            ))
+            env = framework.rank_env(spec, ctx)
+            make_dirs = [ckpt, shared, job_temp, *outputs.values()]
+            launches.append((actor, framework.command(spec, ctx), env, cwd, log_dir, make_dirs))
             # blob destinations: this rank's logs, and (one rank per node) outputs and checkpoints
             logs = ([(str(Path(log_dir) / f"{s_}.txt"), st.logs.to_dict(), f"{rel_logs}/{s_}.txt")
                      for s_ in ("stdout", "stderr")] if st.logs.kind != "local" else [])
             dirs = []
             if local_rank == 0:
+                if spec.prepare and st.logs.kind != "local":
+                    rel_prep = f"attempt-{self.n}/prepare/node-{node_rank}"
+                    logs += [(str(node_dir / "stdouterr" / rel_prep / f"{s_}.txt"), st.logs.to_dict(),
+                              f"{rel_prep}/{s_}.txt") for s_ in ("stdout", "stderr")]
                 dirs = [(outputs[i], a.to_dict()) for i, a in st.outputs.items() if a.kind != "local"]
                 if st.checkpoints.kind != "local":
                     dirs.append((ckpt, st.checkpoints.to_dict()))
@@ -337,8 +343,53 @@ class Attempt:
                 "hostname": info["hostname"], "pid": None, "exit_code": None,
             })
         ray.get(syncs)
+        if spec.prepare:
+            problem = self.run_prepare(launches)
+            if problem:
+                return problem
+        starts = [actor.start.remote(argv, env, cwd, log_dir, make_dirs, spec.grace_period)
+                  for actor, argv, env, cwd, log_dir, make_dirs in launches]
         for r, pid in zip(self.ranks, ray.get(starts)):
             r["pid"] = pid
+        return None
+
+    def run_prepare(self, launches: list[tuple]) -> Optional[str]:
+        """The job's ``prepare`` command once on every node (its first rank's actor, with
+        that rank's environment), before any rank starts; Batch AI's jobPreparation. Its
+        output: stdouterr/attempt-<n>/prepare/node-<k>/. A problem in words, or None."""
+        spec, st = self.spec, self.storage
+        P = spec.processes_per_node
+        firsts = {}
+        for node_rank in range(spec.nodes):
+            actor, _argv, env, cwd, _log_dir, make_dirs = launches[node_rank * P]
+            rel = f"attempt-{self.n}/prepare/node-{node_rank}"
+            log_dir = str(Path(st.logs.path) / rel if st.logs.kind == "local"
+                          else self.node_dir(node_rank) / "stdouterr" / rel)
+            ray.get(actor.start.remote(["/bin/bash", "-c", spec.prepare], env, cwd, log_dir, make_dirs,
+                                       spec.grace_period))
+            firsts[actor.wait.remote()] = (node_rank, actor, log_dir)
+        self.log(f"prepare: running on {len(firsts)} node(s)")
+        self.report("preparing")
+        pending = dict(firsts)
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=0.5)
+            for ref in done:
+                node_rank, actor, log_dir = pending.pop(ref)
+                code = ray.get(ref)
+                if code != 0:
+                    for _other, other_actor, _d in pending.values():
+                        other_actor.terminate.remote(0)
+                    tail = ray.get(actor.tail.remote(str(Path(log_dir) / "stderr.txt"), 2000))
+                    where = storage_join(st.logs.uri or st.logs.path, f"attempt-{self.n}/prepare/node-{node_rank}")
+                    return (f"prepare failed on node {node_rank} with exit code {code}; its output is in "
+                            f"{where}/" + (f"; stderr ends with: {tail.strip()}" if tail.strip() else ""))
+            if pending and self.check_control():
+                for _n, other_actor, _d in pending.values():
+                    ray.get(other_actor.terminate.remote(spec.grace_period))
+                return "stopped while the prepare command ran"
+        self.log("prepare: done on every node")
+        return None
+
 
     def watch(self) -> tuple[AttemptOutcome, Optional[int], str]:
         """Block until the attempt ends; stop whatever is left running."""
@@ -506,8 +557,10 @@ class Attempt:
                             else AttemptOutcome.START_FAILED)
                     outcome = ((self.stop_reason[0], None, self.stop_reason[1]) if self.stop_reason
                                else (kind, None, problem))
+                elif (problem := self.start_ranks()) is not None:
+                    outcome = ((self.stop_reason[0], None, self.stop_reason[1]) if self.stop_reason
+                               else (AttemptOutcome.START_FAILED, None, problem))
                 else:
-                    self.start_ranks()
                     self.report("running")
                     self.log(f"{len(self.actors)} rank(s) running")
                     outcome = self.watch()

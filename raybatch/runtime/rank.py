@@ -183,6 +183,15 @@ class RankActor:
             t.join(timeout=5)
         return exit_code_of(code)
 
+    def tail(self, path: str, nbytes: int) -> str:
+        """The end of a file on this node (a failed prepare command's stderr)."""
+        try:
+            with open(path, "rb") as f:
+                f.seek(max(0, os.fstat(f.fileno()).st_size - nbytes))
+                return f.read().decode("utf-8", errors="replace")
+        except OSError:
+            return ""
+
     def remove_dir(self, path: str) -> None:
         """Remove a per-attempt scratch directory on this node (AZ_BATCHAI_JOB_TEMP)."""
         shutil.rmtree(path, ignore_errors=True)

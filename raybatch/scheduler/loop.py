@@ -52,7 +52,7 @@ def _placed(report: dict[str, Any]) -> bool:
     """Does Ray's resource view already show this attempt's gang? Its placement group is
     placed, and long enough ago for the raylets to have reported it."""
     phase = report.get("phase")
-    if phase in ("staging", "running", "stopping", "syncing", "done"):
+    if phase in ("staging", "preparing", "running", "stopping", "syncing", "done"):
         return True
     return phase == "placed" and time.time() - report.get("at", 0) > VIEW_LAG_S
 

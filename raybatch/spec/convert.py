@@ -180,12 +180,7 @@ class _BatchAI(_Converter):
             self.errors.append(f"{pre}containerSettings: container images {NOT_YET}")
         prep = (p.get("jobPreparation") or {}).get("commandLine")
         if prep:
-            if out.get("processes_per_node", 1) == 1 and "command" in out:
-                out["command"] = f"{prep} && {out['command']}"
-                self.warnings.append(f"{pre}jobPreparation: runs before the command in every rank's shell "
-                                     "(one rank per node here, so once per node)")
-            else:
-                self.errors.append(f"{pre}jobPreparation: with several processes per node it {NOT_YET}")
+            out["prepare"] = prep
         for k in ("performanceCountersSettings", "inputDirectoriesMountOptions"):
             if p.get(k):
                 self.warnings.append(f"{pre}{k}: ignored")

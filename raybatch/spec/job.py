@@ -201,6 +201,11 @@ class JobSpec(_Strict):
     )
     framework: str = Field("custom", description=f"One of: {', '.join(KNOWN_FRAMEWORKS)}.")
     command: str = Field(..., min_length=1, description="Shell command each rank runs (in the code dir).")
+    prepare: Optional[str] = Field(
+        None, description="Shell command run once on every node before any rank starts (Batch AI's "
+        "jobPreparation), with the node's first rank's environment; its output goes to "
+        "stdouterr/attempt-<n>/prepare/node-<k>/, and a non-zero exit fails the attempt at start.",
+    )
     nodes: int = Field(1, ge=1, le=10000, description="Gang size: the job starts only when all fit.")
     processes_per_node: int = Field(1, ge=1, le=1024, description="Ranks per node.")
     resources: NodeResources = Field(default_factory=NodeResources)
