@@ -18,18 +18,11 @@ import pytest
 
 from raybatch.client import RaybatchError
 from raybatch.spec.loader import SpecError
-from tests.conftest import RayTestCluster, ServerProcess, free_port, wait_for
+from tests.conftest import ServerProcess, free_port, wait_for
 
 pytestmark = pytest.mark.timeout(300)
 
 KEY_ENV = "RB_TEST_STORAGE_KEY"
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    c = RayTestCluster(nodes=2)
-    yield c
-    c.shutdown()
 
 
 @pytest.fixture(scope="module")
