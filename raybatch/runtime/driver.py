@@ -90,17 +90,7 @@ class Attempt:
         secrets = self.control_file.with_name("secrets.json")
         data = layout.read_json(secrets)
         secrets.unlink(missing_ok=True)
-        if data is None:
-            data = self.info.get("storage")
-        if data is None:  # an attempt file from before storage plans: everything is local
-            data = {"logs": {"kind": "local", "path": str(self.job_dir / "stdouterr"), "uri": ""},
-                    "checkpoints": {"kind": "local", "path": str(layout.checkpoint_dir(self.job_dir)), "uri": ""},
-                    "outputs": {i: {"kind": "local", "path": str(layout.output_dir(self.job_dir, i, o.path))}
-                                for i, o in self.spec.outputs.items()},
-                    "inputs": {i: {"kind": "local", "path": str(Path(inp.path).expanduser())}
-                               for i, inp in self.spec.inputs.items()},
-                    "input_modes": {i: inp.mode for i, inp in self.spec.inputs.items()}}
-        return AttemptStorage.from_dict(data)
+        return AttemptStorage.from_dict(data if data is not None else self.info["storage"])
 
     # ---- reporting ---------------------------------------------------------
     def report(self, phase: str, **extra: Any) -> None:

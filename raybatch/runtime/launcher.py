@@ -77,7 +77,8 @@ class RayJobLauncher:
         })
         secrets = ctl / "secrets.json"
         if any(a.secret for a in storage.all()):
-            write_private_json(secrets, storage.to_dict(secrets=True))
+            # mkstemp + rename: mode 0600 from the first byte
+            layout.write_json_atomic(secrets, storage.to_dict(secrets=True))
         else:
             secrets.unlink(missing_ok=True)
         (ctl / "control.json").unlink(missing_ok=True)
@@ -129,14 +130,3 @@ class RayJobLauncher:
         except RuntimeError:
             pass
 
-
-def write_private_json(path: Path, data: Any) -> None:
-    """Like write_json_atomic, readable by this user only from the first byte."""
-    import json  # noqa: PLC0415
-    import tempfile  # noqa: PLC0415
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")  # mode 0600
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f)
-    os.replace(tmp, path)

@@ -1,11 +1,5 @@
-"""Where an attempt's files go.
-
-Job directory (under the job's output root; users read it)::
-
-    <job_dir>/stdouterr/attempt-<n>/rank-<r>/stdout.txt, stderr.txt
-    <job_dir>/checkpoints/              RAYBATCH_CHECKPOINT_DIR, kept across attempts
-    <job_dir>/outputs/<id>/             RAYBATCH_OUTPUT_<ID> unless the job file says otherwise
-    <job_dir>/shared/                   AZ_BATCHAI_SHARED_JOB_TEMP
+"""Where an attempt's control files go. (The job directory's tree, logs, checkpoints
+and outputs, is ``raybatch.storage.plan``'s: it may be a path or blob storage.)
 
 Control directory (under the server's state dir; the driver and the server
 share it on the head node)::
@@ -21,24 +15,6 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Any
-
-
-def stdouterr_dir(job_dir: str | Path, attempt: int, rank: int) -> Path:
-    return Path(job_dir) / "stdouterr" / f"attempt-{attempt}" / f"rank-{rank}"
-
-
-def log_file(job_dir: str | Path, attempt: int, rank: int, stream: str) -> Path:
-    if stream not in ("stdout", "stderr"):
-        raise ValueError(f"stream must be stdout or stderr, not {stream!r}")
-    return stdouterr_dir(job_dir, attempt, rank) / f"{stream}.txt"
-
-
-def checkpoint_dir(job_dir: str | Path) -> Path:
-    return Path(job_dir) / "checkpoints"
-
-
-def output_dir(job_dir: str | Path, ident: str, configured: str | None) -> Path:
-    return Path(configured).expanduser() if configured else Path(job_dir) / "outputs" / ident
 
 
 def control_dir(state_dir: str | Path, job_id: str, attempt: int) -> Path:

@@ -330,12 +330,13 @@ def create_app(ctx: ServerContext, token: str) -> FastAPI:
                         eof=attempt_over and next_offset >= size, job_final=state.is_final,
                         latest_attempt=job["attempt"])
 
-    def job_tree_roots(job_id: str, path: str) -> list[tuple[str, str, str]]:
-        """(tree root, location, path below it) for each part of the job's tree ``path`` touches."""
+    def job_tree_roots(job_id: str, path: str) -> tuple[dict[str, Any], list[tuple[str, str, str]]]:
+        """The job, and (tree root, location, path below it) for each part of its tree
+        that ``path`` touches."""
         job = _job_or_404(store, job_id)
         spec = JobSpec.model_validate_json(job["spec"])
         try:
-            return storage_plan.locate(spec, job["job_dir"], path)
+            return job, storage_plan.locate(spec, job["job_dir"], path)
         except ValueError as e:
             raise HTTPException(status.HTTP_400_BAD_REQUEST, str(e)) from None
 
@@ -343,8 +344,7 @@ def create_app(ctx: ServerContext, token: str) -> FastAPI:
     def files(job_id: str, path: str = "") -> list[FileEntry]:
         """Every file under ``path`` of the job's tree (stdouterr/, checkpoints/, outputs/<id>/)."""
         out = []
-        job = _job_or_404(store, job_id)
-        roots = job_tree_roots(job_id, path)
+        job, roots = job_tree_roots(job_id, path)
         for root, location, below in roots:
             why = _unservable(ctx, job, location)
             if why:
@@ -365,11 +365,11 @@ def create_app(ctx: ServerContext, token: str) -> FastAPI:
 
     @app.get(f"{API_PREFIX}/jobs/{{job_id}}/files/content", dependencies=auth)
     def file_content(job_id: str, path: str = Query(..., min_length=1)) -> StreamingResponse:
-        roots = job_tree_roots(job_id, path)
+        job, roots = job_tree_roots(job_id, path)
         root, location, below = roots[0]
         if len(roots) != 1 or not below:
             raise HTTPException(status.HTTP_400_BAD_REQUEST, f"'{path}' is a directory; name one file")
-        why = _unservable(ctx, _job_or_404(store, job_id), location)
+        why = _unservable(ctx, job, location)
         if why:
             raise HTTPException(status.HTTP_403_FORBIDDEN, f"{root}: {why}")
         backend = _backend(ctx, location)

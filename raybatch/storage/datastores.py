@@ -29,7 +29,9 @@ redacts its secret in ``repr``."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+import threading
+import time
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -199,9 +201,9 @@ class Access:
     def child(self, *parts: str) -> "Access":
         clean = [p.strip("/") for p in parts if p and p.strip("/")]
         if self.kind == "local":
-            return _replace(self, path=str(Path(self.path, *clean)), uri=str(Path(self.path, *clean)))
+            return replace(self, path=str(Path(self.path, *clean)), uri=str(Path(self.path, *clean)))
         path = "/".join([p for p in [self.path, *clean] if p])
-        return _replace(self, path=path, uri="/".join([self.uri.rstrip("/"), *clean]))
+        return replace(self, path=path, uri="/".join([self.uri.rstrip("/"), *clean]))
 
     def public(self) -> dict[str, Any]:
         """For attempt files and the API: no secret."""
@@ -215,12 +217,6 @@ class Access:
     def from_dict(cls, d: dict[str, Any]) -> "Access":
         return cls(**{k: d.get(k) for k in ("kind", "path", "container", "account", "endpoint",
                                              "credential_kind", "secret", "uri")})
-
-
-def _replace(a: Access, **kw: Any) -> Access:
-    from dataclasses import replace  # noqa: PLC0415
-
-    return replace(a, **kw)
 
 
 class Datastores:
@@ -379,11 +375,9 @@ class DatastoresFileWatcher:
         self._mtime: Optional[float] = -1.0
         self._checked = 0.0
         self._current = Datastores()
-        self._lock = __import__("threading").Lock()
+        self._lock = threading.Lock()
 
     def __call__(self) -> Datastores:
-        import time  # noqa: PLC0415
-
         with self._lock:
             now = time.monotonic()
             if now - self._checked >= 1.0:
