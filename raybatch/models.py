@@ -66,6 +66,7 @@ class RankInfo(BaseModel):
     hostname: Optional[str] = None
     pid: Optional[int] = None
     exit_code: Optional[int] = None
+    role: Optional[str] = None  # rank, chief, worker, ps, mpirun, mpi-node, launcher, idle
     stdout: str
     stderr: str
 

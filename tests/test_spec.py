@@ -17,9 +17,10 @@ from raybatch.spec.loader import apply_overrides
 from raybatch.spec.units import parse_duration, parse_size
 
 TOP_LEVEL_FIELDS = (
-    "code, command, environment, experiment, framework, grace_period, inputs, low_priority_nodes, "
-    "max_wall_clock, name, nodes, output_root, outputs, placement, preemptible, prepare, priority, "
-    "processes_per_node, resources, retries, stall_timeout, sync_interval"
+    "code, command, custom, environment, experiment, framework, grace_period, image, inputs, "
+    "low_priority_nodes, max_wall_clock, mpi, name, nodes, output_root, outputs, packages, placement, "
+    "preemptible, prepare, priority, processes_per_node, resources, retries, stall_timeout, "
+    "sync_interval, tensorflow"
 )
 
 FULL_JOB = """\
@@ -402,11 +403,12 @@ def test_cntk_gets_the_explanatory_message():
 
 
 def test_unknown_framework_lists_the_allowed_ones():
-    assert one_problem(job(framework="tensorflow")).startswith(
-        "framework: unknown framework 'tensorflow'; allowed: custom, pytorch")
+    assert one_problem(job(framework="caffe2")) == (
+        "framework: unknown framework 'caffe2'; allowed: custom, pytorch, tensorflow, mpi, chainer, horovod "
+        "(got 'caffe2')")
 
 
-@pytest.mark.parametrize("fw", ["custom", "pytorch"])
+@pytest.mark.parametrize("fw", ["custom", "pytorch", "tensorflow", "mpi", "chainer", "horovod"])
 def test_known_frameworks(fw):
     assert parse_job(job(framework=fw), check_paths=False).framework == fw
 
@@ -615,10 +617,10 @@ def test_validate_json(runner, cli_app, tmp_path):
 
 
 def test_validate_rejects_a_bad_file_with_exit_2(runner, cli_app, tmp_path):
-    bad = write(tmp_path, "name: j\ncommand: x\nframework: tensorflow\n")
+    bad = write(tmp_path, "name: j\ncommand: x\nframework: tensorfloww\n")
     result = runner.invoke(cli_app, ["validate", str(bad)])
     assert result.exit_code == 2
-    assert "framework: unknown framework 'tensorflow'; allowed: custom, pytorch" in flat(result.output)
+    assert "framework: unknown framework 'tensorfloww'; allowed: custom, pytorch, tensorflow" in flat(result.output)
 
 
 def test_retry_policy_exit_codes_and_stall_timeout():

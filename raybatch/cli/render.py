@@ -101,10 +101,10 @@ def show_job(j: JobDetail) -> None:
             c.print(f"  lost rank(s) on node(s): {', '.join(n[:12] for n in a.lost_nodes)}")
         if a.ranks:
             t = Table(box=None, header_style="bold", padding=(0, 1))
-            for col in ("RANK", "NODE RANK", "LOCAL", "NODE ID", "IP", "HOST", "PID", "EXIT", "STDOUT"):
+            for col in ("RANK", "ROLE", "NODE RANK", "LOCAL", "NODE ID", "IP", "HOST", "PID", "EXIT", "STDOUT"):
                 t.add_column(col)
             for r in a.ranks:
-                t.add_row(str(r.rank), str(r.node_rank), str(r.local_rank), (r.node_id or "-")[:12],
+                t.add_row(str(r.rank), r.role or "rank", str(r.node_rank), str(r.local_rank), (r.node_id or "-")[:12],
                           r.node_ip or "-", r.hostname or "-", str(r.pid or "-"),
                           "-" if r.exit_code is None else str(r.exit_code), r.stdout)
             c.print(t)

@@ -2,10 +2,16 @@
 that rank's command and environment. ``get(name)`` returns the adapter."""
 
 from raybatch.frameworks.base import Framework, RankContext, contract_env
+from raybatch.frameworks.chainer import ChainerFramework
 from raybatch.frameworks.custom import CustomFramework
+from raybatch.frameworks.horovod import HorovodFramework
+from raybatch.frameworks.mpi import MpiFramework
 from raybatch.frameworks.pytorch import PyTorchFramework
 
-_REGISTRY: dict[str, Framework] = {f.name: f for f in (CustomFramework(), PyTorchFramework())}
+_REGISTRY: dict[str, Framework] = {
+    f.name: f for f in (CustomFramework(), PyTorchFramework(), MpiFramework(), ChainerFramework(),
+                        HorovodFramework())
+}
 
 
 def get(name: str) -> Framework:

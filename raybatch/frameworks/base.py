@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 from raybatch.spec.job import JobSpec
 
@@ -29,6 +30,10 @@ class RankContext:
     inputs: dict[str, str] = field(default_factory=dict)
     outputs: dict[str, str] = field(default_factory=dict)
     gpus: float = 0.0
+    workdir: str = ""  # where the rank's process starts: the code dir, else the job temp
+    # "ip:port" of every rank of the gang, in rank order: a free port on each rank's node
+    # (TF_CONFIG's cluster; rank 0's is MASTER_PORT)
+    peers: list[str] = field(default_factory=list)
 
     @property
     def world_size(self) -> int:
@@ -50,6 +55,7 @@ def contract_env(spec: JobSpec, ctx: RankContext) -> dict[str, str]:
         "RAYBATCH_STDOUTERR_DIR": ctx.stdouterr_dir,
         "RAYBATCH_JOB_TEMP": ctx.job_temp,
         "RAYBATCH_SHARED_JOB_TEMP": ctx.shared_job_temp,
+        "RAYBATCH_WORKDIR": ctx.workdir,
         "RANK": str(ctx.rank),
         "WORLD_SIZE": str(ctx.world_size),
         "LOCAL_RANK": str(ctx.local_rank),
@@ -76,12 +82,30 @@ def contract_env(spec: JobSpec, ctx: RankContext) -> dict[str, str]:
 
 
 class Framework:
-    """Adapter interface: spec + rank context -> argv and extra environment."""
+    """Adapter interface: spec + rank context -> argv and extra environment.
+
+    Every rank of the gang holds its share of the node; ``command`` may return None for a
+    rank that runs nothing itself (an MPI node whose daemon mpirun starts through the
+    rank's actor, the other nodes of a first-node-only custom job)."""
 
     name = "base"
+    uses_mpirun = False  # rank 0 runs mpirun; other nodes' daemons start through their actors
 
-    def command(self, spec: JobSpec, ctx: RankContext) -> list[str]:
+    def role(self, spec: JobSpec, rank: int) -> str:
+        """What the rank is, shown by ``raybatch show``: rank, chief, worker, ps, launcher, idle."""
+        return "rank"
+
+    def ends_with_rank0(self, spec: JobSpec) -> bool:
+        """Does the attempt end when rank 0 exits (the other ranks are then stopped)?
+        Otherwise it ends when every rank that runs something has exited 0."""
+        return False
+
+    def command(self, spec: JobSpec, ctx: RankContext) -> Optional[list[str]]:
         return ["/bin/bash", "-c", spec.command]
+
+    def files(self, spec: JobSpec, ctx: RankContext) -> dict[str, str]:
+        """Files written on the rank's node before it starts (path -> text)."""
+        return {}
 
     def environment(self, spec: JobSpec, ctx: RankContext) -> dict[str, str]:
         return {}

@@ -36,6 +36,7 @@ from ray.util.placement_group import placement_group, placement_group_table, rem
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from raybatch import frameworks
+from raybatch.frameworks import mpi
 from raybatch.frameworks.base import RankContext
 from raybatch.runtime import layout
 from raybatch.runtime.rank import RankActor
@@ -73,6 +74,7 @@ class Attempt:
         self.pg = None
         self.actors: list[Any] = []
         self.ranks: list[dict[str, Any]] = []
+        self.contexts: list[RankContext] = []
         self.storage = self.load_storage()
         self.cache_dir = self.info.get("cache_dir") or str(Path.home() / ".cache" / "raybatch")
         # this attempt's local copies of blob outputs/checkpoints/logs, one per node of the gang
@@ -275,14 +277,18 @@ class Attempt:
         per_rank = self.per_rank_resources()
         infos = ray.get([a.node_info.remote() for a in self.actors])
         self.log(f"{len(self.actors)} rank actor(s) up")
-        master_port = ray.get(self.actors[0].free_port.remote())
-        master_addr = infos[0]["node_ip"]
+        ports = ray.get([a.free_port.remote() for a in self.actors])
+        peers = [f"{info['node_ip']}:{port}" for info, port in zip(infos, ports)]
+        master_addr, master_port = infos[0]["node_ip"], ports[0]
         framework = frameworks.get(spec.framework)
         st = self.storage
         # the job dir as the nodes see it: a path (also when it is a datastore on a mount)
         local_job_dir = Path(st.logs.path).parent if st.logs.kind == "local" else None
         shared = str((local_job_dir or self.mirror) / "shared")
+        # Batch AI's AZ_BATCHAI_MPI_HOST_FILE: the gang's nodes, one line each, on every node
+        hostfile_text = "".join(f"{infos[k * P]['node_ip']} slots={P}\n" for k in range(spec.nodes))
         launches, syncs = [], []
+        self.contexts = []
         for rank, (actor, info) in enumerate(zip(self.actors, infos)):
             node_rank, local_rank = divmod(rank, P)
             node_dir = self.node_dir(node_rank)
@@ -299,6 +305,7 @@ class Attempt:
             log_dir = str(Path(st.logs.path) / rel_logs if st.logs.kind == "local"
                           else node_dir / "stdouterr" / rel_logs)
             job_temp = str(Path(tempfile.gettempdir()) / "raybatch-jobs" / self.job_id / f"node-{node_rank}")
+            cwd = info["cwd"] if spec.code else job_temp
             ctx = RankContext(
                 job_id=self.job_id, attempt=self.n, rank=rank, local_rank=local_rank,
                 node_rank=node_rank, num_nodes=spec.nodes, processes_per_node=P,
@@ -306,13 +313,15 @@ class Attempt:
                 job_dir=str(local_job_dir) if local_job_dir else self.info["job_dir"],
                 stdouterr_dir=log_dir, checkpoint_dir=ckpt,
                 job_temp=job_temp, shared_job_temp=shared, inputs=inputs, outputs=outputs,
-                gpus=per_rank.get("GPU", 0.0),
+                gpus=per_rank.get("GPU", 0.0), workdir=cwd, peers=peers,
             )
+            self.contexts.append(ctx)
             self.job_temps.append(job_temp)
-            cwd = info["cwd"] if spec.code else job_temp
-            env = framework.rank_env(spec, ctx)
+            hostfile = str(Path(job_temp) / "hostfile")
+            env = {"AZ_BATCHAI_MPI_HOST_FILE": hostfile, **framework.rank_env(spec, ctx)}
             make_dirs = [ckpt, shared, job_temp, *outputs.values()]
-            launches.append((actor, framework.command(spec, ctx), env, cwd, log_dir, make_dirs))
+            files = {**({hostfile: hostfile_text} if local_rank == 0 else {}), **framework.files(spec, ctx)}
+            launches.append((actor, framework.command(spec, ctx), env, cwd, log_dir, make_dirs, files))
             # blob destinations: this rank's logs, and (one rank per node) outputs and checkpoints
             logs = ([(str(Path(log_dir) / f"{s_}.txt"), st.logs.to_dict(), f"{rel_logs}/{s_}.txt")
                      for s_ in ("stdout", "stderr")] if st.logs.kind != "local" else [])
@@ -329,6 +338,7 @@ class Attempt:
                 syncs.append(actor.start_sync.remote(dirs, logs, spec.sync_interval))
             self.ranks.append({
                 "rank": rank, "node_rank": node_rank, "local_rank": local_rank,
+                "role": framework.role(spec, rank),
                 "node_id": info["node_id"], "node_ip": info["node_ip"],
                 "hostname": info["hostname"], "pid": None, "exit_code": None,
             })
@@ -337,11 +347,38 @@ class Attempt:
             problem = self.run_prepare(launches)
             if problem:
                 return problem
-        starts = [actor.start.remote(argv, env, cwd, log_dir, make_dirs, spec.grace_period)
-                  for actor, argv, env, cwd, log_dir, make_dirs in launches]
-        for r, pid in zip(self.ranks, ray.get(starts)):
-            r["pid"] = pid
+        if framework.uses_mpirun:
+            self.start_mpi_agent(launches, infos)
+        starts = {}
+        for rank, (actor, argv, env, cwd, log_dir, make_dirs, files) in enumerate(launches):
+            if argv is None:  # holds its share of the node; started nothing itself
+                starts[rank] = actor.hold.remote(make_dirs, files)
+            else:
+                starts[rank] = actor.start.remote(argv, env, cwd, log_dir, make_dirs, spec.grace_period, files)
+        for rank, pid in zip(starts, ray.get(list(starts.values()))):
+            self.ranks[rank]["pid"] = pid
         return None
+
+    def start_mpi_agent(self, launches: list[tuple], infos: list[dict]) -> None:
+        """mpirun (in rank 0) reaches the other nodes through rank 0's actor, which starts
+        each node's MPI daemon in that node's first rank actor (Open MPI's rsh agent)."""
+        spec = self.spec
+        P = spec.processes_per_node
+        nodes = {}
+        for node_rank in range(spec.nodes):
+            actor, _argv, env, cwd, log_dir, _dirs, _files = launches[node_rank * P]
+            nodes[mpi.host_name(node_rank)] = {"actor": actor, "env": mpi.daemon_env(env), "cwd": cwd,
+                                               "log_dir": log_dir}
+        hostnames = [infos[k * P]["hostname"] for k in range(spec.nodes)]
+        # several Ray nodes of one machine (a laptop, the tests' cluster) report one host name,
+        # which Open MPI cannot tell apart: each daemon then gets its own UTS namespace
+        own_uts = len(set(hostnames)) < len(hostnames)
+        env0 = launches[0][2]
+        info = ray.get(self.actors[0].serve_mpi_agent.remote(
+            env0[mpi.AGENT_SOCKET_ENV], nodes, own_uts, env0[mpi.HOSTFILE_ENV], spec.world_size))
+        self.log(f"mpi: {spec.nodes} node(s) as {', '.join(nodes)}"
+                 + (" (one UTS namespace each: the nodes share a host name)" if own_uts else "")
+                 + (f"; {info}" if info else ""))
 
     def run_prepare(self, launches: list[tuple]) -> Optional[str]:
         """The job's ``prepare`` command once on every node (its first rank's actor, with
@@ -351,12 +388,12 @@ class Attempt:
         P = spec.processes_per_node
         firsts = {}
         for node_rank in range(spec.nodes):
-            actor, _argv, env, cwd, _log_dir, make_dirs = launches[node_rank * P]
+            actor, _argv, env, cwd, _log_dir, make_dirs, files = launches[node_rank * P]
             rel = f"attempt-{self.n}/prepare/node-{node_rank}"
             log_dir = str(Path(st.logs.path) / rel if st.logs.kind == "local"
                           else self.node_dir(node_rank) / "stdouterr" / rel)
             ray.get(actor.start.remote(["/bin/bash", "-c", spec.prepare], env, cwd, log_dir, make_dirs,
-                                       spec.grace_period))
+                                       spec.grace_period, files))
             firsts[actor.wait.remote()] = (node_rank, actor, log_dir)
         self.log(f"prepare: running on {len(firsts)} node(s)")
         self.report("preparing")
@@ -382,8 +419,15 @@ class Attempt:
 
 
     def watch(self) -> tuple[AttemptOutcome, Optional[int], str]:
-        """Block until the attempt ends; stop whatever is left running."""
+        """Block until the attempt ends; stop whatever is left running.
+
+        Ranks that run nothing themselves ("idle") are watched only for loss of their node.
+        The attempt succeeds when every other rank has exited 0 or, for frameworks whose
+        rank 0 decides (a TF chief, mpirun, a first-node command), when rank 0 has."""
         waits = {a.wait.remote(): i for i, a in enumerate(self.actors)}
+        idle = {i for i, r in enumerate(self.ranks) if r["pid"] is None}
+        running = set(range(len(self.actors))) - idle
+        leader_ends = frameworks.get(self.spec.framework).ends_with_rank0(self.spec)
         deadline = self.started + self.spec.max_wall_clock
         outcome: Optional[tuple[AttemptOutcome, Optional[int], str]] = None
         grace = self.spec.grace_period
@@ -402,10 +446,20 @@ class Attempt:
                                           f"{type(e).__name__}")
                     grace = min(grace, NODE_LOST_GRACE_S)
                     continue
+                if i in idle:
+                    continue
+                running.discard(i)
                 self.ranks[i]["exit_code"] = code
                 if code != 0 and outcome is None:
                     outcome = (AttemptOutcome.USER_ERROR, code, f"rank {i} exited with code {code}")
                     grace = min(grace, FAILURE_STOP_GRACE_S)
+                elif i == 0 and leader_ends and outcome is None:
+                    outcome = (AttemptOutcome.SUCCEEDED, 0,
+                               f"rank 0 ({self.ranks[0]['role']}) exited 0")
+                    grace = min(grace, FAILURE_STOP_GRACE_S)
+            if outcome is None and not running:
+                outcome = (AttemptOutcome.SUCCEEDED, 0, f"all {len(self.actors) - len(idle)} "
+                           f"running rank(s) exited 0")
             if outcome is None and self.check_control() and self.stop_reason:
                 kind, why = self.stop_reason
                 outcome = (kind, None, why)
@@ -415,16 +469,19 @@ class Attempt:
                     grace = min(grace, EXTERNAL_STOP_GRACE_S)
             if outcome is None and self.spec.stall_timeout and time.monotonic() > next_stall_check:
                 next_stall_check = time.monotonic() + STALL_CHECK_S
-                outcome = self.check_stall(set(waits.values()))
+                outcome = self.check_stall(running)
             if outcome is None and time.monotonic() > deadline:
                 outcome = (AttemptOutcome.TIMEOUT, None,
                            f"exceeded max_wall_clock ({self.spec.max_wall_clock:.0f} s)")
             if outcome is not None and waits:
-                self.log(f"{outcome[2]}; stopping {len(waits)} other rank(s), grace {grace:.0f} s")
-                self.report("stopping", reason=outcome[2])
+                if running:
+                    self.log(f"{outcome[2]}; stopping {len(running)} other rank(s), grace {grace:.0f} s")
+                    self.report("stopping", reason=outcome[2])
                 self.terminate_all(grace, only=set(waits.values()))
                 break
-        return outcome or (AttemptOutcome.SUCCEEDED, 0, f"all {len(self.actors)} ranks exited 0")
+        if outcome is None:  # every rank's wait ended without a verdict: only idle ranks
+            outcome = (AttemptOutcome.SUCCEEDED, 0, f"all {len(self.actors)} ranks exited 0")
+        return outcome
 
     def check_stall(self, running: set[int]) -> Optional[tuple[AttemptOutcome, Optional[int], str]]:
         """STALLED when every running rank has been silent for ``stall_timeout``."""

@@ -61,7 +61,28 @@ def _tee(src, path: Path, mirror, activity: list[float]) -> None:
     src.close()
 
 
-@ray.remote(num_cpus=0, max_restarts=0, max_concurrency=4)
+def child_environment(env: dict[str, str]) -> dict[str, str]:
+    """A child's environment: the actor's, then the rank's, with this Python's bin directory
+    first on PATH so that ``python``, ``mpirun``, ``torchrun`` are the job's environment's
+    (a runtime_env virtualenv, or the node's venv) even when the node's PATH lacks it."""
+    child = {**os.environ, **env}
+    bindir = os.path.dirname(sys.executable)
+    path = child.get("PATH", "")
+    if bindir and path.split(os.pathsep)[0] != bindir:
+        child["PATH"] = bindir + (os.pathsep + path if path else "")
+    child.setdefault("PYTHONUNBUFFERED", "1")
+    return child
+
+
+def _write_files(make_dirs: list[str], files: Optional[dict[str, str]]) -> None:
+    for d in make_dirs:
+        Path(d).mkdir(parents=True, exist_ok=True)
+    for path, text in (files or {}).items():
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(text)
+
+
+@ray.remote(num_cpus=0, max_restarts=0, max_concurrency=8)
 class RankActor:
     """Threaded actor: ``wait`` blocks while ``terminate`` can still be called."""
 
@@ -73,6 +94,9 @@ class RankActor:
         self._activity = [time.monotonic()]  # when the process last printed anything
         self._staging = [0, 0]  # bytes done, bytes total of this node's inputs and checkpoints
         self.sync: Optional[NodeSync] = None
+        self._released = threading.Event()  # ends wait() of a rank that runs nothing itself
+        self._execs: dict[int, subprocess.Popen] = {}  # processes started for mpirun (exec_start)
+        self._agent_server = None
 
     def node_info(self) -> dict:
         ctx = ray.get_runtime_context()
@@ -89,11 +113,9 @@ class RankActor:
             return s.getsockname()[1]
 
     def start(self, argv: list[str], env: dict[str, str], cwd: Optional[str], log_dir: str,
-              make_dirs: list[str], grace: float) -> int:
-        for d in [log_dir, *make_dirs]:
-            Path(d).mkdir(parents=True, exist_ok=True)
-        child_env = {**os.environ, **env}
-        child_env.setdefault("PYTHONUNBUFFERED", "1")
+              make_dirs: list[str], grace: float, files: Optional[dict[str, str]] = None) -> int:
+        _write_files([log_dir, *make_dirs], files)
+        child_env = child_environment(env)
         with self._lock:
             self.proc = subprocess.Popen(
                 argv, env=child_env, cwd=cwd or os.getcwd(), stdin=subprocess.DEVNULL,
@@ -176,8 +198,18 @@ class RankActor:
         """Seconds since the process last wrote to stdout or stderr (or started)."""
         return time.monotonic() - self._activity[0]
 
+    def hold(self, make_dirs: list[str], files: Optional[dict[str, str]] = None) -> None:
+        """This rank runs nothing itself (an MPI node, a first-node-only job's other nodes):
+        it keeps its share of the node, and ``wait`` returns when it is terminated."""
+        _write_files(make_dirs, files)
+        with self._lock:
+            self.proc = None
+        return None
+
     def wait(self) -> int:
-        assert self.proc is not None, "start() first"
+        if self.proc is None:  # held: returns when terminated (or raises if the node dies)
+            self._released.wait()
+            return 0
         code = self.proc.wait()
         for t in self.threads:
             t.join(timeout=5)
@@ -196,8 +228,60 @@ class RankActor:
         """Remove a per-attempt scratch directory on this node (AZ_BATCHAI_JOB_TEMP)."""
         shutil.rmtree(path, ignore_errors=True)
 
+    # ---- mpirun's remote daemons (raybatch.runtime.mpi_agent) --------------------------------
+    def serve_mpi_agent(self, path: str, nodes: dict[str, dict], own_uts: bool,
+                        hostfile: str, total_slots: int) -> str:
+        """On rank 0: answer mpirun's agents (HOST -> that node's first rank actor). When
+        the gang's nodes share a host name and this machine cannot give a daemon its own
+        (no ``unshare --uts``), every process runs under the first node's daemon instead."""
+        from raybatch.runtime import mpi_agent  # noqa: PLC0415
+
+        note = ""
+        if own_uts and not mpi_agent.uts_available():
+            first = next(iter(nodes))
+            Path(hostfile).write_text(f"{first} slots={total_slots}\n")
+            nodes = {first: nodes[first]}
+            own_uts = False
+            note = ("the gang's nodes share one host name and `unshare --uts` is not permitted here: "
+                    f"all {total_slots} MPI processes run on the first node")
+        self._agent_server = mpi_agent.AgentServer(path, nodes, own_uts)
+        return note
+
+    def exec_start(self, argv: list[str], env: dict[str, str], cwd: Optional[str], log_dir: str) -> int:
+        """Start a process for another rank's mpirun (this node's MPI daemon); its output is
+        appended to this rank's log. Returns a handle for exec_wait / exec_kill."""
+        Path(log_dir).mkdir(parents=True, exist_ok=True)
+        with open(Path(log_dir) / "stdout.txt", "ab") as out, open(Path(log_dir) / "stderr.txt", "ab") as err:
+            proc = subprocess.Popen(
+                argv, env=child_environment(env), cwd=cwd if cwd and os.path.isdir(cwd) else None,
+                stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
+        self._activity[0] = time.monotonic()
+        with self._lock:
+            self._execs[proc.pid] = proc
+        return proc.pid
+
+    def exec_wait(self, handle: int, timeout: float) -> Optional[int]:
+        """The process's exit code, or None if it still runs after ``timeout`` seconds."""
+        try:
+            return exit_code_of(self._execs[handle].wait(timeout))
+        except subprocess.TimeoutExpired:
+            return None
+
+    def exec_kill(self, handle: int, grace: float = 2.0) -> None:
+        proc = self._execs.get(handle)
+        if proc is not None:
+            _stop_group(proc, grace)
+
     def terminate(self, grace: float) -> Optional[int]:
-        """SIGTERM the whole process group, wait ``grace`` seconds, then SIGKILL."""
+        """SIGTERM the whole process group, wait ``grace`` seconds, then SIGKILL (and the
+        same for processes started for mpirun); a held rank is released."""
+        for proc in list(self._execs.values()):
+            _stop_group(proc, grace)
+        if self._agent_server is not None:
+            self._agent_server.close()
+        self._released.set()
         proc = self.proc
         if proc is None:
             return None
@@ -216,6 +300,17 @@ class RankActor:
             self.watchdog.kill()
             self.watchdog.wait()
         return exit_code_of(code)
+
+
+def _stop_group(proc: subprocess.Popen, grace: float) -> None:
+    if proc.poll() is None:
+        _killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            pass
+    _killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def _killpg(pgid: int, sig: int) -> None:

@@ -13,6 +13,11 @@ nodes                       nodeCount (gang: all nodes or none)
 processes_per_node          <toolkit>Settings.processCount / nodeCount
 resources (per node)        the cluster's vmSize
 framework + command         pyTorchSettings / customToolkitSettings / ...
+tensorflow                  tensorFlowSettings (parameterServerCount, per-role args)
+mpi                         customMpiSettings (mpirun through the rank actors)
+custom.run_on: first_node   customToolkitSettings (command on the first node)
+packages, image             containerSettings / the node's setup (pip list, image_uri)
+prepare                     jobPreparation
 code                        the script directory (shipped with the job)
 environment                 environmentVariables
 inputs / outputs            inputDirectories / outputDirectories
@@ -39,7 +44,7 @@ from __future__ import annotations
 import re
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from raybatch.spec.units import DURATION_HELP, SIZE_HELP, parse_duration, parse_size
 
@@ -53,7 +58,9 @@ DEFAULT_MAX_WALL_CLOCK = 7 * 86400.0  # Batch AI's default: 7 days
 DEFAULT_GRACE_PERIOD = 30.0
 
 # Framework names the runner knows; kept in step with raybatch.frameworks.
-KNOWN_FRAMEWORKS = ("custom", "pytorch")
+KNOWN_FRAMEWORKS = ("custom", "pytorch", "tensorflow", "mpi", "chainer", "horovod")
+# Frameworks whose ranks are started by mpirun (the `mpi` block applies to them).
+MPI_FRAMEWORKS = ("mpi", "chainer", "horovod")
 
 
 class _Strict(BaseModel):
@@ -152,6 +159,69 @@ class OutputSpec(_Strict):
         return _location(v)
 
 
+class TensorFlowSettings(_Strict):
+    """framework: tensorflow. Without parameter servers every rank is a worker of one
+    MultiWorkerMirroredStrategy cluster (worker 0 is the chief). With them, rank 0 is the
+    chief (the ParameterServerStrategy coordinator), the next ``parameter_servers`` ranks
+    are parameter servers and the rest are workers; the job ends when the chief does."""
+
+    parameter_servers: int = Field(
+        0, ge=0, le=1000, description="Parameter-server ranks (Batch AI's parameterServerCount); "
+        "0: multi-worker all-reduce."
+    )
+    worker_command: Optional[str] = Field(
+        None, description="What worker ranks run instead of `command` (Batch AI's workerCommandLineArgs)."
+    )
+    parameter_server_command: Optional[str] = Field(
+        None, description="What parameter-server ranks run instead of `command` "
+        "(Batch AI's parameterServerCommandLineArgs)."
+    )
+
+
+class MpiSettings(_Strict):
+    """framework: mpi / chainer / horovod: rank 0 runs ``mpirun`` over a generated hostfile
+    (one host per node, processes_per_node slots); the other nodes' MPI daemons are
+    started through the job's rank actors, so nodes need no ssh between them."""
+
+    mpirun_args: str = Field(
+        "", description="Extra mpirun options, e.g. '--mca btl tcp,self' (the hostfile, -np, "
+        "--map-by slot and --bind-to none are set by raybatch)."
+    )
+
+
+class CustomSettings(_Strict):
+    run_on: Literal["every_rank", "first_node"] = Field(
+        "every_rank", description="'every_rank': every rank runs the command; 'first_node': rank 0 "
+        "alone runs it and the other nodes stay reserved for it (Batch AI's customToolkitSettings, "
+        "e.g. a script that starts its own daemons on $AZ_BATCHAI_MPI_HOST_FILE's hosts)."
+    )
+
+
+class Packages(_Strict):
+    """Python packages installed for the job on top of the node's environment: one cached
+    virtualenv per distinct list on each node, built by Ray's runtime_env."""
+
+    pip: list[str] = Field(default_factory=list, description="Requirement strings, e.g. ['chainer==7.8.1', 'numpy<2'].")
+    requirements: Optional[str] = Field(
+        None, description="A requirements file (relative to the job file); its lines are read at "
+        "submit and added to `pip`."
+    )
+    installer: Literal["pip", "uv"] = Field("pip", description="pip, or uv (faster resolves and installs).")
+
+    @field_validator("pip")
+    @classmethod
+    def _pip(cls, v: list[str]) -> list[str]:
+        out = []
+        for item in v:
+            item = str(item).strip()
+            if not item or item.startswith("#"):
+                continue
+            if any(c in item for c in "\n\r\0"):
+                raise ValueError(f"'{item}': one requirement per item")
+            out.append(item)
+        return out
+
+
 class RetryPolicy(_Strict):
     """Separate budgets for infrastructure failures and user errors (like SkyPilot)."""
 
@@ -214,6 +284,13 @@ class JobSpec(_Strict):
         None, description="Local directory shipped with the job (relative to the job file)."
     )
     environment: dict[str, str] = Field(default_factory=dict, description="Environment variables.")
+    tensorflow: Optional[TensorFlowSettings] = Field(None, description="framework: tensorflow's layout.")
+    mpi: Optional[MpiSettings] = Field(None, description="framework: mpi, chainer, horovod: mpirun options.")
+    custom: Optional[CustomSettings] = Field(None, description="framework: custom: where the command runs.")
+    packages: Optional[Packages] = Field(None, description="Python packages installed for the job (cached per node).")
+    image: Optional[str] = Field(
+        None, description="A container image the ranks run in (Ray's image_uri: needs podman on the nodes)."
+    )
     inputs: dict[str, InputSpec] = Field(default_factory=dict)
     outputs: dict[str, OutputSpec] = Field(default_factory=dict)
     output_root: Optional[str] = Field(
@@ -366,6 +443,27 @@ class JobSpec(_Strict):
         if limit is not None and v > limit:
             raise ValueError(f"must not exceed max_wall_clock ({limit:g} s)")
         return v
+
+    @model_validator(mode="after")
+    def _framework_settings(self) -> "JobSpec":
+        fw = self.framework
+        for block, allowed in (("tensorflow", ("tensorflow",)), ("mpi", MPI_FRAMEWORKS), ("custom", ("custom",))):
+            if getattr(self, block) is not None and fw not in allowed:
+                raise ValueError(
+                    f"the '{block}' block applies to framework {' / '.join(allowed)}, not '{fw}'"
+                )
+        tf = self.tensorflow
+        if fw == "tensorflow" and tf is not None and tf.parameter_servers:
+            need = tf.parameter_servers + 2
+            if self.world_size < need:
+                raise ValueError(
+                    f"tensorflow.parameter_servers: {tf.parameter_servers} parameter server(s) need at "
+                    f"least {need} ranks (a chief, the parameter servers and one worker); the job has "
+                    f"nodes x processes_per_node = {self.world_size}"
+                )
+        if self.image and self.packages and (self.packages.pip or self.packages.requirements):
+            raise ValueError("image and packages cannot be combined: install the packages in the image")
+        return self
 
     # ---- derived values -------------------------------------------------
     @property

@@ -79,6 +79,7 @@ CREATE TABLE IF NOT EXISTS ranks (
     hostname   TEXT,
     pid        INTEGER,
     exit_code  INTEGER,
+    role       TEXT,             -- rank, chief, worker, ps, mpirun, mpi-node, launcher, idle
     PRIMARY KEY (job_id, attempt, rank)
 );
 """
@@ -95,6 +96,7 @@ _ADDED_COLUMNS = (
     ("jobs", "preempted_by", "TEXT"),
     ("jobs", "preemptions", "INTEGER NOT NULL DEFAULT 0"),
     ("attempts", "nodes", "TEXT"),
+    ("ranks", "role", "TEXT"),
 )
 _MUTABLE_JOB_FIELDS = frozenset(_JOB_COLUMNS) - {"seq", "id", "spec", "submitted_at"}
 
@@ -337,7 +339,7 @@ class Store:
         return _decode_attempt(self._one("SELECT * FROM attempts WHERE job_id=? AND n=?", (job_id, n)))
 
     def set_ranks(self, job_id: str, attempt: int, ranks: list[dict[str, Any]]) -> None:
-        cols = ("rank", "node_rank", "local_rank", "node_id", "node_ip", "hostname", "pid", "exit_code")
+        cols = ("rank", "node_rank", "local_rank", "node_id", "node_ip", "hostname", "pid", "exit_code", "role")
         with self._tx() as db:
             for r in ranks:
                 db.execute(
