@@ -369,8 +369,9 @@ class JobSpec(_Strict):
     def _framework(cls, v: str) -> str:
         if v == "cntk":
             raise ValueError(
-                "CNTK has no wheel for modern Python; run CNTK jobs as framework 'custom' "
-                "with your own environment"
+                "CNTK has no wheel for modern Python (its last release, 2.7, supports Python <= 3.6): "
+                "run a CNTK job as framework 'mpi' with an image that has CNTK and Open MPI "
+                "(image: <your CNTK image>), command: the script mpirun should start"
             )
         if v not in KNOWN_FRAMEWORKS:
             raise ValueError(f"unknown framework '{v}'; allowed: {', '.join(KNOWN_FRAMEWORKS)}")
