@@ -369,7 +369,7 @@ class JobSpec(_Strict):
     def _framework(cls, v: str) -> str:
         if v == "cntk":
             raise ValueError(
-                "CNTK has no wheel for modern Python (its last release, 2.7, supports Python <= 3.6): "
+                "CNTK has no wheel for modern Python (its last release, 2.7, is from 2019): "
                 "run a CNTK job as framework 'mpi' with an image that has CNTK and Open MPI "
                 "(image: <your CNTK image>), command: the script mpirun should start"
             )
