@@ -60,15 +60,15 @@ def test_batchai_pytorch_every_field():
 
 
 def test_batchai_problems_are_all_reported_with_their_fields():
-    doc = batchai(tensorFlowSettings={"pythonScriptFilePath": "x.py"}, secrets=[{"name": "K", "value": "v"}],
-                  containerSettings={"imageSourceRegistry": {"image": "x"}},
+    doc = batchai(caffeSettings={"pythonScriptFilePath": "x.py"}, secrets=[{"name": "K", "value": "v"}],
+                  containerSettings={"imageSourceRegistry": {"image": "x", "credentials": {"username": "u"}}},
                   inputDirectories=[{"id": "D", "path": "$AZ_BATCHAI_MOUNT_ROOT/d"}, {"id": "E"}])
     with pytest.raises(ConversionError) as err:
         convert(doc)
     text = "\n".join(err.value.problems)
-    assert "properties.tensorFlowSettings is not supported yet" in text
+    assert "properties.caffeSettings: no wheel exists for modern Python" in text
     assert "properties.secrets: job secrets are not supported yet" in text
-    assert "properties.containerSettings: container images" in text
+    assert "properties.containerSettings.imageSourceRegistry.credentials: registry credentials" in text
     assert "properties.inputDirectories[0].path: '$AZ_BATCHAI_MOUNT_ROOT/d' is under a Batch AI mount" in text
     assert "--mount-root" in text
     assert "properties.inputDirectories[1]: expected {id, path}" in text
@@ -79,7 +79,11 @@ def test_batchai_problems_are_all_reported_with_their_fields():
     ({"pyTorchSettings": PYTORCH, "customToolkitSettings": {"commandLine": "x"}}, "exactly one toolkit"),
     ({"pyTorchSettings": {**PYTORCH, "processCount": 3}}, "processCount: must be a multiple of nodeCount (2)"),
     ({"pyTorchSettings": {"commandLineArgs": "x"}}, "pyTorchSettings.pythonScriptFilePath: required"),
-    ({"customToolkitSettings": {"commandLine": "mpirun x"}}, "first node only"),
+    ({"customMpiSettings": {"processCount": 2}}, "customMpiSettings.commandLine: required"),
+    ({"customMpiSettings": {"commandLine": "x", "processCount": 3}}, "processCount: must be a multiple of nodeCount (2)"),
+    ({"horovodSettings": {"commandLineArgs": "x"}}, "horovodSettings.pythonScriptFilePath: required"),
+    ({"pyTorchSettings": PYTORCH, "containerSettings": {"imageSourceRegistry": {}}},
+     "containerSettings.imageSourceRegistry.image: required"),
     ({"cntkSettings": {"pythonScriptFilePath": "x"}}, "no wheel exists for modern Python"),
     ({"nodeCount": 0, "pyTorchSettings": PYTORCH}, "nodeCount: must be an integer >= 1"),
 ])
@@ -159,8 +163,35 @@ def test_cli_convert_and_submit_errors(tmp_path):
                        capture_output=True, text=True)
     assert p.returncode == 0 and json.loads(p.stdout)["nodes"] == 2
     bad = tmp_path / "job.json"
-    bad.write_text(json.dumps(batchai(horovodSettings={"pythonScriptFilePath": "x.py"})))
+    bad.write_text(json.dumps(batchai(caffe2Settings={"pythonScriptFilePath": "x.py"})))
     p = subprocess.run([RAYBATCH, "submit", str(bad)], capture_output=True, text=True,
                        env={"RAYBATCH_ADDRESS": "http://127.0.0.1:9", "RAYBATCH_TOKEN": "x", "PATH": "/usr/bin"})
     assert p.returncode == 2, p.stdout + p.stderr
-    assert "invalid Batch AI job file" in p.stderr and "horovodSettings is not supported yet" in p.stderr
+    assert "invalid Batch AI job file" in p.stderr and "caffe2Settings: no wheel exists" in p.stderr
+
+
+def test_batchai_mpi_horovod_custom_and_container_toolkits():
+    job, warnings = convert(batchai(customMpiSettings={"commandLine": "python allreduce.py", "processCount": 4},
+                                    containerSettings={"imageSourceRegistry": {
+                                        "serverUrl": "https://myreg.azurecr.io", "image": "mpi/openmpi:5"},
+                                        "shmSize": "2g"}))
+    assert (job["framework"], job["command"], job["processes_per_node"]) == ("mpi", "python allreduce.py", 2)
+    assert job["image"] == "myreg.azurecr.io/mpi/openmpi:5"
+    assert any("shmSize: ignored" in w for w in warnings)
+    job, _ = convert(batchai(horovodSettings={"pythonScriptFilePath": "train.py", "commandLineArgs": "--epochs 3",
+                                              "processCount": 2}))
+    assert (job["framework"], job["command"], job["processes_per_node"]) == (
+        "horovod", "python train.py --epochs 3", 1)
+    job, _ = convert(batchai(customToolkitSettings={"commandLine": "./start.sh"}))
+    assert job["framework"] == "custom" and job["custom"] == {"run_on": "first_node"}
+    job, _ = convert(batchai(nodeCount=1, customToolkitSettings={"commandLine": "./start.sh"}))
+    assert "custom" not in job
+
+
+def test_azureml_mpi_distribution_and_image_environment():
+    job, warnings = convert({"type": "command", "command": "python allreduce.py", "resources": {"instance_count": 2},
+                             "distribution": {"type": "mpi", "process_count_per_instance": 2},
+                             "environment": {"image": "mcr.microsoft.com/azureml/openmpi4.1.0-ubuntu22.04"}})
+    assert (job["framework"], job["nodes"], job["processes_per_node"]) == ("mpi", 2, 2)
+    assert job["image"] == "mcr.microsoft.com/azureml/openmpi4.1.0-ubuntu22.04"
+    assert not any(w.startswith("environment:") for w in warnings)

@@ -177,7 +177,7 @@ class _BatchAI(_Converter):
             self.warnings.append(f"{pre}mountVolumes: raybatch does not mount file systems per job; mount "
                                  "them on every node (cluster setup commands) and use --mount-root")
         if p.get("containerSettings"):
-            self.errors.append(f"{pre}containerSettings: container images {NOT_YET}")
+            self.container(p["containerSettings"], out)
         prep = (p.get("jobPreparation") or {}).get("commandLine")
         if prep:
             out["prepare"] = prep
@@ -214,17 +214,58 @@ class _BatchAI(_Converter):
             if not line:
                 self.errors.append(f"{pre}.commandLine: required")
                 return
-            if nodes > 1:
-                self.errors.append(f"{pre}: Batch AI ran commandLine on the first node only, with the other "
-                                   f"nodes reserved for it; that mode {NOT_YET}")
-                return
             out["framework"] = "custom"
             out["command"] = line
+            if nodes > 1:  # Batch AI ran it on the first node, the others reserved for it
+                out["custom"] = {"run_on": "first_node"}
+        elif kind in ("customMpiSettings", "horovodSettings"):
+            if kind == "customMpiSettings":
+                line = s.get("commandLine")
+                if not line:
+                    self.errors.append(f"{pre}.commandLine: required")
+                    return
+                out["framework"] = "mpi"
+                out["command"] = line
+            else:
+                script = s.get("pythonScriptFilePath")
+                if not script:
+                    self.errors.append(f"{pre}.pythonScriptFilePath: required")
+                    return
+                script = self.path(f"{kind}.pythonScriptFilePath", script) if "AZ_BATCHAI" in script else script
+                out["framework"] = "horovod"
+                out["command"] = " ".join(x for x in (s.get("pythonInterpreterPath") or "python",
+                                                      shlex.quote(script or ""), s.get("commandLineArgs") or "") if x)
+            count = s.get("processCount")
+            if count is not None:
+                if not isinstance(count, int) or count < nodes or count % nodes:
+                    self.errors.append(f"{pre}.processCount: must be a multiple of nodeCount ({nodes}) so that "
+                                       f"every node runs as many processes; got {count!r}")
+                else:
+                    out["processes_per_node"] = count // nodes
         elif kind in ("cntkSettings", "caffeSettings", "caffe2Settings"):
-            self.errors.append(f"{pre}: no wheel exists for modern Python; run the job as a custom command "
-                               "with your own environment")
+            self.errors.append(f"{pre}: no wheel exists for modern Python; run the job as framework mpi (or "
+                               "custom) with an image that has it (image:)")
         else:
             self.errors.append(f"{pre} {NOT_YET}")
+
+
+    def container(self, c: Any, out: dict[str, Any]) -> None:
+        """containerSettings.imageSourceRegistry.image -> image (Ray's image_uri)."""
+        pre = f"{self.prefix}containerSettings"
+        reg = c.get("imageSourceRegistry") if isinstance(c, dict) else None
+        image = reg.get("image") if isinstance(reg, dict) else None
+        if not image:
+            self.errors.append(f"{pre}.imageSourceRegistry.image: required")
+            return
+        server = str(reg.get("serverUrl") or "").strip().rstrip("/")
+        server = re.sub(r"^https?://", "", server)
+        out["image"] = f"{server}/{image}" if server and not image.startswith(server) else image
+        if reg.get("credentials"):
+            self.errors.append(f"{pre}.imageSourceRegistry.credentials: registry credentials are not taken "
+                               "from job files (they would be stored with the job); log the nodes in to the "
+                               "registry (podman login) and remove the credentials")
+        if c.get("shmSize"):
+            self.warnings.append(f"{pre}.shmSize: ignored; Ray sets the container's shared memory")
 
 
 _TEMPLATE = re.compile(r"\$\{\{\s*(inputs|outputs)\.([A-Za-z0-9_]+)\s*\}\}")
@@ -248,9 +289,13 @@ class _AzureML(_Converter):
         env = {str(k): "" if v is None else str(v) for k, v in (d.get("environment_variables") or {}).items()}
         if env:
             out["environment"] = env
-        if d.get("environment"):
-            self.warnings.append("environment: per-job environments are not supported yet (#6); the job runs "
-                                 "in the nodes' Python environment")
+        environment = d.get("environment")
+        if isinstance(environment, dict) and environment.get("image") and not environment.get("conda_file"):
+            out["image"] = environment["image"]
+        elif environment:
+            self.warnings.append(
+                "environment: Azure ML environments (registered names, conda files) are not converted; the "
+                "job runs in the nodes' Python environment: give it `packages: {pip: [...]}` or `image:`")
         if d.get("compute"):
             self.warnings.append("compute: ignored; raybatch schedules the job on its Ray cluster")
         res = d.get("resources") or {}
@@ -264,6 +309,10 @@ class _AzureML(_Converter):
         kind = str(dist.get("type", "")).lower()
         if kind == "pytorch":
             out["framework"] = "pytorch"
+            if dist.get("process_count_per_instance"):
+                out["processes_per_node"] = int(dist["process_count_per_instance"])
+        elif kind == "mpi":
+            out["framework"] = "mpi"
             if dist.get("process_count_per_instance"):
                 out["processes_per_node"] = int(dist["process_count_per_instance"])
         elif kind:
