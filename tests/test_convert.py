@@ -130,7 +130,7 @@ def test_azureml_command_job():
 
 @pytest.mark.parametrize("doc, problem", [
     ({"command": "x ${{inputs.nope}}", "type": "command"}, "names no input of the job"),
-    ({"command": "x", "type": "command", "distribution": {"type": "mpi"}}, "distribution.type: 'mpi' is not supported yet"),
+    ({"command": "x", "type": "command", "distribution": {"type": "deepspeed"}}, "distribution.type: 'deepspeed' is not supported"),
     ({"command": "x", "type": "sweep", "$schema": "azureml"}, "only command jobs"),
     ({"type": "command", "inputs": {"d": {"type": "uri_folder"}}, "command": "x"}, "inputs.d.path: required"),
     ({"type": "command", "outputs": {"o": {"mode": "ro_mount"}}, "command": "x"}, "outputs.o.mode"),

@@ -24,6 +24,7 @@ BATCHAI_TOOLKITS = ("pyTorchSettings", "tensorFlowSettings", "chainerSettings", 
                     "customMpiSettings", "customToolkitSettings", "cntkSettings", "caffeSettings",
                     "caffe2Settings")
 NOT_YET = "is not supported yet: its framework adapter comes with the frameworks issue (#6)"
+AZUREML_DISTRIBUTIONS = ("pytorch", "mpi")
 MOUNT_VARS = ("$AZ_BATCHAI_JOB_MOUNT_ROOT", "${AZ_BATCHAI_JOB_MOUNT_ROOT}", "$AZ_BATCHAI_MOUNT_ROOT",
               "${AZ_BATCHAI_MOUNT_ROOT}")
 
@@ -316,7 +317,7 @@ class _AzureML(_Converter):
             if dist.get("process_count_per_instance"):
                 out["processes_per_node"] = int(dist["process_count_per_instance"])
         elif kind:
-            self.errors.append(f"distribution.type: '{kind}' {NOT_YET}")
+            self.errors.append(f"distribution.type: '{kind}' is not supported; allowed: {', '.join(AZUREML_DISTRIBUTIONS)}")
         values: dict[tuple[str, str], str] = {}
         inputs, outputs = {}, {}
         for name, spec in (d.get("inputs") or {}).items():
