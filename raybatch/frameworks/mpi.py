@@ -98,7 +98,7 @@ class MpiFramework(Framework):
                 "PRTE_MCA_prte_default_hostfile": hostfile,
                 # mpirun starts every daemon itself (no tree spawn): the agent's socket
                 # exists on rank 0's node only
-                "PRTE_MCA_routed_radix_radix": "100000",
+                "PRTE_MCA_rml_base_radix": "100000",
                 # the job's processes run as the node's user, root included (containers)
                 "OMPI_ALLOW_RUN_AS_ROOT": "1",
                 "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
