@@ -154,3 +154,35 @@ def test_lost_rank_retry_avoids_its_node(client):
     assert first.outcome == "NODE_LOST" and first.lost_nodes == [rank1.node_id]
     assert rank1.node_id not in {r.node_id for r in second.ranks}
     assert _gone(rank1.pid)
+
+
+def test_mpi_node_lost_mid_run_is_node_lost_and_retried_with_nothing_left_behind(client, ray_cluster):
+    """mpirun notices a dead daemon before Ray reports the node: still NODE_LOST (infra
+    budget), not the user's error, and attempt 1's processes are gone everywhere."""
+    from tests.test_mpi_e2e import _job_processes
+
+    sub = client.submit(RECIPES / "mpi-allreduce" / "job.yaml",
+                        overrides=['command=python allreduce.py --epochs '
+                                   '$([ "$RAYBATCH_ATTEMPT" = 1 ] && echo 200000 || echo 300)'])
+    try:
+        wait_for(lambda: client.logs(sub.id).count("rank ") >= 2, 120, "both MPI processes to start")
+    except AssertionError:
+        d = client.get(sub.id)
+        raise AssertionError((d.state, d.reason, client.logs(sub.id), client.logs(sub.id, stream="stderr"),
+                              client.logs(sub.id, rank=1, stream="stderr")))
+    first = client.get(sub.id)
+    workers = {n.node_id: n for n in ray_cluster.cluster.worker_nodes}
+    victim_rank = next(r for r in first.attempts[0].ranks if r.node_id in workers)
+    ray_cluster.cluster.remove_node(workers[victim_rank.node_id])
+    removed = time.time()
+    try:
+        done = client.wait(sub.id, timeout=240)
+        assert [a.outcome for a in done.attempts][:1] == ["NODE_LOST"], [a.reason for a in done.attempts]
+        assert "was lost" in done.attempts[0].reason
+        assert done.state == "SUCCEEDED", done.reason
+        assert victim_rank.node_id not in {r.node_id for r in done.attempts[-1].ranks}
+        assert "allreduce sum: 3 (expected 3)" in client.logs(sub.id, attempt=len(done.attempts))
+        assert not _job_processes(sub.id)
+        assert done.attempts[0].ended_at - removed < 60, "the loss is noticed within Ray's failure detection"
+    finally:
+        ray_cluster.add_node(1)

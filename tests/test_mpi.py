@@ -54,7 +54,8 @@ def test_mpirun_env_sends_every_node_through_the_agent():
     env = frameworks.get("mpi").rank_env(s, ctx(0))
     assert env["PRTE_MCA_plm_ssh_agent"] == "python3 -m raybatch.runtime.mpi_agent"
     assert env["PRTE_MCA_prte_default_hostfile"] == env["RAYBATCH_MPI_HOSTFILE"] == "/tmp/rb/node-0/mpi-hostfile"
-    assert int(env["PRTE_MCA_rml_base_radix"]) > 10000  # no tree spawn: the socket is on rank 0's node
+    assert env["PRTE_MCA_rml_base_radix"] == "64"  # no tree spawn: the socket is on rank 0's node
+    assert frameworks.get("mpi").rank_env(spec(nodes=300), ctx(0))["PRTE_MCA_rml_base_radix"] == "300"
     assert env["RAYBATCH_MPI_AGENT_SOCKET"] == agent_socket("j1", 1)
     assert len(agent_socket("j" * 64, 99)) < 100  # a Unix socket path holds 107 bytes
     assert "PRTE_MCA_plm_ssh_agent" not in frameworks.get("mpi").rank_env(s, ctx(1))

@@ -97,8 +97,8 @@ class MpiFramework(Framework):
                 "PRTE_MCA_plm_ssh_agent": "python3 -m raybatch.runtime.mpi_agent",
                 "PRTE_MCA_prte_default_hostfile": hostfile,
                 # mpirun starts every daemon itself (no tree spawn): the agent's socket
-                # exists on rank 0's node only
-                "PRTE_MCA_rml_base_radix": "100000",
+                # exists on rank 0's node only. (PRRTE fails with radices near 2^16.)
+                "PRTE_MCA_rml_base_radix": str(max(64, spec.nodes)),
                 # the job's processes run as the node's user, root included (containers)
                 "OMPI_ALLOW_RUN_AS_ROOT": "1",
                 "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",

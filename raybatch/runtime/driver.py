@@ -51,6 +51,7 @@ FAILURE_STOP_GRACE_S = 10.0  # when one rank failed, the others get at most this
 EXTERNAL_STOP_GRACE_S = 1.5  # stopped outside raybatch: Ray kills the driver after 3 s
 NODE_LOST_GRACE_S = 2.0  # the gang is broken: survivors are usually stuck in a collective
 STALL_CHECK_S = 2.0
+LOST_RANK_CHECK_S = 20.0  # after a rank failed: how long to wait for Ray's verdict on the others
 STORAGE_CHECK_S = 20.0        # retrying transient errors before failing the attempt
 FINAL_SYNC_TIMEOUT_S = 300.0  # the last upload's retries (both: the server's settings win)
 
@@ -451,8 +452,17 @@ class Attempt:
                 running.discard(i)
                 self.ranks[i]["exit_code"] = code
                 if code != 0 and outcome is None:
-                    outcome = (AttemptOutcome.USER_ERROR, code, f"rank {i} exited with code {code}")
-                    grace = min(grace, FAILURE_STOP_GRACE_S)
+                    # a process whose peer's node died usually fails before Ray reports the
+                    # node lost (mpirun at once, collectives on a timeout): ask every rank
+                    lost = self.find_lost_rank(exclude=i)
+                    if lost is not None:
+                        outcome = (AttemptOutcome.NODE_LOST, None,
+                                   f"rank {lost} was lost (node {self.ranks[lost]['node_id'][:12]}); "
+                                   f"rank {i} exited with code {code} after it")
+                        grace = min(grace, NODE_LOST_GRACE_S)
+                    else:
+                        outcome = (AttemptOutcome.USER_ERROR, code, f"rank {i} exited with code {code}")
+                        grace = min(grace, FAILURE_STOP_GRACE_S)
                 elif i == 0 and leader_ends and outcome is None:
                     outcome = (AttemptOutcome.SUCCEEDED, 0,
                                f"rank 0 ({self.ranks[0]['role']}) exited 0")
@@ -482,6 +492,24 @@ class Attempt:
         if outcome is None:  # every rank's wait ended without a verdict: only idle ranks
             outcome = (AttemptOutcome.SUCCEEDED, 0, f"all {len(self.actors)} ranks exited 0")
         return outcome
+
+    def find_lost_rank(self, exclude: int) -> Optional[int]:
+        """After a rank failed: is another rank's actor gone (its node lost)? Healthy actors
+        answer in milliseconds; a dead one within Ray's node-failure detection, waited for
+        up to LOST_RANK_CHECK_S. The first lost rank, with its node recorded, or None."""
+        refs = {self.actors[j].node_info.remote(): j for j in range(len(self.actors)) if j != exclude}
+        if not refs:
+            return None
+        ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=LOST_RANK_CHECK_S)
+        lost = []
+        for ref in ready:
+            try:
+                ray.get(ref)
+            except RayActorError:
+                lost.append(refs[ref])
+        for j in lost:
+            self.lost_nodes.add(self.ranks[j]["node_id"])
+        return min(lost) if lost else None
 
     def check_stall(self, running: set[int]) -> Optional[tuple[AttemptOutcome, Optional[int], str]]:
         """STALLED when every running rank has been silent for ``stall_timeout``."""
