@@ -4,6 +4,7 @@ mapped, unsupported ones an error or a warning (never silence), and the CLI."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -195,3 +196,100 @@ def test_azureml_mpi_distribution_and_image_environment():
     assert (job["framework"], job["nodes"], job["processes_per_node"]) == ("mpi", 2, 2)
     assert job["image"] == "mcr.microsoft.com/azureml/openmpi4.1.0-ubuntu22.04"
     assert not any(w.startswith("environment:") for w in warnings)
+
+
+TF_RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+
+
+def test_batchai_tensorflow_all_reduce_and_parameter_servers():
+    settings = {"pythonScriptFilePath": "$AZ_BATCHAI_JOB_MOUNT_ROOT/tf/train.py", "pythonInterpreterPath": "python3",
+                "masterCommandLineArgs": "--role master", "workerCommandLineArgs": "--role worker",
+                "parameterServerCommandLineArgs": "--role ps"}
+    # parameterServerCount 0: every process is a worker, the master is worker 0 (rank 0)
+    job, warnings = convert(batchai(tensorFlowSettings={**settings, "workerCount": 4, "parameterServerCount": 0}),
+                            mount_root="/mnt")
+    assert (job["framework"], job["nodes"], job["processes_per_node"]) == ("tensorflow", 2, 2)
+    assert job["command"] == "python3 /mnt/tf/train.py --role master"
+    assert job["tensorflow"] == {"parameter_servers": 0, "worker_command": "python3 /mnt/tf/train.py --role worker"}
+    assert not any("tensorFlowSettings" in w for w in warnings)
+    # with parameter servers: master -> chief, then the ps, then the other workers
+    job, _ = convert(batchai(tensorFlowSettings={**settings, "workerCount": 3, "parameterServerCount": 1}),
+                     mount_root="/mnt")
+    assert job["processes_per_node"] == 2 and job["command"] == "python3 /mnt/tf/train.py --role master"
+    assert job["tensorflow"] == {"parameter_servers": 1, "worker_command": "python3 /mnt/tf/train.py --role worker",
+                                 "parameter_server_command": "python3 /mnt/tf/train.py --role ps"}
+    # Batch AI's default: 1 parameter server for a distributed job (3 workers + 1 ps on 2 nodes)
+    job, warnings = convert(batchai(tensorFlowSettings={"pythonScriptFilePath": "/c/t.py", "workerCount": 3}))
+    assert job["processes_per_node"] == 2 and job["tensorflow"]["parameter_servers"] == 1
+    assert job["command"] == "python /c/t.py" and job["tensorflow"]["parameter_server_command"] == "python /c/t.py"
+    assert any("tensorFlowSettings.parameterServerCount: not given: 1 parameter server" in w for w in warnings)
+    # one machine, one worker: no parameter server, no worker command
+    job, warnings = convert({"nodeCount": 1, "tensorFlowSettings": {"pythonScriptFilePath": "/c/t.py"}})
+    assert job["tensorflow"] == {"parameter_servers": 0} and "processes_per_node" in job and warnings == []
+
+
+@pytest.mark.parametrize("settings, problem", [
+    ({"workerCount": 3, "parameterServerCount": 0}, "tensorFlowSettings.workerCount: workerCount (3) + "
+     "parameterServerCount (0) = 3 processes cannot be laid out evenly on nodeCount (2) nodes"),
+    ({}, "workerCount (2) + parameterServerCount (1) = 3 processes"),
+    ({"workerCount": 1, "parameterServerCount": 1}, "tensorFlowSettings.workerCount: with parameterServerCount 1, "
+     "at least 2 workers are needed"),
+    ({"workerCount": 0}, "tensorFlowSettings.workerCount: must be an integer >= 1"),
+    ({"workerCount": 2, "parameterServerCount": -1}, "tensorFlowSettings.parameterServerCount: must be an integer"),
+])
+def test_batchai_tensorflow_rejections(settings, problem):
+    with pytest.raises(ConversionError, match=re.escape(problem)):
+        convert(batchai(tensorFlowSettings={"pythonScriptFilePath": "/c/train.py", **settings}))
+    with pytest.raises(ConversionError, match=r"tensorFlowSettings.pythonScriptFilePath: required"):
+        convert(batchai(tensorFlowSettings={"workerCount": 2, "parameterServerCount": 0}))
+
+
+def test_tensorflow_recipes_batchai_files_load():
+    spec, _ = load_job_document(TF_RECIPES / "tensorflow-digits-multiworker" / "job.batchai.json", mount_root="/repo")
+    assert (spec.framework, spec.nodes, spec.processes_per_node) == ("tensorflow", 2, 1)
+    assert spec.tensorflow.parameter_servers == 0
+    assert spec.command == ("python /repo/recipes/tensorflow-digits-multiworker/train.py --epochs 20 "
+                            "--model-dir $AZ_BATCHAI_OUTPUT_MODEL")
+    spec, _ = load_job_document(TF_RECIPES / "tensorflow-digits-ps" / "job.batchai.json", mount_root="/repo")
+    assert (spec.framework, spec.nodes, spec.processes_per_node) == ("tensorflow", 2, 2)
+    assert spec.tensorflow.parameter_servers == 1
+    assert spec.tensorflow.worker_command == spec.tensorflow.parameter_server_command == (
+        "python /repo/recipes/tensorflow-digits-ps/train.py")
+
+
+# ---- chainerSettings ---------------------------------------------------------------------
+CHAINER = {"pythonScriptFilePath": "$AZ_BATCHAI_JOB_MOUNT_ROOT/chainer/train.py",
+           "pythonInterpreterPath": "/usr/bin/python3", "commandLineArgs": "--epochs 5", "processCount": 4}
+
+
+def test_batchai_chainer_settings():
+    job, warnings = convert(batchai(chainerSettings=CHAINER), mount_root="/mnt")
+    assert (job["framework"], job["nodes"], job["processes_per_node"]) == ("chainer", 2, 2)
+    assert job["command"] == "/usr/bin/python3 /mnt/chainer/train.py --epochs 5"
+    assert any("chainerSettings: the nodes' environment has no Chainer" in w and "numpy<2" in w for w in warnings)
+    # no processCount: one process per node; no interpreter: python; with an image: no hint
+    job, warnings = convert(batchai(chainerSettings={"pythonScriptFilePath": "/c/train.py"},
+                                    containerSettings={"imageSourceRegistry": {"image": "chainer/chainer:v7.8.1"}}))
+    assert job["command"] == "python /c/train.py" and "processes_per_node" not in job
+    assert job["image"] == "chainer/chainer:v7.8.1" and warnings == []
+    from raybatch.spec.loader import parse_job
+
+    spec = parse_job(job)
+    assert spec.framework == "chainer" and spec.processes_per_node == 1 and spec.image
+
+
+@pytest.mark.parametrize("settings, problem", [
+    ({**CHAINER, "processCount": 3}, "properties.chainerSettings.processCount: must be a multiple of nodeCount (2)"),
+    ({**CHAINER, "processCount": 1}, "chainerSettings.processCount: must be a multiple of nodeCount (2)"),
+    ({**CHAINER, "processCount": "4"}, "chainerSettings.processCount: must be a multiple"),
+    ({"commandLineArgs": "x"}, "properties.chainerSettings.pythonScriptFilePath: required"),
+])
+def test_batchai_chainer_rejections(settings, problem):
+    with pytest.raises(ConversionError, match=re.escape(problem)):
+        convert(batchai(chainerSettings=settings), mount_root="/mnt")
+
+
+def test_batchai_chainer_mount_path_needs_mount_root():
+    with pytest.raises(ConversionError, match=re.escape("chainerSettings.pythonScriptFilePath: "
+                                                        "'$AZ_BATCHAI_JOB_MOUNT_ROOT/chainer/train.py' is under")):
+        convert(batchai(chainerSettings=CHAINER))

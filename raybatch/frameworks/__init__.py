@@ -7,10 +7,11 @@ from raybatch.frameworks.custom import CustomFramework
 from raybatch.frameworks.horovod import HorovodFramework
 from raybatch.frameworks.mpi import MpiFramework
 from raybatch.frameworks.pytorch import PyTorchFramework
+from raybatch.frameworks.tensorflow import TensorFlowFramework
 
 _REGISTRY: dict[str, Framework] = {
     f.name: f for f in (CustomFramework(), PyTorchFramework(), MpiFramework(), ChainerFramework(),
-                        HorovodFramework())
+                        HorovodFramework(), TensorFlowFramework())
 }
 
 

@@ -31,14 +31,14 @@ from pathlib import Path
 from typing import Any, Optional
 
 import ray
-from ray.exceptions import RayActorError, RayError
+from ray.exceptions import RayActorError, RayError, RuntimeEnvSetupError
 from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from raybatch import frameworks
 from raybatch.frameworks import mpi
 from raybatch.frameworks.base import RankContext
-from raybatch.runtime import layout
+from raybatch.runtime import environment, layout
 from raybatch.runtime.rank import RankActor
 from raybatch.spec.job import JobSpec
 from raybatch.state.states import AttemptOutcome
@@ -166,6 +166,74 @@ class Attempt:
                     delay = min(8.0, delay * 2)
         return None
 
+    def build_environment(self) -> Optional[str]:
+        """With ``packages`` or ``image``: wait until Ray has built the job's environment on
+        every node and the rank actors run in it (an env already built on a node is reused).
+        A pip list that cannot be installed fails fast (``environment.RequirementsCheck``);
+        a failed build's output goes to stdouterr/attempt-<n>/environment/. A problem in
+        words, or None."""
+        spec = self.spec
+        if environment.runtime_env(spec) is None:
+            return None
+        what = environment.describe(spec)
+        self.log(f"building the job's environment ({what}) on {spec.nodes} node(s)")
+        marker = environment.ok_marker(self.cache_dir, spec)
+        check = None
+        if spec.packages and spec.packages.pip and not marker.exists():
+            check = environment.RequirementsCheck(spec).start()
+        pending = {a.node_info.remote(): i for i, a in enumerate(self.actors)}
+        t0 = last_note = time.monotonic()
+        try:
+            while pending:
+                done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=0.5)
+                for ref in done:
+                    i = pending.pop(ref)
+                    try:
+                        ray.get(ref)
+                    except RuntimeEnvSetupError as e:
+                        return self.environment_failed(i // spec.processes_per_node, str(e))
+                if not pending:
+                    break
+                if self.check_control():
+                    return "stopped while building the job's environment"
+                if check is not None and (failed := check.poll()) is not None:
+                    return self.environment_failed(None, failed)
+                if time.monotonic() - last_note > 30:
+                    last_note = time.monotonic()
+                    self.log(f"still building the job's environment ({time.monotonic() - t0:.0f} s)")
+        finally:
+            if check is not None:
+                check.stop()
+            if pending:  # given up: actors still waiting for their env would answer no call
+                for a in self.actors:
+                    ray.kill(a, no_restart=True)
+        self.log(f"environment ready on {spec.nodes} node(s) in {time.monotonic() - t0:.1f} s")
+        try:
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.touch()
+        except OSError:
+            pass
+        return None
+
+    def environment_failed(self, node_rank: Optional[int], output: str) -> str:
+        """The reason for a failed build (its cause in a few lines) and its full log, both
+        without credentials."""
+        spec = self.spec
+        rel = f"attempt-{self.n}/environment/" + (f"node-{node_rank}.txt" if node_rank is not None
+                                                 else "pip-check.txt")
+        where = ""
+        try:
+            where = environment.write_log(self.storage, rel, output)
+        except Exception as e:  # noqa: BLE001 - the reason still says what failed
+            self.log(f"could not write {rel}: {e}")
+        what = environment.describe(spec)
+        on = (f" on node {node_rank}" if node_rank is not None
+              else ": `pip install --dry-run` of the list on the driver's node fails")
+        summary = environment.failure_summary(output, spec)
+        self.log(f"the job's environment ({what}) could not be built{on}")
+        return (f"the job's environment ({what}) could not be built{on}: {summary}"
+                + (f"; the full log is in {where}" if where else ""))
+
     def prepare_nodes(self) -> Optional[str]:
         """Stage inputs and restore blob checkpoints on every node of the gang, once per
         node (its first rank), reporting progress. A problem in words, or None."""
@@ -254,6 +322,7 @@ class Attempt:
         P = spec.processes_per_node
         per_rank = self.per_rank_resources()
         custom = {k: v for k, v in per_rank.items() if k not in ("CPU", "GPU", "memory")}
+        renv = environment.runtime_env(spec)
         for node_rank in range(spec.nodes):
             for local_rank in range(P):
                 opts: dict[str, Any] = {
@@ -268,6 +337,8 @@ class Attempt:
                     opts["memory"] = per_rank["memory"]
                 if custom:
                     opts["resources"] = custom
+                if renv:  # packages / image: built by Ray on each node (cached per list)
+                    opts["runtime_env"] = renv
                 self.actors.append(RankActor.options(**opts).remote())
 
     def start_ranks(self) -> Optional[str]:
@@ -626,8 +697,10 @@ class Attempt:
                 table = placement_group_table(self.pg)
                 self.log(f"placement group ready: {table.get('bundles_to_node_id')}")
                 self.report("placed")  # the scheduler stops counting the gang as pending
-                problem = self.prepare_nodes()
-                if problem:
+                if (problem := self.build_environment()) is not None:
+                    outcome = ((self.stop_reason[0], None, self.stop_reason[1]) if self.stop_reason
+                               else (AttemptOutcome.START_FAILED, None, problem))
+                elif (problem := self.prepare_nodes()):
                     kind = (AttemptOutcome.STORAGE_UNAVAILABLE if self.staging_transient
                             else AttemptOutcome.START_FAILED)
                     outcome = ((self.stop_reason[0], None, self.stop_reason[1]) if self.stop_reason

@@ -219,6 +219,28 @@ class _BatchAI(_Converter):
             out["command"] = line
             if nodes > 1:  # Batch AI ran it on the first node, the others reserved for it
                 out["custom"] = {"run_on": "first_node"}
+        elif kind == "chainerSettings":
+            # ChainerMN over MPI: Batch AI ran `mpirun -np processCount python script args`
+            script = s.get("pythonScriptFilePath")
+            if not script:
+                self.errors.append(f"{pre}.pythonScriptFilePath: required")
+                return
+            script = self.path(f"{kind}.pythonScriptFilePath", script) if "AZ_BATCHAI" in script else script
+            out["framework"] = "chainer"
+            out["command"] = " ".join(x for x in (s.get("pythonInterpreterPath") or "python",
+                                                  shlex.quote(script or ""), s.get("commandLineArgs") or "") if x)
+            count = s.get("processCount")
+            if count is not None:
+                if not isinstance(count, int) or isinstance(count, bool) or count < nodes or count % nodes:
+                    self.errors.append(f"{pre}.processCount: must be a multiple of nodeCount ({nodes}) so that "
+                                       f"every node runs as many processes; got {count!r}")
+                else:
+                    out["processes_per_node"] = count // nodes
+            if not self.p.get("containerSettings"):  # Batch AI's Chainer came with its image
+                self.warnings.append(f"{pre}: the nodes' environment has no Chainer: give the job "
+                                     "packages: {pip: [chainer==7.8.1, 'numpy<2', 'setuptools<82']} and "
+                                     "environment: {SETUPTOOLS_USE_DISTUTILS: stdlib} (see "
+                                     "recipes/chainer-digits-mpi), or an image with Chainer")
         elif kind in ("customMpiSettings", "horovodSettings"):
             if kind == "customMpiSettings":
                 line = s.get("commandLine")
@@ -243,12 +265,65 @@ class _BatchAI(_Converter):
                                        f"every node runs as many processes; got {count!r}")
                 else:
                     out["processes_per_node"] = count // nodes
+        elif kind == "tensorFlowSettings":
+            self.tensorflow(pre, s, out, nodes)
         elif kind in ("cntkSettings", "caffeSettings", "caffe2Settings"):
             self.errors.append(f"{pre}: no wheel exists for modern Python; run the job as framework mpi (or "
                                "custom) with an image that has it (image:)")
         else:
             self.errors.append(f"{pre} {NOT_YET}")
 
+
+    def tensorflow(self, pre: str, s: dict[str, Any], out: dict[str, Any], nodes: int) -> None:
+        """tensorFlowSettings -> framework tensorflow. Batch AI's master was worker 0: it
+        becomes rank 0 (the chief with parameter servers, worker 0 without), so the job has
+        workerCount + parameterServerCount ranks; masterCommandLineArgs is rank 0's command.
+        workerCount defaults to nodeCount and parameterServerCount, for a distributed job,
+        to 1 (Batch AI's defaults); parameterServerCount 0 is the all-reduce layout."""
+        script = s.get("pythonScriptFilePath")
+        if not script:
+            self.errors.append(f"{pre}.pythonScriptFilePath: required")
+            return
+        script = self.path("tensorFlowSettings.pythonScriptFilePath", script) if "AZ_BATCHAI" in script else script
+        interp = s.get("pythonInterpreterPath") or "python"
+
+        def line(args_field: str) -> str:
+            return " ".join(x for x in (interp, shlex.quote(script or ""), s.get(args_field) or "") if x)
+
+        workers = s.get("workerCount", nodes)
+        if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+            self.errors.append(f"{pre}.workerCount: must be an integer >= 1 (got {workers!r})")
+            return
+        ps = s.get("parameterServerCount")
+        if ps is None:
+            ps = 1 if nodes > 1 or workers > 1 else 0
+            if ps:
+                self.warnings.append(f"{pre}.parameterServerCount: not given: 1 parameter server (Batch AI's "
+                                     "default for distributed training); give 0 for all-reduce workers "
+                                     "(MultiWorkerMirroredStrategy)")
+        elif not isinstance(ps, int) or isinstance(ps, bool) or ps < 0:
+            self.errors.append(f"{pre}.parameterServerCount: must be an integer >= 0 (got {ps!r})")
+            return
+        if ps and workers < 2:
+            self.errors.append(f"{pre}.workerCount: with parameterServerCount {ps}, at least 2 workers are needed "
+                               f"(got {workers}): Batch AI's master (worker 0) becomes the chief, which "
+                               "coordinates, and ParameterServerStrategy needs a worker besides it")
+            return
+        total = workers + ps
+        if total % nodes:
+            self.errors.append(f"{pre}.workerCount: workerCount ({workers}) + parameterServerCount ({ps}) = {total} "
+                               f"processes cannot be laid out evenly on nodeCount ({nodes}) nodes; make the sum a "
+                               f"multiple of {nodes}")
+            return
+        out["framework"] = "tensorflow"
+        out["command"] = line("masterCommandLineArgs")
+        out["processes_per_node"] = total // nodes
+        tf: dict[str, Any] = {"parameter_servers": ps}
+        if workers > 1:
+            tf["worker_command"] = line("workerCommandLineArgs")
+        if ps:
+            tf["parameter_server_command"] = line("parameterServerCommandLineArgs")
+        out["tensorflow"] = tf
 
     def container(self, c: Any, out: dict[str, Any]) -> None:
         """containerSettings.imageSourceRegistry.image -> image (Ray's image_uri)."""

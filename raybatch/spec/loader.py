@@ -127,7 +127,110 @@ def parse_job(
                          "give a directory relative to the job file or an absolute one"]
             )
         spec.code = str(code)
+    if spec.packages is not None and check_paths:
+        _inline_requirements(spec, base_dir, source)
     return spec
+
+
+# pip options a requirements line may carry that need nothing local (Ray writes the list
+# into a requirements file on each node, options included)
+_PASS_OPTIONS = ("--index-url", "-i", "--extra-index-url", "--no-index", "--find-links", "-f", "--pre",
+                 "--only-binary", "--no-binary", "--prefer-binary", "--trusted-host")
+
+
+def _read_requirements(path: Path, field: str, seen: tuple[Path, ...] = ()) -> list[str]:
+    """A requirements file's requirement lines: comments, blank lines and continuations
+    handled, ``-r`` includes inlined (relative to the including file); what would need a
+    file on the nodes is refused."""
+    import re  # noqa: PLC0415
+
+    path = path.resolve()
+    if path in seen:
+        raise ValueError(f"{field}: '{path}' includes itself (through -r)")
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ValueError(f"{field}: cannot read '{path}': {e.strerror or e}") from None
+    out: list[str] = []
+    logical, first = "", 0
+    lines = text.splitlines()
+    for number, raw in enumerate(lines, 1):
+        if not logical:
+            first = number
+        if raw.endswith("\\") and number < len(lines):
+            logical += raw[:-1]
+            continue
+        line, logical = re.sub(r"(^|\s+)#.*$", "", logical + raw).strip(), ""
+        if not line:
+            continue
+        where = f"{field}: {path.name} line {first}"
+        head = line.split(None, 1)[0].split("=", 1)[0]
+        if head in ("-r", "--requirement"):
+            target = line[len(head):].lstrip(" =")
+            if not target:
+                raise ValueError(f"{where}: -r needs a file name")
+            out += _read_requirements(path.parent / Path(target).expanduser(), field, (*seen, path))
+        elif head in ("-c", "--constraint"):
+            raise ValueError(f"{where}: constraints files (-c) are not supported; pin the versions "
+                             "in the requirements instead")
+        elif head in ("-e", "--editable"):
+            raise ValueError(f"{where}: editable installs (-e) need the source on every node; "
+                             "ship it with `code` and install it in the command, or build a wheel")
+        elif head.startswith("-") and head not in _PASS_OPTIONS:
+            raise ValueError(f"{where}: pip option '{head}' is not supported here (allowed: "
+                             f"{', '.join(o for o in _PASS_OPTIONS if o.startswith('--'))})")
+        elif line.startswith((".", "/", "~", "file:")):
+            raise ValueError(f"{where}: '{line}' is a local path, which the nodes do not have; "
+                             "use a package index (or --find-links URL)")
+        else:
+            out.append(line)
+    return out
+
+
+def _inline_requirements(spec: JobSpec, base_dir: Path | None, source: str) -> None:
+    """``packages.requirements`` (and ``-r FILE`` items of ``packages.pip``), read now on
+    the submitting machine, relative to the job file: their lines go into ``packages.pip``
+    (the file's first, in order) and ``requirements`` is cleared, so the stored spec lists
+    every requirement and needs no file on the nodes."""
+    pkgs = spec.packages
+
+    def resolve(name: str) -> Path:
+        p = Path(name).expanduser()
+        return p if p.is_absolute() or base_dir is None else base_dir / p
+
+    problems, lines = [], []
+    if pkgs.requirements:
+        path = resolve(pkgs.requirements)
+        if not path.is_file():
+            problems.append(f"packages.requirements: file '{pkgs.requirements}' does not exist (resolved "
+                            f"to {path.resolve()}); give a path relative to the job file or an absolute one")
+        else:
+            try:
+                lines += _read_requirements(path, "packages.requirements")
+            except ValueError as e:
+                problems.append(str(e))
+    for item in pkgs.pip:
+        head = item.split(None, 1)[0].split("=", 1)[0]
+        if head not in ("-r", "--requirement"):
+            lines.append(item)
+            continue
+        target = item[len(head):].lstrip(" =")
+        path = resolve(target)
+        if not path.is_file():
+            problems.append(f"packages.pip: '{item}': file '{target}' does not exist (resolved to "
+                            f"{path.resolve()})")
+            continue
+        try:
+            lines += _read_requirements(path, "packages.pip")
+        except ValueError as e:
+            problems.append(str(e))
+    if problems:
+        raise SpecError(source, problems)
+    if spec.image and lines:
+        raise SpecError(source, ["(top level): image and packages cannot be combined: install the "
+                                 "packages in the image"])
+    pkgs.pip = lines
+    pkgs.requirements = None
 
 
 class ConversionWarning(UserWarning):
