@@ -62,6 +62,10 @@ def convert(doc: dict[str, Any], *, name_hint: str = "job", mount_root: Optional
     return doc, []
 
 
+def _join(*words: Optional[str]) -> str:
+    return " ".join(w for w in words if w)
+
+
 def _name(text: str) -> str:
     clean = re.sub(r"[^-\w]", "-", str(text)).strip("-")[:64] or "job"
     return clean if re.fullmatch(NAME_PATTERN, clean) else "job"
@@ -189,82 +193,39 @@ class _BatchAI(_Converter):
 
     def toolkit(self, kind: str, s: dict[str, Any], out: dict[str, Any], nodes: int) -> None:
         pre = f"{self.prefix}{kind}"
-        if kind == "pyTorchSettings":
-            script = s.get("pythonScriptFilePath")
-            if not script:
-                self.errors.append(f"{pre}.pythonScriptFilePath: required")
+        if kind in ("pyTorchSettings", "chainerSettings", "horovodSettings"):
+            # Batch AI ran `<interpreter> <script> <args>` on every rank (under mpirun for
+            # chainer and horovod)
+            python = self.python(pre, kind, s)
+            if python is None:
                 return
-            script = self.path(f"{kind}.pythonScriptFilePath", script) if "AZ_BATCHAI" in script else script
-            interp = s.get("pythonInterpreterPath") or "python"
-            args = s.get("commandLineArgs") or ""
-            out["framework"] = "pytorch"
-            out["command"] = " ".join(x for x in (interp, shlex.quote(script or ""), args) if x)
-            count = s.get("processCount")
-            if count is not None:
-                if not isinstance(count, int) or count < nodes or count % nodes:
-                    self.errors.append(f"{pre}.processCount: must be a multiple of nodeCount ({nodes}); "
-                                       f"got {count!r}")
-                else:
-                    out["processes_per_node"] = count // nodes
-            backend = s.get("communicationBackend")
+            out["framework"] = {"pyTorchSettings": "pytorch", "chainerSettings": "chainer",
+                                "horovodSettings": "horovod"}[kind]
+            out["command"] = _join(python, s.get("commandLineArgs"))
+            self.process_count(pre, s, out, nodes)
+            backend = s.get("communicationBackend") if kind == "pyTorchSettings" else None
             if backend:
                 out["_env"] = {"AZ_BATCHAI_PYTORCH_BACKEND": str(backend).lower(),
                                "RAYBATCH_PYTORCH_BACKEND": str(backend).lower()}
-        elif kind == "customToolkitSettings":
-            line = s.get("commandLine")
-            if not line:
-                self.errors.append(f"{pre}.commandLine: required")
-                return
-            out["framework"] = "custom"
-            out["command"] = line
-            if nodes > 1:  # Batch AI ran it on the first node, the others reserved for it
-                out["custom"] = {"run_on": "first_node"}
-        elif kind == "chainerSettings":
-            # ChainerMN over MPI: Batch AI ran `mpirun -np processCount python script args`
-            script = s.get("pythonScriptFilePath")
-            if not script:
-                self.errors.append(f"{pre}.pythonScriptFilePath: required")
-                return
-            script = self.path(f"{kind}.pythonScriptFilePath", script) if "AZ_BATCHAI" in script else script
-            out["framework"] = "chainer"
-            out["command"] = " ".join(x for x in (s.get("pythonInterpreterPath") or "python",
-                                                  shlex.quote(script or ""), s.get("commandLineArgs") or "") if x)
-            count = s.get("processCount")
-            if count is not None:
-                if not isinstance(count, int) or isinstance(count, bool) or count < nodes or count % nodes:
-                    self.errors.append(f"{pre}.processCount: must be a multiple of nodeCount ({nodes}) so that "
-                                       f"every node runs as many processes; got {count!r}")
-                else:
-                    out["processes_per_node"] = count // nodes
-            if not self.p.get("containerSettings"):  # Batch AI's Chainer came with its image
+            if kind == "chainerSettings" and not self.p.get("containerSettings"):
+                # Batch AI's Chainer came with its image
                 self.warnings.append(f"{pre}: the nodes' environment has no Chainer: give the job "
                                      "packages: {pip: [chainer==7.8.1, 'numpy<2', 'setuptools<82']} and "
                                      "environment: {SETUPTOOLS_USE_DISTUTILS: stdlib} (see "
                                      "recipes/chainer-digits-mpi), or an image with Chainer")
-        elif kind in ("customMpiSettings", "horovodSettings"):
+        elif kind in ("customToolkitSettings", "customMpiSettings"):
+            line = s.get("commandLine")
+            if not line:
+                self.errors.append(f"{pre}.commandLine: required")
+                return
+            out["command"] = line
             if kind == "customMpiSettings":
-                line = s.get("commandLine")
-                if not line:
-                    self.errors.append(f"{pre}.commandLine: required")
-                    return
                 out["framework"] = "mpi"
-                out["command"] = line
+                self.process_count(pre, s, out, nodes)
             else:
-                script = s.get("pythonScriptFilePath")
-                if not script:
-                    self.errors.append(f"{pre}.pythonScriptFilePath: required")
-                    return
-                script = self.path(f"{kind}.pythonScriptFilePath", script) if "AZ_BATCHAI" in script else script
-                out["framework"] = "horovod"
-                out["command"] = " ".join(x for x in (s.get("pythonInterpreterPath") or "python",
-                                                      shlex.quote(script or ""), s.get("commandLineArgs") or "") if x)
-            count = s.get("processCount")
-            if count is not None:
-                if not isinstance(count, int) or count < nodes or count % nodes:
-                    self.errors.append(f"{pre}.processCount: must be a multiple of nodeCount ({nodes}) so that "
-                                       f"every node runs as many processes; got {count!r}")
-                else:
-                    out["processes_per_node"] = count // nodes
+                out["framework"] = "custom"
+                if nodes > 1:  # Batch AI ran it on the first node, the others reserved for it
+                    out["custom"] = {"run_on": "first_node"}
         elif kind == "tensorFlowSettings":
             self.tensorflow(pre, s, out, nodes)
         elif kind in ("cntkSettings", "caffeSettings", "caffe2Settings"):
@@ -274,21 +235,37 @@ class _BatchAI(_Converter):
             self.errors.append(f"{pre} {NOT_YET}")
 
 
+    def python(self, pre: str, kind: str, s: dict[str, Any]) -> Optional[str]:
+        """``<pythonInterpreterPath> <pythonScriptFilePath>``, or None with the error noted."""
+        script = s.get("pythonScriptFilePath")
+        if not script:
+            self.errors.append(f"{pre}.pythonScriptFilePath: required")
+            return None
+        script = self.path(f"{kind}.pythonScriptFilePath", script) if "AZ_BATCHAI" in script else script
+        return _join(s.get("pythonInterpreterPath") or "python", shlex.quote(script or ""))
+
+    def process_count(self, pre: str, s: dict[str, Any], out: dict[str, Any], nodes: int) -> None:
+        count = s.get("processCount")
+        if count is None:
+            return
+        if not isinstance(count, int) or isinstance(count, bool) or count < nodes or count % nodes:
+            self.errors.append(f"{pre}.processCount: must be a multiple of nodeCount ({nodes}) so that "
+                               f"every node runs as many processes; got {count!r}")
+        else:
+            out["processes_per_node"] = count // nodes
+
     def tensorflow(self, pre: str, s: dict[str, Any], out: dict[str, Any], nodes: int) -> None:
         """tensorFlowSettings -> framework tensorflow. Batch AI's master was worker 0: it
         becomes rank 0 (the chief with parameter servers, worker 0 without), so the job has
         workerCount + parameterServerCount ranks; masterCommandLineArgs is rank 0's command.
         workerCount defaults to nodeCount and parameterServerCount, for a distributed job,
         to 1 (Batch AI's defaults); parameterServerCount 0 is the all-reduce layout."""
-        script = s.get("pythonScriptFilePath")
-        if not script:
-            self.errors.append(f"{pre}.pythonScriptFilePath: required")
+        python = self.python(pre, "tensorFlowSettings", s)
+        if python is None:
             return
-        script = self.path("tensorFlowSettings.pythonScriptFilePath", script) if "AZ_BATCHAI" in script else script
-        interp = s.get("pythonInterpreterPath") or "python"
 
         def line(args_field: str) -> str:
-            return " ".join(x for x in (interp, shlex.quote(script or ""), s.get(args_field) or "") if x)
+            return _join(python, s.get(args_field))
 
         workers = s.get("workerCount", nodes)
         if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
