@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import ROOT, figure, local_default
+from common import ROOT, compare, local_default
 
 from raybatch import Client
 
@@ -50,17 +50,9 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=20000)
     args = ap.parse_args()
     with local_default(nodes=2) as (_, client):
-        via_raybatch(client, 10), via_mpirun(10)  # warm-up: page cache, worker pools
-        rb, mr = [], []
-        for _ in range(args.runs):
-            rb.append(via_raybatch(client, args.epochs))
-            mr.append(via_mpirun(args.epochs))
-        ratios = [a / b for a, b in zip(rb, mr)]
-        print(f"mpi-allreduce, {args.epochs} epochs, 2 MPI processes, {args.runs} interleaved runs")
-        print(figure("raybatch (2 local nodes)", rb))
-        print(figure("mpirun -np 2", mr))
-        print(figure("ratio raybatch / mpirun", ratios, "x") + "  target <= 1.05x")
-        print(figure("fixed cost (difference)", [a - b for a, b in zip(rb, mr)]))
+        compare(f"mpi-allreduce, {args.epochs} epochs, 2 MPI processes", args.runs,
+                lambda warmup: via_raybatch(client, 10 if warmup else args.epochs), "raybatch (2 local nodes)",
+                lambda warmup: via_mpirun(10 if warmup else args.epochs), "mpirun -np 2")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, figure, local_default
+from common import ROOT, compare, local_default
 
 from raybatch import Client
 
@@ -50,17 +50,9 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=30)
     args = ap.parse_args()
     with local_default(nodes=2) as (_, client):
-        via_raybatch(client, 1), via_torchrun(1)  # warm-up: page cache, worker pools
-        rb, tr = [], []
-        for _ in range(args.runs):
-            rb.append(via_raybatch(client, args.epochs))
-            tr.append(via_torchrun(args.epochs))
-        ratios = [a / b for a, b in zip(rb, tr)]
-        print(f"pytorch-digits-ddp, {args.epochs} epochs, 2 ranks, {args.runs} interleaved runs")
-        print(figure("raybatch (2 local nodes)", rb))
-        print(figure("torchrun (2 processes)", tr))
-        print(figure("ratio raybatch / torchrun", ratios, "x") + "  target <= 1.05x")
-        print(figure("fixed cost (difference)", [a - b for a, b in zip(rb, tr)]))
+        compare(f"pytorch-digits-ddp, {args.epochs} epochs, 2 ranks", args.runs,
+                lambda warmup: via_raybatch(client, 1 if warmup else args.epochs), "raybatch (2 local nodes)",
+                lambda warmup: via_torchrun(1 if warmup else args.epochs), "torchrun (2 processes)")
 
 
 if __name__ == "__main__":

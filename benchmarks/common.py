@@ -32,3 +32,19 @@ def local_default(nodes: int = 2) -> Iterator[tuple[dict, Client]]:
 def figure(label: str, values: list[float], unit: str = "s", width: int = 24) -> str:
     return (f"  {label:{width}s} median {statistics.median(values):.2f} {unit}  "
             f"(min {min(values):.2f}, max {max(values):.2f})")
+
+
+def compare(title: str, runs: int, raybatch_run, raybatch_label: str, baseline_run, baseline_label: str) -> None:
+    """Run raybatch and the raw baseline alternately (after one warm-up of each) and print
+    both, their ratio against the 1.05x target, and the fixed cost (the difference)."""
+    raybatch_run(warmup=True), baseline_run(warmup=True)  # page cache, worker pools
+    rb, base = [], []
+    for _ in range(runs):
+        rb.append(raybatch_run(warmup=False))
+        base.append(baseline_run(warmup=False))
+    print(f"{title}, {runs} interleaved runs")
+    print(figure(raybatch_label, rb))
+    print(figure(baseline_label, base))
+    print(figure(f"ratio raybatch / {baseline_label.split(' (')[0]}", [a / b for a, b in zip(rb, base)], "x")
+          + "  target <= 1.05x")
+    print(figure("fixed cost (difference)", [a - b for a, b in zip(rb, base)]))
