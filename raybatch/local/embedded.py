@@ -13,10 +13,12 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -181,8 +183,13 @@ class LocalCluster:
             self._wait("the Ray head node", lambda: nodes_alive(1)() and dashboard_up(), 90,
                        [pids["head"]], "ray-head.log")
             for i in range(1, nodes):
+                # Each node on this machine gets its own temp dir: nodes sharing one build the
+                # same per-job environment (packages:) into one runtime_resources directory
+                # and delete each other's copy. Short: it holds Unix socket paths.
+                temp_dir = str(Path(tempfile.gettempdir()) / f"raybatch-ray-{gcs}-{i}")
+                info.setdefault("temp_dirs", []).append(temp_dir)
                 pids["workers"].append(self._spawn(
-                    [ray_bin, "start", "--address", info["ray_address"],
+                    [ray_bin, "start", "--address", info["ray_address"], "--temp-dir", temp_dir,
                      "--dashboard-agent-listen-port", str(free_port()), *common],
                     f"ray-worker-{i}.log", env,
                 ))
@@ -223,6 +230,8 @@ class LocalCluster:
         for pid in pids.get("workers", []):
             _stop_pid(pid, 30)
         _stop_pid(pids.get("head"), 30)
+        for temp_dir in info.get("temp_dirs", []):  # logs and per-job environments (GBs each)
+            shutil.rmtree(temp_dir, ignore_errors=True)
         self.info_file.unlink(missing_ok=True)
         return True
 

@@ -678,7 +678,7 @@ class Attempt:
         signal.signal(signal.SIGINT, self.on_signal)
         self.report("placing")
         self.log(f"driver of {self.job_id} attempt {self.n} started")
-        ray.init(address="auto", log_to_driver=True, logging_level="WARNING")
+        ray.init(address=self.info.get("ray_address") or "auto", log_to_driver=True, logging_level="WARNING")
         # ray.init installs its own SIGTERM handler (exit at once): ours must win, so
         # that a stop still ends every rank and reports.
         signal.signal(signal.SIGTERM, self.on_signal)

@@ -41,7 +41,8 @@ def ray_job_id(job_id: str, attempt: int) -> str:
 
 class RayJobLauncher:
     def __init__(self, dashboard_url: str, state_dir: str | Path, code_root: str | Path,
-                 datastores: Optional[Callable[[], Datastores]] = None, cache_dir: Optional[str] = None):
+                 datastores: Optional[Callable[[], Datastores]] = None, cache_dir: Optional[str] = None,
+                 ray_address: Optional[str] = None):
         from raybatch.config import ray_client_env  # noqa: PLC0415
 
         ray_client_env()
@@ -53,6 +54,9 @@ class RayJobLauncher:
         self.client = JobSubmissionClient(dashboard_url)
         self.datastores = datastores or Datastores
         self.cache_dir = cache_dir
+        # the driver connects to this GCS, not to "auto": Ray resolves "auto" through one
+        # file per machine's temp dir, which names whichever cluster started last
+        self.ray_address = ray_address
 
     def submit(self, job: dict[str, Any], attempt: int, nodes: Optional[list[str]] = None) -> str:
         """Submit the attempt's Ray Job. Bundle i of its gang goes on ``nodes[i]`` (the
@@ -70,7 +74,7 @@ class RayJobLauncher:
             "job_id": job["id"], "attempt": attempt, "spec": spec.model_dump(mode="json"),
             "job_dir": job["job_dir"], "status_file": str(status_file),
             "nodes": list(nodes or []), "storage": storage.to_dict(secrets=False),
-            "cache_dir": self.cache_dir,
+            "cache_dir": self.cache_dir, "ray_address": self.ray_address,
             # the server's settings (its environment), not the Ray cluster's
             "storage_check_s": float(os.environ.get("RAYBATCH_STORAGE_CHECK_S", "20")),
             "final_sync_timeout_s": float(os.environ.get("RAYBATCH_FINAL_SYNC_TIMEOUT_S", "300")),

@@ -57,7 +57,8 @@ def build(state_dir: Path, ray_address: str, dashboard_url: str, jobs_root: str 
     if datastores.error:
         raise SystemExit(datastores.error)
     cache_dir = cache_dir or os.environ.get("RAYBATCH_CACHE_DIR") or str(Path.home() / ".cache" / "raybatch")
-    launcher = RayJobLauncher(dashboard_url, state_dir, code_root, datastores=datastores, cache_dir=cache_dir)
+    launcher = RayJobLauncher(dashboard_url, state_dir, code_root, datastores=datastores, cache_dir=cache_dir,
+                              ray_address=ray_address)
     root = str(jobs_root or state_dir / "jobs")
     try:
         root_loc = parse(root)
