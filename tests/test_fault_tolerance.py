@@ -89,7 +89,8 @@ def test_server_killed_while_jobs_run_completes_each_exactly_once(ray_cluster, t
         c = srv.client()
         cmd = 'echo "$RAYBATCH_ATTEMPT $RANK" >> "$RAYBATCH_OUTPUT_MARKS/$RAYBATCH_JOB_NAME"; sleep {s}; echo finished'
         short = c.submit({"name": "short", "command": cmd.format(s=2), "outputs": {"marks": str(marks)}})
-        long = c.submit({"name": "long", "command": cmd.format(s=12), "outputs": {"marks": str(marks)}})
+        # long enough to outlive the kill, the pause and a slow restart on a loaded machine
+        long = c.submit({"name": "long", "command": cmd.format(s=30), "outputs": {"marks": str(marks)}})
         # both have started their commands (their marks are written), and the server saw long running
         wait_for(lambda: (marks / "short").exists() and (marks / "long").exists()
                  and c.get(long.id).state.value == "RUNNING", 60, "both to start")
