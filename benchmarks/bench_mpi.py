@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import ROOT, compare, local_default
+from common import ROOT, compare, local_default, recipe_walltime
 
 from raybatch import Client
 
@@ -36,12 +36,7 @@ def via_mpirun(epochs: int) -> float:
 
 
 def via_raybatch(client: Client, epochs: int) -> float:
-    t0 = time.monotonic()
-    job = client.submit(RECIPE / "job.yaml", overrides=[f"command=python allreduce.py --epochs {epochs}"])
-    done = client.wait(job.id, poll=0.1)
-    elapsed = time.monotonic() - t0
-    assert done.state == "SUCCEEDED", done.reason
-    return elapsed
+    return recipe_walltime(client, RECIPE / "job.yaml", f"python allreduce.py --epochs {epochs}")
 
 
 def main() -> None:

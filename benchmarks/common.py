@@ -6,6 +6,7 @@ from __future__ import annotations
 import statistics
 import sys
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -32,6 +33,17 @@ def local_default(nodes: int = 2) -> Iterator[tuple[dict, Client]]:
 def figure(label: str, values: list[float], unit: str = "s", width: int = 24) -> str:
     return (f"  {label:{width}s} median {statistics.median(values):.2f} {unit}  "
             f"(min {min(values):.2f}, max {max(values):.2f})")
+
+
+def recipe_walltime(client: Client, job_file: Path, command: str) -> float:
+    """Submit a recipe's job with ``command`` and wait: seconds from submit to SUCCEEDED,
+    as the user waits for it."""
+    t0 = time.monotonic()
+    job = client.submit(job_file, overrides=[f"command={command}"])
+    done = client.wait(job.id, poll=0.1)
+    elapsed = time.monotonic() - t0
+    assert done.state == "SUCCEEDED", done.reason
+    return elapsed
 
 
 def compare(title: str, runs: int, raybatch_run, raybatch_label: str, baseline_run, baseline_label: str) -> None:

@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Optional
 
 from raybatch.frameworks.base import Framework, RankContext
+from raybatch.runtime.mpi_agent import SOCKET_ENV as AGENT_SOCKET_ENV
 from raybatch.spec.job import JobSpec
 
-AGENT_SOCKET_ENV = "RAYBATCH_MPI_AGENT_SOCKET"
 HOSTFILE_ENV = "RAYBATCH_MPI_HOSTFILE"
 
 # Describe one raybatch rank; wrong for MPI processes, which read OMPI_COMM_WORLD_*.

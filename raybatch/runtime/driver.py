@@ -62,6 +62,7 @@ class Attempt:
         if self.info is None:
             raise SystemExit(f"cannot read {attempt_file}")
         self.spec = JobSpec.model_validate(self.info["spec"])
+        self.framework = frameworks.get(self.spec.framework)
         self.job_id: str = self.info["job_id"]
         self.n: int = self.info["attempt"]
         self.job_dir = Path(self.info["job_dir"])
@@ -352,7 +353,7 @@ class Attempt:
         ports = ray.get([a.free_port.remote() for a in self.actors])
         peers = [f"{info['node_ip']}:{port}" for info, port in zip(infos, ports)]
         master_addr, master_port = infos[0]["node_ip"], ports[0]
-        framework = frameworks.get(spec.framework)
+        framework = self.framework
         st = self.storage
         # the job dir as the nodes see it: a path (also when it is a datastore on a mount)
         local_job_dir = Path(st.logs.path).parent if st.logs.kind == "local" else None
@@ -499,7 +500,7 @@ class Attempt:
         waits = {a.wait.remote(): i for i, a in enumerate(self.actors)}
         idle = {i for i, r in enumerate(self.ranks) if r["pid"] is None}
         running = set(range(len(self.actors))) - idle
-        leader_ends = frameworks.get(self.spec.framework).ends_with_rank0(self.spec)
+        leader_ends = self.framework.ends_with_rank0(self.spec)
         deadline = self.started + self.spec.max_wall_clock
         outcome: Optional[tuple[AttemptOutcome, Optional[int], str]] = None
         grace = self.spec.grace_period

@@ -22,7 +22,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-SOCKET_ENV = "RAYBATCH_MPI_AGENT_SOCKET"  # raybatch.frameworks.mpi.AGENT_SOCKET_ENV
+SOCKET_ENV = "RAYBATCH_MPI_AGENT_SOCKET"  # set by the mpi framework on rank 0
 POLL_S = 0.5
 
 

@@ -285,15 +285,7 @@ class RankActor:
         proc = self.proc
         if proc is None:
             return None
-        pgid = proc.pid
-        if proc.poll() is None:
-            _killpg(pgid, signal.SIGTERM)
-            deadline = time.monotonic() + grace
-            while proc.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.05)
-        # the group may hold children even after the leader exited
-        _killpg(pgid, signal.SIGKILL)
-        code = proc.wait()
+        code = _stop_group(proc, grace)
         for t in self.threads:
             t.join(timeout=5)
         if self.watchdog is not None and self.watchdog.poll() is None:
@@ -302,7 +294,9 @@ class RankActor:
         return exit_code_of(code)
 
 
-def _stop_group(proc: subprocess.Popen, grace: float) -> None:
+def _stop_group(proc: subprocess.Popen, grace: float) -> int:
+    """SIGTERM the process's group, wait ``grace`` seconds, SIGKILL the group (it may hold
+    children after the leader exited); the leader's return code."""
     if proc.poll() is None:
         _killpg(proc.pid, signal.SIGTERM)
         try:
@@ -310,7 +304,7 @@ def _stop_group(proc: subprocess.Popen, grace: float) -> None:
         except subprocess.TimeoutExpired:
             pass
     _killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    return proc.wait()
 
 
 def _killpg(pgid: int, sig: int) -> None:
