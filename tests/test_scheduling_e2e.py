@@ -74,7 +74,8 @@ def test_a_non_preemptible_job_is_not_preempted(client):
 
 
 def test_easy_backfill_runs_a_short_job_without_delaying_the_wide_one(client, server):
-    runner = client.submit({"name": "runner", "command": "sleep 10", "max_wall_clock": "30s",
+    # the runner holds its node through the checks below, even on a slow machine
+    runner = client.submit({"name": "runner", "command": "sleep 25", "max_wall_clock": "30s",
                             "grace_period": "5s"})
     wait_for(lambda: client.get(runner.id).state.value == "RUNNING", 60, "runner RUNNING")
     wide = client.submit({"name": "wide", "nodes": 2, "command": "echo wide", "max_wall_clock": "1m"})

@@ -67,7 +67,7 @@ def env(azurite, ray_cluster, tmp_path_factory):
     wrong = azurite.account_key[:-6] + "AAAA=="
     server = ServerProcess(ray_cluster, state, env={
         KEY_ENV: azurite.account_key, "RB_TEST_WRONG_KEY": wrong,
-        "RAYBATCH_STORAGE_CHECK_S": "6", "RAYBATCH_FINAL_SYNC_TIMEOUT_S": "14",
+        "RAYBATCH_STORAGE_CHECK_S": "6", "RAYBATCH_FINAL_SYNC_TIMEOUT_S": "25",
         "RAYBATCH_CACHE_DIR": str(state / "cache"),
     }).start()
     client = server.client()
@@ -329,7 +329,7 @@ def test_an_upload_that_keeps_failing_keeps_the_local_copy_and_names_the_files(e
     wait_for(lambda: "written" in client.logs(sub.id), 60, "the job to write its outputs")
     azurite.stop()
     try:
-        done = client.wait(sub.id, timeout=90)  # the final upload gives up after 14 s
+        done = client.wait(sub.id, timeout=90)  # the final upload gives up after 25 s
     finally:
         azurite.start()
     assert done.state == "FAILED"
