@@ -322,3 +322,39 @@ def test_a_failing_prepare_fails_the_job_at_start_with_its_output(client):
     assert "prepare failed on node" in last.reason and "exit code 3" in last.reason
     assert "no such package: torchh" in last.reason
     assert all(r.pid is None for r in last.ranks)  # no rank ever started
+
+
+def test_code_runs_from_the_node_cache_with_the_code_first_on_pythonpath(client, server, ray_cluster, tmp_path):
+    """The job's code reaches every node through the object store and the node's cache
+    (no Ray working_dir): the ranks run in it, it comes first on PYTHONPATH (a script in
+    a subdirectory imports the code's top-level package), the job's own PYTHONPATH
+    follows, and a second job with the same code finds it cached on both nodes."""
+    import uuid
+
+    from ray.job_submission import JobSubmissionClient
+
+    code = tmp_path / "code"
+    (code / "pkg").mkdir(parents=True)
+    (code / "tools").mkdir()
+    (code / "pkg" / "__init__.py").write_text(f"TAG = {uuid.uuid4().hex!r}\n")  # a new package
+    (code / "tools" / "where.py").write_text(
+        "import os, pkg\n"
+        "print(os.getcwd(), os.environ['PYTHONPATH'].split(os.pathsep)[1], pkg.TAG)\n")
+    spec = {"name": "code", "experiment": "tests", "resources": {"cpus": 1}, "nodes": 2,
+            "code": str(code), "command": "python tools/where.py", "environment": {"PYTHONPATH": "/extra"}}
+    first = client.submit(spec)
+    done = client.wait(first.id, timeout=90)
+    assert done.state == "SUCCEEDED", (done.reason, client.logs(first.id, stream="stderr"))
+    tag = (code / "pkg" / "__init__.py").read_text().split("'")[1]
+    for rank in (0, 1):
+        cwd, second_path, got = client.logs(first.id, rank=rank).split()
+        assert Path(cwd).parent.name == "code" and (Path(cwd) / "tools" / "where.py").is_file()
+        assert second_path == "/extra" and got == tag
+    sha = Path(cwd).name
+    assert (server.state_dir / "code" / f"{sha}.zip").is_file()  # the server keeps the zip
+    second = client.wait(client.submit(spec).id, timeout=90)
+    assert second.state == "SUCCEEDED", second.reason
+    logs = JobSubmissionClient(ray_cluster.dashboard_url)
+    assert f"code {sha[:12]}: unpacked on 1 node(s), cached on 1" in logs.get_job_logs(f"raybatch-{first.id}-1") \
+        or f"code {sha[:12]}: unpacked on 2 node(s), cached on 0" in logs.get_job_logs(f"raybatch-{first.id}-1")
+    assert f"code {sha[:12]}: unpacked on 0 node(s), cached on 2" in logs.get_job_logs(f"raybatch-{second.id}-1")

@@ -282,6 +282,45 @@ class Attempt:
                                                 "seconds": round(time.monotonic() - t0, 1)})
         return None
 
+    def ship_code(self) -> dict[int, Any] | str:
+        """Put the job's code package in the object store and ask each node's first rank
+        actor to unpack it, unless the node has it already (raybatch.runtime.code).
+        Node rank -> pending reply; a problem in words."""
+        code = self.info.get("code")
+        if not code:
+            return {}
+        zipped = Path(code["zip"])
+        try:
+            if zipped.is_file():
+                data = zipped.read_bytes()
+            else:  # uploaded before the server kept the zip
+                from raybatch.client import package_code  # noqa: PLC0415
+
+                data = package_code(code["dir"])[1]
+        except OSError as e:
+            return f"the job's code package {code['sha'][:12]} cannot be read on the driver's node: {e}"
+        box = [ray.put(data)]  # in a list: the actor fetches it only when its node lacks it
+        P = self.spec.processes_per_node
+        return {k: self.actors[k * P].ensure_code.remote(code["sha"], box, self.cache_dir)
+                for k in range(self.spec.nodes)}
+
+    def code_on_nodes(self, pending: dict[int, Any]) -> dict[int, str] | str:
+        """Node rank -> the code's directory there; a problem in words."""
+        dirs, fetched = {}, 0
+        for k, ref in pending.items():
+            try:
+                dirs[k], got = ray.get(ref)
+            except RayActorError:
+                raise
+            except RayError as e:
+                cause = e.cause if hasattr(e, "cause") and e.cause else e
+                return f"could not unpack the job's code on node {k}: {cause}"
+            fetched += got
+        if pending:
+            self.log(f"code {self.info['code']['sha'][:12]}: unpacked on {fetched} node(s), "
+                     f"cached on {len(pending) - fetched}")
+        return dirs
+
     def node_dir(self, node_rank: int) -> Path:
         return self.mirror / f"node-{node_rank}"
 
@@ -348,8 +387,14 @@ class Attempt:
         spec = self.spec
         P = spec.processes_per_node
         per_rank = self.per_rank_resources()
+        shipping = self.ship_code()
+        if isinstance(shipping, str):
+            return shipping
         infos = ray.get([a.node_info.remote() for a in self.actors])
         self.log(f"{len(self.actors)} rank actor(s) up")
+        code_dirs = self.code_on_nodes(shipping)
+        if isinstance(code_dirs, str):
+            return code_dirs
         ports = ray.get([a.free_port.remote() for a in self.actors])
         peers = [f"{info['node_ip']}:{port}" for info, port in zip(infos, ports)]
         master_addr, master_port = infos[0]["node_ip"], ports[0]
@@ -378,7 +423,7 @@ class Attempt:
             log_dir = str(Path(st.logs.path) / rel_logs if st.logs.kind == "local"
                           else node_dir / "stdouterr" / rel_logs)
             job_temp = str(Path(tempfile.gettempdir()) / "raybatch-jobs" / self.job_id / f"node-{node_rank}")
-            cwd = info["cwd"] if spec.code else job_temp
+            cwd = code_dirs[node_rank] if code_dirs else job_temp
             ctx = RankContext(
                 job_id=self.job_id, attempt=self.n, rank=rank, local_rank=local_rank,
                 node_rank=node_rank, num_nodes=spec.nodes, processes_per_node=P,
@@ -392,6 +437,8 @@ class Attempt:
             self.job_temps.append(job_temp)
             hostfile = str(Path(job_temp) / "hostfile")
             env = {"AZ_BATCHAI_MPI_HOST_FILE": hostfile, **framework.rank_env(spec, ctx)}
+            if code_dirs:  # like Ray's working_dir: the code first on PYTHONPATH
+                env["PYTHONPATH"] = os.pathsep.join(p for p in (cwd, env.get("PYTHONPATH")) if p)
             make_dirs = [ckpt, shared, job_temp, *outputs.values()]
             files = {**({hostfile: hostfile_text} if local_rank == 0 else {}), **framework.files(spec, ctx)}
             launches.append((actor, framework.command(spec, ctx), env, cwd, log_dir, make_dirs, files))

@@ -44,7 +44,7 @@ _NETWORK = ("NewConnectionError", "Retrying (Retry(", "Could not fetch URL", "Pr
 
 
 def runtime_env(spec: JobSpec) -> Optional[dict[str, Any]]:
-    """The rank actors' runtime_env; merged by Ray with the attempt's own (working_dir)."""
+    """The rank actors' runtime_env (the attempt's own is empty)."""
     if spec.image:
         return {"image_uri": spec.image}
     pkgs = spec.packages

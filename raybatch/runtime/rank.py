@@ -22,6 +22,7 @@ from typing import Optional
 
 import ray
 
+from raybatch.runtime.code import CodeCache
 from raybatch.storage.backends import open_backend
 from raybatch.storage.datastores import Access
 from raybatch.storage.plan import AttemptStorage
@@ -66,6 +67,8 @@ def child_environment(env: dict[str, str]) -> dict[str, str]:
     first on PATH so that ``python``, ``mpirun``, ``torchrun`` are the job's environment's
     (a runtime_env virtualenv, or the node's venv) even when the node's PATH lacks it."""
     child = {**os.environ, **env}
+    if env.get("PYTHONPATH") and os.environ.get("PYTHONPATH"):  # the job's first, then the node's
+        child["PYTHONPATH"] = env["PYTHONPATH"] + os.pathsep + os.environ["PYTHONPATH"]
     bindir = os.path.dirname(sys.executable)
     path = child.get("PATH", "")
     if bindir and path.split(os.pathsep)[0] != bindir:
@@ -106,6 +109,11 @@ class RankActor:
             "hostname": socket.gethostname(),
             "cwd": os.getcwd(),
         }
+
+    def ensure_code(self, sha: str, box: list, cache_dir: str) -> tuple[str, bool]:
+        """The job's code package unpacked on this node (fetched from the object store
+        only when the node's cache lacks it), and whether it was fetched."""
+        return CodeCache(cache_dir).ensure(sha, lambda: ray.get(box[0]))
 
     def free_port(self) -> int:
         with socket.socket() as s:

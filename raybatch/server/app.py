@@ -23,9 +23,9 @@ server's datastore credentials: clients never need storage keys.
 from __future__ import annotations
 
 import hashlib
-import io
+import os
+import secrets
 import time
-import shutil
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +40,7 @@ from raybatch.models import (
     AttemptInfo, BatchSubmitRequest, FileEntry, JobDetail, JobSummary, LogChunk, QueueEntry, RankInfo,
     SchedulerInfo, SubmitRequest, Transition,
 )
+from raybatch.runtime.code import MAX_CODE_BYTES, CodePackageError, package_zip, unpack_package
 from raybatch.scheduler.loop import Scheduler
 from raybatch.server.auth import bearer_dependency
 from raybatch.spec.job import JobSpec
@@ -51,7 +52,6 @@ from raybatch.storage.datastores import CredentialError, Datastores
 from raybatch.storage.location import LocationError
 from raybatch.storage.location import parse as parse_location
 
-MAX_CODE_BYTES = 500 * 2**20  # Ray's working_dir limit
 MAX_LOG_CHUNK = 1 << 20
 ESTIMATED_JOBS = 100  # the queue view simulates this many jobs ahead for start estimates
 
@@ -132,28 +132,6 @@ def job_detail(ctx: ServerContext, job: dict[str, Any]) -> JobDetail:
     )
 
 
-def _unpack(data: bytes, dest: Path) -> None:
-    tmp = dest.with_name(dest.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    with zipfile.ZipFile(io.BytesIO(data)) as zf:
-        total = 0
-        for info in zf.infolist():
-            target = (tmp / info.filename).resolve()
-            if not str(target).startswith(str(tmp.resolve()) + "/") and target != tmp.resolve():
-                raise HTTPException(status.HTTP_400_BAD_REQUEST, f"unsafe path in package: {info.filename}")
-            total += info.file_size
-            if total > MAX_CODE_BYTES:
-                raise HTTPException(status.HTTP_413_REQUEST_ENTITY_TOO_LARGE,
-                                    "code package unpacks to more than 500 MiB")
-        zf.extractall(tmp)
-        for info in zf.infolist():  # keep the executable bit
-            mode = (info.external_attr >> 16) & 0o777
-            if mode and not info.is_dir():
-                (tmp / info.filename).chmod(mode)
-    tmp.rename(dest)
-
-
 def create_app(ctx: ServerContext, token: str) -> FastAPI:
     app = FastAPI(title="raybatch", version=__version__)
     auth = [Depends(bearer_dependency(token))]
@@ -227,9 +205,19 @@ def create_app(ctx: ServerContext, token: str) -> FastAPI:
         dest = ctx.code_root / sha
         if not dest.is_dir():
             try:
-                _unpack(data, dest)
+                unpack_package(data, dest)
             except zipfile.BadZipFile:
                 raise HTTPException(status.HTTP_400_BAD_REQUEST, "body is not a zip file") from None
+            except CodePackageError as e:
+                status_code = (status.HTTP_413_REQUEST_ENTITY_TOO_LARGE if "more than" in str(e)
+                               else status.HTTP_400_BAD_REQUEST)
+                raise HTTPException(status_code, str(e)) from None
+        # the zip as sent: what the driver ships to the nodes
+        zipped = package_zip(ctx.code_root, sha)
+        if not zipped.is_file():
+            tmp = zipped.with_name(f"{zipped.name}.partial-{secrets.token_hex(4)}")
+            tmp.write_bytes(data)
+            os.replace(tmp, zipped)
         return {"sha": sha}
 
     def admission(req: SubmitRequest, where: str = "") -> dict[str, Any]:
