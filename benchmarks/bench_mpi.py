@@ -28,7 +28,7 @@ def via_mpirun(epochs: int) -> float:
            "OMP_NUM_THREADS": "1"}
     t0 = time.monotonic()
     subprocess.run(
-        [str(Path(sys.executable).with_name("mpirun")), "-np", "2", "--oversubscribe", "--bind-to", "none",
+        [str(Path(sys.executable).with_name("mpirun")), "-np", "2", "--bind-to", "none",
          sys.executable, "allreduce.py", "--epochs", str(epochs)],
         cwd=RECIPE, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
     )

@@ -51,6 +51,9 @@ FAILURE_STOP_GRACE_S = 10.0  # when one rank failed, the others get at most this
 EXTERNAL_STOP_GRACE_S = 1.5  # stopped outside raybatch: Ray kills the driver after 3 s
 NODE_LOST_GRACE_S = 2.0  # the gang is broken: survivors are usually stuck in a collective
 STALL_CHECK_S = 2.0
+# how often a running attempt looks at its control file, signals and wall clock; a rank's
+# exit wakes ray.wait at once. Every wake-up takes CPU from ranks on the driver's node.
+WAIT_TICK_S = 0.5
 LOST_RANK_CHECK_S = 20.0  # after a rank failed: how long to wait for Ray's verdict on the others
 STORAGE_CHECK_S = 20.0        # retrying transient errors before failing the attempt
 FINAL_SYNC_TIMEOUT_S = 300.0  # the last upload's retries (both: the server's settings win)
@@ -553,7 +556,7 @@ class Attempt:
         grace = self.spec.grace_period
         next_stall_check = time.monotonic() + STALL_CHECK_S
         while waits:
-            done, _ = ray.wait(list(waits), num_returns=1, timeout=0.2)
+            done, _ = ray.wait(list(waits), num_returns=1, timeout=WAIT_TICK_S)
             for ref in done:
                 i = waits.pop(ref)
                 try:

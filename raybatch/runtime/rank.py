@@ -33,9 +33,21 @@ _PR_SET_PDEATHSIG = 1
 
 
 def _die_with_parent() -> None:
-    """In the child before exec: get SIGKILL when the actor's process dies."""
+    """In the child before exec: get SIGKILL when the actor's process dies, and run at
+    normal priority. Ray starts its workers, so this actor too, at niceness 15
+    (RAY_worker_niceness); Ray's own job drivers, the user's main process, run at 0, and so
+    should the user's ranks. Niced, they yield to every wake-up of Ray's and raybatch's
+    daemons, and MPI ranks that busy-poll stall each other: an MPI recipe ran 1.48x its
+    direct mpirun time. Lowering niceness needs CAP_SYS_NICE (root) or RLIMIT_NICE; where
+    neither is there the rank keeps the actor's niceness (clusters raybatch starts set
+    RAY_worker_niceness=0, so their workers are not niced in the first place)."""
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:
+        pass
+    try:
+        if os.getpriority(os.PRIO_PROCESS, 0) > 0:
+            os.setpriority(os.PRIO_PROCESS, 0, 0)
     except OSError:
         pass
 
@@ -99,6 +111,7 @@ class RankActor:
         self.sync: Optional[NodeSync] = None
         self._released = threading.Event()  # ends wait() of a rank that runs nothing itself
         self._execs: dict[int, subprocess.Popen] = {}  # processes started for mpirun (exec_start)
+        self._exec_ended: dict[int, threading.Event] = {}
         self._agent_server = None
 
     def node_info(self) -> dict:
@@ -266,16 +279,20 @@ class RankActor:
                 preexec_fn=_die_with_parent,
             )
         self._activity[0] = time.monotonic()
+        # a thread blocked in wait(): Popen.wait(timeout) polls (up to 20 wake-ups a second),
+        # and every wake-up on a node whose cores run busy-polling MPI ranks stalls them
+        ended = threading.Event()
+        threading.Thread(target=lambda: (proc.wait(), ended.set()), daemon=True).start()
         with self._lock:
             self._execs[proc.pid] = proc
+            self._exec_ended[proc.pid] = ended
         return proc.pid
 
     def exec_wait(self, handle: int, timeout: float) -> Optional[int]:
         """The process's exit code, or None if it still runs after ``timeout`` seconds."""
-        try:
-            return exit_code_of(self._execs[handle].wait(timeout))
-        except subprocess.TimeoutExpired:
+        if not self._exec_ended[handle].wait(timeout):
             return None
+        return exit_code_of(self._execs[handle].returncode)
 
     def exec_kill(self, handle: int, grace: float = 2.0) -> None:
         proc = self._execs.get(handle)
