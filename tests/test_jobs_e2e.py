@@ -358,3 +358,13 @@ def test_code_runs_from_the_node_cache_with_the_code_first_on_pythonpath(client,
     assert f"code {sha[:12]}: unpacked on 1 node(s), cached on 1" in logs.get_job_logs(f"raybatch-{first.id}-1") \
         or f"code {sha[:12]}: unpacked on 2 node(s), cached on 0" in logs.get_job_logs(f"raybatch-{first.id}-1")
     assert f"code {sha[:12]}: unpacked on 0 node(s), cached on 2" in logs.get_job_logs(f"raybatch-{second.id}-1")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="lowering a niceness needs root (or CAP_SYS_NICE)")
+def test_ranks_run_at_normal_priority_although_ray_nices_its_workers(client):
+    """Ray starts workers (so rank actors) at niceness 15; the user's processes run at 0, as
+    Ray's own job drivers do."""
+    sub = job(client, name="nice", command='python -c "import os; print(os.nice(0))"')
+    done = client.wait(sub.id, timeout=60)
+    assert done.state == "SUCCEEDED", done.reason
+    assert client.logs(sub.id).strip() == "0"
