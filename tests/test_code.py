@@ -3,6 +3,7 @@ once, safely and atomically, and keeps what recent jobs use."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import threading
@@ -30,12 +31,13 @@ def test_a_package_is_fetched_once_per_node_and_keeps_its_executable_bits(tmp_pa
     sha, data = _code(tmp_path)
     calls = []
     cache = CodeCache(tmp_path / "cache")
-    path, fetched = cache.ensure(sha, lambda: calls.append(1) or data)
-    assert fetched and Path(path) == tmp_path / "cache" / "code" / sha
+    assert cache.ensure(sha, None) is None  # not on the node: the driver must send it
+    path = cache.ensure(sha, lambda: calls.append(1) or data)
+    assert Path(path) == tmp_path / "cache" / "code" / sha and calls == [1]
     assert (Path(path) / "pkg" / "__init__.py").read_text() == "VALUE = 42\n"
     assert os.access(Path(path) / "run.sh", os.X_OK)
-    path2, fetched2 = cache.ensure(sha, lambda: calls.append(1) or data)
-    assert (path2, fetched2) == (path, False) and calls == [1]
+    assert cache.ensure(sha, None) == path
+    assert cache.ensure(sha, lambda: calls.append(1) or data) == path and calls == [1]
 
 
 def test_concurrent_unpacks_of_one_package_leave_one_complete_copy(tmp_path):
@@ -44,7 +46,7 @@ def test_concurrent_unpacks_of_one_package_leave_one_complete_copy(tmp_path):
 
     def go():
         try:
-            results.append(CodeCache(tmp_path / "cache").ensure(sha, lambda: data)[0])
+            results.append(CodeCache(tmp_path / "cache").ensure(sha, lambda: data))
         except Exception as e:  # noqa: BLE001 - the test reports it
             errors.append(e)
 
@@ -96,3 +98,21 @@ def test_the_codes_pythonpath_comes_first_then_the_nodes(monkeypatch):
     assert env["PYTHONPATH"] == "/code:/user:/node/lib"
     monkeypatch.delenv("PYTHONPATH")
     assert child_environment({"PYTHONPATH": "/code"})["PYTHONPATH"] == "/code"
+
+
+def test_the_server_checks_and_keeps_the_zip_without_unpacking_it(tmp_path):
+    from tests.test_storage_review import _app
+
+    client = _app(tmp_path)
+    sha, data = _code(tmp_path)
+    assert client.get(f"/api/v1/code/{sha}").status_code == 404
+    r = client.put(f"/api/v1/code/{sha}", content=data, headers={"Content-Type": "application/zip"})
+    assert r.status_code == 201, r.text
+    assert (tmp_path / "code" / f"{sha}.zip").read_bytes() == data
+    assert not (tmp_path / "code" / sha).exists()
+    assert client.get(f"/api/v1/code/{sha}").status_code == 200
+    evil = _zip({"../evil.py": b"x"})
+    evil_sha = hashlib.sha256(evil).hexdigest()
+    r = client.put(f"/api/v1/code/{evil_sha}", content=evil, headers={"Content-Type": "application/zip"})
+    assert r.status_code == 400 and "unsafe path in package: ../evil.py" in r.text
+    assert not (tmp_path / "code" / f"{evil_sha}.zip").exists()

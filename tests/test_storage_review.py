@@ -386,7 +386,7 @@ def test_job_dir_of_a_local_datastore_output_root_is_a_path(tmp_path, monkeypatc
     stores = Datastores.load(f)
     job_dir = job_dir_for("datastore://nfs/jobs", "e", "job1")
     a = make_attempt(tmp_path, monkeypatch, {}, job_dir, stores)
-    info = {"node_id": "n0", "node_ip": "127.0.0.1", "hostname": "h", "cwd": str(tmp_path)}
+    info = {"node_id": "n0", "node_ip": "127.0.0.1", "hostname": "h"}
     envs = []
     a.actors = [FakeActor(node_info=lambda: info, free_port=lambda: 1234,
                           start=lambda argv, env, *rest: envs.append(env) or 1)]

@@ -147,7 +147,7 @@ class LocalCluster:
             self._stop_recorded()  # leftovers of a half-dead previous start
             config.ray_client_env()
             # RAY_worker_niceness=0: the rank actors' processes, the user's training, run at
-            # normal priority, as Ray's job drivers do (raybatch.runtime.rank._die_with_parent)
+            # normal priority, as Ray's job drivers do (raybatch.runtime.rank._in_child)
             env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0",
                    "RAY_worker_niceness": "0"}
             cpus = cpus_per_node or max(1, (os.cpu_count() or 2) // nodes)

@@ -1,11 +1,12 @@
 """The job's code on the nodes.
 
-The server keeps each uploaded code package twice, under its sha256: the zip as sent
-(``<code root>/<sha>.zip``) and unpacked (``<code root>/<sha>/``). The driver runs on
-the server's machine (it already shares the state dir), reads the zip, and puts it in
-Ray's object store once per attempt; the first rank actor of each node unpacks it into
-the node's cache (``<cache dir>/code/<sha>``) unless it is there already, so a node
-fetches a given package once, whatever the number of jobs that use it.
+The server keeps each uploaded code package as the zip it was sent,
+``<code root>/<sha>.zip`` (checked, not unpacked). The driver runs on the server's
+machine (it already shares the state dir): it asks each node's first rank actor for the
+package, which is there when the node's cache (``<cache dir>/code/<sha>``) has it; only
+for nodes that lack it does the driver read the zip and put it in Ray's object store,
+and those nodes unpack it. A node fetches a given package once, whatever the number of
+jobs that use it.
 
 Why not Ray's ``working_dir``: a worker whose runtime_env is not empty starts through
 Ray's ``setup_worker.py``, one more Python start (about 0.9 s per rank actor measured on
@@ -22,7 +23,7 @@ import time
 import uuid
 import zipfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 MAX_CODE_BYTES = 500 * 2**20  # unpacked, like Ray's working_dir limit
 KEEP_PACKAGES = 32            # a node keeps at least this many of its newest packages ...
@@ -33,28 +34,41 @@ class CodePackageError(ValueError):
     """A code package that cannot be unpacked safely."""
 
 
+class CodePackageTooLarge(CodePackageError):
+    """A code package that unpacks to more than the limit."""
+
+
 def package_zip(code_root: str | Path, sha: str) -> Path:
     return Path(code_root) / f"{sha}.zip"
 
 
+def has_package(code_root: str | Path, sha: str) -> bool:
+    """Was this package uploaded? (Servers before the zip was kept unpacked it instead.)"""
+    return package_zip(code_root, sha).is_file() or (Path(code_root) / sha).is_dir()
+
+
+def check_package(zf: zipfile.ZipFile, limit: int = MAX_CODE_BYTES) -> None:
+    """Refuse entries that would land outside the directory and trees over ``limit``
+    bytes, before anything is written."""
+    total = 0
+    for info in zf.infolist():
+        name = info.filename
+        if os.path.isabs(name) or os.path.normpath(name).split(os.sep)[0] == "..":
+            raise CodePackageError(f"unsafe path in package: {name}")
+        total += info.file_size
+        if total > limit:
+            raise CodePackageTooLarge(f"code package unpacks to more than {limit // 2**20} MiB")
+
+
 def unpack_package(data: bytes, dest: Path, limit: int = MAX_CODE_BYTES) -> None:
     """Unpack a zip into ``dest`` (created by an atomic rename, so a reader never sees a
-    half-written tree), keeping the executable bits. Refuses paths that leave ``dest``
-    and trees over ``limit`` bytes. If another process got ``dest`` there first, its
-    copy (the same content: the name is the sha256) is kept."""
+    half-written tree), keeping the executable bits. If another process got ``dest``
+    there first, its copy (the same content: the name is the sha256) is kept."""
     tmp = dest.with_name(f"{dest.name}.partial-{uuid.uuid4().hex[:8]}")
     tmp.mkdir(parents=True)
     try:
-        root = tmp.resolve()
         with zipfile.ZipFile(io.BytesIO(data)) as zf:
-            total = 0
-            for info in zf.infolist():
-                target = (tmp / info.filename).resolve()
-                if not str(target).startswith(str(root) + os.sep) and target != root:
-                    raise CodePackageError(f"unsafe path in package: {info.filename}")
-                total += info.file_size
-                if total > limit:
-                    raise CodePackageError(f"code package unpacks to more than {limit // 2**20} MiB")
+            check_package(zf, limit)
             zf.extractall(tmp)
             for info in zf.infolist():
                 mode = (info.external_attr >> 16) & 0o777
@@ -75,17 +89,19 @@ class CodeCache:
     def __init__(self, cache_dir: str | Path):
         self.root = Path(cache_dir) / "code"
 
-    def ensure(self, sha: str, fetch: Callable[[], bytes]) -> tuple[str, bool]:
-        """The package's directory on this node, and whether it had to be fetched."""
+    def ensure(self, sha: str, fetch: Optional[Callable[[], bytes]]) -> Optional[str]:
+        """The package's directory on this node; without ``fetch``, None when the node
+        lacks it. A new package makes room by evicting old ones."""
         dest = self.root / sha
-        fetched = False
-        if not dest.is_dir():
-            self.root.mkdir(parents=True, exist_ok=True)
-            unpack_package(fetch(), dest)
-            fetched = True
-        os.utime(dest)  # last use, for the eviction below
+        if dest.is_dir():
+            os.utime(dest)  # last use, for the eviction
+            return str(dest)
+        if fetch is None:
+            return None
+        self.root.mkdir(parents=True, exist_ok=True)
+        unpack_package(fetch(), dest)
         self.evict(keep=sha)
-        return str(dest), fetched
+        return str(dest)
 
     def evict(self, keep: str) -> None:
         """Remove packages beyond the newest KEEP_PACKAGES that no job used for a day."""

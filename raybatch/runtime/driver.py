@@ -285,44 +285,50 @@ class Attempt:
                                                 "seconds": round(time.monotonic() - t0, 1)})
         return None
 
-    def ship_code(self) -> dict[int, Any] | str:
-        """Put the job's code package in the object store and ask each node's first rank
-        actor to unpack it, unless the node has it already (raybatch.runtime.code).
-        Node rank -> pending reply; a problem in words."""
+    def code_on_nodes(self) -> dict[int, str] | str:
+        """Node rank -> the job's code directory there (raybatch.runtime.code); a problem in
+        words. Nodes whose cache has the package answer at once; only for the others is
+        the zip read and put in the object store, and unpacked there."""
         code = self.info.get("code")
         if not code:
             return {}
-        zipped = Path(code["zip"])
-        try:
-            if zipped.is_file():
-                data = zipped.read_bytes()
-            else:  # uploaded before the server kept the zip
-                from raybatch.client import package_code  # noqa: PLC0415
-
-                data = package_code(code["dir"])[1]
-        except OSError as e:
-            return f"the job's code package {code['sha'][:12]} cannot be read on the driver's node: {e}"
-        box = [ray.put(data)]  # in a list: the actor fetches it only when its node lacks it
-        P = self.spec.processes_per_node
-        return {k: self.actors[k * P].ensure_code.remote(code["sha"], box, self.cache_dir)
-                for k in range(self.spec.nodes)}
-
-    def code_on_nodes(self, pending: dict[int, Any]) -> dict[int, str] | str:
-        """Node rank -> the code's directory there; a problem in words."""
-        dirs, fetched = {}, 0
-        for k, ref in pending.items():
+        sha, P = code["sha"], self.spec.processes_per_node
+        firsts = {k: self.actors[k * P] for k in range(self.spec.nodes)}
+        dirs = self._code_replies({k: a.ensure_code.remote(sha, None, self.cache_dir) for k, a in firsts.items()})
+        if isinstance(dirs, str):
+            return dirs
+        missing = [k for k, d in dirs.items() if d is None]
+        if missing:
+            zipped = Path(code["zip"])
             try:
-                dirs[k], got = ray.get(ref)
+                if zipped.is_file():
+                    data = zipped.read_bytes()
+                else:  # uploaded before the server kept the zip
+                    from raybatch.client import package_code  # noqa: PLC0415
+
+                    data = package_code(code["dir"])[1]
+            except OSError as e:
+                return f"the job's code package {sha[:12]} cannot be read on the driver's node: {e}"
+            box = [ray.put(data)]  # in a list: Ray passes the reference, the actor gets the bytes
+            fetched = self._code_replies({k: firsts[k].ensure_code.remote(sha, box, self.cache_dir)
+                                          for k in missing})
+            if isinstance(fetched, str):
+                return fetched
+            dirs.update(fetched)
+        self.log(f"code {sha[:12]}: unpacked on {len(missing)} node(s), cached on {len(dirs) - len(missing)}")
+        return dirs
+
+    def _code_replies(self, refs: dict[int, Any]) -> dict[int, Optional[str]] | str:
+        out = {}
+        for k, ref in refs.items():
+            try:
+                out[k] = ray.get(ref)
             except RayActorError:
                 raise
             except RayError as e:
                 cause = e.cause if hasattr(e, "cause") and e.cause else e
                 return f"could not unpack the job's code on node {k}: {cause}"
-            fetched += got
-        if pending:
-            self.log(f"code {self.info['code']['sha'][:12]}: unpacked on {fetched} node(s), "
-                     f"cached on {len(pending) - fetched}")
-        return dirs
+        return out
 
     def node_dir(self, node_rank: int) -> Path:
         return self.mirror / f"node-{node_rank}"
@@ -390,12 +396,9 @@ class Attempt:
         spec = self.spec
         P = spec.processes_per_node
         per_rank = self.per_rank_resources()
-        shipping = self.ship_code()
-        if isinstance(shipping, str):
-            return shipping
         infos = ray.get([a.node_info.remote() for a in self.actors])
         self.log(f"{len(self.actors)} rank actor(s) up")
-        code_dirs = self.code_on_nodes(shipping)
+        code_dirs = self.code_on_nodes()
         if isinstance(code_dirs, str):
             return code_dirs
         ports = ray.get([a.free_port.remote() for a in self.actors])

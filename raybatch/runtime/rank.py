@@ -32,8 +32,8 @@ from raybatch.storage.sync import DirSync, LogSync, NodeSync
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: get SIGKILL when the actor's process dies, and run at
+def _in_child() -> None:
+    """In the child before exec (preexec_fn): get SIGKILL when the actor's process dies, and run at
     normal priority. Ray starts its workers, so this actor too, at niceness 15
     (RAY_worker_niceness); Ray's own job drivers, the user's main process, run at 0, and so
     should the user's ranks. Niced, they yield to every wake-up of Ray's and raybatch's
@@ -110,8 +110,8 @@ class RankActor:
         self._staging = [0, 0]  # bytes done, bytes total of this node's inputs and checkpoints
         self.sync: Optional[NodeSync] = None
         self._released = threading.Event()  # ends wait() of a rank that runs nothing itself
-        self._execs: dict[int, subprocess.Popen] = {}  # processes started for mpirun (exec_start)
-        self._exec_ended: dict[int, threading.Event] = {}
+        # processes started for mpirun (exec_start), each with the event its waiter sets
+        self._execs: dict[int, tuple[subprocess.Popen, threading.Event]] = {}
         self._agent_server = None
 
     def node_info(self) -> dict:
@@ -120,13 +120,13 @@ class RankActor:
             "node_id": ctx.get_node_id(),
             "node_ip": ray.util.get_node_ip_address(),
             "hostname": socket.gethostname(),
-            "cwd": os.getcwd(),
         }
 
-    def ensure_code(self, sha: str, box: list, cache_dir: str) -> tuple[str, bool]:
-        """The job's code package unpacked on this node (fetched from the object store
-        only when the node's cache lacks it), and whether it was fetched."""
-        return CodeCache(cache_dir).ensure(sha, lambda: ray.get(box[0]))
+    def ensure_code(self, sha: str, box: Optional[list], cache_dir: str) -> Optional[str]:
+        """The job's code package's directory on this node: from the node's cache, or
+        unpacked from ``box`` (a list holding its object reference); None when the cache
+        lacks it and no box came."""
+        return CodeCache(cache_dir).ensure(sha, (lambda: ray.get(box[0])) if box else None)
 
     def free_port(self) -> int:
         with socket.socket() as s:
@@ -141,7 +141,7 @@ class RankActor:
             self.proc = subprocess.Popen(
                 argv, env=child_env, cwd=cwd or os.getcwd(), stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-                preexec_fn=_die_with_parent,
+                preexec_fn=_in_child,
             )
         pid = self.proc.pid
         self._activity[0] = time.monotonic()
@@ -276,7 +276,7 @@ class RankActor:
             proc = subprocess.Popen(
                 argv, env=child_environment(env), cwd=cwd if cwd and os.path.isdir(cwd) else None,
                 stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True,
-                preexec_fn=_die_with_parent,
+                preexec_fn=_in_child,
             )
         self._activity[0] = time.monotonic()
         # a thread blocked in wait(): Popen.wait(timeout) polls (up to 20 wake-ups a second),
@@ -284,25 +284,24 @@ class RankActor:
         ended = threading.Event()
         threading.Thread(target=lambda: (proc.wait(), ended.set()), daemon=True).start()
         with self._lock:
-            self._execs[proc.pid] = proc
-            self._exec_ended[proc.pid] = ended
+            self._execs[proc.pid] = (proc, ended)
         return proc.pid
 
     def exec_wait(self, handle: int, timeout: float) -> Optional[int]:
         """The process's exit code, or None if it still runs after ``timeout`` seconds."""
-        if not self._exec_ended[handle].wait(timeout):
+        proc, ended = self._execs[handle]
+        if not ended.wait(timeout):
             return None
-        return exit_code_of(self._execs[handle].returncode)
+        return exit_code_of(proc.returncode)
 
     def exec_kill(self, handle: int, grace: float = 2.0) -> None:
-        proc = self._execs.get(handle)
-        if proc is not None:
-            _stop_group(proc, grace)
+        if handle in self._execs:
+            _stop_group(self._execs[handle][0], grace)
 
     def terminate(self, grace: float) -> Optional[int]:
         """SIGTERM the whole process group, wait ``grace`` seconds, then SIGKILL (and the
         same for processes started for mpirun); a held rank is released."""
-        for proc in list(self._execs.values()):
+        for proc, _ended in list(self._execs.values()):
             _stop_group(proc, grace)
         if self._agent_server is not None:
             self._agent_server.close()

@@ -23,6 +23,7 @@ server's datastore credentials: clients never need storage keys.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import secrets
 import time
@@ -40,7 +41,9 @@ from raybatch.models import (
     AttemptInfo, BatchSubmitRequest, FileEntry, JobDetail, JobSummary, LogChunk, QueueEntry, RankInfo,
     SchedulerInfo, SubmitRequest, Transition,
 )
-from raybatch.runtime.code import MAX_CODE_BYTES, CodePackageError, package_zip, unpack_package
+from raybatch.runtime.code import (
+    MAX_CODE_BYTES, CodePackageError, CodePackageTooLarge, check_package, has_package, package_zip,
+)
 from raybatch.scheduler.loop import Scheduler
 from raybatch.server.auth import bearer_dependency
 from raybatch.spec.job import JobSpec
@@ -191,7 +194,7 @@ def create_app(ctx: ServerContext, token: str) -> FastAPI:
 
     @app.get(f"{API_PREFIX}/code/{{sha}}", dependencies=auth)
     def code_exists(sha: str) -> dict[str, Any]:
-        if not (ctx.code_root / sha).is_dir():
+        if not has_package(ctx.code_root, sha):
             raise HTTPException(status.HTTP_404_NOT_FOUND, "no such code package")
         return {"sha": sha}
 
@@ -202,19 +205,18 @@ def create_app(ctx: ServerContext, token: str) -> FastAPI:
             raise HTTPException(status.HTTP_413_REQUEST_ENTITY_TOO_LARGE, "code package over 500 MiB")
         if hashlib.sha256(data).hexdigest() != sha:
             raise HTTPException(status.HTTP_400_BAD_REQUEST, "sha256 of the body does not match the URL")
-        dest = ctx.code_root / sha
-        if not dest.is_dir():
-            try:
-                unpack_package(data, dest)
-            except zipfile.BadZipFile:
-                raise HTTPException(status.HTTP_400_BAD_REQUEST, "body is not a zip file") from None
-            except CodePackageError as e:
-                status_code = (status.HTTP_413_REQUEST_ENTITY_TOO_LARGE if "more than" in str(e)
-                               else status.HTTP_400_BAD_REQUEST)
-                raise HTTPException(status_code, str(e)) from None
-        # the zip as sent: what the driver ships to the nodes
         zipped = package_zip(ctx.code_root, sha)
         if not zipped.is_file():
+            try:
+                with zipfile.ZipFile(io.BytesIO(data)) as zf:
+                    check_package(zf)
+            except zipfile.BadZipFile:
+                raise HTTPException(status.HTTP_400_BAD_REQUEST, "body is not a zip file") from None
+            except CodePackageTooLarge as e:
+                raise HTTPException(status.HTTP_413_REQUEST_ENTITY_TOO_LARGE, str(e)) from None
+            except CodePackageError as e:
+                raise HTTPException(status.HTTP_400_BAD_REQUEST, str(e)) from None
+            # kept as sent: the driver ships it to the nodes, which unpack it
             tmp = zipped.with_name(f"{zipped.name}.partial-{secrets.token_hex(4)}")
             tmp.write_bytes(data)
             os.replace(tmp, zipped)
@@ -223,7 +225,7 @@ def create_app(ctx: ServerContext, token: str) -> FastAPI:
     def admission(req: SubmitRequest, where: str = "") -> dict[str, Any]:
         """Check a submission; the store's keyword arguments for it."""
         spec = req.spec
-        if req.code_package and not (ctx.code_root / req.code_package).is_dir():
+        if req.code_package and not has_package(ctx.code_root, req.code_package):
             raise HTTPException(status.HTTP_400_BAD_REQUEST,
                                 f"{where}code package {req.code_package} was not uploaded")
         if spec.code and not req.code_package:
