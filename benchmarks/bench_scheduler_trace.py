@@ -20,7 +20,8 @@ import time
 from common import ROOT  # noqa: F401 - puts the repo on sys.path
 
 from raybatch.scheduler.fit import NodeView
-from raybatch.scheduler.policy import Job, PolicyConfig
+from raybatch.scheduler.policy import Job
+from raybatch.spec.policy import SchedulerPolicy
 from raybatch.scheduler.simulate import SimJob, simulate
 
 NODES, CPUS = 8, 8
@@ -59,9 +60,9 @@ def main() -> None:
         work = sum(j.duration * j.job.count for j in jobs)
         bound = work / NODES
         t0 = time.perf_counter()
-        easy = simulate(cluster(), jobs, PolicyConfig())
+        easy = simulate(cluster(), jobs, SchedulerPolicy())
         ms = (time.perf_counter() - t0) * 1000 / max(easy.cycles, 1)
-        fifo = simulate(cluster(), jobs, PolicyConfig(backfill=False))
+        fifo = simulate(cluster(), jobs, SchedulerPolicy(backfill=False))
         assert not easy.never and not fifo.never and len(easy.ends) == len(fifo.ends) == len(jobs)
         u_easy, u_fifo = bound / easy.makespan(), bound / fifo.makespan()
         utils.append(u_easy)

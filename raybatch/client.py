@@ -14,11 +14,8 @@ default's token file.
 
 from __future__ import annotations
 
-import hashlib
-import io
 import os
 import time
-import zipfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
@@ -26,13 +23,18 @@ import httpx
 
 from raybatch import config
 from raybatch.models import (
-    FileEntry, JobDetail, JobSummary, LogChunk, QueueEntry, SchedulerInfo, SubmitRequest,
+    FileEntry,
+    JobDetail,
+    JobSummary,
+    LogChunk,
+    QueueEntry,
+    SchedulerInfo,
+    SubmitRequest,
 )
+from raybatch.runtime.code import package_code
 from raybatch.spec.job import JobSpec
 from raybatch.spec.loader import apply_overrides, load_job_file, parse_job
 from raybatch.state.states import JobState
-
-_SKIP_DIRS = {".git", "__pycache__", ".venv", "node_modules", ".mypy_cache", ".pytest_cache"}
 
 
 class RaybatchError(RuntimeError):
@@ -41,27 +43,6 @@ class RaybatchError(RuntimeError):
     def __init__(self, message: str, status_code: Optional[int] = None):
         super().__init__(message)
         self.status_code = status_code
-
-
-def package_code(directory: str | Path) -> tuple[str, bytes]:
-    """A deterministic zip of ``directory`` (same content -> same sha256)."""
-    root = Path(directory)
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
-        for dirpath, dirnames, filenames in os.walk(root):
-            dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS)
-            for name in sorted(filenames):
-                if name.endswith(".pyc"):
-                    continue
-                path = Path(dirpath) / name
-                if not path.is_file():
-                    continue
-                info = zipfile.ZipInfo(str(path.relative_to(root)), date_time=(1980, 1, 1, 0, 0, 0))
-                info.external_attr = (path.stat().st_mode & 0o777) << 16
-                info.compress_type = zipfile.ZIP_DEFLATED
-                zf.writestr(info, path.read_bytes())
-    data = buf.getvalue()
-    return hashlib.sha256(data).hexdigest(), data
 
 
 class Client:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from raybatch.client import package_code
+from raybatch.runtime.code import package_code
 from raybatch.runtime.code import KEEP_PACKAGES, KEEP_SECONDS, CodeCache, CodePackageError, unpack_package
 from raybatch.runtime.rank import child_environment
 

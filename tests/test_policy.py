@@ -13,9 +13,10 @@ import pytest
 from raybatch.scheduler import fit
 from raybatch.scheduler.fit import NodeView
 from raybatch.scheduler.policy import (
-    Job, PolicyConfig, Quota, never_admissible, plan, shadow, victims_for,
+    Job, never_admissible, plan, shadow, victims_for,
 )
 from raybatch.scheduler.simulate import SimJob, simulate
+from raybatch.spec.policy import QuotaSpec, SchedulerPolicy
 
 
 def nodes(n: int, cpus: float = 4, gpus: float = 0, prefix: str = "n", labels=None) -> list[NodeView]:
@@ -149,7 +150,7 @@ def test_strict_fifo_when_backfill_is_off():
     cluster = nodes(4)
     r = run(cluster, job("r", 0, count=2, limit=100), 0, ["n0", "n1"])
     q = [job("big", 1, count=4), job("short", 2, limit=1)]
-    p = plan(0, cluster, [r], q, PolicyConfig(backfill=False))
+    p = plan(0, cluster, [r], q, SchedulerPolicy(backfill=False))
     assert started(p) == [] and "backfill is off" in p.waiting["short"]
 
 
@@ -195,7 +196,7 @@ def test_big_job_does_not_starve_under_a_stream_of_small_ones():
     res = simulate(cluster, jobs)
     assert not res.never
     assert res.starts["big"] <= 5 + 40  # bounded by the small jobs' limits, not by the stream
-    fifo = simulate(cluster, jobs, PolicyConfig(backfill=False))
+    fifo = simulate(cluster, jobs, SchedulerPolicy(backfill=False))
     assert res.makespan() <= fifo.makespan()
 
 
@@ -265,7 +266,7 @@ def test_victim_search_budget_falls_back_to_a_minimal_greedy_set():
 # ---- quotas and fair share -----------------------------------------------------------------
 
 def test_quota_caps_concurrent_nodes_without_blocking_others():
-    cfg = PolicyConfig(quotas={"vision": Quota(max_nodes=2)})
+    cfg = SchedulerPolicy(quotas={"vision": QuotaSpec(max_nodes=2)})
     q = [job("v1", 1, count=2, group="vision"), job("v2", 2, group="vision"), job("nlp", 3, group="nlp")]
     p = plan(0, nodes(4), [], q, cfg)
     assert started(p) == ["v1", "nlp"]
@@ -273,14 +274,14 @@ def test_quota_caps_concurrent_nodes_without_blocking_others():
 
 
 def test_gpu_quota():
-    cfg = PolicyConfig(quotas={"vision": Quota(max_gpus=2)})
+    cfg = SchedulerPolicy(quotas={"vision": QuotaSpec(max_gpus=2)})
     q = [job("a", 1, cpus=1, gpus=2, group="vision"), job("b", 2, cpus=1, gpus=1, group="vision")]
     p = plan(0, nodes(2, gpus=4), [], q, cfg)
     assert started(p) == ["a"] and "GPU(s)" in p.waiting["b"]
 
 
 def test_never_admissible_names_the_field():
-    cfg = PolicyConfig(quotas={"vision": Quota(max_nodes=2, max_gpus=4)})
+    cfg = SchedulerPolicy(quotas={"vision": QuotaSpec(max_nodes=2, max_gpus=4)})
     assert "nodes: 3" in never_admissible(job("a", 1, count=3, group="vision"), cfg)
     assert "resources.gpus" in never_admissible(job("a", 1, count=2, gpus=4, group="vision"), cfg)
     assert never_admissible(job("a", 1, count=2, group="other"), cfg) is None
@@ -294,12 +295,12 @@ def test_fair_share_gives_the_next_node_to_the_group_using_least():
     q = [job("a1", 1, group="a"), job("a2", 2, group="a"), job("b1", 3, group="b"), job("b2", 4, group="b")]
     p = plan(0, cluster, running, q)
     assert started(p) == ["b1", "b2"]
-    p = plan(0, cluster, running, q, PolicyConfig(fair_share=False))
+    p = plan(0, cluster, running, q, SchedulerPolicy(fair_share=False))
     assert started(p) == ["a1", "a2"]
 
 
 def test_share_weights():
-    cfg = PolicyConfig(quotas={"a": Quota(share=3)})
+    cfg = SchedulerPolicy(quotas={"a": QuotaSpec(share=3)})
     cluster = nodes(8)
     running = [run(cluster, job(f"a{k}", 0, group="a"), 0, [f"n{k}"]) for k in range(2)]
     running += [run(cluster, job("b0", 0, group="b"), 0, ["n2"])]
@@ -325,15 +326,15 @@ def test_simulation_easy_beats_fifo_and_reports_never_startable_jobs():
         count = rng.choice([1, 1, 2, 4])
         d = rng.randint(10, 100)
         jobs.append(SimJob(job(f"j{k}", k, count=count, limit=d * 1.2), d))
-    easy, fifo = simulate(cluster, jobs), simulate(cluster, jobs, PolicyConfig(backfill=False))
+    easy, fifo = simulate(cluster, jobs), simulate(cluster, jobs, SchedulerPolicy(backfill=False))
     assert len(easy.ends) == len(fifo.ends) == 80
     assert easy.makespan() < fifo.makespan()
     res = simulate(nodes(2), [SimJob(job("too-big", 1, count=3), 1)])
     assert res.never == ["too-big"]
 
 
-@pytest.mark.parametrize("cfg,expect", [(PolicyConfig(), ["q0", "q1", "q2", "q4"]),
-                                        (PolicyConfig(backfill=False), ["q0", "q1", "q2"])])
+@pytest.mark.parametrize("cfg,expect", [(SchedulerPolicy(), ["q0", "q1", "q2", "q4"]),
+                                        (SchedulerPolicy(backfill=False), ["q0", "q1", "q2"])])
 def test_a_deep_queue(cfg, expect):
     # correctness at depth; the timing figure itself lives in benchmarks/
     cluster = nodes(8)

@@ -643,14 +643,13 @@ def test_preemptible_and_low_priority_nodes():
 # ---- the scheduler's policy file --------------------------------------------------------
 
 def test_policy_file_defaults_and_quotas(tmp_path):
-    from raybatch.scheduler.policy import config_from
     from raybatch.spec.policy import load_policy
 
     assert load_policy(tmp_path / "missing.yaml").backfill is True
     p = tmp_path / "policy.yaml"
     p.write_text("backfill: false\nquotas:\n  vision: {max_nodes: 4, max_gpus: 8, share: 2}\n"
                  "  default: {max_nodes: 2}\n")
-    cfg = config_from(load_policy(p))
+    cfg = load_policy(p)
     assert cfg.backfill is False and cfg.preemption is True
     assert cfg.quota("vision").max_nodes == 4 and cfg.quota("vision").share == 2
     assert cfg.quota("anything-else").max_nodes == 2

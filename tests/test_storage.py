@@ -22,7 +22,7 @@ from raybatch.storage.backends import Backend, StorageError, open_backend
 from raybatch.storage.datastores import (
     Access, CredentialError, Datastores, DatastoresFile, DatastoresFileWatcher,
 )
-from raybatch.storage.location import Location, LocationError, parse
+from raybatch.spec.location import Location, LocationError, parse
 from raybatch.storage.plan import check_locations, job_dir_for, job_locations, locate
 from raybatch.storage.staging import InputCache, download_tree
 from raybatch.storage.sync import DirSync, LogSync, NodeSync, SyncReport

@@ -15,6 +15,11 @@ _REGISTRY: dict[str, Framework] = {
 }
 
 
+def names() -> list[str]:
+    """Every framework a job file may name."""
+    return list(_REGISTRY)
+
+
 def get(name: str) -> Framework:
     try:
         return _REGISTRY[name]
@@ -22,4 +27,4 @@ def get(name: str) -> Framework:
         raise ValueError(f"unknown framework '{name}'; allowed: {', '.join(sorted(_REGISTRY))}") from None
 
 
-__all__ = ["Framework", "RankContext", "contract_env", "get"]
+__all__ = ["Framework", "RankContext", "contract_env", "get", "names"]

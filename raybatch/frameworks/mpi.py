@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Optional
 
 from raybatch.frameworks.base import Framework, RankContext
-from raybatch.runtime.mpi_agent import SOCKET_ENV as AGENT_SOCKET_ENV
+from raybatch.contract import MPI_AGENT_SOCKET_ENV as AGENT_SOCKET_ENV
 from raybatch.spec.job import JobSpec
 
 HOSTFILE_ENV = "RAYBATCH_MPI_HOSTFILE"

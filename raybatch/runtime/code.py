@@ -16,6 +16,7 @@ Ray workers."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import shutil
@@ -28,6 +29,30 @@ from typing import Callable, Optional
 MAX_CODE_BYTES = 500 * 2**20  # unpacked, like Ray's working_dir limit
 KEEP_PACKAGES = 32            # a node keeps at least this many of its newest packages ...
 KEEP_SECONDS = 24 * 3600      # ... and every package used within this time
+
+
+_SKIP_DIRS = {".git", "__pycache__", ".venv", "node_modules", ".mypy_cache", ".pytest_cache"}
+
+
+def package_code(directory: str | Path) -> tuple[str, bytes]:
+    """A deterministic zip of ``directory`` (same content -> same sha256)."""
+    root = Path(directory)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS)
+            for name in sorted(filenames):
+                if name.endswith(".pyc"):
+                    continue
+                path = Path(dirpath) / name
+                if not path.is_file():
+                    continue
+                info = zipfile.ZipInfo(str(path.relative_to(root)), date_time=(1980, 1, 1, 0, 0, 0))
+                info.external_attr = (path.stat().st_mode & 0o777) << 16
+                info.compress_type = zipfile.ZIP_DEFLATED
+                zf.writestr(info, path.read_bytes())
+    data = buf.getvalue()
+    return hashlib.sha256(data).hexdigest(), data
 
 
 class CodePackageError(ValueError):

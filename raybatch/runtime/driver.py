@@ -304,7 +304,7 @@ class Attempt:
                 if zipped.is_file():
                     data = zipped.read_bytes()
                 else:  # uploaded before the server kept the zip
-                    from raybatch.client import package_code  # noqa: PLC0415
+                    from raybatch.runtime.code import package_code  # noqa: PLC0415
 
                     data = package_code(code["dir"])[1]
             except OSError as e:

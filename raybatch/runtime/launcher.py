@@ -18,8 +18,8 @@ from typing import Any, Callable, Optional
 from raybatch.runtime import layout
 from raybatch.runtime.code import package_zip
 from raybatch.spec.job import JobSpec
+from raybatch.spec.location import LocationError
 from raybatch.storage.datastores import CredentialError, Datastores
-from raybatch.storage.location import LocationError
 from raybatch.storage.plan import resolve_attempt
 
 

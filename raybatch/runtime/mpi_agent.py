@@ -22,7 +22,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
-SOCKET_ENV = "RAYBATCH_MPI_AGENT_SOCKET"  # set by the mpi framework on rank 0
+from raybatch.contract import MPI_AGENT_SOCKET_ENV as SOCKET_ENV  # set by the mpi framework on rank 0
+
 POLL_S = 0.5
 
 

@@ -19,18 +19,17 @@ import logging
 import re
 import threading
 import time
+from pathlib import Path
 from typing import Any, Optional
 
-from pathlib import Path
-
+from raybatch.errors import SpecError
 from raybatch.runtime.launcher import AttemptSetupError, RayJobLauncher, ray_job_id
 from raybatch.scheduler import fit, policy
 from raybatch.scheduler.cluster import RayClusterView
 from raybatch.scheduler.queue import QueueFollower
 from raybatch.scheduler.simulate import SimJob, simulate
 from raybatch.spec.job import JobSpec
-from raybatch.spec.loader import SpecError
-from raybatch.spec.policy import load_policy
+from raybatch.spec.policy import SchedulerPolicy, load_policy
 from raybatch.state.states import AttemptOutcome, InvalidTransition, JobState
 from raybatch.state.store import Store
 
@@ -65,7 +64,7 @@ class Scheduler:
         self.cluster = cluster
         self.tick = tick
         self.policy_file = policy_file
-        self.policy = policy.PolicyConfig()
+        self.policy = SchedulerPolicy()
         self.policy_error: Optional[str] = None
         self._policy_mtime: Optional[float] = None
         self.autoscaler = autoscaler    # raybatch.scheduler.autoscale.Demand, or None
@@ -136,7 +135,7 @@ class Scheduler:
             return
         self._policy_mtime = mtime
         try:
-            self.policy = policy.config_from(load_policy(self.policy_file))
+            self.policy = load_policy(self.policy_file)
             self.policy_error = None
             log.info("scheduler policy loaded from %s", self.policy_file)
         except SpecError as e:

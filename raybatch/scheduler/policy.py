@@ -40,32 +40,12 @@ from typing import Iterable, Iterator, Optional
 
 from raybatch.scheduler import fit
 from raybatch.scheduler.fit import NodeView
+from raybatch.spec.policy import DEFAULT_GROUP, QuotaSpec, SchedulerPolicy
 
 # Exact search for the minimal victim set is combinatorial: bound its cost, then
 # fall back to greedy with pruning (still a minimal set, not always the minimum).
 VICTIM_SEARCH_BUDGET = 4000
 RESOURCES_FOR_SHARE = ("CPU", "GPU", "memory")
-
-
-@dataclass
-class Quota:
-    """Per-group limits: concurrent nodes and GPUs in use, and a fair-share weight."""
-
-    max_nodes: Optional[int] = None
-    max_gpus: Optional[float] = None
-    share: float = 1.0
-
-
-@dataclass
-class PolicyConfig:
-    backfill: bool = True
-    preemption: bool = True
-    fair_share: bool = True
-    quotas: dict[str, Quota] = field(default_factory=dict)
-    default_quota: Quota = field(default_factory=Quota)
-
-    def quota(self, group: str) -> Quota:
-        return self.quotas.get(group, self.default_quota)
 
 
 _SHAPES: dict[tuple, int] = {}
@@ -264,7 +244,7 @@ class QueueOrder:
     ``started(job)`` when a job is admitted so its group's usage grows."""
 
     def __init__(self, queued: "list[Job] | Queue", running: list[Job], totals: dict[str, float],
-                 config: PolicyConfig):
+                 config: SchedulerPolicy):
         self.config = config
         self.totals = totals
         self.usage: dict[str, dict[str, float]] = {}
@@ -306,7 +286,7 @@ class QueueOrder:
 
 # ---- quotas ----------------------------------------------------------------------------
 
-def quota_problem(job: Job, used_nodes: int, used_gpus: float, quota: Quota) -> Optional[str]:
+def quota_problem(job: Job, used_nodes: int, used_gpus: float, quota: QuotaSpec) -> Optional[str]:
     if quota.max_nodes is not None and used_nodes + job.count > quota.max_nodes:
         return (f"experiment '{job.group}' is at its quota: {used_nodes} of {quota.max_nodes} node(s) "
                 f"in use, this job needs {job.count}")
@@ -316,7 +296,7 @@ def quota_problem(job: Job, used_nodes: int, used_gpus: float, quota: Quota) -> 
     return None
 
 
-def never_admissible(job: Job, config: PolicyConfig) -> Optional[str]:
+def never_admissible(job: Job, config: SchedulerPolicy) -> Optional[str]:
     """A job its group's quota can never allow (checked at submit)."""
     q = config.quota(job.group)
     if q.max_nodes is not None and job.count > q.max_nodes:
@@ -381,12 +361,12 @@ def _fmt_time(t: float, now: float) -> str:
 
 
 def plan(now: float, nodes: list[NodeView], running: list[Job], queued: "list[Job] | Queue",
-         config: Optional[PolicyConfig] = None, settling: frozenset[str] = frozenset()) -> Plan:
+         config: Optional[SchedulerPolicy] = None, settling: frozenset[str] = frozenset()) -> Plan:
     """Decide this cycle. ``nodes`` is the free/total snapshot with running jobs
     already subtracted; ``running`` are the admitted jobs (with ``nodes`` set).
     ``settling``: jobs whose preemption victims ended a moment ago, whose nodes the
     snapshot may not show free yet; they preempt no one else meanwhile."""
-    config = config or PolicyConfig()
+    config = config or SchedulerPolicy()
     out = Plan()
     free = [n.copy() for n in nodes if n.alive]
     running = list(running)
@@ -408,8 +388,8 @@ def plan(now: float, nodes: list[NodeView], running: list[Job], queued: "list[Jo
     failed: dict[int, str] = {}  # shapes that did not fit this cycle (free only shrinks)
     delays: dict[int, str] = {}  # shapes that would delay the head (until the next start)
 
-    limited = {g for g, q in config.quotas.items() if q.max_nodes is not None or q.max_gpus is not None}
-    any_limited = config.default_quota.max_nodes is not None or config.default_quota.max_gpus is not None
+    limited = config.limited_groups
+    any_limited = DEFAULT_GROUP in limited  # the 'default' quota applies to every other experiment
     for job in order:
         if any_limited or job.group in limited:
             problem = quota_problem(job, used_nodes.get(job.group, 0), used_gpus.get(job.group, 0.0),
@@ -502,7 +482,7 @@ def _free_at(now: float, free: list[NodeView], running: list[Job], at: float) ->
     return snap
 
 
-def _head(now: float, head: Job, free: list[NodeView], running: list[Job], config: PolicyConfig,
+def _head(now: float, head: Job, free: list[NodeView], running: list[Job], config: SchedulerPolicy,
           out: Plan, reason: str, settling: bool = False) -> tuple[str, bool]:
     """The first job that does not fit: preempt for it, or reserve for it. Returns why
     it waits, and whether it is to get its nodes from preempted jobs."""
@@ -539,19 +519,6 @@ def _head(now: float, head: Job, free: list[NodeView], running: list[Job], confi
     if at < math.inf and not from_victims:
         reason += f"; next in line, nodes reserved to start {_fmt_time(at, now)} at the latest"
     return reason, from_victims
-
-
-def config_from(policy) -> PolicyConfig:
-    """A ``PolicyConfig`` from the policy file's model (``raybatch.spec.policy``)."""
-    def quota(q) -> Quota:
-        return Quota(max_nodes=q.max_nodes, max_gpus=q.max_gpus, share=q.share)
-
-    default = policy.quotas.get("default")
-    return PolicyConfig(
-        backfill=policy.backfill, preemption=policy.preemption, fair_share=policy.fair_share,
-        quotas={k: quota(v) for k, v in policy.quotas.items() if k != "default"},
-        default_quota=quota(default) if default else Quota(),
-    )
 
 
 def job_from_spec(job_id: str, seq: int, spec, **running) -> Job:

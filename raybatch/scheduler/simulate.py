@@ -13,7 +13,8 @@ from dataclasses import dataclass, field, replace
 
 from raybatch.scheduler import fit
 from raybatch.scheduler.fit import NodeView
-from raybatch.scheduler.policy import Job, PolicyConfig, plan, release
+from raybatch.scheduler.policy import Job, plan, release
+from raybatch.spec.policy import SchedulerPolicy
 
 
 @dataclass
@@ -34,12 +35,12 @@ class SimResult:
         return max(self.ends.values(), default=t0) - t0
 
 
-def simulate(nodes: list[NodeView], jobs: list[SimJob], config: PolicyConfig | None = None,
+def simulate(nodes: list[NodeView], jobs: list[SimJob], config: SchedulerPolicy | None = None,
              now: float = 0.0, running: list[tuple[Job, float]] = (), stop_when_started: set[str] | None = None,
              max_cycles: int = 100_000) -> SimResult:
     """Event-driven: at each arrival or end, ask the policy what starts.
     ``running`` are jobs already holding resources on ``nodes``, with their end times."""
-    config = replace(config or PolicyConfig(), preemption=False)
+    config = (config or SchedulerPolicy()).model_copy(update={"preemption": False})
     free = [n.copy() for n in nodes]
     active: dict[str, tuple[Job, float]] = {j.id: (j, end) for j, end in running}
     arrivals = sorted(jobs, key=lambda s: (s.submit_at, s.job.seq))

@@ -47,13 +47,14 @@ from raybatch.runtime.code import (
 from raybatch.scheduler.loop import Scheduler
 from raybatch.server.auth import bearer_dependency
 from raybatch.spec.job import JobSpec
+from raybatch.spec.location import LocationError
+from raybatch.spec.policy import DEFAULT_GROUP
+from raybatch.spec.location import parse as parse_location
 from raybatch.state.states import InvalidTransition, JobState
 from raybatch.state.store import Store
 from raybatch.storage import plan as storage_plan
 from raybatch.storage.backends import StorageError, open_backend
 from raybatch.storage.datastores import CredentialError, Datastores
-from raybatch.storage.location import LocationError
-from raybatch.storage.location import parse as parse_location
 
 MAX_LOG_CHUNK = 1 << 20
 ESTIMATED_JOBS = 100  # the queue view simulates this many jobs ahead for start estimates
@@ -157,8 +158,8 @@ def create_app(ctx: ServerContext, token: str) -> FastAPI:
         return SchedulerInfo(
             **{k: sched.stats[k] for k in ("cycles", "last_cycle_ms", "last_plan_ms", "queued", "active")},
             policy={"backfill": cfg.backfill, "preemption": cfg.preemption, "fair_share": cfg.fair_share,
-                    "quotas": {g: q.__dict__ for g, q in cfg.quotas.items()},
-                    "default_quota": cfg.default_quota.__dict__},
+                    "quotas": {g: q.model_dump() for g, q in cfg.quotas.items() if g != DEFAULT_GROUP},
+                    "default_quota": cfg.quota(DEFAULT_GROUP).model_dump()},
             policy_file=str(sched.policy_file) if sched.policy_file else None,
             policy_error=sched.policy_error, last_cycle_error=sched.last_cycle_error,
             reservation=({"job_id": res.job_id, "at": res.at if res.at != float("inf") else None,

@@ -37,9 +37,9 @@ def build(state_dir: Path, ray_address: str, dashboard_url: str, jobs_root: str 
     from raybatch.scheduler.loop import Scheduler  # noqa: PLC0415
     from raybatch.server.app import ServerContext, create_app  # noqa: PLC0415
     from raybatch.server.auth import ensure_token  # noqa: PLC0415
+    from raybatch.spec.location import LocationError, parse  # noqa: PLC0415
     from raybatch.state.store import Store  # noqa: PLC0415
     from raybatch.storage.datastores import DatastoresFileWatcher  # noqa: PLC0415
-    from raybatch.storage.location import LocationError, parse  # noqa: PLC0415
 
     ray_client_env()
     state_dir.mkdir(parents=True, exist_ok=True)

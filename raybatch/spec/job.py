@@ -46,6 +46,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from raybatch.spec.location import parse as parse_location
 from raybatch.spec.units import DURATION_HELP, SIZE_HELP, parse_duration, parse_size
 
 NAME_PATTERN = r"[-\w]{1,64}"  # matched with re.fullmatch
@@ -57,7 +58,8 @@ PRIORITY_NAMES = {"low": 250, "normal": 500, "high": 750}
 DEFAULT_MAX_WALL_CLOCK = 7 * 86400.0  # Batch AI's default: 7 days
 DEFAULT_GRACE_PERIOD = 30.0
 
-# Framework names the runner knows; kept in step with raybatch.frameworks.
+# Framework names the runner knows: raybatch.frameworks' registry (tests/test_layers.py pins them
+# together; the job file's format cannot import the adapters, which import it).
 KNOWN_FRAMEWORKS = ("custom", "pytorch", "tensorflow", "mpi", "chainer", "horovod")
 # Frameworks whose ranks are started by mpirun (the `mpi` block applies to them).
 MPI_FRAMEWORKS = ("mpi", "chainer", "horovod")
@@ -113,9 +115,7 @@ LOCATION_HELP = ("an absolute path on every node (local disk, NFS, an Azure File
 
 def _location(v: Optional[str]) -> Optional[str]:
     if v is not None:
-        from raybatch.storage.location import parse  # noqa: PLC0415
-
-        parse(v)  # LocationError (a ValueError) says what is wrong
+        parse_location(v)  # LocationError (a ValueError) says what is wrong
     return v
 
 
@@ -139,9 +139,7 @@ class InputSpec(_Strict):
     @classmethod
     def _mode(cls, v: Optional[str], info: ValidationInfo) -> Optional[str]:
         if v is None and "path" in info.data:
-            from raybatch.storage.location import parse  # noqa: PLC0415
-
-            return "direct" if parse(info.data["path"]).is_local else "download"
+            return "direct" if parse_location(info.data["path"]).is_local else "download"
         return v
 
 

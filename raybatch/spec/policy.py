@@ -18,14 +18,16 @@ from typing import Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from raybatch.errors import SpecError, format_validation_error
 from raybatch.spec.job import NAME_PATTERN
-from raybatch.spec.loader import SpecError, format_validation_error
 
 DEFAULT_GROUP = "default"
 
 
 class QuotaSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Per-experiment limits: concurrent nodes and GPUs in use, and a fair-share weight."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     max_nodes: Optional[int] = Field(None, ge=1, description="Nodes its jobs may hold at once.")
     max_gpus: Optional[float] = Field(None, ge=0, description="GPUs its jobs may hold at once.")
@@ -33,7 +35,9 @@ class QuotaSpec(BaseModel):
 
 
 class SchedulerPolicy(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """The policy file, and the one policy config the scheduler reads (``policy.plan``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     backfill: bool = Field(True, description="EASY backfill; false: strict order.")
     preemption: bool = Field(True, description="Higher priority may preempt lower priority.")
@@ -51,6 +55,18 @@ class SchedulerPolicy(BaseModel):
             if not re.fullmatch(NAME_PATTERN, name):
                 raise ValueError(f"'{name}' is not an experiment name (1-64 letters, digits, '-', '_')")
         return v
+
+    def quota(self, group: str) -> QuotaSpec:
+        """An experiment's quota: its own, else the 'default' entry, else no limits."""
+        return self.quotas.get(group) or self.quotas.get(DEFAULT_GROUP) or _NO_QUOTA
+
+    @property
+    def limited_groups(self) -> frozenset[str]:
+        """Experiments with a node or GPU limit of their own ('default': every other one)."""
+        return frozenset(g for g, q in self.quotas.items() if q.max_nodes is not None or q.max_gpus is not None)
+
+
+_NO_QUOTA = QuotaSpec()
 
 
 def load_policy(path: Path) -> SchedulerPolicy:

@@ -1,6 +1,6 @@
 """Storage: where a job's inputs come from and where its outputs, checkpoints and logs go.
+Location strings are parsed by ``raybatch.spec.location`` (they are part of the job file).
 
-- ``location``: parse location strings (paths, az://, abfs://, datastore://, azureml://);
 - ``datastores``: the server's named datastores and their credential references;
 - ``backends``: read/write a local directory or Azure Blob, with errors in words;
 - ``staging``: the per-node, content-addressed input cache (``download`` mode);
@@ -8,9 +8,9 @@
 - ``plan``: what each node of an attempt writes locally and where it goes.
 """
 
+from raybatch.spec.location import Location, LocationError, parse
 from raybatch.storage.backends import Backend, Entry, StorageError, open_backend
 from raybatch.storage.datastores import Access, CredentialError, Datastores
-from raybatch.storage.location import Location, LocationError, parse
 
 __all__ = ["Access", "Backend", "CredentialError", "Datastores", "Entry", "Location", "LocationError",
            "StorageError", "open_backend", "parse"]

@@ -38,8 +38,8 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from raybatch.spec.loader import SpecError, format_validation_error
-from raybatch.storage.location import DATASTORE_RE, Location, LocationError, parse
+from raybatch.errors import SpecError, format_validation_error
+from raybatch.spec.location import DATASTORE_RE, Location, LocationError, parse
 
 
 class SecretRef(BaseModel):

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from raybatch.spec.job import JobSpec
+from raybatch.spec.location import parse
 from raybatch.storage.datastores import Access, Datastores
-from raybatch.storage.location import parse
 
 
 def join(location: str, *parts: str) -> str:

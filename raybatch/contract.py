@@ -1,0 +1,6 @@
+"""Names of the environment contract that cross layers: set by a framework adapter
+(``raybatch.frameworks``) and read by a process raybatch starts that must not import
+the package's heavy parts (the MPI rsh agent, started by mpirun on every node). Stdlib
+only, and nothing of raybatch's."""
+
+MPI_AGENT_SOCKET_ENV = "RAYBATCH_MPI_AGENT_SOCKET"  # rank 0's agent server (frameworks.mpi sets it)
