@@ -8,6 +8,7 @@ Resolution order for the server a client talks to (like Ray's RAY_ADDRESS):
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 ENV_HOME = "RAYBATCH_HOME"
@@ -20,6 +21,40 @@ API_PREFIX = "/api/v1"
 def home() -> Path:
     """The per-user state directory of the embedded local default."""
     return Path(os.environ.get(ENV_HOME) or Path.home() / ".raybatch").expanduser().resolve()
+
+
+def default_cache_dir() -> str:
+    """Where each node keeps its caches (inputs, code, environments): ``$RAYBATCH_CACHE_DIR``
+    or ``~/.cache/raybatch``."""
+    return os.environ.get("RAYBATCH_CACHE_DIR") or str(Path.home() / ".cache" / "raybatch")
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """The server's tunables, read once from its environment (``RAYBATCH_*``) and handed
+    to every attempt's driver in its attempt file: the server's settings win over the
+    Ray cluster's environment, where the driver runs."""
+
+    cache_dir: str
+    storage_check_s: float = 20.0        # RAYBATCH_STORAGE_CHECK_S: retry transient storage errors this long
+    final_sync_timeout_s: float = 300.0  # RAYBATCH_FINAL_SYNC_TIMEOUT_S: the last upload's retries
+    placement_timeout_s: float = 120.0   # RAYBATCH_PLACEMENT_TIMEOUT_S: the gang must be placed by then
+
+    @classmethod
+    def from_env(cls, cache_dir: str | None = None) -> "ServerSettings":
+        def seconds(name: str, default: float) -> float:
+            raw = os.environ.get(name)
+            try:
+                return float(raw) if raw else default
+            except ValueError:
+                raise SystemExit(f"{name}={raw!r}: expected a number of seconds") from None
+
+        return cls(
+            cache_dir=cache_dir or default_cache_dir(),
+            storage_check_s=seconds("RAYBATCH_STORAGE_CHECK_S", cls.storage_check_s),
+            final_sync_timeout_s=seconds("RAYBATCH_FINAL_SYNC_TIMEOUT_S", cls.final_sync_timeout_s),
+            placement_timeout_s=seconds("RAYBATCH_PLACEMENT_TIMEOUT_S", cls.placement_timeout_s),
+        )
 
 
 def ray_client_env() -> None:

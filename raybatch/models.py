@@ -8,6 +8,7 @@ from typing import Any, Optional
 
 from pydantic import BaseModel, Field
 
+from raybatch.runtime.protocol import Phase, Staging
 from raybatch.spec.job import JobSpec
 from raybatch.state.states import JobState
 
@@ -92,9 +93,8 @@ class JobDetail(JobSummary):
     outputs: dict[str, str] = Field(default_factory=dict, description="Output id -> its location.")
     checkpoint_dir: str
     logs_dir: str
-    phase: Optional[str] = Field(None, description="The running attempt's step: placing, placed, "
-                                 "staging, running, stopping, syncing, done.")
-    staging: Optional[dict[str, Any]] = Field(None, description="While staging: bytes_done, bytes_total.")
+    phase: Optional[Phase] = Field(None, description="The running attempt's step (raybatch.runtime.protocol.Phase).")
+    staging: Optional[Staging] = Field(None, description="While staging: bytes done and in all.")
     transitions: list[Transition] = []
     attempts: list[AttemptInfo] = []
 

@@ -10,11 +10,16 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable
 
 import pytest
 
 from raybatch.runtime import driver as driver_mod
+from raybatch.runtime import gang as gang_mod
+from raybatch.runtime import setup as setup_mod
+from raybatch.runtime import watch as watch_mod
+from raybatch.runtime.protocol import RankReport
 from raybatch.runtime.launcher import RayJobState
 from raybatch.spec.job import JobSpec
 from raybatch.spec.loader import SpecError
@@ -174,14 +179,15 @@ class FakeActor:
 
 def make_attempt(tmp_path: Path, monkeypatch, spec: dict, job_dir: str,
                  datastores: Datastores | None = None) -> driver_mod.Attempt:
-    monkeypatch.setattr(driver_mod, "ray", FakeRay)
+    for module in (driver_mod, gang_mod, setup_mod, watch_mod):
+        monkeypatch.setattr(module, "ray", FakeRay)
     js = JobSpec.model_validate({"name": "j", "command": "true", **spec})
     storage = resolve_attempt(js, job_dir, datastores or Datastores())
     ctl = tmp_path / "ctl"
     ctl.mkdir(exist_ok=True)
     (ctl / "attempt.json").write_text(json.dumps({
         "job_id": "job1", "attempt": 1, "spec": js.model_dump(mode="json"), "job_dir": job_dir,
-        "status_file": str(ctl / "status.json"), "storage": storage.to_dict(secrets=False)}))
+        "control_dir": str(ctl), "storage": storage.to_dict(secrets=False), "cache_dir": str(tmp_path / "cache")}))
     return driver_mod.Attempt(str(ctl / "attempt.json"))
 
 
@@ -209,13 +215,13 @@ def test_a_failed_final_sync_call_is_not_taken_for_everything_out(tmp_path, monk
         raise RayActorError()
 
     ok = {"unsynced": [], "error": None, "hostname": "h"}
-    a.actors = [FakeActor(finish_sync=died), FakeActor(finish_sync=lambda _t: ok)]
-    a.ranks = [{"rank": r, "node_rank": 0, "local_rank": r, "node_id": "n0"} for r in (0, 1)]
-    a.job_temps = ["/tmp/raybatch-jobs/job1/node-0"] * 2
+    a.gang.actors = [FakeActor(finish_sync=died), FakeActor(finish_sync=lambda _t: ok)]
+    a.ranks = [RankReport(rank=r, node_rank=0, local_rank=r, node_id="n0") for r in (0, 1)]
+    a.launches = [SimpleNamespace(job_temp="/tmp/raybatch-jobs/job1/node-0")] * 2
     not_out = a.final_sync()
     a.cleanup()
-    removed = [args[0] for act in a.actors for name, args in act.calls if name == "remove_dir"]
-    assert not_out is not None or str(a.mirror) not in removed, (not_out, removed)
+    removed = [args[0] for act in a.gang.actors for name, args in act.calls if name == "remove_dir"]
+    assert not_out is not None or str(a.dirs.mirror) not in removed, (not_out, removed)
 
 
 def test_files_api_lists_and_downloads_dotfiles(tmp_path):
@@ -388,8 +394,8 @@ def test_job_dir_of_a_local_datastore_output_root_is_a_path(tmp_path, monkeypatc
     a = make_attempt(tmp_path, monkeypatch, {}, job_dir, stores)
     info = {"node_id": "n0", "node_ip": "127.0.0.1", "hostname": "h"}
     envs = []
-    a.actors = [FakeActor(node_info=lambda: info, free_port=lambda: 1234,
-                          start=lambda argv, env, *rest: envs.append(env) or 1)]
+    a.gang.actors = [FakeActor(node_info=lambda: info, free_port=lambda: 1234,
+                               start=lambda argv, env, *rest: envs.append(env) or 1)]
     a.start_ranks()
     env = envs[0]
     assert not env["RAYBATCH_JOB_DIR"].startswith("datastore://"), env["RAYBATCH_JOB_DIR"]
@@ -443,7 +449,7 @@ def test_every_blob_output_location_gets_its_own_write_check(tmp_path, monkeypat
         def list(self, rel=""):
             return []
 
-    monkeypatch.setattr(driver_mod, "open_backend", Probe)
+    monkeypatch.setattr(setup_mod, "open_backend", Probe)
     assert a.check_storage() is None
     assert ("shared/preds", "sv=1&sp=r&sig=x") in checked, checked
 

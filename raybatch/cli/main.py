@@ -22,6 +22,7 @@ from rich.text import Text
 
 from raybatch.cli import render
 from raybatch.client import Client, RaybatchError, exit_code_for
+from raybatch.runtime.protocol import Phase
 from raybatch.spec.loader import SpecError, load_job_document, read_document
 from raybatch.state.states import JobState
 
@@ -104,10 +105,10 @@ def _progress_line(job, started: float) -> Text:
     t.append(f"{job.id} ", style="bold")
     t.append(job.state.value, style=render.STATE_STYLE.get(job.state.value, "white"))
     t.append(f"  attempt {job.attempt}  {time.monotonic() - started:5.0f}s")
-    if job.phase and job.phase != "done":
-        t.append(f"  {job.phase}", style="cyan")
-        if job.staging and job.staging.get("bytes_total"):
-            done, total = job.staging["bytes_done"], job.staging["bytes_total"]
+    if job.phase and job.phase is not Phase.DONE:
+        t.append(f"  {job.phase.value}", style="cyan")
+        if job.staging and job.staging.bytes_total:
+            done, total = job.staging.bytes_done, job.staging.bytes_total
             t.append(f" {render.size(done)} of {render.size(total)} ({100 * done / total:.0f}%)", style="cyan")
     extra = job.waiting_reason or job.reason
     if extra:

@@ -68,9 +68,9 @@ def show_job(j: JobDetail) -> None:
     if j.waiting_reason:
         c.print(f"  waiting:     {j.waiting_reason}")
     if j.phase:
-        line = j.phase
-        if j.staging and j.staging.get("bytes_total"):
-            done, total = j.staging["bytes_done"], j.staging["bytes_total"]
+        line = j.phase.value
+        if j.staging and j.staging.bytes_total:
+            done, total = j.staging.bytes_done, j.staging.bytes_total
             line += f": {size(done)} of {size(total)} ({100 * done / total:.0f}%)"
         c.print(f"  phase:       {line}")
     if j.preempt_requested:

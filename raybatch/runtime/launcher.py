@@ -8,15 +8,16 @@ the driver removes as soon as it has read it."""
 
 from __future__ import annotations
 
-import os
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from raybatch.runtime import layout
+from raybatch.config import ServerSettings
 from raybatch.runtime.code import package_zip
+from raybatch.runtime.protocol import (
+    AttemptFile, CodeRef, Control, ControlDir, Report, ray_job_id, write_json_atomic,
+)
 from raybatch.spec.job import JobSpec
 from raybatch.spec.location import LocationError
 from raybatch.storage.datastores import CredentialError, Datastores
@@ -36,14 +37,10 @@ class RayJobState:
     message: str = ""
 
 
-def ray_job_id(job_id: str, attempt: int) -> str:
-    return f"raybatch-{job_id}-{attempt}"
-
-
 class RayJobLauncher:
     def __init__(self, dashboard_url: str, state_dir: str | Path, code_root: str | Path,
-                 datastores: Optional[Callable[[], Datastores]] = None, cache_dir: Optional[str] = None,
-                 ray_address: Optional[str] = None):
+                 datastores: Optional[Callable[[], Datastores]] = None,
+                 settings: Optional[ServerSettings] = None, ray_address: Optional[str] = None):
         from raybatch.config import ray_client_env  # noqa: PLC0415
 
         ray_client_env()
@@ -54,7 +51,7 @@ class RayJobLauncher:
         self.code_root = Path(code_root)
         self.client = JobSubmissionClient(dashboard_url)
         self.datastores = datastores or Datastores
-        self.cache_dir = cache_dir
+        self.settings = settings or ServerSettings.from_env()
         # the driver connects to this GCS, not to "auto": Ray resolves "auto" through one
         # file per machine's temp dir, which names whichever cluster started last
         self.ray_address = ray_address
@@ -63,39 +60,34 @@ class RayJobLauncher:
         """Submit the attempt's Ray Job. Bundle i of its gang goes on ``nodes[i]`` (the
         scheduler's choice); anywhere Ray finds room when ``nodes`` is not given."""
         spec = JobSpec.model_validate_json(job["spec"])
-        ctl = layout.control_dir(self.state_dir, job["id"], attempt)
-        attempt_file = ctl / "attempt.json"
-        status_file = ctl / "status.json"
-        status_file.unlink(missing_ok=True)
+        ctl = ControlDir.of(self.state_dir, job["id"], attempt)
+        ctl.status.unlink(missing_ok=True)
         try:
             storage = resolve_attempt(spec, job["job_dir"], self.datastores())
         except (CredentialError, LocationError) as e:
             raise AttemptSetupError(f"storage: {e}") from None
-        layout.write_json_atomic(attempt_file, {
-            "job_id": job["id"], "attempt": attempt, "spec": spec.model_dump(mode="json"),
-            "job_dir": job["job_dir"], "status_file": str(status_file),
-            "nodes": list(nodes or []), "storage": storage.to_dict(secrets=False),
-            "cache_dir": self.cache_dir, "ray_address": self.ray_address,
-            "code": ({"sha": job["code_package"], "dir": str(self.code_root / job["code_package"]),
-                      "zip": str(package_zip(self.code_root, job["code_package"]))}
-                     if job.get("code_package") else None),
-            # the server's settings (its environment), not the Ray cluster's
-            "storage_check_s": float(os.environ.get("RAYBATCH_STORAGE_CHECK_S", "20")),
-            "final_sync_timeout_s": float(os.environ.get("RAYBATCH_FINAL_SYNC_TIMEOUT_S", "300")),
-        })
-        secrets = ctl / "secrets.json"
-        if any(a.secret for a in storage.all()):
-            # mkstemp + rename: mode 0600 from the first byte
-            layout.write_json_atomic(secrets, storage.to_dict(secrets=True))
+        sha = job.get("code_package")
+        settings = self.settings
+        write_json_atomic(ctl.attempt, AttemptFile(
+            job_id=job["id"], attempt=attempt, spec=spec, job_dir=job["job_dir"], control_dir=str(ctl.path),
+            nodes=list(nodes or []), storage=storage.to_dict(secrets=False), cache_dir=settings.cache_dir,
+            ray_address=self.ray_address,
+            code=CodeRef(sha=sha, dir=str(self.code_root / sha), zip=str(package_zip(self.code_root, sha)))
+            if sha else None,
+            storage_check_s=settings.storage_check_s, final_sync_timeout_s=settings.final_sync_timeout_s,
+            placement_timeout_s=settings.placement_timeout_s,
+        ).model_dump(mode="json"))
+        if any(a.secret for a in storage.all()):  # mkstemp + rename: mode 0600 from the first byte
+            write_json_atomic(ctl.secrets, storage.to_dict(secrets=True))
         else:
-            secrets.unlink(missing_ok=True)
-        (ctl / "control.json").unlink(missing_ok=True)
+            ctl.secrets.unlink(missing_ok=True)
+        ctl.control.unlink(missing_ok=True)
         # No runtime_env (no working_dir, no env_vars): the rank actors inherit the job's,
         # and any runtime_env costs each of them one more Python start. The driver ships
         # the code itself (raybatch.runtime.code).
         sid = ray_job_id(job["id"], attempt)
         self.client.submit_job(
-            entrypoint=f"{sys.executable} -m raybatch.runtime.driver {attempt_file}",
+            entrypoint=f"{sys.executable} -m raybatch.runtime.driver {ctl.attempt}",
             submission_id=sid,
             metadata={
                 "raybatch_job_id": job["id"], "raybatch_job_name": spec.name,
@@ -107,11 +99,11 @@ class RayJobLauncher:
     def discard_secrets(self, job_id: str, attempt: int) -> None:
         """The attempt is over: its credentials file must not outlive it (a driver that
         never started did not remove it)."""
-        (layout.control_dir(self.state_dir, job_id, attempt) / "secrets.json").unlink(missing_ok=True)
+        ControlDir.of(self.state_dir, job_id, attempt).secrets.unlink(missing_ok=True)
 
-    def report(self, job_id: str, attempt: int) -> Optional[dict[str, Any]]:
-        """The driver's latest report (phase placing | placed | running | stopping | done)."""
-        return layout.read_json(layout.control_dir(self.state_dir, job_id, attempt) / "status.json")
+    def report(self, job_id: str, attempt: int) -> Optional[Report]:
+        """The driver's latest report (``protocol.Phase``), or None before its first."""
+        return ControlDir.of(self.state_dir, job_id, attempt).read_report()
 
     def state(self, sid: str) -> RayJobState:
         try:
@@ -126,8 +118,7 @@ class RayJobLauncher:
     def request_stop(self, job_id: str, attempt: int, action: str, reason: str = "") -> None:
         """Ask the attempt's driver to stop its ranks gracefully (it polls this file).
         ``action``: cancel | preempt."""
-        layout.write_json_atomic(layout.control_dir(self.state_dir, job_id, attempt) / "control.json",
-                                 {"action": action, "reason": reason, "at": time.time()})
+        ControlDir.of(self.state_dir, job_id, attempt).write_control(Control(action=action, reason=reason))
 
     def stop(self, sid: str) -> None:
         """Last resort when the driver does not react: Ray SIGTERMs, then SIGKILLs it."""

@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from raybatch.errors import SpecError
-from raybatch.runtime.launcher import AttemptSetupError, RayJobLauncher, ray_job_id
+from raybatch.runtime.launcher import AttemptSetupError, RayJobLauncher
+from raybatch.runtime.protocol import Phase, Report, ray_job_id
 from raybatch.scheduler import fit, policy
 from raybatch.scheduler.cluster import RayClusterView
 from raybatch.scheduler.queue import QueueFollower
@@ -47,13 +48,9 @@ def _spec(job: dict[str, Any]) -> JobSpec:
     return JobSpec.model_validate_json(job["spec"])
 
 
-def _placed(report: dict[str, Any]) -> bool:
-    """Does Ray's resource view already show this attempt's gang? Its placement group is
-    placed, and long enough ago for the raylets to have reported it."""
-    phase = report.get("phase")
-    if phase in ("staging", "preparing", "running", "stopping", "syncing", "done"):
-        return True
-    return phase == "placed" and time.time() - report.get("at", 0) > VIEW_LAG_S
+def _placed(report: Optional[Report]) -> bool:
+    """Does Ray's resource view already show this attempt's gang?"""
+    return report is not None and report.shows_placed(VIEW_LAG_S)
 
 
 class Scheduler:
@@ -161,20 +158,20 @@ class Scheduler:
         elif job["preempt_requested"]:
             self._stop(job, sid, "preempt", job["preempt_requested"],
                        f"preempted by {job['preempted_by']}, which has a higher priority")
-        report = self.launcher.report(job_id, n) or {}
-        if job["state"] == JobState.STARTING.value and report.get("phase") in ("running", "stopping", "done") \
-                and report.get("ranks"):
-            self.store.set_ranks(job_id, n, report["ranks"])
-            self.store.update_attempt(job_id, n, running_at=report.get("at"))
-            nodes = len({r["node_id"] for r in report["ranks"]})
+        report = self.report(job_id, n)
+        if job["state"] == JobState.STARTING.value and report and report.phase.ranks_started and report.ranks:
+            self.store.set_ranks(job_id, n, [r.model_dump() for r in report.ranks])
+            self.store.update_attempt(job_id, n, running_at=report.at or None)
+            nodes = len({r.node_id for r in report.ranks})
             job = self.store.transition(
                 job_id, JobState.RUNNING,
-                f"all {len(report['ranks'])} ranks running on {nodes} node(s)",
-                expect=JobState.STARTING, started_at=job["started_at"] or report.get("at"),
+                f"all {len(report.ranks)} ranks running on {nodes} node(s)",
+                expect=JobState.STARTING, started_at=job["started_at"] or report.at or None,
             )
-        # "done" is written after every rank's process group is gone and the placement
+        # DONE is written after every rank's process group is gone and the placement
         # group is removed, so the attempt can end before Ray marks its job finished.
-        ray_state = None if report.get("phase") == "done" else self.launcher.state(sid)
+        done = report is not None and report.phase is Phase.DONE
+        ray_state = None if done else self.launcher.state(sid)
         if ray_state is not None and not ray_state.terminal:
             job["_attempt"] = attempt
             self._active.append(job)
@@ -182,13 +179,14 @@ class Scheduler:
                 self._unplaced.append(job)
             return
         if ray_state is None:
-            outcome = AttemptOutcome(report["outcome"])
-            code, message = report.get("exit_code"), report.get("message", "")
-            if report.get("ranks"):
-                self.store.set_ranks(job_id, n, report["ranks"])
-            if report.get("lost_nodes"):
-                self.store.update_attempt(job_id, n, lost_nodes=report["lost_nodes"])
-        elif ray_state.status == "MISSING" and not report:
+            assert report is not None
+            outcome = report.outcome or AttemptOutcome.DRIVER_LOST
+            code, message = report.exit_code, report.message
+            if report.ranks:
+                self.store.set_ranks(job_id, n, [r.model_dump() for r in report.ranks])
+            if report.lost_nodes:
+                self.store.update_attempt(job_id, n, lost_nodes=report.lost_nodes)
+        elif ray_state.status == "MISSING" and report is None:
             # the server died before the Ray job was submitted: nothing ran, nothing is charged
             self.store.update_attempt(job_id, n, ended_at=time.time(),
                                       outcome=AttemptOutcome.START_FAILED.value,
@@ -229,12 +227,17 @@ class Scheduler:
             self._stop_sent.add(key)
         grace = self.spec_of(job).grace_period
         if time.time() - since > grace + STOP_ESCALATION_S and sid not in self._killed:
-            report = self.launcher.report(job["id"], job["attempt"]) or {}
-            if report.get("phase") == "syncing" and time.time() - report.get("at", 0) < SYNC_HEARTBEAT_S:
+            report = self.report(job["id"], job["attempt"])
+            if report and report.phase is Phase.SYNCING and time.time() - report.at < SYNC_HEARTBEAT_S:
                 return  # the gang has stopped; its driver is uploading the last outputs
             log.warning("%s did not stop within %.0f s: stopping its Ray job", sid, grace + STOP_ESCALATION_S)
             self.launcher.stop(sid)
             self._killed.add(sid)
+
+    def report(self, job_id: str, n: int) -> Optional[Report]:
+        """The attempt's driver's latest report (launchers may hand it over as a dict)."""
+        report = self.launcher.report(job_id, n)
+        return Report.model_validate(report) if report is not None else None
 
     def _discard_secrets(self, job_id: str, n: int) -> None:
         """The attempt is over: its storage credentials file goes (a driver that never

@@ -22,11 +22,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import threading
 from pathlib import Path
 
-from raybatch.config import ray_client_env
+from raybatch.config import ServerSettings, ray_client_env
 
 
 def build(state_dir: Path, ray_address: str, dashboard_url: str, jobs_root: str | Path | None = None,
@@ -56,9 +55,8 @@ def build(state_dir: Path, ray_address: str, dashboard_url: str, jobs_root: str 
     datastores()
     if datastores.error:
         raise SystemExit(datastores.error)
-    cache_dir = cache_dir or os.environ.get("RAYBATCH_CACHE_DIR") or str(Path.home() / ".cache" / "raybatch")
-    launcher = RayJobLauncher(dashboard_url, state_dir, code_root, datastores=datastores, cache_dir=cache_dir,
-                              ray_address=ray_address)
+    launcher = RayJobLauncher(dashboard_url, state_dir, code_root, datastores=datastores,
+                              settings=ServerSettings.from_env(cache_dir), ray_address=ray_address)
     root = str(jobs_root or state_dir / "jobs")
     try:
         root_loc = parse(root)

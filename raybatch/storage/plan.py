@@ -3,7 +3,10 @@
 A job's directory (``<output_root>/<experiment>/<job id>``) holds, unless the job
 file sends an output elsewhere::
 
-    stdouterr/attempt-<n>/rank-<r>/{stdout,stderr}.txt
+    stdouterr/attempt-<n>/rank-<r>/{stdout,stderr}.txt      each rank's output (``rank_logs``)
+    stdouterr/attempt-<n>/prepare/node-<k>/{stdout,stderr}.txt   the prepare command (``prepare_logs``)
+    stdouterr/attempt-<n>/environment/node-<k>.txt          a failed environment build (``environment_log``)
+    stdouterr/attempt-<n>/environment/pip-check.txt
     checkpoints/                     RAYBATCH_CHECKPOINT_DIR, kept across attempts
     outputs/<id>/                    RAYBATCH_OUTPUT_<ID>
 
@@ -25,6 +28,22 @@ from raybatch.storage.datastores import Access, Datastores
 def join(location: str, *parts: str) -> str:
     """A child of a location string, as a location string."""
     return parse(location).join(*parts).uri
+
+
+def rank_logs(attempt: int, rank: int) -> str:
+    """A rank's log directory, below ``stdouterr/``."""
+    return f"attempt-{attempt}/rank-{rank}"
+
+
+def prepare_logs(attempt: int, node_rank: int) -> str:
+    """A node's prepare command's log directory, below ``stdouterr/``."""
+    return f"attempt-{attempt}/prepare/node-{node_rank}"
+
+
+def environment_log(attempt: int, node_rank: Optional[int]) -> str:
+    """A failed environment build's log (a node's, or the requirements check's), below ``stdouterr/``."""
+    return f"attempt-{attempt}/environment/" + (f"node-{node_rank}.txt" if node_rank is not None
+                                               else "pip-check.txt")
 
 
 def job_dir_for(root: str, experiment: str, job_id: str) -> str:

@@ -1,0 +1,140 @@
+"""What each rank of an attempt runs, and with what: a pure function of the job, the
+gang's nodes and the resolved storage (no Ray calls), so it is tested without a
+cluster. The driver hands each ``RankLaunch`` to its rank's actor.
+
+Node-local directories of an attempt (``AttemptDirs``)::
+
+    <tmp>/raybatch-mirror/<job id>/attempt-<n>/node-<k>/   local copies of blob outputs,
+                                                           checkpoints and logs (uploaded by the sync)
+    <tmp>/raybatch-jobs/<job id>/node-<k>/                 AZ_BATCHAI_JOB_TEMP, removed at the end
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from raybatch.frameworks.base import Framework, RankContext
+from raybatch.runtime.protocol import RankReport
+from raybatch.spec.job import JobSpec
+from raybatch.storage.plan import AttemptStorage, prepare_logs, rank_logs
+
+HOSTFILE_ALIAS = "AZ_BATCHAI_MPI_HOST_FILE"
+
+
+@dataclass(frozen=True)
+class AttemptDirs:
+    job_id: str
+    attempt: int
+
+    @property
+    def mirror(self) -> Path:
+        return Path(tempfile.gettempdir()) / "raybatch-mirror" / self.job_id / f"attempt-{self.attempt}"
+
+    def node_mirror(self, node_rank: int) -> Path:
+        return self.mirror / f"node-{node_rank}"
+
+    def job_temp(self, node_rank: int) -> str:
+        return str(Path(tempfile.gettempdir()) / "raybatch-jobs" / self.job_id / f"node-{node_rank}")
+
+
+@dataclass
+class RankLaunch:
+    """One rank: its place, what it runs (None: it holds its share of the node and runs
+    nothing itself), and what its node copies out while it runs."""
+
+    rank: int
+    node_rank: int
+    local_rank: int
+    role: str
+    argv: Optional[list[str]]
+    env: dict[str, str]
+    cwd: str
+    log_dir: str
+    make_dirs: list[str]
+    files: dict[str, str]
+    job_temp: str
+    # blob destinations: (local dir, access) of outputs/checkpoints, one rank per node ...
+    sync_dirs: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    # ... and (local file, access, path below the logs location) of logs
+    sync_logs: list[tuple[str, dict[str, Any], str]] = field(default_factory=list)
+
+    def report(self, info: dict[str, Any]) -> RankReport:
+        return RankReport(rank=self.rank, node_rank=self.node_rank, local_rank=self.local_rank,
+                          role=self.role, node_id=info["node_id"], node_ip=info["node_ip"],
+                          hostname=info["hostname"])
+
+
+def plan_ranks(spec: JobSpec, framework: Framework, storage: AttemptStorage, dirs: AttemptDirs, *,
+               job_dir: str, infos: list[dict[str, Any]], ports: list[int], code_dirs: dict[int, str],
+               staged_inputs: dict[int, dict[str, str]], gpus_per_rank: float = 0.0) -> list[RankLaunch]:
+    """Every rank's launch. ``infos``/``ports``: each rank's node and a free port there
+    (rank 0's is MASTER_PORT); ``code_dirs``: the code on each node (empty: no code);
+    ``staged_inputs``: each node's local copies of ``download`` inputs."""
+    P, st, n = spec.processes_per_node, storage, dirs.attempt
+    peers = [f"{info['node_ip']}:{port}" for info, port in zip(infos, ports)]
+    master_addr, master_port = infos[0]["node_ip"], ports[0]
+    # the job dir as the nodes see it: a path (also when it is a datastore on a mount)
+    local_job_dir = Path(st.logs.path).parent if st.logs.kind == "local" else None
+    shared = str((local_job_dir or dirs.mirror) / "shared")
+    # Batch AI's AZ_BATCHAI_MPI_HOST_FILE: the gang's nodes, one line each, on every node
+    hostfile_text = "".join(f"{infos[k * P]['node_ip']} slots={P}\n" for k in range(spec.nodes))
+    out = []
+    for rank, info in enumerate(infos):
+        node_rank, local_rank = divmod(rank, P)
+        node_dir = dirs.node_mirror(node_rank)
+        ckpt = st.checkpoints.path if st.checkpoints.kind == "local" else str(node_dir / "checkpoints")
+        outputs = {i: a.path if a.kind == "local" else str(node_dir / "outputs" / i) for i, a in st.outputs.items()}
+        inputs = {}
+        for i, a in st.inputs.items():
+            if st.input_modes.get(i) == "download":
+                inputs[i] = staged_inputs[node_rank][i]
+            else:  # direct: the path, or the blob's URL for the script's own credential
+                inputs[i] = a.path if a.kind == "local" else f"{a.endpoint}/{a.container}/{a.path}".rstrip("/")
+        rel_logs = rank_logs(n, rank)
+        log_dir = str(Path(st.logs.path) / rel_logs if st.logs.kind == "local" else node_dir / "stdouterr" / rel_logs)
+        job_temp = dirs.job_temp(node_rank)
+        cwd = code_dirs[node_rank] if code_dirs else job_temp
+        ctx = RankContext(
+            job_id=dirs.job_id, attempt=n, rank=rank, local_rank=local_rank,
+            node_rank=node_rank, num_nodes=spec.nodes, processes_per_node=P,
+            master_addr=master_addr, master_port=master_port, node_ip=info["node_ip"],
+            job_dir=str(local_job_dir) if local_job_dir else job_dir,
+            stdouterr_dir=log_dir, checkpoint_dir=ckpt,
+            job_temp=job_temp, shared_job_temp=shared, inputs=inputs, outputs=outputs,
+            gpus=gpus_per_rank, workdir=cwd, peers=peers,
+        )
+        hostfile = str(Path(job_temp) / "hostfile")
+        env = {HOSTFILE_ALIAS: hostfile, **framework.rank_env(spec, ctx)}
+        if code_dirs:  # like Ray's working_dir: the code first on PYTHONPATH
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (cwd, env.get("PYTHONPATH")) if p)
+        files = {**({hostfile: hostfile_text} if local_rank == 0 else {}), **framework.files(spec, ctx)}
+        launch = RankLaunch(
+            rank=rank, node_rank=node_rank, local_rank=local_rank, role=framework.role(spec, rank),
+            argv=framework.command(spec, ctx), env=env, cwd=cwd, log_dir=log_dir,
+            make_dirs=[ckpt, shared, job_temp, *outputs.values()], files=files, job_temp=job_temp,
+        )
+        if st.logs.kind != "local":
+            launch.sync_logs = [(str(Path(log_dir) / f"{s}.txt"), st.logs.to_dict(), f"{rel_logs}/{s}.txt")
+                                for s in ("stdout", "stderr")]
+        if local_rank == 0:
+            if spec.prepare and st.logs.kind != "local":
+                rel_prep = prepare_logs(n, node_rank)
+                launch.sync_logs += [(str(node_dir / "stdouterr" / rel_prep / f"{s}.txt"), st.logs.to_dict(),
+                                      f"{rel_prep}/{s}.txt") for s in ("stdout", "stderr")]
+            launch.sync_dirs = [(outputs[i], a.to_dict()) for i, a in st.outputs.items() if a.kind != "local"]
+            if st.checkpoints.kind != "local":
+                launch.sync_dirs.append((ckpt, st.checkpoints.to_dict()))
+        out.append(launch)
+    return out
+
+
+def prepare_log_dir(storage: AttemptStorage, dirs: AttemptDirs, node_rank: int) -> str:
+    """Where a node's prepare command writes its output (synced like a rank's log)."""
+    rel = prepare_logs(dirs.attempt, node_rank)
+    if storage.logs.kind == "local":
+        return str(Path(storage.logs.path) / rel)
+    return str(dirs.node_mirror(node_rank) / "stdouterr" / rel)

@@ -1,0 +1,171 @@
+"""Watching a started gang until its attempt ends, and the last upload after it.
+
+``watch`` returns the attempt's ``Outcome``: the first rank to exit non-zero (or a lost
+node behind it), a lost rank, a stop request (cancel, preemption, ``ray job stop``), a
+stall or the wall-clock limit ends the attempt, and the other ranks get SIGTERM ->
+grace -> SIGKILL. ``final_sync`` is every node's last upload of blob outputs,
+checkpoints and logs, after the processes ended."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import ray
+from ray.exceptions import RayActorError, RayError
+
+from raybatch.frameworks.base import Framework
+from raybatch.runtime.gang import Gang, as_completed
+from raybatch.runtime.launch import AttemptDirs
+from raybatch.runtime.protocol import Outcome, Phase, RankReport
+from raybatch.state.states import AttemptOutcome
+
+FAILURE_STOP_GRACE_S = 10.0  # when one rank failed, the others get at most this
+EXTERNAL_STOP_GRACE_S = 1.5  # stopped outside raybatch: Ray kills the driver after 3 s
+NODE_LOST_GRACE_S = 2.0      # the gang is broken: survivors are usually stuck in a collective
+STALL_CHECK_S = 2.0
+# how often a running attempt looks at its control file, signals and wall clock; a rank's
+# exit wakes it at once. Every wake-up takes CPU from ranks on the driver's node.
+WAIT_TICK_S = 0.5
+LOST_RANK_CHECK_S = 20.0     # after a rank failed: how long to wait for Ray's verdict on the others
+SYNC_REPORT_S = 5.0          # the final upload reports this often (the server waits while it does)
+
+
+def watch(gang: Gang, ranks: list[RankReport], framework: Framework, deadline: float,
+          stop_request: Callable[[], Optional[Outcome]], lost_nodes: set[str],
+          report: Callable[..., None], log: Callable[[str], None]) -> Outcome:
+    """Block until the attempt ends; stop whatever is left running. Records each rank's
+    exit code in ``ranks`` and the nodes of lost ranks in ``lost_nodes``.
+
+    Ranks that run nothing themselves ("idle") are watched only for loss of their node.
+    The attempt succeeds when every other rank has exited 0 or, for frameworks whose
+    rank 0 decides (a TF chief, mpirun, a first-node command), when rank 0 has."""
+    spec = gang.spec
+    waits = {a.wait.remote(): i for i, a in enumerate(gang.actors)}
+    idle = {r.rank for r in ranks if r.pid is None}
+    running = set(range(len(gang.actors))) - idle
+    waiting = set(range(len(gang.actors)))
+    leader_ends = framework.ends_with_rank0(spec)
+    outcome: Optional[Outcome] = None
+    grace = spec.grace_period
+    next_stall_check = time.monotonic() + STALL_CHECK_S
+    for done in as_completed(waits, WAIT_TICK_S):
+        if done is not None:
+            i = done.key
+            waiting.discard(i)
+            if isinstance(done.error, RayActorError):
+                ranks[i].exit_code = None
+                lost_nodes.add(ranks[i].node_id)
+                outcome = outcome or Outcome(AttemptOutcome.NODE_LOST, None,
+                                             f"rank {i} was lost (node {ranks[i].node_id[:12]}): "
+                                             f"{type(done.error).__name__}")
+                grace = min(grace, NODE_LOST_GRACE_S)
+            elif done.error is not None:
+                raise done.error
+            elif i not in idle:
+                code = done.value
+                running.discard(i)
+                ranks[i].exit_code = code
+                if code != 0 and outcome is None:
+                    # a process whose peer's node died usually fails before Ray reports the
+                    # node lost (mpirun at once, collectives on a timeout): ask every rank
+                    lost = gang.find_lost(exclude=i, timeout_s=LOST_RANK_CHECK_S)
+                    for j in lost:
+                        lost_nodes.add(ranks[j].node_id)
+                    if lost:
+                        outcome = Outcome(AttemptOutcome.NODE_LOST, None,
+                                          f"rank {lost[0]} was lost (node {ranks[lost[0]].node_id[:12]}); "
+                                          f"rank {i} exited with code {code} after it")
+                        grace = min(grace, NODE_LOST_GRACE_S)
+                    else:
+                        outcome = Outcome(AttemptOutcome.USER_ERROR, code, f"rank {i} exited with code {code}")
+                        grace = min(grace, FAILURE_STOP_GRACE_S)
+                elif i == 0 and leader_ends and outcome is None:
+                    outcome = Outcome(AttemptOutcome.SUCCEEDED, 0, f"rank 0 ({ranks[0].role}) exited 0")
+                    grace = min(grace, FAILURE_STOP_GRACE_S)
+        if outcome is None and not running:
+            outcome = Outcome(AttemptOutcome.SUCCEEDED, 0, f"all {len(gang.actors) - len(idle)} "
+                              f"running rank(s) exited 0")
+        if outcome is None and (stop := stop_request()) is not None:
+            outcome = stop
+            if stop.kind is AttemptOutcome.DRIVER_LOST:
+                # `ray job stop` SIGKILLs this driver 3 s after its SIGTERM: be quick, and
+                # leave the rest to the ranks' watchdogs
+                grace = min(grace, EXTERNAL_STOP_GRACE_S)
+        if outcome is None and spec.stall_timeout and time.monotonic() > next_stall_check:
+            next_stall_check = time.monotonic() + STALL_CHECK_S
+            outcome = check_stall(gang, running, spec.stall_timeout)
+        if outcome is None and time.monotonic() > deadline:
+            outcome = Outcome(AttemptOutcome.TIMEOUT, None, f"exceeded max_wall_clock ({spec.max_wall_clock:.0f} s)")
+        if outcome is not None and waiting:
+            if running:
+                log(f"{outcome.message}; stopping {len(running)} other rank(s), grace {grace:.0f} s")
+                report(Phase.STOPPING, reason=outcome.message)
+            for j, code in gang.terminate(grace, only=waiting).items():
+                if code is not None:
+                    ranks[j].exit_code = code
+            break
+    if outcome is None:  # every rank's wait ended without a verdict: only idle ranks
+        outcome = Outcome(AttemptOutcome.SUCCEEDED, 0, f"all {len(gang.actors)} ranks exited 0")
+    return outcome
+
+
+def check_stall(gang: Gang, running: set[int], limit: float) -> Optional[Outcome]:
+    """STALLED when every running rank has been silent for ``limit`` seconds."""
+    refs = [gang.actors[i].idle_seconds.remote() for i in sorted(running)]
+    try:
+        idle = ray.get(refs, timeout=10)
+    except (RayError, TimeoutError):
+        return None  # a lost rank is reported by its wait()
+    if idle and min(idle) > limit:
+        return Outcome(AttemptOutcome.STALLED, None,
+                       f"no rank printed anything for {min(idle):.0f} s (stall_timeout {limit:g} s)")
+    return None
+
+
+@dataclass
+class SyncResult:
+    unsynced: list[str] = field(default_factory=list)  # what is not out (and its size)
+    kept: list[str] = field(default_factory=list)      # host:dir of the local copies left behind
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def message(self) -> Optional[str]:
+        """What is not out, why, and where the copies are; None when everything is."""
+        if not self.unsynced:
+            return None
+        n = len(self.unsynced)
+        shown = ", ".join(self.unsynced[:5]) + (f" and {n - 5} more" if n > 5 else "")
+        return (f"{n} file(s) not uploaded: {shown}; cause: {self.errors[0] if self.errors else 'unknown'}; "
+                f"the local copies are kept at {', '.join(sorted(set(self.kept)))}")
+
+
+def final_sync(gang: Gang, ranks: list[RankReport], dirs: AttemptDirs, lost_nodes: set[str], timeout_s: float,
+               report: Callable[..., None], log: Callable[[str], None]) -> SyncResult:
+    """Every node's last upload, after its processes ended."""
+    refs = {a.finish_sync.remote(timeout_s): i for i, a in enumerate(gang.actors)}
+    log(f"uploading the last outputs, checkpoints and logs (up to {timeout_s:.0f} s)")
+    result = SyncResult()
+    waiting = set(refs.values())
+    for done in as_completed(refs, SYNC_REPORT_S):
+        if done is None:
+            report(Phase.SYNCING, nodes_left=len(waiting))  # the server waits while we do
+            continue
+        i = done.key
+        waiting.discard(i)
+        node_rank = ranks[i].node_rank
+        if done.error is not None:
+            if ranks[i].node_id in lost_nodes:
+                continue  # a lost node: what it had not uploaded is gone with it
+            # the actor died on a live node: its files may still be there, not out
+            result.unsynced.append(f"everything node {node_rank} had not uploaded yet")
+            result.kept.append(f"{ranks[i].hostname or '?'}:{dirs.node_mirror(node_rank)}")
+            result.errors.append(f"its final upload did not run: {type(done.error).__name__}")
+            continue
+        if done.value["unsynced"]:
+            result.unsynced.extend(done.value["unsynced"])
+            result.kept.append(f"{done.value['hostname']}:{dirs.node_mirror(node_rank)}")
+            if done.value["error"]:
+                result.errors.append(done.value["error"])
+    return result
