@@ -1,0 +1,50 @@
+"""What the route modules share: finding a job, and reading its files with the
+server's datastore credentials (refusing what the server must not serve)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
+
+from fastapi import HTTPException, status
+
+from raybatch.spec.location import LocationError
+from raybatch.spec.location import parse as parse_location
+from raybatch.state.store import Store
+from raybatch.storage.backends import Backend, open_backend
+from raybatch.storage.datastores import CredentialError
+
+if TYPE_CHECKING:
+    from raybatch.server.app import ServerContext
+
+
+def job_or_404(store: Store, job_id: str) -> dict[str, Any]:
+    job = store.get_job(job_id)
+    if job is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no job with id '{job_id}'")
+    return job
+
+
+def unservable(ctx: ServerContext, job: dict[str, Any], location: str) -> Optional[str]:
+    """Why the server must not read this location for a user, or None. It reads the job's
+    own directory, the server's jobs root and datastores: not any path on its machine, nor
+    a storage account through its own identity, just because a job file named them."""
+    job_dir = job["job_dir"].rstrip("/")
+    if location == job_dir or location.startswith(job_dir + "/") or ctx.datastores().covers(location):
+        return None
+    loc = parse_location(location)
+    if loc.is_local:
+        root = parse_location(ctx.jobs_root)
+        if root.is_local and (Path(loc.path) == Path(root.path) or Path(root.path) in Path(loc.path).parents):
+            return None
+        return (f"{location} is outside the job's directory and every datastore: the server does not "
+                "serve it (define a datastore for it, or read it on a node)")
+    return f"{location} is in a storage account no datastore describes: the server does not read it"
+
+
+def backend_for(ctx: ServerContext, location: str) -> Backend:
+    """A backend for one of a job's locations, or a 502 that says why not."""
+    try:
+        return open_backend(ctx.datastores().resolve(location))
+    except (CredentialError, LocationError) as e:
+        raise HTTPException(status.HTTP_502_BAD_GATEWAY, f"storage: {e}") from None

@@ -1,0 +1,165 @@
+"""Jobs: submit (one, or a batch of up to 1000), list, show, cancel, and read a rank's logs."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any, Optional
+
+from fastapi import APIRouter, HTTPException, Query, status
+
+from raybatch.models import (
+    AttemptInfo, BatchSubmitRequest, JobDetail, JobSummary, LogChunk, RankInfo, SubmitRequest, Transition,
+)
+from raybatch.runtime.code import has_package
+from raybatch.runtime.protocol import Phase
+from raybatch.server.common import backend_for, job_or_404
+from raybatch.spec.job import JobSpec
+from raybatch.state.states import InvalidTransition, JobState
+from raybatch.storage import plan as storage_plan
+from raybatch.storage.backends import StorageError
+
+if TYPE_CHECKING:
+    from raybatch.server.app import ServerContext
+
+MAX_LOG_CHUNK = 1 << 20
+
+
+def job_detail(ctx: ServerContext, job: dict[str, Any]) -> JobDetail:
+    spec = JobSpec.model_validate_json(job["spec"])
+    store = ctx.store
+    tree = storage_plan.job_locations(spec, job["job_dir"])
+    ranks_by_attempt: dict[int, list[RankInfo]] = {}
+    for r in store.ranks(job["id"]):
+        logs = storage_plan.join(tree["stdouterr"], storage_plan.rank_logs(r["attempt"], r["rank"]))
+        ranks_by_attempt.setdefault(r["attempt"], []).append(RankInfo(
+            **{k: r[k] for k in RankInfo.model_fields if k in r},
+            stdout=storage_plan.join(logs, "stdout.txt"), stderr=storage_plan.join(logs, "stderr.txt"),
+        ))
+    attempts = [
+        AttemptInfo(**{k: a[k] for k in AttemptInfo.model_fields if k in a},
+                    ranks=ranks_by_attempt.get(a["n"], []))
+        for a in store.attempts(job["id"])
+    ]
+    report = None
+    if JobState(job["state"]).is_active and job["attempt"]:
+        report = ctx.scheduler.report(job["id"], job["attempt"])
+    return JobDetail(
+        **JobSummary.from_row(job).model_dump(),
+        phase=report.phase if report else None,
+        staging=report.staging if report and report.phase is Phase.STAGING else None,
+        spec=spec,
+        waiting_reason=ctx.scheduler.waiting.get(job["id"]) if job["state"] == "QUEUED" else None,
+        cancel_requested=bool(job["cancel_requested"]),
+        preempt_requested=bool(job["preempt_requested"]),
+        outputs={i: tree[f"outputs/{i}"] for i in spec.outputs},
+        checkpoint_dir=tree["checkpoints"],
+        logs_dir=tree["stdouterr"],
+        transitions=[Transition(**t) for t in store.transitions(job["id"])],
+        attempts=attempts,
+    )
+
+
+def admission(ctx: ServerContext, req: SubmitRequest, where: str = "") -> dict[str, Any]:
+    """Check a submission; the store's keyword arguments for it."""
+    spec = req.spec
+    if req.code_package and not has_package(ctx.code_root, req.code_package):
+        raise HTTPException(status.HTTP_400_BAD_REQUEST,
+                            f"{where}code package {req.code_package} was not uploaded")
+    if spec.code and not req.code_package:
+        raise HTTPException(status.HTTP_400_BAD_REQUEST,
+                            f"{where}code: the job names a code directory but no code package was uploaded")
+    never = ctx.scheduler.never_runs(spec)
+    if never:
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, f"{where}this job can never run: {never}")
+    problems = storage_plan.check_locations(spec, spec.output_root, ctx.datastores())
+    if problems:
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, f"{where}" + "; ".join(problems))
+    root = spec.output_root or ctx.jobs_root
+    return dict(name=spec.name, experiment=spec.experiment, priority=spec.priority_value,
+                spec=spec.model_dump(mode="json"), code_package=req.code_package,
+                job_dir_for=lambda job_id: storage_plan.job_dir_for(root, spec.experiment, job_id))
+
+
+def router(ctx: ServerContext) -> APIRouter:
+    api = APIRouter()
+    store = ctx.store
+
+    # async, unlike the other routes: one short SQLite transaction, so it runs on the event
+    # loop; the thread pool's hop cost more CPU than the insert itself (benchmarks/bench_admission.py)
+    @api.post("/jobs", status_code=201)
+    async def submit(req: SubmitRequest) -> JobSummary:
+        row = store.create_job(**admission(ctx, req))
+        ctx.scheduler.wake()
+        return JobSummary.from_row(row)
+
+    @api.post("/jobs/batch", status_code=201)
+    def submit_batch(req: BatchSubmitRequest) -> list[JobSummary]:
+        """Many jobs (an array, a sweep) in one request: all queued or none."""
+        items = [admission(ctx, r, f"jobs[{i}]: ") for i, r in enumerate(req.jobs)]
+        rows = store.create_jobs(items)
+        ctx.scheduler.wake()
+        return [JobSummary.from_row(r) for r in rows]
+
+    @api.get("/jobs")
+    def list_jobs(
+        state: Optional[list[JobState]] = Query(None), experiment: Optional[str] = None,
+        limit: int = Query(200, ge=1, le=100000),
+    ) -> list[JobSummary]:
+        rows = store.list_jobs(states=state, experiment=experiment, limit=limit)
+        return [JobSummary.from_row(r) for r in rows]
+
+    @api.get("/jobs/{job_id}")
+    def show(job_id: str) -> JobDetail:
+        return job_detail(ctx, job_or_404(store, job_id))
+
+    @api.post("/jobs/{job_id}/cancel")
+    def cancel(job_id: str) -> JobSummary:
+        job = job_or_404(store, job_id)
+        state = JobState(job["state"])
+        if state.is_final:
+            raise HTTPException(status.HTTP_409_CONFLICT, f"job {job_id} is already {state.value}")
+        if state in (JobState.QUEUED, JobState.PREEMPTED, JobState.RESTARTING):
+            try:
+                job = store.transition(job_id, JobState.CANCELLED, "cancelled by user while queued",
+                                       expect=state)
+                return JobSummary.from_row(job)
+            except InvalidTransition:
+                pass  # admitted meanwhile: cancel it as a running job
+        store.update_job(job_id, cancel_requested=time.time())
+        ctx.scheduler.wake()
+        return JobSummary.from_row(store.get_job(job_id))  # type: ignore[arg-type]
+
+    @api.get("/jobs/{job_id}/logs")
+    def logs(
+        job_id: str, rank: int = Query(0, ge=0), stream: str = Query("stdout", pattern="^(stdout|stderr)$"),
+        attempt: Optional[int] = Query(None, ge=1), offset: int = Query(0, ge=0),
+        max_bytes: int = Query(MAX_LOG_CHUNK, ge=1, le=MAX_LOG_CHUNK),
+    ) -> LogChunk:
+        job = job_or_404(store, job_id)
+        spec = JobSpec.model_validate_json(job["spec"])
+        if rank >= spec.world_size:
+            raise HTTPException(status.HTTP_400_BAD_REQUEST,
+                                f"rank {rank} does not exist: the job has ranks 0-{spec.world_size - 1}")
+        n = attempt or job["attempt"]
+        if n > job["attempt"] or n < 1:
+            if job["attempt"] == 0:
+                n = 1
+            else:
+                raise HTTPException(status.HTTP_400_BAD_REQUEST,
+                                    f"attempt {n} does not exist: the job has attempts 1-{job['attempt']}")
+        tree = storage_plan.job_locations(spec, job["job_dir"])
+        rel = f"{storage_plan.rank_logs(n, rank)}/{stream}.txt"
+        path = storage_plan.join(tree["stdouterr"], rel)
+        try:
+            data, size = backend_for(ctx, tree["stdouterr"]).read(rel, offset, max_bytes)
+        except StorageError as e:
+            raise HTTPException(status.HTTP_502_BAD_GATEWAY, f"reading the log: {e}") from None
+        next_offset = offset + len(data)
+        state = JobState(job["state"])
+        attempt_over = state.is_final or n < job["attempt"] or (job["attempt"] >= 1 and not state.is_active)
+        return LogChunk(attempt=n, rank=rank, stream=stream, path=path, offset=offset,
+                        next_offset=next_offset, data=data.decode("utf-8", errors="replace"),
+                        eof=attempt_over and next_offset >= size, job_final=state.is_final,
+                        latest_attempt=job["attempt"])
+
+    return api
