@@ -15,6 +15,7 @@ import os
 import shutil
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -207,13 +208,26 @@ class BlobBackend(Backend):
     def _key(self, rel: str) -> str:
         return "/".join(p for p in (self.prefix, rel.strip("/")) if p)
 
-    def _error(self, err: Exception, rel: str = "") -> StorageError:
-        return classify(err, self.access.child(rel).uri if rel else self.uri, self.access)
+    @contextmanager
+    def _storage_errors(self, rel: str = "", passing: tuple[type[Exception], ...] = (),
+                        missing: Optional[type[Exception]] = None) -> Iterator[None]:
+        """Raise what fails in the block as a StorageError about ``rel`` (see classify).
+        A StorageError, already in words, goes through as it is, and so do the exception
+        types in ``passing``; a blob that does not exist raises ``missing(rel)`` instead,
+        if given (a missing container is still a StorageError)."""
+        try:
+            yield
+        except (StorageError, *passing):
+            raise
+        except Exception as e:  # noqa: BLE001
+            if missing is not None and _is_blob_missing(e):
+                raise missing(rel) from None
+            raise classify(e, self.access.child(rel).uri if rel else self.uri, self.access) from None
 
     def list(self, rel: str = "") -> list[Entry]:
         key = self._key(rel)
         out = []
-        try:
+        with self._storage_errors(rel):
             for b in self.container.list_blobs(name_starts_with=f"{key}/" if key else None, include=["metadata"]):
                 if (b.metadata or {}).get("hdi_isfolder") == "true" or b.name.rsplit("/", 1)[-1] == WRITE_CHECK:
                     continue
@@ -225,41 +239,31 @@ class BlobBackend(Backend):
                 except Exception as e:  # noqa: BLE001
                     if not _is_blob_missing(e):
                         raise
-        except StorageError:
-            raise
-        except Exception as e:  # noqa: BLE001
-            raise self._error(e, rel) from None
         return sorted(out, key=lambda e: e.path)
 
     def download(self, rel: str, dest: Path, progress: Progress = None) -> None:
-        try:
+        with self._storage_errors(rel):
             stream = self.container.get_blob_client(self._key(rel)).download_blob(
                 max_concurrency=PER_BLOB_CONCURRENCY,
                 progress_hook=_hook(progress) if progress else None,
             )
             with open(dest, "wb") as f:
                 stream.readinto(f)
-        except Exception as e:  # noqa: BLE001
-            raise self._error(e, rel) from None
 
     def upload(self, src: Path, rel: str) -> None:
-        try:
+        with self._storage_errors(rel, passing=(FileNotFoundError,)):  # no ``src``: the caller's error
             with open(src, "rb") as f:
                 self.container.get_blob_client(self._key(rel)).upload_blob(
                     f, overwrite=True, max_concurrency=PER_BLOB_CONCURRENCY,
                     length=os.fstat(f.fileno()).st_size,
                 )
-        except FileNotFoundError:
-            raise
-        except Exception as e:  # noqa: BLE001
-            raise self._error(e, rel) from None
 
     def append(self, rel: str, data: bytes, offset: int) -> None:
         from azure.core.exceptions import HttpResponseError, ResourceNotFoundError  # noqa: PLC0415
 
         blob = self.container.get_blob_client(self._key(rel))
         pos = 0
-        try:
+        with self._storage_errors(rel):
             while pos < len(data):
                 block = data[pos:pos + APPEND_MAX]
                 try:
@@ -280,34 +284,27 @@ class BlobBackend(Backend):
                     pos = size - offset
                     continue
                 pos += len(block)
-        except Exception as e:  # noqa: BLE001
-            raise self._error(e, rel) from None
 
     def read(self, rel: str, offset: int, length: int) -> tuple[bytes, int]:
         blob = self.container.get_blob_client(self._key(rel))
         try:
-            size = blob.get_blob_properties().size
-            if offset >= size:
-                return b"", size
-            data = blob.download_blob(offset=offset, length=min(length, size - offset)).readall()
-            return data, size
-        except Exception as e:  # noqa: BLE001
-            if _is_blob_missing(e):
-                return b"", 0
-            raise self._error(e, rel) from None
+            with self._storage_errors(rel, missing=FileNotFoundError):
+                size = blob.get_blob_properties().size
+                if offset >= size:
+                    return b"", size
+                data = blob.download_blob(offset=offset, length=min(length, size - offset)).readall()
+                return data, size
+        except FileNotFoundError:  # no such blob (raised by missing= only): read as empty
+            return b"", 0
 
     def stream(self, rel: str, length: Optional[int] = None) -> Iterator[bytes]:
-        try:
+        with self._storage_errors(rel, missing=FileNotFoundError):
             downloader = self.container.get_blob_client(self._key(rel)).download_blob(
                 offset=0 if length is not None else None, length=length)
-        except Exception as e:  # noqa: BLE001
-            if _is_blob_missing(e):
-                raise FileNotFoundError(rel) from None
-            raise self._error(e, rel) from None
-        yield from downloader.chunks()
+        yield from downloader.chunks()  # errors while streaming are not translated
 
     def check(self, write: bool) -> None:
-        try:
+        with self._storage_errors():
             if not self.container.exists():
                 raise StorageError(self.uri, f"the container '{self.access.container}' does not exist in "
                                    f"storage account '{self.access.account}'")
@@ -319,10 +316,6 @@ class BlobBackend(Backend):
                     probe.delete_blob()  # leave nothing in the user's directory
                 except Exception:  # noqa: BLE001 - may write but not delete: listings skip it
                     pass
-        except StorageError:
-            raise
-        except Exception as e:  # noqa: BLE001
-            raise self._error(e) from None
 
 
 def _entry(b, rel: str) -> Entry:
