@@ -17,7 +17,7 @@ from raybatch.spec.loader import apply_overrides
 from raybatch.spec.units import parse_duration, parse_size
 
 TOP_LEVEL_FIELDS = (
-    "code, command, custom, environment, experiment, framework, grace_period, image, inputs, "
+    "array, code, command, custom, environment, experiment, framework, grace_period, image, inputs, "
     "low_priority_nodes, max_wall_clock, mpi, name, nodes, output_root, outputs, packages, placement, "
     "preemptible, prepare, priority, processes_per_node, resources, retries, stall_timeout, "
     "sync_interval, tensorflow"

@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional
 from raybatch.config import ServerSettings
 from raybatch.runtime.code import package_zip
 from raybatch.runtime.protocol import (
-    AttemptFile, CodeRef, Control, ControlDir, Report, ray_job_id, write_json_atomic,
+    AttemptFile, CodeRef, Control, ControlDir, Report, SlotGrant, ray_job_id, write_json_atomic,
 )
 from raybatch.spec.job import JobSpec
 from raybatch.spec.location import LocationError
@@ -56,14 +56,17 @@ class RayJobLauncher:
         # file per machine's temp dir, which names whichever cluster started last
         self.ray_address = ray_address
 
-    def submit(self, job: dict[str, Any], attempt: int, nodes: Optional[list[str]] = None) -> str:
+    def submit(self, job: dict[str, Any], attempt: int, nodes: Optional[list[str]] = None,
+               slots: Optional[dict[int, list[str]]] = None, resume_dir: Optional[str] = None) -> str:
         """Submit the attempt's Ray Job. Bundle i of its gang goes on ``nodes[i]`` (the
-        scheduler's choice); anywhere Ray finds room when ``nodes`` is not given."""
+        scheduler's choice); anywhere Ray finds room when ``nodes`` is not given. An array
+        job starts with its first ``slots`` (slot -> nodes) and, with ``resume_from``, the
+        job directory of the job it resumes."""
         spec = JobSpec.model_validate_json(job["spec"])
         ctl = ControlDir.of(self.state_dir, job["id"], attempt)
         ctl.status.unlink(missing_ok=True)
         try:
-            storage = resolve_attempt(spec, job["job_dir"], self.datastores())
+            storage = resolve_attempt(spec, job["job_dir"], self.datastores(), resume_dir)
         except (CredentialError, LocationError) as e:
             raise AttemptSetupError(f"storage: {e}") from None
         sha = job.get("code_package")
@@ -82,6 +85,8 @@ class RayJobLauncher:
         else:
             ctl.secrets.unlink(missing_ok=True)
         ctl.control.unlink(missing_ok=True)
+        if slots:
+            ctl.write_control(Control(slots={k: SlotGrant(nodes=list(n)) for k, n in slots.items()}))
         # No runtime_env (no working_dir, no env_vars): the rank actors inherit the job's,
         # and any runtime_env costs each of them one more Python start. The driver ships
         # the code itself (raybatch.runtime.code).
@@ -118,7 +123,23 @@ class RayJobLauncher:
     def request_stop(self, job_id: str, attempt: int, action: str, reason: str = "") -> None:
         """Ask the attempt's driver to stop its ranks gracefully (it polls this file).
         ``action``: cancel | preempt."""
-        ControlDir.of(self.state_dir, job_id, attempt).write_control(Control(action=action, reason=reason))
+        def change(c: Control) -> None:
+            c.action, c.reason = action, reason  # type: ignore[assignment]
+        ControlDir.of(self.state_dir, job_id, attempt).update_control(change)
+
+    def grant_slot(self, job_id: str, attempt: int, slot: int, nodes: list[str]) -> None:
+        """One more slot for an array job's running attempt (its driver polls the file)."""
+        ControlDir.of(self.state_dir, job_id, attempt).update_control(
+            lambda c: c.slots.__setitem__(slot, SlotGrant(nodes=list(nodes))))
+
+    def revoke_slot(self, job_id: str, attempt: int, slot: int, reason: str, preempt: bool) -> None:
+        """Take a slot back: now (``preempt``: its task gets SIGTERM and its grace period),
+        or when its task ends (a lease not renewed)."""
+        def change(c: Control) -> None:
+            grant = c.slots.get(slot)
+            if grant is not None and (grant.state == "granted" or preempt and not grant.preempt):
+                c.slots[slot] = grant.model_copy(update={"state": "revoked", "reason": reason, "preempt": preempt})
+        ControlDir.of(self.state_dir, job_id, attempt).update_control(change)
 
     def stop(self, sid: str) -> None:
         """Last resort when the driver does not react: Ray SIGTERMs, then SIGKILLs it."""

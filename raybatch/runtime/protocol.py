@@ -19,7 +19,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Callable, Literal, Optional
 
 from pydantic import BaseModel, Field
 
@@ -100,12 +100,24 @@ class Outcome:
         return self.kind is AttemptOutcome.SUCCEEDED
 
 
-class Control(BaseModel):
-    """A request from the scheduler to the attempt's driver."""
+class SlotGrant(BaseModel):
+    """One slot of an array job's attempt, as the scheduler granted it."""
 
-    action: Literal["cancel", "preempt"]
+    nodes: list[str] = Field(description="node id of each bundle of the slot's gang")
+    state: Literal["granted", "revoked"] = "granted"
+    reason: str = ""
+    preempt: bool = Field(False, description="revoked for a higher-priority job: stop its task now "
+                          "(SIGTERM, grace); otherwise the slot drains: its task finishes, no new one starts")
+
+
+class Control(BaseModel):
+    """The scheduler's requests to the attempt's driver: stop the attempt, and (array
+    jobs) the slots granted to it and those taken back."""
+
+    action: Optional[Literal["cancel", "preempt"]] = None
     reason: str = ""
     at: float = Field(default_factory=time.time)
+    slots: dict[int, SlotGrant] = Field(default_factory=dict)
 
 
 class RankReport(BaseModel):
@@ -129,6 +141,41 @@ class Staging(BaseModel):
     seconds: float = 0.0
 
 
+class SlotReport(BaseModel):
+    """One slot of an array job, as its driver sees it."""
+
+    slot: int
+    nodes: list[str] = Field(default_factory=list)
+    state: Literal["starting", "ready", "busy", "draining", "released", "lost"]
+    task: Optional[int] = Field(None, description="the task it runs now")
+    since: float = 0.0
+
+    @property
+    def placed(self) -> bool:
+        return self.state != "starting"
+
+    @property
+    def gone(self) -> bool:
+        """Its gang is released: its resources are back."""
+        return self.state in ("released", "lost")
+
+
+class ItemCounts(BaseModel):
+    """An array job's progress, in tasks (one task = ``items_per_task`` items)."""
+
+    total: int = 0
+    done: int = 0
+    failed: int = 0
+    running: int = 0
+    skipped: int = Field(0, description="done by the job this one resumes (``resume_from``)")
+    rate: float = Field(0.0, description="tasks finished per second, over the last minute")
+    eta_s: Optional[float] = None
+
+    @property
+    def pending(self) -> int:
+        return max(0, self.total - self.done - self.failed - self.running - self.skipped)
+
+
 class Report(BaseModel):
     """The driver's latest word on the attempt (``status.json``)."""
 
@@ -145,6 +192,10 @@ class Report(BaseModel):
     message: str = ""
     lost_nodes: list[str] = Field(default_factory=list)
     unsynced: list[str] = Field(default_factory=list)
+    # array jobs
+    slots: list[SlotReport] = Field(default_factory=list)
+    items: Optional[ItemCounts] = None
+    slots_wanted: Optional[int] = Field(None, description="slots the driver can still use (the tail frees nodes)")
 
     def shows_placed(self, view_lag_s: float) -> bool:
         """Does Ray's resource view already show the gang? Placed, and long enough ago for
@@ -184,6 +235,14 @@ class ControlDir:
 
     def write_control(self, control: Control) -> None:
         write_json_atomic(self.control, control.model_dump(mode="json"))
+
+    def update_control(self, change: Callable[[Control], None]) -> Control:
+        """Read, change and write the control file (only the scheduler writes it)."""
+        control = self.read_control() or Control()
+        change(control)
+        control.at = time.time()
+        self.write_control(control)
+        return control
 
 
 def write_json_atomic(path: str | Path, data: Any) -> None:

@@ -32,7 +32,7 @@ from raybatch.scheduler.simulate import SimJob, simulate
 from raybatch.spec.job import JobSpec
 from raybatch.spec.policy import SchedulerPolicy, load_policy
 from raybatch.state.states import AttemptOutcome, InvalidTransition, JobState
-from raybatch.state.store import Store
+from raybatch.state.store import SLOT_GRANTED, SLOT_REVOKED, Store
 
 log = logging.getLogger("raybatch.scheduler")
 STOP_ESCALATION_S = 30.0  # beyond the job's grace period, before `ray job stop`
@@ -79,7 +79,9 @@ class Scheduler:
         self._killed: set[str] = set()
         self._submit_failures = 0       # consecutive Ray Job submissions that failed
         self._submit_retry_at = 0.0     # no admission before this (monotonic) time
-        self.waiting: dict[str, str] = {}  # job id -> why it is still queued
+        self._leases: dict[tuple[str, int, int], float] = {}  # array slot -> its lease's start
+        self.waiting: dict[str, str] = {}  # job id -> why it (an array job: its next slot) is still queued
+        self.slot_counts: dict[str, tuple[int, int]] = {}  # active array job -> (slots held, wanted)
         self._unplaced: list[dict[str, Any]] = []
         self.last_cycle_error: Optional[str] = None
 
@@ -159,7 +161,9 @@ class Scheduler:
             self._stop(job, sid, "preempt", job["preempt_requested"],
                        f"preempted by {job['preempted_by']}, which has a higher priority")
         report = self.report(job_id, n)
-        if job["state"] == JobState.STARTING.value and report and report.phase.ranks_started and report.ranks:
+        spec = self.spec_of(job)
+        if job["state"] == JobState.STARTING.value and report and report.phase.ranks_started \
+                and (report.ranks or report.slots):
             self.store.set_ranks(job_id, n, [r.model_dump() for r in report.ranks])
             self.store.update_attempt(job_id, n, running_at=report.at or None)
             nodes = len({r.node_id for r in report.ranks})
@@ -168,14 +172,18 @@ class Scheduler:
                 f"all {len(report.ranks)} ranks running on {nodes} node(s)",
                 expect=JobState.STARTING, started_at=job["started_at"] or report.at or None,
             )
+        if spec.array is not None:
+            self._sync_slots(job, report)
         # DONE is written after every rank's process group is gone and the placement
         # group is removed, so the attempt can end before Ray marks its job finished.
         done = report is not None and report.phase is Phase.DONE
         ray_state = None if done else self.launcher.state(sid)
         if ray_state is not None and not ray_state.terminal:
             job["_attempt"] = attempt
+            job["_report"] = report
             self._active.append(job)
-            if job["state"] == JobState.STARTING.value and not _placed(report):
+            # an array job's gangs are its slots, each placed on its own (_running)
+            if job["state"] == JobState.STARTING.value and spec.array is None and not _placed(report):
                 self._unplaced.append(job)
             return
         if ray_state is None:
@@ -192,6 +200,7 @@ class Scheduler:
                                       outcome=AttemptOutcome.START_FAILED.value,
                                       reason="the Ray job was never submitted")
             self._discard_secrets(job_id, n)
+            self.store.release_slots(job_id, n)
             if job["cancel_requested"]:
                 self.store.transition(job_id, JobState.CANCELLED, "cancelled by user before it started")
                 return
@@ -252,6 +261,7 @@ class Scheduler:
         job_id, n = job["id"], job["attempt"]
         now = time.time()
         self._discard_secrets(job_id, n)
+        self.store.release_slots(job_id, n)  # an array job's slots end with its attempt
         self.store.update_attempt(job_id, n, ended_at=now, outcome=outcome.value,
                                   exit_code=code, reason=message)
         spec = self.spec_of(job)
@@ -295,6 +305,101 @@ class Scheduler:
                                   exit_code=code if code is not None else 1)
         self.wake()
 
+    # ---- array jobs' slots -------------------------------------------------------
+    def _sync_slots(self, job: dict[str, Any], report: Optional[Report]) -> None:
+        """Slots the driver has given back (drained, preempted, lost, or the tail's) are
+        released in the store; the jobs that preempted them may start."""
+        live = {r["slot"]: r for r in self.store.slots(job["id"], job["attempt"], live=True)}
+        gone = [s.slot for s in (report.slots if report else []) if s.gone and s.slot in live]
+        if gone:
+            self.store.release_slots(job["id"], job["attempt"], gone)
+            for k in gone:
+                self._leases.pop((job["id"], job["attempt"], k), None)
+                if live[k]["preempted_by"]:
+                    self._settling[live[k]["preempted_by"]] = time.time()
+            live = {k: r for k, r in live.items() if k not in gone}
+        job["_slots"] = list(live.values())
+
+    def _slot_views(self, job: dict[str, Any], spec: JobSpec, nodes: list[fit.NodeView]) -> list[policy.Job]:
+        """An active array job's live slots, as running jobs of the policy. A slot not
+        placed yet holds no Ray resources: it is subtracted from ``nodes`` (see _running)."""
+        report: Optional[Report] = job.get("_report")
+        placed = {s.slot for s in (report.slots if report else [])
+                  if s.placed and time.time() - s.since > VIEW_LAG_S}
+        live = {n.node_id for n in nodes}
+        bundle = spec.resources.as_ray_bundle()
+        out = []
+        for slot in job.get("_slots", []):
+            k = slot["slot"]
+            if k not in placed:
+                fit.reserve(nodes, [p for p in slot["nodes"] if p in live], bundle)
+            stopping = None
+            if slot["state"] == SLOT_REVOKED:
+                tail = spec.grace_period if slot["preempted_by"] else spec.array.item_timeout + spec.grace_period
+                stopping = slot["revoked_at"] + tail + STOP_SLACK_S
+            lease = self._leases.setdefault((job["id"], job["attempt"], k), slot["granted_at"])
+            out.append(policy.slot_from_spec(job["id"], k, job["seq"], spec, started_at=lease,
+                                             nodes=tuple(slot["nodes"]), stopping_until=stopping))
+        return out
+
+    def _slot_requests(self) -> list[policy.Job]:
+        """The slots active array jobs still want, as queued jobs at their job's place: as
+        many as the driver reports it can use (before its first report: max_concurrent,
+        or fewer when the job has fewer tasks), less those it holds."""
+        out = []
+        self.slot_counts = {}
+        for job in self._active:
+            spec = self.spec_of(job)
+            if spec.array is None or job["cancel_requested"]:
+                continue
+            report: Optional[Report] = job.get("_report")
+            if report is not None and report.slots_wanted is not None:
+                wanted = report.slots_wanted
+            else:
+                wanted = min(spec.array.max_concurrent, spec.array.known_tasks() or spec.array.max_concurrent)
+            slots = job.get("_slots", [])
+            held = sum(1 for r in slots if r["state"] == SLOT_GRANTED)
+            self.slot_counts[job["id"]] = (held, max(wanted, held))
+            if wanted <= held:
+                continue
+            used = [r["slot"] for r in self.store.slots(job["id"], job["attempt"])]
+            nxt = max(used, default=-1) + 1
+            avoid = frozenset(self.store.lost_nodes(job["id"]))
+            out += [policy.slot_from_spec(job["id"], nxt + i, job["seq"], spec, avoid=avoid)
+                    for i in range(wanted - held)]
+        return out
+
+    def _renew_leases(self, running: list[policy.Job], reservation: Optional[policy.Reservation],
+                      head: Optional[policy.Job], now: float) -> None:
+        """Renew every granted slot's lease for another item_timeout, unless the head's
+        reservation needs its nodes (``policy.renews``): then the slot drains."""
+        if head is not None and head.id in self._settling:
+            # its victims have just given their nodes back; Ray's view lags: the nodes it
+            # reserved are not the ones it will get, so no slot is drained for it now
+            head = None
+        for pj in running:
+            if pj.parent is None or pj.stopping_until is not None:
+                continue
+            job = next((j for j in self._active if j["id"] == pj.parent), None)
+            if job is None:
+                continue
+            key = (pj.parent, job["attempt"], pj.slot)
+            if policy.renews(pj, reservation, head):
+                self._leases[key] = now
+                continue
+            holder = head.parent or head.id if head else "?"
+            reason = f"its lease was not renewed: its node(s) are reserved for {holder}"
+            self.store.revoke_slot(pj.parent, job["attempt"], pj.slot, reason)
+            self.launcher.revoke_slot(pj.parent, job["attempt"], pj.slot, reason, preempt=False)
+
+    def _waiting_by_job(self, waiting: dict[str, str]) -> dict[str, str]:
+        """Why each job waits: a slot's reason is its array job's (the first slot's)."""
+        out: dict[str, str] = {}
+        for ident, why in waiting.items():
+            parent = ident.rsplit("/s", 1)[0] if "/s" in ident else ident
+            out.setdefault(parent, why)
+        return out
+
     # ---- admission -----------------------------------------------------------
     def _running(self, nodes: list[fit.NodeView]) -> list[policy.Job]:
         """The policy's view of the active jobs. Gangs admitted but not placed yet hold
@@ -304,6 +409,9 @@ class Scheduler:
         unplaced = {j["id"] for j in self._unplaced}
         for job in self._active:
             spec, attempt = self.spec_of(job), job["_attempt"]
+            if spec.array is not None:
+                running += self._slot_views(job, spec, nodes)
+                continue
             placed = list(attempt["nodes"]) if attempt else []
             if not placed:  # adopted from an older server: where its ranks run, else anywhere
                 placed = [r["node_id"] for r in self.store.ranks(job["id"], job["attempt"])
@@ -333,7 +441,8 @@ class Scheduler:
             self._specs = {k: v for k, v in list(self._specs.items()) if k in keep or k in self.queue}
             self.queue.cached_spec = self._specs.get
         self.stats["queued"], self.stats["active"] = len(queued), len(self._active)
-        if not queued:
+        wanted = self._slot_requests()
+        if not queued and not wanted:
             self.waiting = {}
             self.reservation = None
             if self.autoscaler is not None:
@@ -347,6 +456,8 @@ class Scheduler:
             return
         nodes = self.cluster.snapshot()
         running = self._running(nodes)
+        if wanted:  # an active array job's next slots wait in the queue at the job's place
+            queued = policy.Queue([*self.queue.views(), *wanted])
         now = time.time()
         t0 = time.perf_counter()
         self._settling = {h: t for h, t in self._settling.items() if now - t < SETTLE_S}
@@ -357,8 +468,13 @@ class Scheduler:
         for job, placed in plan.start:
             if not self._start(job, placed):
                 break
-        self.waiting = plan.waiting
+        self.waiting = self._waiting_by_job(plan.waiting)
         self.reservation = plan.reservation
+        if plan.reservation is not None:
+            head = next((j for j in (*wanted, *self.queue.views()) if j.id == plan.reservation.job_id), None)
+        else:
+            head = None
+        self._renew_leases(running, plan.reservation, head, now)
         self.last_inputs = (now, nodes, running)
         if self.autoscaler is not None:
             self.autoscaler.update(nodes, plan.unfit, starting=bool(self._unplaced or plan.start))
@@ -393,6 +509,15 @@ class Scheduler:
         log.info("preempting %s (priority %d) for %s (priority %d)", victim.id, victim.priority,
                  head.id, head.priority)
         now = time.time()
+        if victim.parent is not None:  # one slot of an array job: its task reruns elsewhere
+            job = self.store.get_job(victim.parent)
+            if job is not None and JobState(job["state"]).is_active:
+                reason = f"preempted by {head.parent or head.id}, which has a higher priority"
+                self.store.revoke_slot(job["id"], job["attempt"], victim.slot, reason, preempted_by=head.id)
+                self.launcher.revoke_slot(job["id"], job["attempt"], victim.slot, reason, preempt=True)
+                self.store.update_job(job["id"], preemptions=job["preemptions"] + 1,
+                                      preempted_by=head.parent or head.id)
+            return
         self.store.update_job(victim.id, preempt_requested=now, preempted_by=head.id)
         job = self.store.get_job(victim.id)
         if job is not None and JobState(job["state"]).is_active:
@@ -402,26 +527,46 @@ class Scheduler:
     def _start(self, pj: policy.Job, placed: list[str]) -> bool:
         """Admit a job on the nodes the policy chose: record the attempt, then submit its
         Ray Job. False if the submission failed (the job is back in the queue, no retry
-        budget charged)."""
-        job = self.store.get_job(pj.id)
-        if job is None or job["state"] != JobState.QUEUED.value:
+        budget charged). A slot of an array job starts the job's attempt (its first slot)
+        or is granted to the attempt that runs."""
+        job = self.store.get_job(pj.parent or pj.id)
+        if job is None:
+            return True
+        if pj.parent is not None and JobState(job["state"]).is_active:
+            if not job["cancel_requested"]:
+                n = job["attempt"]
+                self.store.add_slot(job["id"], n, pj.slot, placed)
+                self.launcher.grant_slot(job["id"], n, pj.slot, placed)
+                self._leases[(job["id"], n, pj.slot)] = time.time()
+            return True
+        if job["state"] != JobState.QUEUED.value:
             return True  # cancelled since the snapshot was taken
         n = job["attempt"] + 1
+        what = f"a slot of {pj.count} node(s)" if pj.parent else f"gang of {pj.count} node(s)"
         try:
-            job = self.store.transition(job["id"], JobState.STARTING,
-                                        f"gang of {pj.count} node(s) fits; starting attempt {n}",
+            job = self.store.transition(job["id"], JobState.STARTING, f"{what} fits; starting attempt {n}",
                                         expect=JobState.QUEUED, attempt=n)
         except InvalidTransition:
             return True
         sid = ray_job_id(job["id"], n)
         self.store.add_attempt(job["id"], n, sid, nodes=placed)  # intent first: a crash here is reconciled
+        extra: dict[str, Any] = {}
+        if pj.parent is not None:
+            self.store.add_slot(job["id"], n, pj.slot, placed)
+            self._leases[(job["id"], n, pj.slot)] = time.time()
+            extra["slots"] = {pj.slot: placed}
+            resume = self.spec_of(job).array.resume_from
+            if resume:
+                old = self.store.get_job(resume)
+                extra["resume_dir"] = old["job_dir"] if old else None
         try:
-            self.launcher.submit(job, n, nodes=placed)
+            self.launcher.submit(job, n, nodes=placed, **extra)
         except AttemptSetupError as e:  # the job's configuration: retrying cannot help
             self.end_attempt(job, AttemptOutcome.START_FAILED, None, str(e))
             return True
         except Exception as e:  # noqa: BLE001 - the Ray dashboard may be down
             self._discard_secrets(job["id"], n)
+            self.store.release_slots(job["id"], n)
             log.warning("submitting %s attempt %d failed: %s", job["id"], n, e)
             message = f"could not submit the Ray job: {type(e).__name__}: {e}"
             self.store.update_attempt(job["id"], n, ended_at=time.time(),

@@ -83,6 +83,10 @@ class Job:
     started_at: Optional[float] = None
     nodes: tuple[str, ...] = ()        # node of each bundle
     stopping_until: Optional[float] = None  # being stopped: resources back by then
+    # a slot of an array job (raybatch.runtime.slots): one of its gangs, admitted, counted and
+    # preempted like a job of its own; ``id`` is "<parent>/s<slot>"
+    parent: Optional[str] = None
+    slot: int = 0
 
     @property
     def gpus(self) -> float:
@@ -90,12 +94,12 @@ class Job:
 
     # derived once (the policy reads them for every queued job, every cycle)
     shape: int = field(init=False, repr=False, compare=False)  # jobs of one shape fit alike
-    order_key: tuple = field(init=False, repr=False, compare=False)  # (-priority, seq)
+    order_key: tuple = field(init=False, repr=False, compare=False)  # (-priority, seq, slot)
 
     def __post_init__(self) -> None:
         self.shape = _shape_id((tuple(sorted(self.bundle.items())), self.count, self.strategy,
                                 self.low_priority_nodes, self.avoid))
-        self.order_key = (-self.priority, self.seq)
+        self.order_key = (-self.priority, self.seq, self.slot)
 
     @property
     def hold(self) -> float:
@@ -529,3 +533,26 @@ def job_from_spec(job_id: str, seq: int, spec, **running) -> Job:
         limit=spec.max_wall_clock, grace=spec.grace_period, preemptible=spec.preemptible,
         low_priority_nodes=spec.low_priority_nodes, **running,
     )
+
+
+def renews(slot: Job, reservation: Optional[Reservation], head: Optional[Job]) -> bool:
+    """May a running slot's lease be renewed for another ``item_timeout``? Not when the
+    head's reservation needs its nodes and the head comes first in the queue's order
+    (then the slot drains: its task ends, no new one starts, and the head starts on time);
+    a slot of the head's own array job always renews."""
+    if reservation is None or head is None or not reservation.nodes or head.parent == slot.parent:
+        return True
+    if not set(reservation.nodes) & set(slot.nodes):
+        return True
+    return slot.order_key < head.order_key
+
+
+def slot_id(parent: str, slot: int) -> str:
+    return f"{parent}/s{slot}"
+
+
+def slot_from_spec(parent: str, slot: int, seq: int, spec, **running) -> Job:
+    """One slot of an array job: a job of the task's gang shape with the parent's priority,
+    seq, experiment and preemptible flag, leased one ``item_timeout`` at a time."""
+    return replace(job_from_spec(slot_id(parent, slot), seq, spec, **running),
+                   limit=spec.array.item_timeout, parent=parent, slot=slot)

@@ -6,6 +6,8 @@ state since the last look; only those rows are read again (a spec never changes,
 and the nodes to avoid change only with a new attempt), new submissions are
 appended to the sorted queue, and the whole queue is re-read at start and every
 ``resync_s`` as a safety net.
+
+A queued array job is as many policy jobs as it wants slots (``policy.slot_from_spec``).
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ class QueueFollower:
         self.store = store
         self.cached_spec = cached_spec          # a spec the scheduler already parsed, if any
         self.resync_s = resync_s
-        self.jobs: dict[str, tuple[int, policy.Job]] = {}  # job id -> (attempt, policy view)
+        # job id -> (attempt, policy views: one, or one per wanted slot of an array job)
+        self.jobs: dict[str, tuple[int, list[policy.Job]]] = {}
         self._order: Optional[policy.Queue] = None          # self.jobs, sorted and grouped
         self._read_at: Optional[float] = None               # last full read (monotonic)
 
@@ -38,7 +41,7 @@ class QueueFollower:
 
     def views(self) -> list[policy.Job]:
         # list() copies in one step: the API thread calls this while refresh() changes the dict
-        return [pj for _, pj in list(self.jobs.values())]
+        return [pj for _, pjs in list(self.jobs.values()) for pj in pjs]
 
     def refresh(self) -> policy.Queue:
         if self._read_at is None or time.monotonic() - self._read_at > self.resync_s:
@@ -66,7 +69,7 @@ class QueueFollower:
             self._order = policy.Queue(self.views())
         return self._order
 
-    def _add(self, rows: list[tuple[str, int, int]], old: dict[str, tuple[int, policy.Job]]
+    def _add(self, rows: list[tuple[str, int, int]], old: dict[str, tuple[int, list[policy.Job]]]
              ) -> list[policy.Job]:
         """Put these (id, seq, attempt) in ``self.jobs``, reusing ``old``'s views; the
         views built anew."""
@@ -82,7 +85,11 @@ class QueueFollower:
         for job_id, seq, attempt in missing:
             spec = self.cached_spec(job_id) or JobSpec.model_validate_json(specs[job_id])
             avoid = frozenset(self.store.lost_nodes(job_id)) if attempt else frozenset()
-            pj = policy.job_from_spec(job_id, seq, spec, avoid=avoid)
-            self.jobs[job_id] = (attempt, pj)
-            built.append(pj)
+            if spec.array is not None:
+                wanted = min(spec.array.max_concurrent, spec.array.known_tasks() or spec.array.max_concurrent)
+                pjs = [policy.slot_from_spec(job_id, k, seq, spec, avoid=avoid) for k in range(wanted)]
+            else:
+                pjs = [policy.job_from_spec(job_id, seq, spec, avoid=avoid)]
+            self.jobs[job_id] = (attempt, pjs)
+            built.extend(pjs)
         return built

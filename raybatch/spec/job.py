@@ -24,6 +24,7 @@ inputs / outputs            inputDirectories / outputDirectories
 output_root                 stdOutErrPathPrefix
 max_wall_clock              constraints.maxWallClockTime
 retries                     (none: Batch AI had no configurable retries)
+array                       (none: a "job factory" script; Azure ML's parallel job)
 ==========================  ==============================================
 
 Example::
@@ -46,6 +47,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from raybatch.spec.array import DEFAULT_OUTPUT, ArraySpec
 from raybatch.spec.location import parse as parse_location
 from raybatch.spec.units import DURATION_HELP, SIZE_HELP, parse_duration, parse_size
 
@@ -57,6 +59,8 @@ ENV_NAME_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 PRIORITY_NAMES = {"low": 250, "normal": 500, "high": 750}
 DEFAULT_MAX_WALL_CLOCK = 7 * 86400.0  # Batch AI's default: 7 days
 DEFAULT_GRACE_PERIOD = 30.0
+
+ITEM_PLACEHOLDER = "${{item}}"  # an array job's item in its command, shell-quoted
 
 # Framework names the runner knows: raybatch.frameworks' registry (tests/test_layers.py pins them
 # together; the job file's format cannot import the adapters, which import it).
@@ -313,6 +317,18 @@ class JobSpec(_Strict):
         "default 30 s (at most max_wall_clock).",
     )
     retries: RetryPolicy = Field(default_factory=RetryPolicy)
+    array: Optional[ArraySpec] = Field(
+        None, description="Run the command once per item (file, index or value) on up to max_concurrent "
+        "warm slots: a job array / batch scoring (docs/arrays.md).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _array_output(cls, data: Any) -> Any:
+        """An array job's items write below an output (outputs/<id>/items/<key>/): one that
+        declares none gets ``results``."""
+        if isinstance(data, dict) and data.get("array") is not None and not data.get("outputs"):
+            data = {**data, "outputs": {DEFAULT_OUTPUT: {}}}
+        return data
 
     @field_validator("name", "experiment")
     @classmethod
@@ -462,6 +478,13 @@ class JobSpec(_Strict):
                 )
         if self.image and self.packages and (self.packages.pip or self.packages.requirements):
             raise ValueError("image and packages cannot be combined: install the packages in the image")
+        if self.array is not None and self.prepare:
+            raise ValueError("prepare is not available in array jobs: run it at the start of the command, "
+                             "or use packages / image")
+        if self.array is not None and fw in MPI_FRAMEWORKS:
+            raise ValueError(f"array jobs run framework custom, pytorch or tensorflow tasks, not '{fw}'")
+        if ITEM_PLACEHOLDER in self.command and self.array is None:
+            raise ValueError(f"command: {ITEM_PLACEHOLDER} is the item of an array job; this job has no `array` block")
         return self
 
     # ---- derived values -------------------------------------------------

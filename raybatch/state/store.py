@@ -82,7 +82,24 @@ CREATE TABLE IF NOT EXISTS ranks (
     role       TEXT,             -- rank, chief, worker, ps, mpirun, mpi-node, launcher, idle
     PRIMARY KEY (job_id, attempt, rank)
 );
+-- an array job's slots: each a gang the policy admitted for one attempt of the job
+CREATE TABLE IF NOT EXISTS slots (
+    job_id      TEXT NOT NULL,
+    attempt     INTEGER NOT NULL,
+    slot        INTEGER NOT NULL,
+    nodes       TEXT NOT NULL,     -- JSON list: the node of each bundle
+    state       TEXT NOT NULL,     -- granted | revoked (draining or preempted) | released
+    granted_at  REAL NOT NULL,
+    revoked_at  REAL,
+    reason      TEXT,              -- why it was revoked
+    preempted_by TEXT,
+    released_at REAL,
+    PRIMARY KEY (job_id, attempt, slot)
+);
+CREATE INDEX IF NOT EXISTS slots_live ON slots (state, job_id);
 """
+
+SLOT_GRANTED, SLOT_REVOKED, SLOT_RELEASED = "granted", "revoked", "released"
 
 _JOB_COLUMNS = (
     "seq", "id", "name", "experiment", "priority", "state", "spec", "code_package", "job_dir",
@@ -354,6 +371,45 @@ class Store:
         return self._all(
             "SELECT * FROM ranks WHERE job_id=? AND attempt=? ORDER BY rank", (job_id, attempt)
         )
+
+
+    # ---- slots of array jobs ---------------------------------------------------------
+    def add_slot(self, job_id: str, attempt: int, slot: int, nodes: list[str]) -> None:
+        with self._tx() as db:
+            db.execute("INSERT INTO slots (job_id, attempt, slot, nodes, state, granted_at) VALUES (?,?,?,?,?,?)",
+                       (job_id, attempt, slot, json.dumps(list(nodes)), SLOT_GRANTED, time.time()))
+
+    def revoke_slot(self, job_id: str, attempt: int, slot: int, reason: str,
+                    preempted_by: Optional[str] = None) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE slots SET state=?, revoked_at=?, reason=?, preempted_by=? "
+                       "WHERE job_id=? AND attempt=? AND slot=? AND state=?",
+                       (SLOT_REVOKED, time.time(), reason, preempted_by, job_id, attempt, slot, SLOT_GRANTED))
+
+    def release_slots(self, job_id: str, attempt: int, slots: Optional[Iterable[int]] = None) -> None:
+        """Mark these slots (default: every slot of the attempt) as given back."""
+        with self._tx() as db:
+            if slots is None:
+                db.execute("UPDATE slots SET state=?, released_at=? WHERE job_id=? AND attempt=? AND state!=?",
+                           (SLOT_RELEASED, time.time(), job_id, attempt, SLOT_RELEASED))
+            else:
+                for k in slots:
+                    db.execute("UPDATE slots SET state=?, released_at=? WHERE job_id=? AND attempt=? AND slot=? "
+                               "AND state!=?", (SLOT_RELEASED, time.time(), job_id, attempt, k, SLOT_RELEASED))
+
+    def slots(self, job_id: str, attempt: Optional[int] = None, live: bool = False) -> list[dict[str, Any]]:
+        """An array job's slots (of one attempt), oldest first; ``live``: not released yet."""
+        sql, args = "SELECT * FROM slots WHERE job_id=?", [job_id]
+        if attempt is not None:
+            sql += " AND attempt=?"
+            args.append(attempt)
+        if live:
+            sql += " AND state!=?"
+            args.append(SLOT_RELEASED)
+        rows = self._all(sql + " ORDER BY attempt, slot", args)
+        for r in rows:
+            r["nodes"] = json.loads(r["nodes"])
+        return rows
 
 
 def _decode_attempt(row: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:

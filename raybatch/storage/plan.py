@@ -7,8 +7,12 @@ file sends an output elsewhere::
     stdouterr/attempt-<n>/prepare/node-<k>/{stdout,stderr}.txt   the prepare command (``prepare_logs``)
     stdouterr/attempt-<n>/environment/node-<k>.txt          a failed environment build (``environment_log``)
     stdouterr/attempt-<n>/environment/pip-check.txt
+    stdouterr/items/<task>/attempt-<k>/rank-<r>/...      an array task's output (``item_logs``)
     checkpoints/                     RAYBATCH_CHECKPOINT_DIR, kept across attempts
     outputs/<id>/                    RAYBATCH_OUTPUT_<ID>
+    outputs/<id>/items/<key>/        an array item's RAYBATCH_ITEM_OUTPUT_DIR (the first output)
+    items/manifest.jsonl             an array job's frozen listing: one item per line
+    items/<task>.json                a finished task's record (done, or failed for good)
 
 Users see the same tree through ``raybatch files`` / ``download`` whether it is on
 a local disk or in blob storage: ``stdouterr/...``, ``checkpoints/...``,
@@ -46,6 +50,11 @@ def environment_log(attempt: int, node_rank: Optional[int]) -> str:
                                                else "pip-check.txt")
 
 
+def item_logs(task: int, attempt: int, rank: int) -> str:
+    """An array task's rank log directory (attempt ``attempt`` of that task), below ``stdouterr/``."""
+    return f"items/{task}/attempt-{attempt}/rank-{rank}"
+
+
 def job_dir_for(root: str, experiment: str, job_id: str) -> str:
     loc = parse(root)
     if loc.is_local:
@@ -65,6 +74,8 @@ def job_locations(spec: JobSpec, job_dir: str) -> dict[str, str]:
     tree = {"stdouterr": join(job_dir, "stdouterr"), "checkpoints": join(job_dir, "checkpoints")}
     for ident in spec.outputs:
         tree[f"outputs/{ident}"] = output_location(spec, job_dir, ident)
+    if spec.array is not None:
+        tree["items"] = join(job_dir, "items")
     return tree
 
 
@@ -95,37 +106,54 @@ class AttemptStorage:
     outputs: dict[str, Access] = field(default_factory=dict)
     inputs: dict[str, Access] = field(default_factory=dict)
     input_modes: dict[str, str] = field(default_factory=dict)
+    # array jobs: the item records, the location `array.over` lists, and (resume_from) the
+    # records of the job it resumes
+    items: Optional[Access] = None
+    over: Optional[Access] = None
+    resume_items: Optional[Access] = None
 
     @property
     def remote(self) -> bool:
         return any(a.kind != "local" for a in self.all())
 
     def all(self) -> list[Access]:
-        return [self.logs, self.checkpoints, *self.outputs.values(), *self.inputs.values()]
+        extra = [a for a in (self.items, self.over, self.resume_items) if a is not None]
+        return [self.logs, self.checkpoints, *self.outputs.values(), *self.inputs.values(), *extra]
 
     def to_dict(self, secrets: bool) -> dict[str, Any]:
         conv = (lambda a: a.to_dict()) if secrets else (lambda a: a.public())
-        return {"logs": conv(self.logs), "checkpoints": conv(self.checkpoints),
-                "outputs": {k: conv(a) for k, a in self.outputs.items()},
-                "inputs": {k: conv(a) for k, a in self.inputs.items()},
-                "input_modes": dict(self.input_modes)}
+        out = {"logs": conv(self.logs), "checkpoints": conv(self.checkpoints),
+               "outputs": {k: conv(a) for k, a in self.outputs.items()},
+               "inputs": {k: conv(a) for k, a in self.inputs.items()},
+               "input_modes": dict(self.input_modes)}
+        for name in ("items", "over", "resume_items"):
+            if getattr(self, name) is not None:
+                out[name] = conv(getattr(self, name))
+        return out
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "AttemptStorage":
+        opt = {k: Access.from_dict(d[k]) for k in ("items", "over", "resume_items") if d.get(k)}
         return cls(Access.from_dict(d["logs"]), Access.from_dict(d["checkpoints"]),
                    {k: Access.from_dict(a) for k, a in d.get("outputs", {}).items()},
                    {k: Access.from_dict(a) for k, a in d.get("inputs", {}).items()},
-                   dict(d.get("input_modes", {})))
+                   dict(d.get("input_modes", {})), **opt)
 
 
-def resolve_attempt(spec: JobSpec, job_dir: str, datastores: Datastores) -> AttemptStorage:
-    """Resolve every location of the job (reads credential references: server side)."""
+def resolve_attempt(spec: JobSpec, job_dir: str, datastores: Datastores,
+                    resume_dir: Optional[str] = None) -> AttemptStorage:
+    """Resolve every location of the job (reads credential references: server side).
+    ``resume_dir``: the job directory of the array job this one resumes."""
+    array = spec.array
     return AttemptStorage(
         logs=datastores.resolve(join(job_dir, "stdouterr")),
         checkpoints=datastores.resolve(join(job_dir, "checkpoints")),
         outputs={i: datastores.resolve(output_location(spec, job_dir, i)) for i in spec.outputs},
         inputs={i: datastores.resolve(inp.path) for i, inp in spec.inputs.items()},
         input_modes={i: inp.mode for i, inp in spec.inputs.items()},
+        items=datastores.resolve(join(job_dir, "items")) if array else None,
+        over=datastores.resolve(array.base) if array and array.over else None,
+        resume_items=datastores.resolve(join(resume_dir, "items")) if array and resume_dir else None,
     )
 
 
@@ -135,6 +163,8 @@ def check_locations(spec: JobSpec, output_root: Optional[str], datastores: Datas
     fields = [("output_root", output_root)] if output_root else []
     fields += [(f"inputs.{i}.path", inp.path) for i, inp in spec.inputs.items()]
     fields += [(f"outputs.{i}.path", o.path) for i, o in spec.outputs.items() if o.path]
+    if spec.array is not None and spec.array.over:
+        fields.append(("array.over", spec.array.base))
     for name, text in fields:
         try:
             datastores.check(text)
