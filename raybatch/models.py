@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 from pydantic import BaseModel, Field
 
-from raybatch.runtime.protocol import Phase, Staging
+from raybatch.runtime.protocol import ItemCounts, Phase, Staging
 from raybatch.spec.job import JobSpec
 from raybatch.state.states import JobState
 
@@ -85,6 +85,36 @@ class AttemptInfo(BaseModel):
     ranks: list[RankInfo] = []
 
 
+class SlotInfo(BaseModel):
+    """One slot of an array job: a gang the scheduler granted to an attempt."""
+
+    attempt: int
+    slot: int
+    nodes: list[str] = Field(description="The node of each bundle of the slot's gang.")
+    state: str = Field(description="granted | revoked | released (the scheduler's view).")
+    activity: Optional[str] = Field(None, description="starting | ready | busy | draining | released | lost "
+                                    "(the driver's view, while the attempt runs).")
+    task: Optional[int] = Field(None, description="The task it runs now.")
+    granted_at: float
+    released_at: Optional[float] = None
+    reason: Optional[str] = Field(None, description="Why it was taken back.")
+
+
+class ItemInfo(BaseModel):
+    """One task of an array job (``items_per_task`` items; one item by default)."""
+
+    task: int
+    keys: list[str] = Field(description="Its items: file paths below array.over, or indices.")
+    state: str = Field(description="pending | running | done | failed | skipped (done by the resumed job).")
+    runs: int = Field(0, description="How many times its command ran.")
+    exit_code: Optional[int] = None
+    slot: Optional[int] = None
+    nodes: list[str] = Field(default_factory=list)
+    seconds: Optional[float] = None
+    message: Optional[str] = None
+    job_id: Optional[str] = Field(None, description="The job that ran it (the resumed job's, when skipped).")
+
+
 class JobDetail(JobSummary):
     spec: JobSpec
     waiting_reason: Optional[str] = None
@@ -97,6 +127,8 @@ class JobDetail(JobSummary):
     staging: Optional[Staging] = Field(None, description="While staging: bytes done and in all.")
     transitions: list[Transition] = []
     attempts: list[AttemptInfo] = []
+    items: Optional[ItemCounts] = Field(None, description="An array job's progress (while it runs).")
+    slots: list[SlotInfo] = Field(default_factory=list, description="An array job's slots, latest attempt.")
 
 
 class FileEntry(BaseModel):
@@ -109,7 +141,8 @@ class FileEntry(BaseModel):
 
 
 class LogChunk(BaseModel):
-    attempt: int
+    attempt: int = Field(description="The job's attempt, or with ``item`` the task's run.")
+    item: Optional[int] = Field(None, description="An array job's task.")
     rank: int
     stream: str
     path: str
@@ -139,6 +172,7 @@ class QueueEntry(BaseModel):
         None, description="Starts by this time (epoch seconds) if every job runs to its max_wall_clock "
         "on the current nodes; None when that gives no bound (e.g. the nodes are too few).")
     preemptions: int = 0
+    slots: Optional[str] = Field(None, description="An array job's slots held and wanted, e.g. '2/4 slots'.")
 
 
 class SchedulerInfo(BaseModel):

@@ -246,6 +246,15 @@ def main(argv: list[str]) -> int:
     if len(argv) != 1:
         print("usage: python -m raybatch.runtime.driver ATTEMPT_JSON", file=sys.stderr)
         return 2
+    try:
+        array = AttemptFile.model_validate_json(Path(argv[0]).read_text()).spec.array is not None
+    except (OSError, ValueError) as e:
+        print(f"cannot read {argv[0]}: {e}", file=sys.stderr)
+        return 2
+    if array:  # one job, many tasks on warm slots
+        from raybatch.runtime.array import ArrayAttempt  # noqa: PLC0415 - it builds on Attempt
+
+        return ArrayAttempt(argv[0]).run()
     return Attempt(argv[0]).run()
 
 

@@ -15,7 +15,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from raybatch.frameworks.base import Framework, RankContext
 from raybatch.runtime.protocol import RankReport
@@ -29,16 +29,30 @@ HOSTFILE_ALIAS = "AZ_BATCHAI_MPI_HOST_FILE"
 class AttemptDirs:
     job_id: str
     attempt: int
+    slot: Optional[int] = None  # an array job's slot: its gang's own directories
 
     @property
     def mirror(self) -> Path:
-        return Path(tempfile.gettempdir()) / "raybatch-mirror" / self.job_id / f"attempt-{self.attempt}"
+        root = Path(tempfile.gettempdir()) / "raybatch-mirror" / self.job_id / f"attempt-{self.attempt}"
+        return root if self.slot is None else root / f"slot-{self.slot}"
 
     def node_mirror(self, node_rank: int) -> Path:
         return self.mirror / f"node-{node_rank}"
 
     def job_temp(self, node_rank: int) -> str:
-        return str(Path(tempfile.gettempdir()) / "raybatch-jobs" / self.job_id / f"node-{node_rank}")
+        node = f"node-{node_rank}" if self.slot is None else f"slot-{self.slot}-node-{node_rank}"
+        return str(Path(tempfile.gettempdir()) / "raybatch-jobs" / self.job_id / node)
+
+
+@dataclass
+class UnitPlan:
+    """One run of an array task in a warm slot: where its logs and checkpoints go, and
+    what its processes get on top of the job's contract."""
+
+    logs_rel: Callable[[int], str]      # rank -> its log directory below stdouterr/
+    checkpoint_rel: str                 # the task's checkpoints below checkpoints/
+    env: dict[str, str] = field(default_factory=dict)
+    node_files: Callable[[int, str], dict[str, str]] = lambda node_rank, job_temp: {}  # written on each node
 
 
 @dataclass
@@ -70,10 +84,12 @@ class RankLaunch:
 
 def plan_ranks(spec: JobSpec, framework: Framework, storage: AttemptStorage, dirs: AttemptDirs, *,
                job_dir: str, infos: list[dict[str, Any]], ports: list[int], code_dirs: dict[int, str],
-               staged_inputs: dict[int, dict[str, str]], gpus_per_rank: float = 0.0) -> list[RankLaunch]:
+               staged_inputs: dict[int, dict[str, str]], gpus_per_rank: float = 0.0,
+               unit: Optional[UnitPlan] = None) -> list[RankLaunch]:
     """Every rank's launch. ``infos``/``ports``: each rank's node and a free port there
     (rank 0's is MASTER_PORT); ``code_dirs``: the code on each node (empty: no code);
-    ``staged_inputs``: each node's local copies of ``download`` inputs."""
+    ``staged_inputs``: each node's local copies of ``download`` inputs; ``unit``: one run
+    of an array task (its own logs, checkpoints and variables)."""
     P, st, n = spec.processes_per_node, storage, dirs.attempt
     peers = [f"{info['node_ip']}:{port}" for info, port in zip(infos, ports)]
     master_addr, master_port = infos[0]["node_ip"], ports[0]
@@ -87,6 +103,8 @@ def plan_ranks(spec: JobSpec, framework: Framework, storage: AttemptStorage, dir
         node_rank, local_rank = divmod(rank, P)
         node_dir = dirs.node_mirror(node_rank)
         ckpt = st.checkpoints.path if st.checkpoints.kind == "local" else str(node_dir / "checkpoints")
+        if unit is not None:
+            ckpt = str(Path(ckpt) / unit.checkpoint_rel)
         outputs = {i: a.path if a.kind == "local" else str(node_dir / "outputs" / i) for i, a in st.outputs.items()}
         inputs = {}
         for i, a in st.inputs.items():
@@ -94,7 +112,7 @@ def plan_ranks(spec: JobSpec, framework: Framework, storage: AttemptStorage, dir
                 inputs[i] = staged_inputs[node_rank][i]
             else:  # direct: the path, or the blob's URL for the script's own credential
                 inputs[i] = a.path if a.kind == "local" else f"{a.endpoint}/{a.container}/{a.path}".rstrip("/")
-        rel_logs = rank_logs(n, rank)
+        rel_logs = unit.logs_rel(rank) if unit is not None else rank_logs(n, rank)
         log_dir = str(Path(st.logs.path) / rel_logs if st.logs.kind == "local" else node_dir / "stdouterr" / rel_logs)
         job_temp = dirs.job_temp(node_rank)
         cwd = code_dirs[node_rank] if code_dirs else job_temp
@@ -108,10 +126,12 @@ def plan_ranks(spec: JobSpec, framework: Framework, storage: AttemptStorage, dir
             gpus=gpus_per_rank, workdir=cwd, peers=peers,
         )
         hostfile = str(Path(job_temp) / "hostfile")
-        env = {HOSTFILE_ALIAS: hostfile, **framework.rank_env(spec, ctx)}
+        env = {HOSTFILE_ALIAS: hostfile, **framework.rank_env(spec, ctx), **(unit.env if unit else {})}
         if code_dirs:  # like Ray's working_dir: the code first on PYTHONPATH
             env["PYTHONPATH"] = os.pathsep.join(p for p in (cwd, env.get("PYTHONPATH")) if p)
         files = {**({hostfile: hostfile_text} if local_rank == 0 else {}), **framework.files(spec, ctx)}
+        if unit is not None and local_rank == 0:
+            files.update(unit.node_files(node_rank, job_temp))
         launch = RankLaunch(
             rank=rank, node_rank=node_rank, local_rank=local_rank, role=framework.role(spec, rank),
             argv=framework.command(spec, ctx), env=env, cwd=cwd, log_dir=log_dir,
@@ -127,7 +147,8 @@ def plan_ranks(spec: JobSpec, framework: Framework, storage: AttemptStorage, dir
                                       f"{rel_prep}/{s}.txt") for s in ("stdout", "stderr")]
             launch.sync_dirs = [(outputs[i], a.to_dict()) for i, a in st.outputs.items() if a.kind != "local"]
             if st.checkpoints.kind != "local":
-                launch.sync_dirs.append((ckpt, st.checkpoints.to_dict()))
+                remote = st.checkpoints.child(unit.checkpoint_rel) if unit is not None else st.checkpoints
+                launch.sync_dirs.append((ckpt, remote.to_dict()))
         out.append(launch)
     return out
 

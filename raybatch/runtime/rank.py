@@ -137,6 +137,7 @@ class RankActor:
               make_dirs: list[str], grace: float, files: Optional[dict[str, str]] = None) -> int:
         _write_files([log_dir, *make_dirs], files)
         child_env = child_environment(env)
+        self.threads = []  # a warm actor (an array job's slot) runs one process after another
         with self._lock:
             self.proc = subprocess.Popen(
                 argv, env=child_env, cwd=cwd or os.getcwd(), stdin=subprocess.DEVNULL,
@@ -193,6 +194,15 @@ class RankActor:
             out["checkpoint_files"] = files
         return out
 
+    def stage_item(self, access: dict, cache_dir: str) -> str:
+        """An array item (one file or tree) through this node's input cache: its local path."""
+        return InputCache(cache_dir).stage(open_backend(Access.from_dict(access))).path
+
+    def restore_dir(self, access: dict, local: str) -> int:
+        """Everything under a location into ``local`` (an array task's checkpoints): files."""
+        Path(local).mkdir(parents=True, exist_ok=True)
+        return download_tree(open_backend(Access.from_dict(access)), Path(local))[0]
+
     def staging_progress(self) -> list[int]:
         return list(self._staging)
 
@@ -209,9 +219,10 @@ class RankActor:
 
     def finish_sync(self, timeout: float) -> dict:
         """The last pass, after the process ended: what could not be uploaded, and why."""
-        if self.sync is None:
+        sync, self.sync = self.sync, None  # a warm actor starts a new one for its next process
+        if sync is None:
             return {"unsynced": [], "error": None}
-        report = self.sync.finish(timeout)
+        report = sync.finish(timeout)
         return {"unsynced": report.unsynced, "error": report.error,
                 "node_ip": ray.util.get_node_ip_address(), "hostname": socket.gethostname()}
 
@@ -225,6 +236,7 @@ class RankActor:
         _write_files(make_dirs, files)
         with self._lock:
             self.proc = None
+            self._released.clear()
         return None
 
     def wait(self) -> int:

@@ -49,8 +49,13 @@ def check_storage(storage: AttemptStorage, timeout_s: float, stopped: Stopped, l
     checks: list[tuple[str, Any, bool]] = []
     for ident, access in st.inputs.items():
         checks.append((f"input '{ident}'", access, False))
+    if st.over is not None:
+        checks.append(("array.over", st.over, False))
+    if st.resume_items is not None:
+        checks.append(("the resumed job's items", st.resume_items, False))
     for name, access in [("logs", st.logs), ("checkpoints", st.checkpoints),
-                         *((f"output '{i}'", a) for i, a in st.outputs.items())]:
+                         *((f"output '{i}'", a) for i, a in st.outputs.items()),
+                         *((("items", st.items),) if st.items is not None else ())]:
         if access.kind != "local":
             checks.append((name, access, True))
     seen: set[tuple] = set()

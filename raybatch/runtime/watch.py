@@ -34,7 +34,7 @@ SYNC_REPORT_S = 5.0          # the final upload reports this often (the server w
 
 def watch(gang: Gang, ranks: list[RankReport], framework: Framework, deadline: float,
           stop_request: Callable[[], Optional[Outcome]], lost_nodes: set[str],
-          report: Callable[..., None], log: Callable[[str], None]) -> Outcome:
+          report: Callable[..., None], log: Callable[[str], None], timeout_reason: str = "") -> Outcome:
     """Block until the attempt ends; stop whatever is left running. Records each rank's
     exit code in ``ranks`` and the nodes of lost ranks in ``lost_nodes``.
 
@@ -97,7 +97,8 @@ def watch(gang: Gang, ranks: list[RankReport], framework: Framework, deadline: f
             next_stall_check = time.monotonic() + STALL_CHECK_S
             outcome = check_stall(gang, running, spec.stall_timeout)
         if outcome is None and time.monotonic() > deadline:
-            outcome = Outcome(AttemptOutcome.TIMEOUT, None, f"exceeded max_wall_clock ({spec.max_wall_clock:.0f} s)")
+            outcome = Outcome(AttemptOutcome.TIMEOUT, None,
+                              timeout_reason or f"exceeded max_wall_clock ({spec.max_wall_clock:.0f} s)")
         if outcome is not None and waiting:
             if running:
                 log(f"{outcome.message}; stopping {len(running)} other rank(s), grace {grace:.0f} s")

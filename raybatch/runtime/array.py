@@ -1,0 +1,372 @@
+"""The driver of an array job's attempt: ``python -m raybatch.runtime.driver`` runs this
+when the job has an ``array:`` block.
+
+1. check the storage (the listing's location too) and freeze the listing into
+   ``items/manifest.jsonl`` (a retry, or ``resume_from``, reuses the frozen one); tasks
+   already recorded done in ``items/<task>.json`` are skipped;
+2. serve: every slot the scheduler grants (``control.json``) becomes a warm gang
+   (``slots.Slot``) that takes one task after another from the ``Dispatcher``; a slot it
+   revokes drains (preempted: its task gets SIGTERM and its grace period and runs again
+   in another slot). The report says how many slots the driver can still use;
+3. a task is done once its command exited 0 and its outputs are out; a failing task
+   runs again up to ``array.retries`` times; more failed items than
+   ``array.error_threshold`` fail the attempt;
+4. when every task has ended (or the attempt is stopped), the slots are released and
+   DONE is reported."""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+import traceback
+from typing import Optional
+
+import ray
+from ray.exceptions import RayActorError
+
+from raybatch.runtime.driver import Attempt
+from raybatch.runtime.items import ItemStore, Record, Task, list_items, tasks_of
+from raybatch.runtime.protocol import Control, ItemCounts, Outcome, Phase, SlotReport
+from raybatch.runtime.slots import Slot
+from raybatch.state.states import AttemptOutcome
+from raybatch.storage.backends import StorageError, open_backend
+
+TICK_S = 0.25          # the serving loop's period: control file, reports
+REPORT_EVERY_S = 2.0   # a report at least this often (progress, rate)
+RATE_WINDOW_S = 60.0
+
+# how a task's run ended -> what happens to the task
+_RERUN_FREE = (AttemptOutcome.PREEMPTED, AttemptOutcome.NODE_LOST, AttemptOutcome.PLACEMENT_TIMEOUT,
+               AttemptOutcome.STORAGE_UNAVAILABLE)
+_STOPPED = (AttemptOutcome.CANCELLED, AttemptOutcome.DRIVER_LOST)
+
+
+class Dispatcher:
+    """Which task runs next: each task is handed to one slot at a time, a task whose
+    slot was taken back goes to the front, a failed one to the back."""
+
+    def __init__(self, tasks: list[Task], done: set[int], skipped: set[int], retries: int):
+        self.lock = threading.Lock()
+        self.tasks = {t.index: t for t in tasks}
+        self.total = len(tasks)
+        self.retries = retries
+        self.done = set(done)
+        self.skipped = set(skipped) - self.done
+        self.failed: dict[int, Record] = {}
+        self.running: dict[int, int] = {}  # task -> slot
+        self.pending = collections.deque(t.index for t in tasks if t.index not in self.done | self.skipped)
+        self._runs: dict[int, int] = collections.Counter()
+        self.failures: dict[int, int] = collections.Counter()
+        self.finished_at: collections.deque[float] = collections.deque()
+
+    def take(self, slot: int) -> Optional[Task]:
+        with self.lock:
+            if not self.pending:
+                return None
+            index = self.pending.popleft()
+            self.running[index] = slot
+            self._runs[index] += 1
+            return self.tasks[index]
+
+    def peek(self) -> Optional[Task]:
+        with self.lock:
+            return self.tasks[self.pending[0]] if self.pending else None
+
+    def runs(self, task: int) -> int:
+        """Runs of the task started so far, the current one included."""
+        with self.lock:
+            return self._runs[task] - 1
+
+    def more_for_slots(self, _live: int) -> bool:
+        with self.lock:
+            return bool(self.pending)
+
+    def requeue(self, task: int, front: bool) -> None:
+        with self.lock:
+            self.running.pop(task, None)
+            (self.pending.appendleft if front else self.pending.append)(task)
+
+    def release(self, task: int) -> None:
+        """The attempt stops: the task is neither done nor failed."""
+        with self.lock:
+            self.running.pop(task, None)
+
+    def finish(self, task: int, record: Record) -> None:
+        with self.lock:
+            self.running.pop(task, None)
+            if record.state == "done":
+                self.done.add(task)
+                self.failed.pop(task, None)
+            else:
+                self.failed[task] = record
+            self.finished_at.append(time.monotonic())
+
+    def failed_items(self) -> int:
+        with self.lock:
+            return sum(len(self.tasks[t].items) for t in self.failed)
+
+    @property
+    def complete(self) -> bool:
+        with self.lock:
+            return not self.pending and not self.running
+
+    def wanted(self, max_concurrent: int) -> int:
+        with self.lock:
+            return min(max_concurrent, len(self.pending) + len(self.running))
+
+    def counts(self) -> ItemCounts:
+        with self.lock:
+            now = time.monotonic()
+            while self.finished_at and now - self.finished_at[0] > RATE_WINDOW_S:
+                self.finished_at.popleft()
+            recent = len(self.finished_at)
+            window = min(RATE_WINDOW_S, max(1.0, now - (self.finished_at[0] if recent else now)))
+            rate = recent / window if recent else 0.0
+            left = len(self.pending) + len(self.running)
+            return ItemCounts(total=self.total, done=len(self.done), failed=len(self.failed),
+                              running=len(self.running), skipped=len(self.skipped), rate=round(rate, 3),
+                              eta_s=round(left / rate, 1) if rate > 0 and left else None)
+
+
+class ArrayAttempt(Attempt):
+    def __init__(self, attempt_file: str):
+        super().__init__(attempt_file)
+        self.unit_spec = self.spec
+        self.slots: dict[int, Slot] = {}
+        self.gone: dict[int, SlotReport] = {}  # slots revoked before they started
+        self.dispatcher: Optional[Dispatcher] = None
+        self.items: Optional[ItemStore] = None
+        self.phase = Phase.PLACING
+        self._wake = threading.Event()
+        self._lock = threading.Lock()
+
+    # ---- events from the slots' threads -------------------------------------------------
+    def changed(self) -> None:
+        self._wake.set()
+
+    def live_slots(self) -> int:
+        return sum(1 for s in list(self.slots.values()) if s.state not in ("released", "lost"))
+
+    def slot_placed(self, slot: Slot) -> None:
+        if self.phase is Phase.PLACING:
+            self.phase = Phase.PLACED
+        self.changed()
+
+    def slot_failed(self, slot: Slot, outcome: Outcome) -> None:
+        """A slot could not be set up. Its nodes' trouble (placement) only loses the slot;
+        the job's own (its environment, inputs or code) fails the attempt."""
+        if self.stop.is_set() or slot.preempted is not None or slot.drain.is_set():
+            return
+        if outcome.kind is AttemptOutcome.START_FAILED:
+            self.stop_with(outcome)
+
+    def task_started(self, slot: Slot, task: Task) -> None:
+        if self.phase is not Phase.RUNNING:
+            self.phase = Phase.RUNNING
+            self.log("the first task runs")
+        self.changed()
+
+    def task_ended(self, slot: Slot, task: Task, run: int, outcome: Outcome, seconds: float) -> None:
+        d, array = self.dispatcher, self.spec.array
+        assert d is not None and self.items is not None
+        what = f"task {task.index} ({task.key}) run {run} on slot {slot.index}"
+        if outcome.succeeded:
+            self.record(Record(task.index, "done", [i.key for i in task.items], 0, run, self.job_id, self.n,
+                               slot.index, slot.nodes, round(seconds, 3), message=outcome.message))
+        elif outcome.kind in _STOPPED or outcome is self.stop_reason:
+            d.release(task.index)
+        elif outcome.kind in _RERUN_FREE:
+            self.log(f"{what}: {outcome.kind.value}: {outcome.message}; it runs again")
+            d.requeue(task.index, front=True)
+        else:
+            d.failures[task.index] += 1
+            if d.failures[task.index] <= array.retries:
+                self.log(f"{what}: {outcome.kind.value}: {outcome.message}; "
+                         f"retry {d.failures[task.index]} of {array.retries}")
+                d.requeue(task.index, front=False)
+            else:
+                self.log(f"{what}: {outcome.kind.value}: {outcome.message}; failed for good")
+                self.record(Record(task.index, "failed", [i.key for i in task.items], outcome.exit_code, run,
+                                   self.job_id, self.n, slot.index, slot.nodes, round(seconds, 3),
+                                   message=f"{outcome.kind.value}: {outcome.message}"))
+                failed, limit = d.failed_items(), array.error_threshold
+                if limit >= 0 and failed > limit:
+                    self.stop_with(Outcome(AttemptOutcome.USER_ERROR, outcome.exit_code or 1,
+                                           f"{failed} item(s) failed, more than array.error_threshold ({limit}); "
+                                           f"task {task.index} ({task.key}): {outcome.message}"))
+        self.changed()
+
+    def record(self, record: Record) -> None:
+        """Write the task's record, then count it: a crash in between runs it again."""
+        assert self.items is not None and self.dispatcher is not None
+        for delay in (0.5, 1, 2, 4, 8, 0):
+            try:
+                self.items.write_record(record)
+                break
+            except StorageError as e:
+                if not delay:
+                    raise
+                self.log(f"writing items/{record.task}.json: {e} (retrying in {delay} s)")
+                time.sleep(delay)
+        self.dispatcher.finish(record.task, record)
+
+    def stop_with(self, outcome: Outcome) -> None:
+        with self._lock:
+            if self.stop_reason is None:
+                self.stop_reason = outcome
+        self.stop.set()
+        self.changed()
+
+    # ---- the attempt ----------------------------------------------------------------
+    def report(self, phase: Optional[Phase] = None, **extra) -> None:  # type: ignore[override]
+        d = self.dispatcher
+        slots = [s.report() for s in list(self.slots.values())] + list(self.gone.values())
+        wanted = 0 if self.stop.is_set() or d is None else d.wanted(self.spec.array.max_concurrent)
+        super().report(phase or self.phase, slots=slots, items=d.counts() if d else None,
+                       slots_wanted=wanted if d is not None else None, **extra)
+
+    def freeze(self) -> Optional[Outcome]:
+        """The frozen listing and what is already done; the dispatcher."""
+        st, array = self.storage, self.spec.array
+        self.items = ItemStore(open_backend(st.items))
+        manifest = self.items.read_manifest()
+        skipped: set[int] = set()
+        resumed = ItemStore(open_backend(st.resume_items)) if st.resume_items is not None else None
+        if manifest is None and resumed is not None:
+            manifest = resumed.read_manifest()
+            if manifest is None:
+                return Outcome(AttemptOutcome.START_FAILED, None,
+                               f"array.resume_from: {array.resume_from} has no frozen item listing "
+                               f"({st.resume_items.uri}/manifest.jsonl): it never started")
+            self.items.write_manifest(manifest)
+        elif manifest is None:
+            manifest = list_items(array, open_backend(st.over) if st.over is not None else None)
+            if not manifest:
+                return Outcome(AttemptOutcome.START_FAILED, None,
+                               f"array.over: no file matches '{array.over}'")
+            self.items.write_manifest(manifest)
+            self.log(f"{len(manifest)} item(s) listed and frozen in items/manifest.jsonl")
+        if resumed is not None:
+            skipped = {t for t, r in resumed.records().items() if r.state == "done"}
+        done = {t for t, r in self.items.records().items() if r.state == "done"}
+        tasks = tasks_of(manifest, array.items_per_task)
+        self.dispatcher = Dispatcher(tasks, done, skipped, array.retries)
+        c = self.dispatcher.counts()
+        resumed_note = f", {c.skipped} done by {array.resume_from}" if array.resume_from else ""
+        self.log(f"{c.total} task(s): {c.done} done{resumed_note}, "
+                 f"{c.pending} to run on up to {array.max_concurrent} slot(s)")
+        return None
+
+    def apply(self, control: Optional[Control]) -> None:
+        """The scheduler's word: stop the attempt; slots granted and taken back."""
+        if control is None:
+            return
+        if control.action == "cancel":
+            self.stop_with(Outcome(AttemptOutcome.CANCELLED, None, "cancelled by user"))
+        elif control.action == "preempt":
+            self.stop_with(Outcome(AttemptOutcome.PREEMPTED, None,
+                                   control.reason or "preempted by a higher-priority job"))
+        for k, grant in sorted(control.slots.items()):
+            slot = self.slots.get(k)
+            if grant.state == "granted":
+                if slot is None and k not in self.gone and not self.stop.is_set():
+                    slot = self.slots[k] = Slot(self, k, grant.nodes)
+                    self.log(f"slot {k} granted on {', '.join(n[:12] for n in grant.nodes)}")
+                    slot.start()
+            elif slot is None:
+                if k not in self.gone:  # taken back before it started: nothing to give back
+                    self.gone[k] = SlotReport(slot=k, nodes=grant.nodes, state="released", since=time.time())
+                    self.changed()
+            elif grant.preempt and slot.preempted is None:
+                self.log(f"slot {k}: {grant.reason}")
+                slot.preempted = grant.reason or "preempted"
+            elif not grant.preempt and not slot.drain.is_set():
+                self.log(f"slot {k} drains: {grant.reason}")
+                slot.drain.set()
+
+    def check_control(self) -> bool:
+        return self.stop.is_set()
+
+    def serve(self) -> Outcome:
+        d, array = self.dispatcher, self.spec.array
+        assert d is not None
+        deadline = self.started + self.spec.max_wall_clock
+        last_report = 0.0
+        while True:
+            self.apply(self.files.read_control())
+            if self.stop.is_set() or d.complete:
+                break
+            if time.monotonic() > deadline:
+                self.stop_with(Outcome(AttemptOutcome.TIMEOUT, None,
+                                       f"exceeded max_wall_clock ({self.spec.max_wall_clock:.0f} s)"))
+                break
+            if self._wake.is_set() or time.monotonic() - last_report > REPORT_EVERY_S:
+                self._wake.clear()
+                self.report()
+                last_report = time.monotonic()
+            self._wake.wait(TICK_S)
+        if self.stop_reason is not None:
+            return self.stop_reason
+        c = d.counts()
+        failed = d.failed_items()
+        note = f"{c.done + c.skipped} of {c.total} task(s) done" + (f", {c.skipped} by {array.resume_from}"
+                                                                    if c.skipped else "")
+        if failed:
+            note += f"; {failed} item(s) failed (array.error_threshold {array.error_threshold})"
+        return Outcome(AttemptOutcome.SUCCEEDED, 0, note)
+
+    def shutdown(self) -> None:
+        """Stop every slot (its task gets SIGTERM and the grace period) and wait for its
+        nodes to be given back."""
+        slots = list(self.slots.values())
+        if any(s.thread.is_alive() for s in slots):
+            self.report(Phase.STOPPING, reason=self.stop_reason.message if self.stop_reason else "done")
+        for s in slots:
+            s.drain.set()
+        for s in slots:
+            s.thread.join(timeout=self.spec.grace_period + 60)
+            self.lost_nodes |= s.lost_nodes
+
+    def run(self) -> int:
+        import signal  # noqa: PLC0415
+
+        signal.signal(signal.SIGTERM, self.on_signal)
+        signal.signal(signal.SIGINT, self.on_signal)
+        self.report(Phase.PLACING)
+        self.log(f"driver of array job {self.job_id} attempt {self.n} started")
+        ray.init(address=self.info.ray_address or "auto", log_to_driver=True, logging_level="WARNING")
+        signal.signal(signal.SIGTERM, self.on_signal)
+        outcome: Optional[Outcome] = None
+        try:
+            outcome = self.check_storage() or self.freeze()
+            if outcome is None:
+                outcome = self.serve()
+        except RayActorError as e:
+            traceback.print_exc()
+            outcome = Outcome(AttemptOutcome.NODE_LOST, None, f"a slot's node was lost: {e}")
+        except Exception as e:  # noqa: BLE001
+            traceback.print_exc()
+            transient = isinstance(e, StorageError) and e.transient
+            outcome = Outcome(AttemptOutcome.STORAGE_UNAVAILABLE if transient else AttemptOutcome.START_FAILED,
+                              None, f"driver error: {type(e).__name__}: {e}")
+        finally:
+            if self.stop_reason is None and outcome is not None and not outcome.succeeded:
+                self.stop_with(outcome)
+            try:
+                self.shutdown()
+            except Exception:  # noqa: BLE001 - still report
+                traceback.print_exc()
+        if self.stop_reason is not None and outcome is not None and outcome.succeeded:
+            outcome = self.stop_reason
+        assert outcome is not None
+        self.log(f"attempt {self.n} ended: {outcome.kind.value}: {outcome.message}")
+        self.report(Phase.DONE, outcome=outcome.kind, exit_code=outcome.exit_code, message=outcome.message,
+                    lost_nodes=sorted(self.lost_nodes))
+        return 0 if outcome.succeeded else 1
+
+    def on_signal(self, signum: int, _frame) -> None:  # type: ignore[override]
+        import signal  # noqa: PLC0415
+
+        self.stop_with(Outcome(AttemptOutcome.DRIVER_LOST, None,
+                               f"the attempt's driver got {signal.Signals(signum).name} from outside raybatch"))
