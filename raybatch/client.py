@@ -23,13 +23,7 @@ import httpx
 
 from raybatch import config
 from raybatch.models import (
-    FileEntry,
-    JobDetail,
-    JobSummary,
-    LogChunk,
-    QueueEntry,
-    SchedulerInfo,
-    SubmitRequest,
+    FileEntry, ItemInfo, JobDetail, JobSummary, LogChunk, QueueEntry, SchedulerInfo, SubmitRequest,
 )
 from raybatch.runtime.code import package_code
 from raybatch.spec.job import JobSpec
@@ -167,28 +161,36 @@ class Client:
     def scheduler(self) -> SchedulerInfo:
         return SchedulerInfo.model_validate(self._request("GET", "/scheduler"))
 
+    def items(self, job_id: str, state: Optional[Iterable[str]] = None) -> list[ItemInfo]:
+        """An array job's tasks (``state``: only pending, running, done, failed, skipped)."""
+        params: dict[str, Any] = {"state": list(state)} if state else {}
+        return [ItemInfo.model_validate(r) for r in self._request("GET", f"/jobs/{job_id}/items", params=params)]
+
     def log_chunk(self, job_id: str, *, rank: int = 0, stream: str = "stdout",
-                  attempt: Optional[int] = None, offset: int = 0) -> LogChunk:
+                  attempt: Optional[int] = None, offset: int = 0, item: Optional[int] = None) -> LogChunk:
         params: dict[str, Any] = {"rank": rank, "stream": stream, "offset": offset}
         if attempt:
             params["attempt"] = attempt
+        if item is not None:
+            params["item"] = item
         return LogChunk.model_validate(self._request("GET", f"/jobs/{job_id}/logs", params=params))
 
     def logs(self, job_id: str, *, rank: int = 0, stream: str = "stdout",
-             attempt: Optional[int] = None) -> str:
-        """The whole log file as it is now."""
-        return "".join(self.follow_logs(job_id, rank=rank, stream=stream, attempt=attempt, follow=False))
+             attempt: Optional[int] = None, item: Optional[int] = None) -> str:
+        """The whole log file as it is now (``item``: an array job's task, latest run)."""
+        return "".join(self.follow_logs(job_id, rank=rank, stream=stream, attempt=attempt, follow=False,
+                                        item=item))
 
     def follow_logs(self, job_id: str, *, rank: int = 0, stream: str = "stdout",
                     attempt: Optional[int] = None, follow: bool = True,
-                    poll: float = 0.5) -> Iterator[str]:
+                    poll: float = 0.5, item: Optional[int] = None) -> Iterator[str]:
         """Yield the log as it grows. With ``follow`` and no ``attempt``, keep going
         through retries (a ``--- attempt N ---`` line marks each new one) until the
         job is final."""
         offset = 0
         n = attempt
         while True:
-            chunk = self.log_chunk(job_id, rank=rank, stream=stream, attempt=n, offset=offset)
+            chunk = self.log_chunk(job_id, rank=rank, stream=stream, attempt=n, offset=offset, item=item)
             n = chunk.attempt
             if chunk.data:
                 yield chunk.data

@@ -12,6 +12,7 @@ default under RAYBATCH_HOME (~/.raybatch); ``submit`` starts it when needed.
 from __future__ import annotations
 
 import enum
+import os
 import sys
 import time
 from pathlib import Path
@@ -110,6 +111,8 @@ def _progress_line(job, started: float) -> Text:
         if job.staging and job.staging.bytes_total:
             done, total = job.staging.bytes_done, job.staging.bytes_total
             t.append(f" {render.size(done)} of {render.size(total)} ({100 * done / total:.0f}%)", style="cyan")
+    if job.items is not None:
+        t.append(f"  items {render.items_line(job.items)}", style="cyan")
     extra = job.waiting_reason or job.reason
     if extra:
         t.append(f"  {extra}", style="dim")
@@ -126,7 +129,8 @@ def _wait_with_progress(client: Client, job_id: str, timeout: Optional[float]) -
         while True:
             job = _call(client.get, job_id)
             line = _progress_line(job, started)
-            key = (job.state.value, job.attempt, job.phase)
+            key = (job.state.value, job.attempt, job.phase,
+                   (job.items.done, job.items.failed) if job.items else None)
             if render.err_console.is_terminal:
                 spinner.update(line)
             elif key != last:
@@ -152,10 +156,16 @@ def submit(
     wait: bool = typer.Option(False, "--wait", help="Show progress and exit with the job's exit code."),
     timeout: Optional[float] = typer.Option(None, help="With --wait: give up after this many seconds."),
     mount_root: Optional[str] = MountRootOpt,
+    resume_from: Optional[str] = typer.Option(
+        None, "--resume-from", help="An array job's id: use its frozen listing and skip the items it finished."),
     output: Output = OutputOpt,
 ) -> None:
     """Validate a job file and queue it; prints the job id."""
     spec = _load(job_file, set_, mount_root)
+    if resume_from:
+        if spec.array is None:
+            _fail(f"--resume-from: {job_file} has no `array:` block; only array jobs resume", code=2)
+        spec.array.resume_from = resume_from
     client = _client(auto_start=True)
     job = _call(client.submit, spec)
     if output == Output.json:
@@ -218,20 +228,42 @@ def logs(
     job_id: str,
     rank: int = typer.Option(0, "--rank", "-r", help="Which rank's log."),
     stderr: bool = typer.Option(False, "--stderr", help="stderr instead of stdout."),
-    attempt: Optional[int] = typer.Option(None, "--attempt", "-a", help="Default: the latest."),
+    attempt: Optional[int] = typer.Option(None, "--attempt", "-a", help="Default: the latest (with --item: "
+                                          "the task's latest run)."),
     follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing until the job ends."),
+    item: Optional[int] = typer.Option(None, "--item", "-i", help="An array job's task (see `raybatch items`)."),
 ) -> None:
-    """Print a rank's stdout (or stderr)."""
+    """Print a rank's stdout (or stderr); of one task of an array job with --item."""
     client = _client()
     stream = "stderr" if stderr else "stdout"
     try:
-        for chunk in client.follow_logs(job_id, rank=rank, stream=stream, attempt=attempt, follow=follow):
+        for chunk in client.follow_logs(job_id, rank=rank, stream=stream, attempt=attempt, follow=follow,
+                                        item=item):
             sys.stdout.write(chunk)
             sys.stdout.flush()
     except RaybatchError as e:
         _fail(str(e))
     except KeyboardInterrupt:
         raise typer.Exit(130)
+
+
+@app.command()
+def items(
+    job_id: str,
+    failed: bool = typer.Option(False, "--failed", help="Only the items that failed for good."),
+    state: List[str] = typer.Option([], "--state", "-s", help="Only these: pending, running, done, failed, skipped."),
+    output: Output = OutputOpt,
+) -> None:
+    """An array job's items (tasks): state, runs, exit code, time, slot; `logs ID --item K` prints one's log."""
+    wanted = (["failed"] if failed else []) + [s.lower() for s in state]
+    rows = _call(_client().items, job_id, state=wanted or None)
+    if output == Output.json:
+        render.print_json([r.model_dump(mode="json") for r in rows])
+    elif not rows:
+        render.console.print("no items" + (f" in state {', '.join(wanted)}" if wanted else
+                                           " (the job has not listed them yet)"))
+    else:
+        render.console.print(render.items_table(rows))
 
 
 @app.command()
@@ -360,6 +392,63 @@ def status(output: Output = OutputOpt) -> None:
         t.add_row(n["node_id"][:12], n["ip"], str(n["alive"]),
                   f"{a.get('CPU', 0):g}/{tot.get('CPU', 0):g}", f"{a.get('GPU', 0):g}/{tot.get('GPU', 0):g}")
     render.console.print(t)
+
+
+def _absolute(location: str) -> str:
+    """A flag's path as the job file needs it: absolute (a URI stays as it is)."""
+    return location if "://" in location else os.path.abspath(os.path.expanduser(location))
+
+
+@app.command()
+def score(
+    model: str = typer.Option(..., "--model", help="The model: a path on every node or a blob location "
+                              "(staged once per node); the command reads it as $RAYBATCH_INPUT_MODEL."),
+    over: str = typer.Option(..., "--over", help="The files to score: a path glob or a blob glob "
+                             "(datastore://name/in/*.parquet); one item per file."),
+    command: str = typer.Option(..., "--command", help="What scores a task's files: $RAYBATCH_ITEM (or the "
+                                "lines of $RAYBATCH_ITEMS_FILE) in, $RAYBATCH_ITEM_OUTPUT_DIR out."),
+    out: Optional[str] = typer.Option(None, "--out", help="Where the predictions go (default: the job's outputs/predictions)."),
+    code: Optional[Path] = typer.Option(None, "--code", help="A directory shipped with the job (the command runs in it)."),
+    max_concurrent: int = typer.Option(4, "--max-concurrent", help="Slots: tasks at once."),
+    items_per_task: int = typer.Option(1, "--items-per-task", help="Files per run of the command."),
+    item_timeout: str = typer.Option("1h", "--item-timeout", help="Longest run of one task."),
+    error_threshold: int = typer.Option(0, "--error-threshold", help="Failed items tolerated; -1: any."),
+    cpus: float = typer.Option(1.0, "--cpus", help="CPUs per slot."),
+    gpus: float = typer.Option(0.0, "--gpus", help="GPUs per slot."),
+    name: str = typer.Option("score", "--name"),
+    experiment: str = typer.Option("scoring", "--experiment", "-e"),
+    set_: List[str] = typer.Option([], "--set", help="Override any field of the job built: --set priority=high"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the job as YAML; submit nothing."),
+    wait: bool = typer.Option(False, "--wait", help="Show progress and exit with the job's exit code."),
+) -> None:
+    """Batch scoring: an array job that runs COMMAND over every file of OVER with MODEL,
+    built from these flags (docs/arrays.md)."""
+    import yaml  # noqa: PLC0415
+
+    from raybatch.spec.loader import apply_overrides, parse_job  # noqa: PLC0415
+
+    data: dict = {
+        "name": name, "experiment": experiment, "command": command,
+        **({"code": str(code.resolve())} if code else {}),
+        "resources": {"cpus": cpus, **({"gpus": gpus} if gpus else {})},
+        "inputs": {"model": _absolute(model)},
+        "array": {"over": _absolute(over), "items_per_task": items_per_task, "max_concurrent": max_concurrent,
+                  "item_timeout": item_timeout, "error_threshold": error_threshold},
+        "outputs": {"predictions": {"path": _absolute(out)} if out else {}},
+    }
+    try:
+        data = apply_overrides(data, set_, "raybatch score")
+        spec = parse_job(data, base_dir=Path.cwd(), source="raybatch score")
+    except SpecError as e:
+        _fail(str(e), code=2)
+    if dry_run:
+        print(yaml.safe_dump(data, sort_keys=False), end="")
+        return
+    client = _client(auto_start=True)
+    job = _call(client.submit, spec)
+    print(job.id, flush=True)
+    if wait:
+        raise typer.Exit(_wait_with_progress(client, job.id, None))
 
 
 @app.command()

@@ -73,6 +73,8 @@ def show_job(j: JobDetail) -> None:
             done, total = j.staging.bytes_done, j.staging.bytes_total
             line += f": {size(done)} of {size(total)} ({100 * done / total:.0f}%)"
         c.print(f"  phase:       {line}")
+    if j.items is not None:
+        c.print(f"  items:       {items_line(j.items)}")
     if j.preempt_requested:
         c.print(f"  stopping:    preempted by {j.preempted_by}")
     if j.preemptions:
@@ -88,6 +90,22 @@ def show_job(j: JobDetail) -> None:
     c.print(f"  checkpoints: {j.checkpoint_dir}")
     for ident, path in j.outputs.items():
         c.print(f"  output {ident}: {path}")
+    if s.array is not None:
+        a = s.array
+        source = a.over or (f"count {a.count}" if a.count is not None else f"{len(a.values or [])} values")
+        c.print(f"  array:       {source}; {a.items_per_task} item(s) per task, up to {a.max_concurrent} slot(s), "
+                f"error threshold {a.error_threshold}, item timeout {format_duration(a.item_timeout)}, "
+                f"{a.retries} retries   (raybatch items {j.id})")
+    if j.slots:
+        c.print()
+        c.print(f"[bold]Slots[/] (attempt {j.slots[0].attempt})")
+        t = Table(box=None, header_style="bold", padding=(0, 1))
+        for col in ("SLOT", "STATE", "NOW", "TASK", "NODES", "GRANTED", "RELEASED", "WHY"):
+            t.add_column(col)
+        for sl in j.slots:
+            t.add_row(str(sl.slot), sl.state, sl.activity or "-", "-" if sl.task is None else str(sl.task),
+                      ", ".join(n[:12] for n in sl.nodes), ts(sl.granted_at), ts(sl.released_at), sl.reason or "-")
+        c.print(t)
     c.print()
     c.print("[bold]History[/]")
     for t in j.transitions:
@@ -117,6 +135,31 @@ def _bundle(b: dict[str, float]) -> str:
     return ", ".join(parts)
 
 
+def items_line(i) -> str:
+    """An array job's progress: done/failed/running of all, rate and ETA."""
+    line = f"{i.done + i.skipped}/{i.total} done"
+    if i.skipped:
+        line += f" ({i.skipped} by the resumed job)"
+    line += f", {i.failed} failed, {i.running} running"
+    if i.rate:
+        line += f", {i.rate * 60:.3g}/min"
+    if i.eta_s is not None:
+        line += f", ETA {format_duration(i.eta_s)}"
+    return line
+
+
+def items_table(items) -> Table:
+    t = Table(box=None, header_style="bold", padding=(0, 1))
+    for col in ("TASK", "STATE", "RUNS", "EXIT", "SECONDS", "SLOT", "ITEMS", "MESSAGE"):
+        t.add_column(col, overflow="fold")
+    for i in items:
+        shown = ", ".join(i.keys[:3]) + (f" and {len(i.keys) - 3} more" if len(i.keys) > 3 else "")
+        t.add_row(str(i.task), i.state, str(i.runs or "-"), "-" if i.exit_code is None else str(i.exit_code),
+                  "-" if i.seconds is None else f"{i.seconds:.1f}", "-" if i.slot is None else str(i.slot),
+                  shown, i.message or "")
+    return t
+
+
 def queue_table(entries) -> Table:
     now = dt.datetime.now().timestamp()
     t = Table(box=None, header_style="bold")
@@ -127,7 +170,8 @@ def queue_table(entries) -> Table:
         if e.estimated_start is not None:
             start = "now" if e.estimated_start <= now + 1 else ts(e.estimated_start)
         t.add_row(str(e.position), e.id, e.name, e.experiment, str(e.priority), str(e.nodes),
-                  _bundle(e.per_node), format_duration(e.waiting_s), start, e.reason or "-")
+                  _bundle(e.per_node), format_duration(e.waiting_s), start,
+                  f"{e.slots}, next waits: {e.reason or '-'}" if e.slots else e.reason or "-")
     return t
 
 

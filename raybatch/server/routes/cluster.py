@@ -48,8 +48,9 @@ def router(ctx: ServerContext) -> APIRouter:
               ) -> list[QueueEntry]:
         queued = [job_id for job_id, _, _ in store.queue_keys()]  # ids only: cheap at 10k
         waiting = dict(ctx.scheduler.waiting)
+        slot_counts = dict(ctx.scheduler.slot_counts)  # running array jobs that want more slots
         # the order of the last cycle, then anything queued since, in store order
-        in_queue = set(queued)
+        in_queue = set(queued) | {j for j, (held, wanted) in slot_counts.items() if wanted > held}
         ids = [i for i in waiting if i in in_queue] + [i for i in queued if i not in waiting]
         rows = {r["id"]: r for r in store.jobs_by_id(ids[:limit])}  # full rows for those shown
         ids = [i for i in ids[:limit] if i in rows]
@@ -59,12 +60,17 @@ def router(ctx: ServerContext) -> APIRouter:
         for pos, job_id in enumerate(ids, 1):
             row = rows[job_id]
             spec = ctx.scheduler.spec_of(row)
+            slots = None
+            if spec.array is not None:
+                held, wanted = slot_counts.get(job_id) or (0, min(spec.array.max_concurrent,
+                                                                  spec.array.known_tasks() or spec.array.max_concurrent))
+                slots = f"{held}/{wanted} slots"
             out.append(QueueEntry(
                 position=pos, id=job_id, name=row["name"], experiment=row["experiment"],
                 priority=row["priority"], nodes=spec.nodes, per_node=spec.resources.as_ray_bundle(),
                 attempt=row["attempt"], submitted_at=row["submitted_at"],
                 waiting_s=now - row["submitted_at"], reason=waiting.get(job_id, "not considered yet"),
-                estimated_start=starts.get(job_id), preemptions=row["preemptions"],
+                estimated_start=starts.get(job_id), preemptions=row["preemptions"], slots=slots,
             ))
         return out
 

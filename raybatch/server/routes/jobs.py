@@ -8,11 +8,13 @@ from typing import TYPE_CHECKING, Any, Optional
 from fastapi import APIRouter, HTTPException, Query, status
 
 from raybatch.models import (
-    AttemptInfo, BatchSubmitRequest, JobDetail, JobSummary, LogChunk, RankInfo, SubmitRequest, Transition,
+    AttemptInfo, BatchSubmitRequest, JobDetail, JobSummary, LogChunk, RankInfo, SlotInfo, SubmitRequest,
+    Transition,
 )
 from raybatch.runtime.code import has_package
 from raybatch.runtime.protocol import Phase
 from raybatch.server.common import backend_for, job_or_404
+from raybatch.server.routes import items as items_routes
 from raybatch.spec.job import JobSpec
 from raybatch.state.states import InvalidTransition, JobState
 from raybatch.storage import plan as storage_plan
@@ -43,12 +45,23 @@ def job_detail(ctx: ServerContext, job: dict[str, Any]) -> JobDetail:
     report = None
     if JobState(job["state"]).is_active and job["attempt"]:
         report = ctx.scheduler.report(job["id"], job["attempt"])
+    slots = []
+    if spec.array is not None and job["attempt"]:
+        activity = {s.slot: s for s in (report.slots if report else [])}
+        for r in store.slots(job["id"], job["attempt"]):
+            a = activity.get(r["slot"])
+            slots.append(SlotInfo(attempt=r["attempt"], slot=r["slot"], nodes=r["nodes"], state=r["state"],
+                                  activity=a.state if a else None, task=a.task if a else None,
+                                  granted_at=r["granted_at"], released_at=r["released_at"], reason=r["reason"]))
     return JobDetail(
         **JobSummary.from_row(job).model_dump(),
         phase=report.phase if report else None,
         staging=report.staging if report and report.phase is Phase.STAGING else None,
+        items=report.items if report else None, slots=slots,
         spec=spec,
-        waiting_reason=ctx.scheduler.waiting.get(job["id"]) if job["state"] == "QUEUED" else None,
+        waiting_reason=(ctx.scheduler.waiting.get(job["id"])
+                        if job["state"] == "QUEUED" or (spec.array is not None and JobState(job["state"]).is_active)
+                        else None),
         cancel_requested=bool(job["cancel_requested"]),
         preempt_requested=bool(job["preempt_requested"]),
         outputs={i: tree[f"outputs/{i}"] for i in spec.outputs},
@@ -72,12 +85,29 @@ def admission(ctx: ServerContext, req: SubmitRequest, where: str = "") -> dict[s
     if never:
         raise HTTPException(status.HTTP_400_BAD_REQUEST, f"{where}this job can never run: {never}")
     problems = storage_plan.check_locations(spec, spec.output_root, ctx.datastores())
+    if spec.array is not None and spec.array.resume_from:
+        problems += resume_problems(ctx, spec.array.resume_from)
     if problems:
         raise HTTPException(status.HTTP_400_BAD_REQUEST, f"{where}" + "; ".join(problems))
     root = spec.output_root or ctx.jobs_root
     return dict(name=spec.name, experiment=spec.experiment, priority=spec.priority_value,
                 spec=spec.model_dump(mode="json"), code_package=req.code_package,
                 job_dir_for=lambda job_id: storage_plan.job_dir_for(root, spec.experiment, job_id))
+
+
+def resume_problems(ctx: ServerContext, job_id: str) -> list[str]:
+    """Can an array job resume this one? It must be an array job that is not running:
+    an item never runs twice at once."""
+    old = ctx.store.get_job(job_id)
+    if old is None:
+        return [f"array.resume_from: no job with id '{job_id}'"]
+    if JobSpec.model_validate_json(old["spec"]).array is None:
+        return [f"array.resume_from: {job_id} is not an array job"]
+    state = JobState(old["state"])
+    if not state.is_final:
+        return [f"array.resume_from: {job_id} is {state.value}; cancel it first (`raybatch cancel {job_id}`), "
+                "an item must never run in two jobs at once"]
+    return []
 
 
 def router(ctx: ServerContext) -> APIRouter:
@@ -134,12 +164,15 @@ def router(ctx: ServerContext) -> APIRouter:
         job_id: str, rank: int = Query(0, ge=0), stream: str = Query("stdout", pattern="^(stdout|stderr)$"),
         attempt: Optional[int] = Query(None, ge=1), offset: int = Query(0, ge=0),
         max_bytes: int = Query(MAX_LOG_CHUNK, ge=1, le=MAX_LOG_CHUNK),
+        item: Optional[int] = Query(None, ge=0, description="An array job's task: its log (``attempt``: its run)."),
     ) -> LogChunk:
         job = job_or_404(store, job_id)
         spec = JobSpec.model_validate_json(job["spec"])
         if rank >= spec.world_size:
             raise HTTPException(status.HTTP_400_BAD_REQUEST,
                                 f"rank {rank} does not exist: the job has ranks 0-{spec.world_size - 1}")
+        if item is not None:
+            return item_log(ctx, job, item, rank, stream, attempt, offset, max_bytes)
         n = attempt or job["attempt"]
         if n > job["attempt"] or n < 1:
             if job["attempt"] == 0:
@@ -163,3 +196,29 @@ def router(ctx: ServerContext) -> APIRouter:
                         latest_attempt=job["attempt"])
 
     return api
+
+
+def item_log(ctx: ServerContext, job: dict[str, Any], task: int, rank: int, stream: str, run: Optional[int],
+             offset: int, max_bytes: int) -> LogChunk:
+    """A chunk of one run (default: the latest) of an array task's log."""
+    spec = items_routes.array_spec(job)
+    known = spec.array.known_tasks()
+    if known is not None and task >= known:
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, f"item {task} does not exist: the job has items 0-{known - 1}")
+    n = run or items_routes.latest_run(ctx, job, task)
+    tree = storage_plan.job_locations(spec, job["job_dir"])
+    rel = f"{storage_plan.item_logs(task, n, rank)}/{stream}.txt"
+    try:
+        data, size = backend_for(ctx, tree["stdouterr"]).read(rel, offset, max_bytes)
+    except StorageError as e:
+        raise HTTPException(status.HTTP_502_BAD_GATEWAY, f"reading the log: {e}") from None
+    next_offset = offset + len(data)
+    state = JobState(job["state"])
+    over = state.is_final
+    if not over:
+        _, records = items_routes.item_records(ctx, job)
+        rec = records.get(task)
+        over = rec is not None and rec.runs >= n
+    return LogChunk(attempt=n, item=task, rank=rank, stream=stream, path=storage_plan.join(tree["stdouterr"], rel),
+                    offset=offset, next_offset=next_offset, data=data.decode("utf-8", errors="replace"),
+                    eof=over and next_offset >= size, job_final=state.is_final, latest_attempt=n)
