@@ -20,8 +20,12 @@ class FakeLauncher:
         self.submitted: list[tuple[str, int, tuple]] = []
         self.reports: dict[tuple[str, int], dict] = {}
         self.stops: list[tuple[str, int, str]] = []
+        self.grants: list[tuple] = []
+        self.revokes: list[tuple] = []
+        self.submit_kw: list[dict] = []
 
-    def submit(self, job, attempt, nodes=None):
+    def submit(self, job, attempt, nodes=None, **kw):
+        self.submit_kw.append(kw)
         if self.fail_next:
             self.fail_next -= 1
             raise RuntimeError("No available agent to submit job")
@@ -36,6 +40,13 @@ class FakeLauncher:
 
     def request_stop(self, job_id, attempt, action, reason=""):
         self.stops.append((job_id, attempt, action))
+
+    # array jobs' slots
+    def grant_slot(self, job_id, attempt, slot, nodes):
+        self.grants.append((job_id, attempt, slot, tuple(nodes)))
+
+    def revoke_slot(self, job_id, attempt, slot, reason, preempt):
+        self.revokes.append((job_id, attempt, slot, preempt, reason))
 
     def stop(self, sid):
         pass

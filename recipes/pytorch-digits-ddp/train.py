@@ -85,7 +85,8 @@ class MLP(nn.Module):
 
 
 def load_data():
-    """Fixed-seed, stratified 80/20 split of the bundled digits data, standardised."""
+    """Fixed-seed, stratified 80/20 split of the bundled digits data, standardised; and
+    the standardisation (saved with the model: recipes/batch-scoring applies it)."""
     x, y = load_digits(return_X_y=True)
     x_train, x_test, y_train, y_test = train_test_split(
         x, y, test_size=0.2, random_state=SEED, stratify=y
@@ -96,6 +97,7 @@ def load_data():
     return (
         TensorDataset(torch.from_numpy(x_train), torch.from_numpy(y_train).long()),
         TensorDataset(torch.from_numpy(x_test), torch.from_numpy(y_test).long()),
+        {"mean": scaler.mean_.tolist(), "scale": scaler.scale_.tolist()},
     )
 
 
@@ -148,7 +150,7 @@ def main(argv=None):
             print(msg, flush=True)
 
     torch.manual_seed(SEED)
-    train_set, test_set = load_data()
+    train_set, test_set, preprocess = load_data()
     sampler = DistributedSampler(
         train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=SEED
     )
@@ -227,6 +229,8 @@ def main(argv=None):
         print(f"test accuracy: {accuracy:.4f}", flush=True)
         os.makedirs(args.model_dir, exist_ok=True)
         torch.save(model.state_dict(), os.path.join(args.model_dir, "model.pt"))
+        with open(os.path.join(args.model_dir, "preprocess.json"), "w") as f:
+            json.dump(preprocess, f)
         metrics = {
             "test_accuracy": round(accuracy, 4),
             "epochs": args.epochs,
