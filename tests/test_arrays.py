@@ -264,3 +264,24 @@ def test_slot_leases_never_delay_the_head_randomized():
         assert found is not None and found[0] <= p.reservation.at, f"trial {trial}: the head was delayed"
         checked += 1
     assert checked > 50
+
+
+def test_the_queue_api_shows_an_array_jobs_slots(tmp_path):
+    from tests.test_protocol import _server
+
+    http, store, launcher, sched = _server(tmp_path)
+    sched.cluster.nodes = sched.cluster.nodes[:1]  # one node: the array gets one of its 3 slots
+    r = http.post("/api/v1/jobs", json={"spec": {"name": "a", "command": "true",
+                                                   "array": {"count": 9, "max_concurrent": 3}}})
+    assert r.status_code == 201, r.text
+    sched.cycle()
+    sched.cycle()
+    entries = http.get("/api/v1/queue").json()
+    assert [(e["id"], e["slots"]) for e in entries] == [(r.json()["id"], "1/3 slots")]
+    assert "needs 1 node" in entries[0]["reason"]
+    detail = http.get(f"/api/v1/jobs/{r.json()['id']}").json()
+    assert [s["slot"] for s in detail["slots"]] == [0] and detail["waiting_reason"]
+    assert http.get(f"/api/v1/jobs/{r.json()['id']}/items").json() == []  # not listed yet
+    bad = http.post("/api/v1/jobs", json={"spec": {"name": "b", "command": "true",
+                                                     "array": {"count": 2, "resume_from": "rb-nope"}}})
+    assert bad.status_code == 400 and "array.resume_from: no job with id 'rb-nope'" in bad.text

@@ -261,3 +261,30 @@ def test_server_killed_mid_array_runs_no_item_twice(env, tmp_path):
     seen = marks(tmp_path)
     assert len(seen) == 12
     assert all([w for _, _, w in m] == ["start", "done"] for m in seen.values()), seen
+
+
+def test_batch_scoring_recipe_with_the_ddp_recipes_model(env, tmp_path):
+    """recipes/batch-scoring as its README runs it: the DDP recipe trains the model, then
+    `raybatch score` scores 200 generated files with it, 20 per task."""
+    from tests.conftest import RECIPES
+
+    train = submit(env, RECIPES / "pytorch-digits-ddp" / "job.yaml", "--set", "command=python train.py --epochs 3")
+    trained = wait(env, train, timeout=200)
+    assert trained.state == "SUCCEEDED", trained.reason
+    model = trained.outputs["model"]
+    inputs = tmp_path / "scoring-in"
+    subprocess.run([sys.executable, str(RECIPES / "batch-scoring" / "make_inputs.py"), str(inputs)], check=True)
+    dry = cli(env, "score", "--model", model, "--over", f"{inputs}/*.csv", "--code", str(RECIPES / "batch-scoring"),
+              "--command", "python score.py", "--items-per-task", "20", "--max-concurrent", "2", "--dry-run")
+    assert yaml.safe_load(dry.stdout)["array"]["items_per_task"] == 20
+    job_id = cli(env, "score", "--model", model, "--over", f"{inputs}/*.csv", "--code", str(RECIPES / "batch-scoring"),
+                 "--command", "python score.py", "--items-per-task", "20", "--max-concurrent", "2",
+                 "--experiment", "recipes").stdout.split()[0]
+    done = wait(env, job_id, timeout=200)
+    assert done.state == "SUCCEEDED", done.reason
+    out = Path(done.outputs["predictions"]) / "items"
+    predictions = sorted(out.glob("*/*.predictions.csv"))
+    assert len(predictions) == 200 and len(list(out.iterdir())) == 10
+    log = cli(env, "logs", job_id, "--item", "3").stdout
+    accuracy = float(log.rsplit("accuracy ", 1)[1])
+    assert "scored 20 file(s), 180 image(s)" in log and accuracy > 0.5, log

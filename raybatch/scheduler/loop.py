@@ -496,14 +496,16 @@ class Scheduler:
         if self.last_inputs is None:
             return {}
         now, nodes, running = self.last_inputs
-        queued = {j.id: j for j in self.queue.views()}
+        queued: dict[str, policy.Job] = {}
+        for j in self.queue.views():  # an array job starts with its first slot
+            queued.setdefault(j.parent or j.id, j)
         jobs = [SimJob(queued[i], queued[i].limit) for i in job_ids if i in queued]
         if not jobs:
             return {}
         ends = [(r, r.expected_end(now)) for r in running]
         result = simulate(nodes, jobs, self.policy, now=now, running=ends,
                           stop_when_started={j.job.id for j in jobs}, max_cycles=10 * len(jobs) + 100)
-        return result.starts
+        return {i: result.starts[queued[i].id] for i in job_ids if i in queued and queued[i].id in result.starts}
 
     def _preempt(self, victim: policy.Job, head: policy.Job) -> None:
         log.info("preempting %s (priority %d) for %s (priority %d)", victim.id, victim.priority,
