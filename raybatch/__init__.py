@@ -11,7 +11,7 @@ rank actors import ``raybatch.runtime`` and must not pay for the SDK's HTTP stac
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["Client", "RaybatchError", "__version__"]
+__all__ = ["Client", "RaybatchError", "__version__", "log_metric"]
 
 
 def __getattr__(name: str) -> Any:
@@ -19,4 +19,8 @@ def __getattr__(name: str) -> Any:
         from raybatch import client  # noqa: PLC0415
 
         return getattr(client, name)
+    if name == "log_metric":  # stdlib only: a rank's script pays nothing for it
+        from raybatch.pylib.raybatch_metrics import log_metric  # noqa: PLC0415
+
+        return log_metric
     raise AttributeError(f"module 'raybatch' has no attribute {name!r}")

@@ -66,8 +66,10 @@ def format_validation_error(err: ValidationError, root: type[BaseModel]) -> list
             msg = e["msg"]
             if msg.startswith("Value error, "):
                 msg = msg[len("Value error, "):]
-            shown = repr(given) if not isinstance(given, (dict, list)) else type(given).__name__
-            problems.append(f"{where}: {msg} (got {shown})")
+            if isinstance(given, (dict, list)):  # a whole block: the message says what is wrong in it
+                problems.append(f"{where}: {msg}")
+            else:
+                problems.append(f"{where}: {msg} (got {given!r})")
     # a union (priority) reports once per member: keep the first of each location
     seen, unique = set(), []
     for p in problems:

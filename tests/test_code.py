@@ -15,7 +15,7 @@ import pytest
 
 from raybatch.runtime.code import package_code
 from raybatch.runtime.code import KEEP_PACKAGES, KEEP_SECONDS, CodeCache, CodePackageError, unpack_package
-from raybatch.runtime.rank import child_environment
+from raybatch.runtime.rank import PYLIB, child_environment
 
 
 def _code(tmp_path: Path) -> tuple[str, bytes]:
@@ -95,9 +95,10 @@ def test_eviction_keeps_the_newest_and_the_recently_used(tmp_path):
 def test_the_codes_pythonpath_comes_first_then_the_nodes(monkeypatch):
     monkeypatch.setenv("PYTHONPATH", "/node/lib")
     env = child_environment({"PYTHONPATH": "/code:/user"})
-    assert env["PYTHONPATH"] == "/code:/user:/node/lib"
+    # ... and last, the directory of raybatch_metrics (importable in any Python the job uses)
+    assert env["PYTHONPATH"] == f"/code:/user:/node/lib:{PYLIB}"
     monkeypatch.delenv("PYTHONPATH")
-    assert child_environment({"PYTHONPATH": "/code"})["PYTHONPATH"] == "/code"
+    assert child_environment({"PYTHONPATH": "/code"})["PYTHONPATH"] == f"/code:{PYLIB}"
 
 
 def test_the_server_checks_and_keeps_the_zip_without_unpacking_it(tmp_path):

@@ -17,9 +17,11 @@ when the job has an ``array:`` block.
 from __future__ import annotations
 
 import collections
+import shlex
 import threading
 import time
 import traceback
+from pathlib import Path
 from typing import Optional
 
 import ray
@@ -27,10 +29,13 @@ from ray.exceptions import RayActorError
 
 from raybatch.runtime.driver import Attempt
 from raybatch.runtime.items import ItemStore, Record, Task, list_items, tasks_of
+from raybatch.runtime.launch import RankLaunch, UnitPlan, plan_ranks
 from raybatch.runtime.protocol import Control, ItemCounts, Outcome, Phase, SlotReport
 from raybatch.runtime.slots import Slot
+from raybatch.spec.job import ITEM_PLACEHOLDER
 from raybatch.state.states import AttemptOutcome
 from raybatch.storage.backends import StorageError, open_backend
+from raybatch.storage.plan import item_logs
 
 TICK_S = 0.25          # the serving loop's period: control file, reports
 REPORT_EVERY_S = 2.0   # a report at least this often (progress, rate)
@@ -161,13 +166,104 @@ class ArrayAttempt(Attempt):
         if outcome.kind is AttemptOutcome.START_FAILED:
             self.stop_with(outcome)
 
-    def task_started(self, slot: Slot, task: Task) -> None:
+    # ---- the units of its slots: tasks (slots.UnitSource) ----------------------------------
+    def next_unit(self, slot: Slot) -> Optional[Task]:
+        assert self.dispatcher is not None
+        return self.dispatcher.take(slot.index)
+
+    def wants_more(self) -> bool:
+        assert self.dispatcher is not None
+        return self.dispatcher.more_for_slots(self.live_slots())
+
+    def runs(self, task: Task) -> int:
+        """This run's number (1 for the task's first)."""
+        assert self.dispatcher is not None
+        return self.dispatcher.runs(task.index) + 1
+
+    def unit_checkpoints(self, task: Task) -> str:
+        return f"items/{task.index}"
+
+    def unit_timeout(self, task: Task) -> tuple[float, str]:
+        t = self.spec.array.item_timeout
+        return t, f"exceeded array.item_timeout ({t:g} s)"
+
+    def unit_stop(self, task: Task) -> Optional[Outcome]:
+        return None
+
+    def item_values(self, slot: Slot, task: Task) -> dict[int, list[str]]:
+        """Node rank -> what each item of the task is on that node: a staged local path
+        (``download``), the path or URL (``direct``), the value or the index."""
+        array, st = self.spec.array, self.storage
+        if array.over is None:
+            return {k: [i.value for i in task.items] for k in range(self.spec.nodes)}
+        if array.item_mode == "direct":
+            base = st.over
+            if base.kind == "local":
+                values = [str(Path(base.path) / i.value) for i in task.items]
+            else:
+                values = [f"{base.endpoint}/{base.container}/{base.child(i.value).path}" for i in task.items]
+            return {k: values for k in range(self.spec.nodes)}
+        out: dict[int, list[str]] = {}
+        for k, actor in slot.gang.first_actors().items():
+            refs = [slot.prefetched.pop((k, i.index), None)
+                    or actor.stage_item.remote(st.over.child(i.value).to_dict(), self.cache_dir)
+                    for i in task.items]
+            out[k] = ray.get(refs)
+        return out
+
+    def prefetch(self, slot: Slot, task: Optional[Task]) -> None:
+        """Start staging the next task's items while this one runs (download mode)."""
+        array = self.spec.array
+        if task is None or array.over is None or array.item_mode != "download":
+            return
+        for k, actor in slot.gang.first_actors().items():
+            for i in task.items:
+                if (k, i.index) not in slot.prefetched:
+                    slot.prefetched[(k, i.index)] = actor.stage_item.remote(
+                        self.storage.over.child(i.value).to_dict(), self.cache_dir)
+
+    def plan_unit(self, slot: Slot, task: Task, run: int, ports: list[int]) -> list[RankLaunch]:
+        """The task's ranks: the job's, with its items, logs, checkpoints and output dir."""
+        assert self.dispatcher is not None
+        values = self.item_values(slot, task)
+        command = self.spec.command
+        if ITEM_PLACEHOLDER in command:
+            command = command.replace(ITEM_PLACEHOLDER, " ".join(shlex.quote(v) for v in values[0]))
+        spec = self.spec.model_copy(update={"command": command})
+        ident = next(iter(self.storage.outputs)).upper()
+
+        def node_files(node_rank: int, job_temp: str) -> dict[str, str]:
+            return {str(Path(job_temp) / f"items-{task.index}.txt"): "".join(v + "\n" for v in values[node_rank])}
+
+        unit = UnitPlan(
+            logs_rel=lambda rank: item_logs(task.index, run, rank),
+            checkpoint_rel=self.unit_checkpoints(task),
+            env={"RAYBATCH_ARRAY_INDEX": str(task.index), "RAYBATCH_ARRAY_TASKS": str(self.dispatcher.total),
+                 "RAYBATCH_ITEM_KEY": task.key, "RAYBATCH_TASK_RUN": str(run)},
+            node_files=node_files,
+        )
+        launches = plan_ranks(spec, self.framework, self.storage, slot.dirs, job_dir=self.info.job_dir,
+                              infos=slot.infos, ports=ports, code_dirs=slot.code_dirs, staged_inputs=slot.staged,
+                              gpus_per_rank=slot.gang.per_rank_resources().get("GPU", 0.0), unit=unit)
+        for x in launches:
+            out_dir = str(Path(x.env[f"RAYBATCH_OUTPUT_{ident}"]) / "items" / task.key)
+            x.env.update({
+                "RAYBATCH_ITEM": values[x.node_rank][0],
+                "RAYBATCH_ITEMS_FILE": str(Path(x.job_temp) / f"items-{task.index}.txt"),
+                "RAYBATCH_ITEM_OUTPUT_DIR": out_dir,
+            })
+            x.make_dirs.append(out_dir)
+        return launches
+
+    def unit_started(self, slot: Slot, task: Task, run: int, ranks: list) -> None:
         if self.phase is not Phase.RUNNING:
             self.phase = Phase.RUNNING
             self.log("the first task runs")
+        assert self.dispatcher is not None
+        self.prefetch(slot, self.dispatcher.peek())
         self.changed()
 
-    def task_ended(self, slot: Slot, task: Task, run: int, outcome: Outcome, seconds: float) -> None:
+    def unit_ended(self, slot: Slot, task: Task, run: int, outcome: Outcome, seconds: float) -> None:
         d, array = self.dispatcher, self.spec.array
         assert d is not None and self.items is not None
         what = f"task {task.index} ({task.key}) run {run} on slot {slot.index}"

@@ -71,6 +71,7 @@ class RankLaunch:
     make_dirs: list[str]
     files: dict[str, str]
     job_temp: str
+    metrics: Optional[dict[str, Any]] = None  # what the actor collects (runtime.metrics), if anything
     # blob destinations: (local dir, access) of outputs/checkpoints, one rank per node ...
     sync_dirs: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     # ... and (local file, access, path below the logs location) of logs
@@ -137,9 +138,18 @@ def plan_ranks(spec: JobSpec, framework: Framework, storage: AttemptStorage, dir
             argv=framework.command(spec, ctx), env=env, cwd=cwd, log_dir=log_dir,
             make_dirs=[ckpt, shared, job_temp, *outputs.values()], files=files, job_temp=job_temp,
         )
+        if rank == 0 or spec.metrics.from_ == "all":
+            launch.metrics = metrics_plan(spec, env, log_dir, str(Path(job_temp) / "metrics" / rel_logs))
+            launch.make_dirs += [str(Path(launch.metrics["file"]).parent)]
+            if launch.metrics["mlflow_db"]:
+                launch.make_dirs.append(str(Path(launch.metrics["mlflow_db"]).parent))
         if st.logs.kind != "local":
             launch.sync_logs = [(str(Path(log_dir) / f"{s}.txt"), st.logs.to_dict(), f"{rel_logs}/{s}.txt")
                                 for s in ("stdout", "stderr")]
+            if launch.metrics is not None:
+                launch.sync_logs.append((launch.metrics["store"], st.logs.to_dict(), f"{rel_logs}/{METRICS_STORE}"))
+                if launch.metrics.get("mlflow_db"):
+                    launch.sync_dirs.append((str(Path(log_dir) / "mlflow"), st.logs.child(rel_logs, "mlflow").to_dict()))
         if local_rank == 0:
             if spec.prepare and st.logs.kind != "local":
                 rel_prep = prepare_logs(n, node_rank)
@@ -151,6 +161,22 @@ def plan_ranks(spec: JobSpec, framework: Framework, storage: AttemptStorage, dir
                 launch.sync_dirs.append((ckpt, remote.to_dict()))
         out.append(launch)
     return out
+
+
+METRICS_STORE = "metrics.jsonl"  # a rank's metrics, next to its stdout
+
+
+def metrics_plan(spec: JobSpec, env: dict[str, str], log_dir: str, scratch: str) -> dict[str, Any]:
+    """What a rank whose metrics are collected gets: RAYBATCH_METRICS_FILE (in ``scratch``,
+    node-local) and, unless the job names its own, an MLflow tracking store (a SQLite file
+    in the rank's log directory); and what its actor reads."""
+    plan: dict[str, Any] = {"store": str(Path(log_dir) / METRICS_STORE), "file": str(Path(scratch) / "log_metric.jsonl"),
+                            "regex": spec.metrics.stdout_regex, "mlflow_db": None}
+    env["RAYBATCH_METRICS_FILE"] = plan["file"]
+    if "MLFLOW_TRACKING_URI" not in spec.environment:
+        plan["mlflow_db"] = str(Path(log_dir) / "mlflow" / "mlflow.db")
+        env["MLFLOW_TRACKING_URI"] = f"sqlite:///{plan['mlflow_db']}"
+    return plan
 
 
 def prepare_log_dir(storage: AttemptStorage, dirs: AttemptDirs, node_rank: int) -> str:

@@ -18,11 +18,12 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import ray
 
 from raybatch.runtime.code import CodeCache
+from raybatch.runtime.metrics import MetricCollector
 from raybatch.storage.backends import open_backend
 from raybatch.storage.datastores import Access
 from raybatch.storage.plan import AttemptStorage
@@ -30,6 +31,7 @@ from raybatch.storage.staging import InputCache, download_tree
 from raybatch.storage.sync import DirSync, LogSync, NodeSync
 
 _PR_SET_PDEATHSIG = 1
+PYLIB = str(Path(__file__).resolve().parents[1] / "pylib")  # raybatch_metrics
 
 
 def _in_child() -> None:
@@ -57,7 +59,10 @@ def exit_code_of(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
-def _tee(src, path: Path, mirror, activity: list[float]) -> None:
+def _tee(src, path: Path, mirror, activity: list[float], lines: Optional[Callable[[str], None]] = None) -> None:
+    """Copy a pipe to a file and to the actor's own stream; ``lines`` gets each complete
+    line (the metric parser, on stdout)."""
+    pending = b""
     with open(path, "ab", buffering=0) as out:
         fd = src.fileno()
         while True:
@@ -71,6 +76,16 @@ def _tee(src, path: Path, mirror, activity: list[float]) -> None:
                 mirror.flush()
             except (OSError, ValueError):
                 pass
+            if lines is not None:
+                pending += chunk
+                if b"\n" in pending:
+                    *complete, pending = pending.split(b"\n")
+                    for raw in complete:
+                        lines(raw.decode("utf-8", errors="replace"))
+                if len(pending) > 1 << 20:  # no newline in 1 MiB: not a metric line
+                    pending = b""
+    if lines is not None and pending:
+        lines(pending.decode("utf-8", errors="replace"))
     src.close()
 
 
@@ -81,6 +96,8 @@ def child_environment(env: dict[str, str]) -> dict[str, str]:
     child = {**os.environ, **env}
     if env.get("PYTHONPATH") and os.environ.get("PYTHONPATH"):  # the job's first, then the node's
         child["PYTHONPATH"] = env["PYTHONPATH"] + os.pathsep + os.environ["PYTHONPATH"]
+    # last: `import raybatch_metrics` works in any Python the job uses (an image, a venv)
+    child["PYTHONPATH"] = os.pathsep.join(p for p in (child.get("PYTHONPATH"), PYLIB) if p)
     bindir = os.path.dirname(sys.executable)
     path = child.get("PATH", "")
     if bindir and path.split(os.pathsep)[0] != bindir:
@@ -113,6 +130,7 @@ class RankActor:
         # processes started for mpirun (exec_start), each with the event its waiter sets
         self._execs: dict[int, tuple[subprocess.Popen, threading.Event]] = {}
         self._agent_server = None
+        self.metrics: Optional[MetricCollector] = None
 
     def node_info(self) -> dict:
         ctx = ray.get_runtime_context()
@@ -134,10 +152,15 @@ class RankActor:
             return s.getsockname()[1]
 
     def start(self, argv: list[str], env: dict[str, str], cwd: Optional[str], log_dir: str,
-              make_dirs: list[str], grace: float, files: Optional[dict[str, str]] = None) -> int:
+              make_dirs: list[str], grace: float, files: Optional[dict[str, str]] = None,
+              metrics: Optional[dict] = None) -> int:
+        """Start the rank's process. ``metrics``: collect its metrics (``runtime.metrics``):
+        {store, file, mlflow_db, regex}."""
         _write_files([log_dir, *make_dirs], files)
         child_env = child_environment(env)
         self.threads = []  # a warm actor (an array job's slot) runs one process after another
+        self.metrics = MetricCollector(metrics["store"], metrics["file"], metrics.get("mlflow_db"),
+                                       metrics.get("regex")).start() if metrics else None
         with self._lock:
             self.proc = subprocess.Popen(
                 argv, env=child_env, cwd=cwd or os.getcwd(), stdin=subprocess.DEVNULL,
@@ -148,8 +171,9 @@ class RankActor:
         self._activity[0] = time.monotonic()
         for src, name, mirror in ((self.proc.stdout, "stdout", sys.stdout.buffer),
                                   (self.proc.stderr, "stderr", sys.stderr.buffer)):
+            parse = self.metrics.line if self.metrics is not None and name == "stdout" else None
             t = threading.Thread(target=_tee, args=(src, Path(log_dir) / f"{name}.txt", mirror,
-                                                    self._activity), daemon=True)
+                                                    self._activity, parse), daemon=True)
             t.start()
             self.threads.append(t)
         # Kills the process group if this actor's process disappears first.
@@ -203,6 +227,17 @@ class RankActor:
         Path(local).mkdir(parents=True, exist_ok=True)
         return download_tree(open_backend(Access.from_dict(access)), Path(local))[0]
 
+    def copy_tree(self, src: str, dest: str) -> str:
+        """A private copy of a directory on this node (a sweep trial's code: what one trial
+        writes next to its script, another never sees). Copies, not hard links: a file
+        opened for writing in place would change the node's cached package."""
+        if not Path(dest).is_dir():
+            tmp = f"{dest}.partial-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(src, tmp, symlinks=True)
+            os.replace(tmp, dest)
+        return dest
+
     def staging_progress(self) -> list[int]:
         return list(self._staging)
 
@@ -246,7 +281,21 @@ class RankActor:
         code = self.proc.wait()
         for t in self.threads:
             t.join(timeout=5)
+        self._finish_metrics()
         return exit_code_of(code)
+
+    def _finish_metrics(self) -> None:
+        m = self.metrics
+        if m is not None and not m.done:
+            m.finish()
+
+    def metric_events(self, cursor: int, timeout: float) -> tuple[list[dict], bool]:
+        """The process's metric events past ``cursor`` (waiting up to ``timeout`` for one),
+        and whether there will be no more."""
+        m = self.metrics
+        if m is None:
+            return [], True
+        return m.since(cursor, timeout)
 
     def tail(self, path: str, nbytes: int) -> str:
         """The end of a file on this node (a failed prepare command's stderr)."""
@@ -324,6 +373,7 @@ class RankActor:
         code = _stop_group(proc, grace)
         for t in self.threads:
             t.join(timeout=5)
+        self._finish_metrics()
         if self.watchdog is not None and self.watchdog.poll() is None:
             self.watchdog.kill()
             self.watchdog.wait()

@@ -5,39 +5,74 @@ environment. One thread per slot in the attempt's driver.
 
 A slot ends when the scheduler takes it back (drained after its task, or preempted:
 SIGTERM and the grace period to its task, which runs again elsewhere), when no task is
-left for it (the tail frees its nodes), when its node is lost, or with the attempt."""
+left for it (the tail frees its nodes), when its node is lost, or with the attempt.
+
+The slot is the same for every kind of unit; its owner (``UnitSource``: an array job's
+driver, a sweep's slot pool) says which unit runs next and what its ranks run."""
 
 from __future__ import annotations
 
-import shlex
 import threading
 import time
 import traceback
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, Protocol
 
 import ray
 from ray.exceptions import RayActorError, RayError
 
 from raybatch.runtime import setup, watch
 from raybatch.runtime.gang import Gang, cause_of
-from raybatch.runtime.items import Task
-from raybatch.runtime.launch import AttemptDirs, RankLaunch, UnitPlan, plan_ranks
+from raybatch.runtime.launch import AttemptDirs, RankLaunch
 from raybatch.runtime.protocol import Outcome, RankReport, SlotReport, ray_job_id
-from raybatch.spec.job import ITEM_PLACEHOLDER
 from raybatch.state.states import AttemptOutcome
 from raybatch.storage.backends import StorageError
-from raybatch.storage.plan import item_logs
 
 if TYPE_CHECKING:
-    from raybatch.runtime.array import ArrayAttempt
+    from raybatch.frameworks.base import Framework
+    from raybatch.runtime.protocol import AttemptFile
+    from raybatch.spec.job import JobSpec
+    from raybatch.storage.plan import AttemptStorage
+
+
+class Unit(Protocol):
+    index: int   # the task's or trial's number
+    key: str     # a name for logs
+
+
+class UnitSource(Protocol):
+    """What a slot needs from its owner."""
+
+    job_id: str
+    n: int
+    info: "AttemptFile"
+    unit_spec: "JobSpec"
+    framework: "Framework"
+    storage: "AttemptStorage"
+    cache_dir: str
+    stop: threading.Event
+    stop_reason: Optional[Outcome]
+
+    def log(self, msg: str) -> None: ...
+    def changed(self) -> None: ...
+    def check_control(self) -> bool: ...
+    def slot_placed(self, slot: "Slot") -> None: ...
+    def slot_failed(self, slot: "Slot", outcome: Outcome) -> None: ...
+    def next_unit(self, slot: "Slot") -> Optional[Unit]: ...
+    def wants_more(self) -> bool: ...
+    def runs(self, unit: Unit) -> int: ...
+    def plan_unit(self, slot: "Slot", unit: Unit, run: int, ports: list[int]) -> list[RankLaunch]: ...
+    def unit_checkpoints(self, unit: Unit) -> str: ...
+    def unit_timeout(self, unit: Unit) -> tuple[float, str]: ...
+    def unit_started(self, slot: "Slot", unit: Unit, run: int, ranks: list[RankReport]) -> None: ...
+    def unit_stop(self, unit: Unit) -> Optional[Outcome]: ...
+    def unit_ended(self, slot: "Slot", unit: Unit, run: int, outcome: Outcome, seconds: float) -> None: ...
 
 IDLE_WAIT_S = 0.25  # a ready slot with nothing to run looks again this often
 UNIT_SYNC_TIMEOUT_S = 120.0
 
 
 class Slot:
-    def __init__(self, owner: "ArrayAttempt", index: int, nodes: list[str]):
+    def __init__(self, owner: UnitSource, index: int, nodes: list[str]):
         self.owner = owner
         self.index = index
         self.nodes = list(nodes)
@@ -71,14 +106,14 @@ class Slot:
     def start(self) -> None:
         self.thread.start()
 
-    def stop_request(self) -> Optional[Outcome]:
-        """Why the running task must stop now, if it must: the attempt ends, or the slot
-        was preempted."""
+    def stop_request(self, unit: Optional[Unit] = None) -> Optional[Outcome]:
+        """Why the running unit must stop now, if it must: the attempt ends, the slot was
+        preempted, or its owner stops that unit (a sweep's early termination)."""
         if self.owner.stop_reason is not None:
             return self.owner.stop_reason
         if self.preempted is not None:
             return Outcome(AttemptOutcome.PREEMPTED, None, self.preempted)
-        return None
+        return self.owner.unit_stop(unit) if unit is not None else None
 
     # ---- life ---------------------------------------------------------------------------
     def _run(self) -> None:
@@ -92,16 +127,16 @@ class Slot:
                 return
             self._set("ready")
             while not self.drain.is_set() and self.preempted is None and self.owner.stop_reason is None:
-                task = self.owner.dispatcher.take(self.index)
+                task = self.owner.next_unit(self)
                 if task is None:
-                    if not self.owner.dispatcher.more_for_slots(self.owner.live_slots()):
-                        self.log("no task left for it: giving its nodes back")
+                    if not self.owner.wants_more():
+                        self.log("nothing left for it to run: giving its nodes back")
                         break
                     time.sleep(IDLE_WAIT_S)
                     continue
                 self.task = task.index
                 self._set("busy")
-                run = self.owner.dispatcher.runs(task.index) + 1
+                run = self.owner.runs(task)
                 started = time.time()
                 try:
                     outcome = self.run_unit(task, run)
@@ -116,7 +151,7 @@ class Slot:
                     traceback.print_exc()
                     outcome = Outcome(AttemptOutcome.START_FAILED, None, f"{type(e).__name__}: {e}")
                 self.task = None
-                self.owner.task_ended(self, task, run, outcome, time.time() - started)
+                self.owner.unit_ended(self, task, run, outcome, time.time() - started)
                 if outcome.kind is AttemptOutcome.NODE_LOST:
                     lost = True
                     break
@@ -173,83 +208,16 @@ class Slot:
         self.task = None
         self._set("lost" if lost else "released")
 
-    # ---- one task -------------------------------------------------------------------------
-    def _item_values(self, task: Task) -> dict[int, list[str]]:
-        """Node rank -> what each item of the task is on that node: a staged local path
-        (``download``), the path or URL (``direct``), the value or the index."""
-        owner, array = self.owner, self.owner.spec.array
-        st = owner.storage
-        if array.over is None:
-            return {k: [i.value for i in task.items] for k in range(self.spec.nodes)}
-        if array.item_mode == "direct":
-            base = st.over
-            if base.kind == "local":
-                values = [str(Path(base.path) / i.value) for i in task.items]
-            else:
-                values = [f"{base.endpoint}/{base.container}/{base.child(i.value).path}" for i in task.items]
-            return {k: values for k in range(self.spec.nodes)}
-        out: dict[int, list[str]] = {}
-        for k, actor in self.gang.first_actors().items():
-            refs = [self.prefetched.pop((k, i.index), None)
-                    or actor.stage_item.remote(st.over.child(i.value).to_dict(), owner.cache_dir)
-                    for i in task.items]
-            out[k] = ray.get(refs)
-        return out
-
-    def _prefetch(self, task: Optional[Task]) -> None:
-        """Start staging the next task's items while this one runs (download mode)."""
-        array = self.owner.spec.array
-        if task is None or array.over is None or array.item_mode != "download":
-            return
-        for k, actor in self.gang.first_actors().items():
-            for i in task.items:
-                if (k, i.index) not in self.prefetched:
-                    self.prefetched[(k, i.index)] = actor.stage_item.remote(
-                        self.owner.storage.over.child(i.value).to_dict(), self.owner.cache_dir)
-
-    def plan(self, task: Task, run: int, values: dict[int, list[str]], ports: list[int]) -> list[RankLaunch]:
-        owner = self.owner
-        total = owner.dispatcher.total
-        command = self.spec.command
-        if ITEM_PLACEHOLDER in command:
-            command = command.replace(ITEM_PLACEHOLDER, " ".join(shlex.quote(v) for v in values[0]))
-        spec = self.spec.model_copy(update={"command": command})
-        first_output = next(iter(owner.storage.outputs))
-
-        def node_files(node_rank: int, job_temp: str) -> dict[str, str]:
-            return {str(Path(job_temp) / f"items-{task.index}.txt"): "".join(v + "\n" for v in values[node_rank])}
-
-        unit = UnitPlan(
-            logs_rel=lambda rank: item_logs(task.index, run, rank),
-            checkpoint_rel=f"items/{task.index}",
-            env={"RAYBATCH_ARRAY_INDEX": str(task.index), "RAYBATCH_ARRAY_TASKS": str(total),
-                 "RAYBATCH_ITEM_KEY": task.key, "RAYBATCH_TASK_RUN": str(run)},
-            node_files=node_files,
-        )
-        launches = plan_ranks(spec, owner.framework, owner.storage, self.dirs, job_dir=owner.info.job_dir,
-                              infos=self.infos, ports=ports, code_dirs=self.code_dirs, staged_inputs=self.staged,
-                              gpus_per_rank=self.gang.per_rank_resources().get("GPU", 0.0), unit=unit)
-        ident = first_output.upper()
-        for x in launches:
-            out_dir = str(Path(x.env[f"RAYBATCH_OUTPUT_{ident}"]) / "items" / task.key)
-            x.env.update({
-                "RAYBATCH_ITEM": values[x.node_rank][0],
-                "RAYBATCH_ITEMS_FILE": str(Path(x.job_temp) / f"items-{task.index}.txt"),
-                "RAYBATCH_ITEM_OUTPUT_DIR": out_dir,
-            })
-            x.make_dirs.append(out_dir)
-        return launches
-
-    def run_unit(self, task: Task, run: int) -> Outcome:
-        """Run one task on this slot's warm actors until it ends; its outputs are out
-        (or the outcome says which are not) when this returns."""
+    # ---- one unit -------------------------------------------------------------------------
+    def run_unit(self, task: Unit, run: int) -> Outcome:
+        """Run one unit (an array task, a sweep trial) on this slot's warm actors until it
+        ends; its outputs are out (or the outcome says which are not) when this returns."""
         owner, gang = self.owner, self.gang
-        values = self._item_values(task)
         ports = ray.get([a.free_port.remote() for a in gang.actors])
-        launches = self.plan(task, run, values, ports)
+        launches = owner.plan_unit(self, task, run, ports)
         st = owner.storage
-        if st.checkpoints.kind != "local":  # the task's checkpoints from its last run
-            ray.get([a.restore_dir.remote(st.checkpoints.child(f"items/{task.index}").to_dict(),
+        if st.checkpoints.kind != "local":  # the unit's checkpoints from its last run
+            ray.get([a.restore_dir.remote(st.checkpoints.child(owner.unit_checkpoints(task)).to_dict(),
                                           launches[k * gang.P].env["RAYBATCH_CHECKPOINT_DIR"])
                      for k, a in gang.first_actors().items()])
         syncing = [x for x in launches if x.sync_dirs or x.sync_logs]
@@ -262,18 +230,17 @@ class Slot:
                 starts[x.rank] = actor.hold.remote(x.make_dirs, x.files)
             else:
                 starts[x.rank] = actor.start.remote(x.argv, x.env, x.cwd, x.log_dir, x.make_dirs,
-                                                    self.spec.grace_period, x.files)
+                                                    self.spec.grace_period, x.files, x.metrics)
         ranks = [RankReport(rank=x.rank, node_rank=x.node_rank, local_rank=x.local_rank, role=x.role,
                             node_id=info["node_id"], node_ip=info["node_ip"], hostname=info["hostname"])
                  for x, info in zip(launches, self.infos)]
         for rank, pid in zip(starts, ray.get(list(starts.values()))):
             ranks[rank].pid = pid
-        owner.task_started(self, task)
-        self._prefetch(owner.dispatcher.peek())
-        timeout = owner.spec.array.item_timeout
-        outcome = watch.watch(gang, ranks, owner.framework, time.monotonic() + timeout, self.stop_request,
-                              self.lost_nodes, lambda *a, **k: None, self.log,
-                              timeout_reason=f"exceeded array.item_timeout ({timeout:g} s)")
+        owner.unit_started(self, task, run, ranks)
+        timeout, why = owner.unit_timeout(task)
+        outcome = watch.watch(gang, ranks, owner.framework, time.monotonic() + timeout,
+                              lambda: self.stop_request(task), self.lost_nodes, lambda *a, **k: None, self.log,
+                              timeout_reason=why)
         if syncing:
             not_out: list[str] = []
             errors: list[str] = []

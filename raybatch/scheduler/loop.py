@@ -172,7 +172,7 @@ class Scheduler:
                 f"all {len(report.ranks)} ranks running on {nodes} node(s)",
                 expect=JobState.STARTING, started_at=job["started_at"] or report.at or None,
             )
-        if spec.array is not None:
+        if spec.slots is not None:
             self._sync_slots(job, report)
         # DONE is written after every rank's process group is gone and the placement
         # group is removed, so the attempt can end before Ray marks its job finished.
@@ -183,7 +183,7 @@ class Scheduler:
             job["_report"] = report
             self._active.append(job)
             # an array job's gangs are its slots, each placed on its own (_running)
-            if job["state"] == JobState.STARTING.value and spec.array is None and not _placed(report):
+            if job["state"] == JobState.STARTING.value and spec.slots is None and not _placed(report):
                 self._unplaced.append(job)
             return
         if ray_state is None:
@@ -335,7 +335,7 @@ class Scheduler:
                 fit.reserve(nodes, [p for p in slot["nodes"] if p in live], bundle)
             stopping = None
             if slot["state"] == SLOT_REVOKED:
-                tail = spec.grace_period if slot["preempted_by"] else spec.array.item_timeout + spec.grace_period
+                tail = spec.grace_period if slot["preempted_by"] else spec.slots.unit_timeout + spec.grace_period
                 stopping = slot["revoked_at"] + tail + STOP_SLACK_S
             lease = self._leases.setdefault((job["id"], job["attempt"], k), slot["granted_at"])
             out.append(policy.slot_from_spec(job["id"], k, job["seq"], spec, started_at=lease,
@@ -350,13 +350,13 @@ class Scheduler:
         self.slot_counts = {}
         for job in self._active:
             spec = self.spec_of(job)
-            if spec.array is None or job["cancel_requested"]:
+            if spec.slots is None or job["cancel_requested"]:
                 continue
             report: Optional[Report] = job.get("_report")
             if report is not None and report.slots_wanted is not None:
                 wanted = report.slots_wanted
             else:
-                wanted = min(spec.array.max_concurrent, spec.array.known_tasks() or spec.array.max_concurrent)
+                wanted = spec.slots.wanted_at_start
             slots = job.get("_slots", [])
             held = sum(1 for r in slots if r["state"] == SLOT_GRANTED)
             self.slot_counts[job["id"]] = (held, max(wanted, held))
@@ -409,7 +409,7 @@ class Scheduler:
         unplaced = {j["id"] for j in self._unplaced}
         for job in self._active:
             spec, attempt = self.spec_of(job), job["_attempt"]
-            if spec.array is not None:
+            if spec.slots is not None:
                 running += self._slot_views(job, spec, nodes)
                 continue
             placed = list(attempt["nodes"]) if attempt else []
@@ -557,7 +557,8 @@ class Scheduler:
             self.store.add_slot(job["id"], n, pj.slot, placed)
             self._leases[(job["id"], n, pj.slot)] = time.time()
             extra["slots"] = {pj.slot: placed}
-            resume = self.spec_of(job).array.resume_from
+            array = self.spec_of(job).array
+            resume = array.resume_from if array is not None else None
             if resume:
                 old = self.store.get_job(resume)
                 extra["resume_dir"] = old["job_dir"] if old else None

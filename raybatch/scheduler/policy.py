@@ -552,7 +552,8 @@ def slot_id(parent: str, slot: int) -> str:
 
 
 def slot_from_spec(parent: str, slot: int, seq: int, spec, **running) -> Job:
-    """One slot of an array job: a job of the task's gang shape with the parent's priority,
-    seq, experiment and preemptible flag, leased one ``item_timeout`` at a time."""
+    """One slot of an array job or a sweep: a job of the unit's gang shape with the parent's
+    priority, seq, experiment and preemptible flag, leased one unit timeout (``item_timeout``,
+    ``trial_timeout``) at a time."""
     return replace(job_from_spec(slot_id(parent, slot), seq, spec, **running),
-                   limit=spec.array.item_timeout, parent=parent, slot=slot)
+                   limit=spec.slots.unit_timeout, parent=parent, slot=slot)

@@ -85,8 +85,8 @@ class QueueFollower:
         for job_id, seq, attempt in missing:
             spec = self.cached_spec(job_id) or JobSpec.model_validate_json(specs[job_id])
             avoid = frozenset(self.store.lost_nodes(job_id)) if attempt else frozenset()
-            if spec.array is not None:
-                wanted = min(spec.array.max_concurrent, spec.array.known_tasks() or spec.array.max_concurrent)
+            if spec.slots is not None:
+                wanted = spec.slots.wanted_at_start
                 pjs = [policy.slot_from_spec(job_id, k, seq, spec, avoid=avoid) for k in range(wanted)]
             else:
                 pjs = [policy.job_from_spec(job_id, seq, spec, avoid=avoid)]
