@@ -23,12 +23,14 @@ import httpx
 
 from raybatch import config
 from raybatch.models import (
-    FileEntry, ItemInfo, JobDetail, JobSummary, LogChunk, QueueEntry, SchedulerInfo, SubmitRequest,
+    FileEntry, ItemInfo, JobDetail, JobSummary, LogChunk, MetricEvent, QueueEntry, SchedulerInfo, SubmitRequest,
+    TrialInfo,
 )
 from raybatch.runtime.code import package_code
 from raybatch.spec.job import JobSpec
 from raybatch.spec.loader import apply_overrides, load_job_file, parse_job
 from raybatch.state.states import JobState
+from raybatch.sweep import split_trial_id
 
 
 class RaybatchError(RuntimeError):
@@ -166,31 +168,56 @@ class Client:
         params: dict[str, Any] = {"state": list(state)} if state else {}
         return [ItemInfo.model_validate(r) for r in self._request("GET", f"/jobs/{job_id}/items", params=params)]
 
+    def trials(self, job_id: str, state: Optional[Iterable[str]] = None) -> list[TrialInfo]:
+        """A sweep's trials, best first (``state``: only pending, running, done, failed,
+        early_terminated)."""
+        params: dict[str, Any] = {"state": list(state)} if state else {}
+        return [TrialInfo.model_validate(r) for r in self._request("GET", f"/jobs/{job_id}/trials", params=params)]
+
+    def trial(self, job_id: str, n: int) -> TrialInfo:
+        return TrialInfo.model_validate(self._request("GET", f"/jobs/{job_id}/trials/{n}"))
+
+    def metrics(self, job_id: str, *, trial: Optional[int] = None, rank: int = 0, attempt: Optional[int] = None,
+                name: Optional[str] = None) -> list[MetricEvent]:
+        """Metric events a job (or a sweep's trial) reported: log_metric, RAYBATCH_METRIC lines, MLflow."""
+        params: dict[str, Any] = {"rank": rank}
+        for k, v in (("trial", trial), ("attempt", attempt), ("name", name)):
+            if v is not None:
+                params[k] = v
+        return [MetricEvent.model_validate(r) for r in self._request("GET", f"/jobs/{job_id}/metrics", params=params)]
+
     def log_chunk(self, job_id: str, *, rank: int = 0, stream: str = "stdout",
-                  attempt: Optional[int] = None, offset: int = 0, item: Optional[int] = None) -> LogChunk:
+                  attempt: Optional[int] = None, offset: int = 0, item: Optional[int] = None,
+                  trial: Optional[int] = None) -> LogChunk:
         params: dict[str, Any] = {"rank": rank, "stream": stream, "offset": offset}
         if attempt:
             params["attempt"] = attempt
         if item is not None:
             params["item"] = item
+        if trial is not None:
+            params["trial"] = trial
         return LogChunk.model_validate(self._request("GET", f"/jobs/{job_id}/logs", params=params))
 
     def logs(self, job_id: str, *, rank: int = 0, stream: str = "stdout",
-             attempt: Optional[int] = None, item: Optional[int] = None) -> str:
-        """The whole log file as it is now (``item``: an array job's task, latest run)."""
+             attempt: Optional[int] = None, item: Optional[int] = None, trial: Optional[int] = None) -> str:
+        """The whole log file as it is now (``item``: an array job's task, ``trial``: a
+        sweep's trial; their latest run). A trial id ``<id>.t<n>`` works as ``job_id``."""
         return "".join(self.follow_logs(job_id, rank=rank, stream=stream, attempt=attempt, follow=False,
-                                        item=item))
+                                        item=item, trial=trial))
 
     def follow_logs(self, job_id: str, *, rank: int = 0, stream: str = "stdout",
                     attempt: Optional[int] = None, follow: bool = True,
-                    poll: float = 0.5, item: Optional[int] = None) -> Iterator[str]:
+                    poll: float = 0.5, item: Optional[int] = None, trial: Optional[int] = None) -> Iterator[str]:
         """Yield the log as it grows. With ``follow`` and no ``attempt``, keep going
         through retries (a ``--- attempt N ---`` line marks each new one) until the
         job is final."""
+        job_id, in_id = split_trial_id(job_id)
+        trial = trial if trial is not None else in_id
         offset = 0
         n = attempt
         while True:
-            chunk = self.log_chunk(job_id, rank=rank, stream=stream, attempt=n, offset=offset, item=item)
+            chunk = self.log_chunk(job_id, rank=rank, stream=stream, attempt=n, offset=offset, item=item,
+                                   trial=trial)
             n = chunk.attempt
             if chunk.data:
                 yield chunk.data

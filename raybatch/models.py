@@ -115,6 +115,35 @@ class ItemInfo(BaseModel):
     job_id: Optional[str] = Field(None, description="The job that ran it (the resumed job's, when skipped).")
 
 
+class TrialInfo(BaseModel):
+    """One trial of a sweep: its parameters, how it ended and its primary metric."""
+
+    id: str = Field(description="<sweep id>.t<n>")
+    n: int
+    params: dict[str, Any]
+    state: str = Field(description="pending | running | done | failed | early_terminated")
+    rank: Optional[int] = Field(None, description="1 = best so far (trials with a metric only).")
+    metric: str = Field("", description="The sweep's primary metric.")
+    best: Optional[float] = Field(None, description="Its best value of the primary metric.")
+    last: Optional[float] = None
+    reports: int = Field(0, description="How many times it reported the primary metric.")
+    runs: int = Field(0, description="How many times its command ran (a preempted trial runs again).")
+    exit_code: Optional[int] = None
+    message: Optional[str] = None
+    started_at: Optional[float] = None
+    ended_at: Optional[float] = None
+    attempt: int = Field(0, description="The sweep's attempt that ran it.")
+
+
+class MetricEvent(BaseModel):
+    name: str
+    value: float
+    step: int
+    t: float = Field(description="When it was reported (epoch seconds).")
+    source: Optional[str] = Field(None, description="log_metric | stdout | mlflow")
+    run: Optional[int] = Field(None, description="The attempt (or the trial's run) that reported it.")
+
+
 class JobDetail(JobSummary):
     spec: JobSpec
     waiting_reason: Optional[str] = None
@@ -128,6 +157,8 @@ class JobDetail(JobSummary):
     transitions: list[Transition] = []
     attempts: list[AttemptInfo] = []
     items: Optional[ItemCounts] = Field(None, description="An array job's progress (while it runs).")
+    trials: Optional[ItemCounts] = Field(None, description="A sweep's trials (while it runs).")
+    best: Optional[dict[str, Any]] = Field(None, description="A sweep's best trial so far: trial, value, params.")
     slots: list[SlotInfo] = Field(default_factory=list, description="An array job's slots, latest attempt.")
 
 

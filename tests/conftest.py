@@ -54,6 +54,7 @@ class RayTestCluster:
                 # free ports, not Ray's fixed defaults: another Ray cluster on this machine
                 # (a developer's `raybatch up`) must not take the job agent's port
                 "dashboard_agent_listen_port": free_port(), "ray_client_server_port": free_port(),
+                "resources": {"raybatch_trial": 1000},  # sweeps' trial proxies, as `raybatch up` declares
             },
         )
         self.workers = [self.add_node(cpus) for _ in range(nodes - 1)]

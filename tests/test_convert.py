@@ -132,7 +132,8 @@ def test_azureml_command_job():
 @pytest.mark.parametrize("doc, problem", [
     ({"command": "x ${{inputs.nope}}", "type": "command"}, "names no input of the job"),
     ({"command": "x", "type": "command", "distribution": {"type": "deepspeed"}}, "distribution.type: 'deepspeed' is not supported"),
-    ({"command": "x", "type": "sweep", "$schema": "azureml"}, "only command jobs"),
+    ({"command": "x", "type": "sweep", "$schema": "azureml"}, "trial: required"),
+    ({"command": "x", "type": "pipeline", "$schema": "azureml"}, "only command and sweep jobs"),
     ({"type": "command", "inputs": {"d": {"type": "uri_folder"}}, "command": "x"}, "inputs.d.path: required"),
     ({"type": "command", "outputs": {"o": {"mode": "ro_mount"}}, "command": "x"}, "outputs.o.mode"),
 ])

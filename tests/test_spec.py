@@ -18,8 +18,8 @@ from raybatch.spec.units import parse_duration, parse_size
 
 TOP_LEVEL_FIELDS = (
     "array, code, command, custom, environment, experiment, framework, grace_period, image, inputs, "
-    "low_priority_nodes, max_wall_clock, mpi, name, nodes, output_root, outputs, packages, placement, "
-    "preemptible, prepare, priority, processes_per_node, resources, retries, stall_timeout, "
+    "low_priority_nodes, max_wall_clock, metrics, mpi, name, nodes, output_root, outputs, packages, placement, "
+    "preemptible, prepare, priority, processes_per_node, resources, retries, stall_timeout, sweep, "
     "sync_interval, tensorflow"
 )
 

@@ -24,6 +24,7 @@ from rich.text import Text
 from raybatch.cli import render
 from raybatch.client import Client, RaybatchError, exit_code_for
 from raybatch.runtime.protocol import Phase
+from raybatch.sweep import split_trial_id
 from raybatch.spec.loader import SpecError, load_job_document, read_document
 from raybatch.state.states import JobState
 
@@ -113,6 +114,8 @@ def _progress_line(job, started: float) -> Text:
             t.append(f" {render.size(done)} of {render.size(total)} ({100 * done / total:.0f}%)", style="cyan")
     if job.items is not None:
         t.append(f"  items {render.items_line(job.items)}", style="cyan")
+    if job.trials is not None:
+        t.append(f"  trials {render.trials_line(job.trials, job.best)}", style="cyan")
     extra = job.waiting_reason or job.reason
     if extra:
         t.append(f"  {extra}", style="dim")
@@ -130,7 +133,8 @@ def _wait_with_progress(client: Client, job_id: str, timeout: Optional[float]) -
             job = _call(client.get, job_id)
             line = _progress_line(job, started)
             key = (job.state.value, job.attempt, job.phase,
-                   (job.items.done, job.items.failed) if job.items else None)
+                   (job.items.done, job.items.failed) if job.items else None,
+                   (job.trials.done, job.trials.failed) if job.trials else None)
             if render.err_console.is_terminal:
                 spinner.update(line)
             elif key != last:
@@ -215,7 +219,16 @@ def queue(
 
 @app.command()
 def show(job_id: str, output: Output = OutputOpt) -> None:
-    """A job's state history, attempts, where each rank ran and where its files are."""
+    """A job's state history, attempts, where each rank ran and where its files are (a
+    sweep's trial, given as <sweep id>.t<n>: its parameters, state and metric)."""
+    parent, n = split_trial_id(job_id)
+    if n is not None:
+        trial = _call(_client().trial, parent, n)
+        if output == Output.json:
+            render.print_json(trial)
+        else:
+            render.show_trial(trial)
+        return
     job = _call(_client().get, job_id)
     if output == Output.json:
         render.print_json(job)
@@ -232,13 +245,15 @@ def logs(
                                           "the task's latest run)."),
     follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing until the job ends."),
     item: Optional[int] = typer.Option(None, "--item", "-i", help="An array job's task (see `raybatch items`)."),
+    trial: Optional[int] = typer.Option(None, "--trial", "-t", help="A sweep's trial (or give ID as <id>.t<n>)."),
 ) -> None:
-    """Print a rank's stdout (or stderr); of one task of an array job with --item."""
+    """Print a rank's stdout (or stderr); of one task of an array job with --item, of one
+    trial of a sweep with --trial."""
     client = _client()
     stream = "stderr" if stderr else "stdout"
     try:
         for chunk in client.follow_logs(job_id, rank=rank, stream=stream, attempt=attempt, follow=follow,
-                                        item=item):
+                                        item=item, trial=trial):
             sys.stdout.write(chunk)
             sys.stdout.flush()
     except RaybatchError as e:
@@ -274,8 +289,15 @@ def files(
     output: Output = OutputOpt,
 ) -> None:
     """List a job's files (logs, checkpoints, outputs) with sizes and times, wherever they
-    are stored (like `az batchai job file list`)."""
-    entries = _call(_client().files, job_id, path)
+    are stored (like `az batchai job file list`); a sweep trial's (<id>.t<n>) its own."""
+    parent, n = split_trial_id(job_id)
+    if n is not None and not path:
+        client = _client()
+        job = _call(client.get, parent)
+        roots = [f"stdouterr/trials/{n}", f"checkpoints/trials/{n}", *(f"outputs/{o}/trials/{n}" for o in job.outputs)]
+        entries = [e for root in roots for e in _call(client.files, parent, root)]
+    else:
+        entries = _call(_client().files, parent, path)
     if output == Output.json:
         render.print_json(entries)
     else:
@@ -321,7 +343,11 @@ def datastores(output: Output = OutputOpt) -> None:
 @app.command()
 def cancel(job_id: str, output: Output = OutputOpt) -> None:
     """Cancel a job: queued jobs leave the queue; running ones get SIGTERM, the
-    job's grace period, then SIGKILL."""
+    job's grace period, then SIGKILL. A sweep is cancelled whole."""
+    parent, n = split_trial_id(job_id)
+    if n is not None:
+        _fail(f"{job_id} is a trial of sweep {parent}: cancel applies to the whole sweep "
+              f"(raybatch cancel {parent})", code=2)
     job = _call(_client().cancel, job_id)
     if output == Output.json:
         render.print_json(job)
@@ -449,6 +475,55 @@ def score(
     print(job.id, flush=True)
     if wait:
         raise typer.Exit(_wait_with_progress(client, job.id, None))
+
+
+sweep_app = typer.Typer(help="Sweeps: their trials ranked, and a picture of them.", no_args_is_help=True)
+app.add_typer(sweep_app, name="sweep")
+
+
+@sweep_app.command("show")
+def sweep_show(
+    job_id: str,
+    state: List[str] = typer.Option([], "--state", "-s", help="Only these: pending, running, done, failed, "
+                                    "early_terminated."),
+    output: Output = OutputOpt,
+) -> None:
+    """A sweep's trials, best first: parameters, state, the primary metric's best and last value."""
+    client = _client()
+    job = _call(client.get, job_id)
+    if job.spec.sweep is None:
+        _fail(f"{job_id} is not a sweep (it has no search_space); `raybatch show {job_id}` shows it", code=2)
+    trials = _call(client.trials, job_id, state=[s.lower() for s in state] or None)
+    if output == Output.json:
+        render.print_json([t.model_dump(mode="json") for t in trials])
+        return
+    render.show_sweep(job, trials)
+
+
+@sweep_app.command("plot")
+def sweep_plot(
+    job_id: str,
+    out: Path = typer.Option(..., "--output", "-o", help="The HTML file to write."),
+) -> None:
+    """A picture of a sweep (one HTML file, no scripts): its primary metric per step for every
+    trial, and every trial's parameters and result as parallel coordinates."""
+    from raybatch.sweep.plot import sweep_page  # noqa: PLC0415
+
+    client = _client()
+    job = _call(client.get, job_id)
+    sweep = job.spec.sweep
+    if sweep is None:
+        _fail(f"{job_id} is not a sweep (it has no search_space)", code=2)
+    metric = sweep.objective.primary_metric
+    trials = _call(client.trials, job_id)
+    series = {}
+    for t in trials:
+        events = _call(client.metrics, job_id, trial=t.n, name=metric)
+        series[t.id] = [(e.step, e.value) for e in events]
+    page = sweep_page(f"{job.name} ({job_id})", metric, sweep.objective.goal == "maximize",
+                      [t.model_dump(mode="json") for t in trials], series)
+    out.write_text(page)
+    print(f"wrote {out}: {len(trials)} trial(s)")
 
 
 @app.command()

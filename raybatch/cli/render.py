@@ -75,6 +75,8 @@ def show_job(j: JobDetail) -> None:
         c.print(f"  phase:       {line}")
     if j.items is not None:
         c.print(f"  items:       {items_line(j.items)}")
+    if j.trials is not None:
+        c.print(f"  trials:      {trials_line(j.trials, j.best)}   (raybatch sweep show {j.id})")
     if j.preempt_requested:
         c.print(f"  stopping:    preempted by {j.preempted_by}")
     if j.preemptions:
@@ -146,6 +148,53 @@ def items_line(i) -> str:
     if i.eta_s is not None:
         line += f", ETA {format_duration(i.eta_s)}"
     return line
+
+
+def trials_line(c, best=None) -> str:
+    """A sweep's progress: trials ended of all, running, and the best so far."""
+    line = f"{c.done + c.failed}/{c.total} ended ({c.done} done), {c.running} running"
+    if best:
+        line += f"; best {best['trial']} = {best['value']:.4g}"
+    return line
+
+
+def _params(p: dict) -> str:
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in p.items())
+
+
+def show_sweep(job, trials) -> None:
+    s = job.spec.sweep
+    c = console
+    c.print(f"[bold]{job.id}[/]  {job.name}  (experiment {job.experiment})  {state(job.state)}")
+    c.print(f"  objective:   {s.objective.goal} {s.objective.primary_metric}   sampling: {s.sampling_algorithm.type}"
+            f"   early termination: {s.early_termination.type if s.early_termination else 'none'}")
+    c.print(f"  limits:      {s.limits.max_total_trials} trials, {s.limits.max_concurrent_trials} at once, "
+            f"{format_duration(s.limits.trial_timeout)} each")
+    if job.reason:
+        c.print(f"  reason:      {job.reason}")
+    t = Table(box=None, header_style="bold", padding=(0, 1))
+    for col in ("RANK", "TRIAL", "STATE", "BEST", "LAST", "REPORTS", "RUNS", "PARAMETERS"):
+        t.add_column(col, overflow="fold")
+    for tr in trials:
+        t.add_row("-" if tr.rank is None else str(tr.rank), tr.id, tr.state,
+                  "-" if tr.best is None else f"{tr.best:.4g}", "-" if tr.last is None else f"{tr.last:.4g}",
+                  str(tr.reports), str(tr.runs), _params(tr.params))
+    c.print(t)
+
+
+def show_trial(tr) -> None:
+    c = console
+    c.print(f"[bold]{tr.id}[/]  {tr.state}" + (f"  (rank {tr.rank})" if tr.rank else ""))
+    c.print(f"  parameters:  {_params(tr.params)}")
+    c.print(f"  {tr.metric or 'metric'}:{' ' * max(1, 12 - len(tr.metric or 'metric'))}best "
+            f"{'-' if tr.best is None else f'{tr.best:.6g}'}, last "
+            f"{'-' if tr.last is None else f'{tr.last:.6g}'}, {tr.reports} report(s)")
+    c.print(f"  runs:        {tr.runs}   exit code: {'-' if tr.exit_code is None else tr.exit_code}"
+            f"   started: {ts(tr.started_at)}   ended: {ts(tr.ended_at)}")
+    if tr.message:
+        c.print(f"  message:     {tr.message}")
+    job = tr.id.rsplit(".t", 1)[0]
+    c.print(f"  logs:        raybatch logs {tr.id}   files: raybatch files {tr.id}   metrics: GET /jobs/{job}/metrics?trial={tr.n}")
 
 
 def items_table(items) -> Table:

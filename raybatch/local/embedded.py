@@ -160,7 +160,9 @@ class LocalCluster:
                 [ray_bin, "start", "--head", "--port", str(gcs), "--dashboard-host", "127.0.0.1",
                  "--dashboard-port", str(dash), "--include-dashboard", "true",
                  "--ray-client-server-port", str(free_port()),
-                 "--dashboard-agent-listen-port", str(free_port()), *common],
+                 "--dashboard-agent-listen-port", str(free_port()),
+                 # a sweep's Tune trial proxies each hold one (the scheduler's policy ignores it)
+                 "--resources", json.dumps({"raybatch_trial": 1000}), *common],
                 "ray-head.log", env,
             )
             info = {"url": None, "ray_address": f"127.0.0.1:{gcs}", "dashboard_url": f"http://127.0.0.1:{dash}",
@@ -193,7 +195,9 @@ class LocalCluster:
                 info.setdefault("temp_dirs", []).append(temp_dir)
                 pids["workers"].append(self._spawn(
                     [ray_bin, "start", "--address", info["ray_address"], "--temp-dir", temp_dir,
-                     "--dashboard-agent-listen-port", str(free_port()), *common],
+                     "--dashboard-agent-listen-port", str(free_port()),
+                 # a sweep's Tune trial proxies each hold one (the scheduler's policy ignores it)
+                 "--resources", json.dumps({"raybatch_trial": 1000}), *common],
                     f"ray-worker-{i}.log", env,
                 ))
                 self._write(info)

@@ -154,7 +154,7 @@ class Attempt:
                 starts[x.rank] = actor.hold.remote(x.make_dirs, x.files)
             else:
                 starts[x.rank] = actor.start.remote(x.argv, x.env, x.cwd, x.log_dir, x.make_dirs,
-                                                    spec.grace_period, x.files)
+                                                    spec.grace_period, x.files, x.metrics)
         for rank, pid in zip(starts, ray.get(list(starts.values()))):
             self.ranks[rank].pid = pid
         self.report(Phase.RUNNING)

@@ -24,6 +24,10 @@ from raybatch.storage.datastores import CredentialError, Datastores
 from raybatch.storage.plan import resolve_attempt
 
 
+# the attempt's Ray Job entrypoint (a module run with python -m); a sweep's driver runs Tune
+DRIVERS = {"job": "raybatch.runtime.driver", "sweep": "raybatch.sweep.driver"}
+
+
 class AttemptSetupError(RuntimeError):
     """The attempt cannot start as configured (a datastore gone, a credential that
     cannot be read): the job fails with this message instead of being retried."""
@@ -92,7 +96,7 @@ class RayJobLauncher:
         # the code itself (raybatch.runtime.code).
         sid = ray_job_id(job["id"], attempt)
         self.client.submit_job(
-            entrypoint=f"{sys.executable} -m raybatch.runtime.driver {ctl.attempt}",
+            entrypoint=f"{sys.executable} -m {DRIVERS['sweep' if spec.sweep else 'job']} {ctl.attempt}",
             submission_id=sid,
             metadata={
                 "raybatch_job_id": job["id"], "raybatch_job_name": spec.name,

@@ -195,6 +195,9 @@ class Report(BaseModel):
     # array jobs
     slots: list[SlotReport] = Field(default_factory=list)
     items: Optional[ItemCounts] = None
+    trials: Optional[ItemCounts] = Field(None, description="a sweep's trials (one unit = one trial)")
+    best: Optional[dict[str, Any]] = Field(None, description="a sweep's best trial so far: n, value, params")
+    running_trials: list[dict[str, Any]] = Field(default_factory=list, description="a sweep's running trials")
     slots_wanted: Optional[int] = Field(None, description="slots the driver can still use (the tail frees nodes)")
 
     def shows_placed(self, view_lag_s: float) -> bool:

@@ -55,7 +55,8 @@ def check_storage(storage: AttemptStorage, timeout_s: float, stopped: Stopped, l
         checks.append(("the resumed job's items", st.resume_items, False))
     for name, access in [("logs", st.logs), ("checkpoints", st.checkpoints),
                          *((f"output '{i}'", a) for i, a in st.outputs.items()),
-                         *((("items", st.items),) if st.items is not None else ())]:
+                         *((("items", st.items),) if st.items is not None else ()),
+                         *((("trials", st.trials),) if st.trials is not None else ())]:
         if access.kind != "local":
             checks.append((name, access, True))
     seen: set[tuple] = set()

@@ -11,14 +11,17 @@
     GET  /api/v1/jobs                      list, newest first (?state=&experiment=&limit=)
     GET  /api/v1/jobs/{id}                 JobDetail: history, attempts, ranks, paths
     POST /api/v1/jobs/{id}/cancel          cancel (SIGTERM, grace, SIGKILL)
-    GET  /api/v1/jobs/{id}/logs            a chunk of a rank's stdout/stderr from an offset (?item= a task's)
+    GET  /api/v1/jobs/{id}/logs            a chunk of a rank's stdout/stderr from an offset (?item=, ?trial=)
     GET  /api/v1/jobs/{id}/items           an array job's tasks: pending, running, done, failed, skipped
+    GET  /api/v1/jobs/{id}/trials[/{n}]    a sweep's trials, best first
+    GET  /api/v1/jobs/{id}/metrics         metric events of a job (?trial= of a sweep's trial)
     GET  /api/v1/jobs/{id}/files           the job's files (?path=): logs, checkpoints, outputs
     GET  /api/v1/jobs/{id}/files/content   one file's bytes (?path=), streamed
     GET  /api/v1/datastores                the server's datastores (never a secret)
 
 The routes live in raybatch/server/routes/, one module per group of this table:
-health, cluster (cluster, scheduler, queue), code, jobs (submit to logs), items, files
+health, cluster (cluster, scheduler, queue), code, jobs (submit to logs), items, trials (and
+metrics), files
 (files, content, datastores). Helpers they share are in raybatch/server/common.py.
 
 Files are read where they are stored (a local path or blob storage), with the
@@ -37,7 +40,7 @@ from raybatch import __version__
 from raybatch.config import API_PREFIX
 from raybatch.scheduler.loop import Scheduler
 from raybatch.server.auth import bearer_dependency
-from raybatch.server.routes import cluster, code, files, health, items, jobs
+from raybatch.server.routes import cluster, code, files, health, items, jobs, trials
 from raybatch.state.store import Store
 from raybatch.storage.datastores import Datastores
 
@@ -55,6 +58,6 @@ def create_app(ctx: ServerContext, token: str) -> FastAPI:
     app = FastAPI(title="raybatch", version=__version__)
     auth = [Depends(bearer_dependency(token))]
     app.include_router(health.router(ctx), prefix=API_PREFIX)  # the one route without auth
-    for routes in (cluster, code, jobs, items, files):
+    for routes in (cluster, code, jobs, items, trials, files):
         app.include_router(routes.router(ctx), prefix=API_PREFIX, dependencies=auth)
     return app

@@ -43,6 +43,8 @@ def detect(doc: Any) -> str:
     if any(k in props for k in BATCHAI_TOOLKITS) or "stdOutErrPathPrefix" in props or "nodeCount" in props:
         return "batchai"
     schema = str(doc.get("$schema", ""))
+    if doc.get("type") == "sweep" and isinstance(doc.get("trial"), dict):  # also the SDK's dump: no $schema
+        return "azureml"
     if "azureml" in schema or (doc.get("type") == "command" and "command" in doc) or (
             "command" in doc and any(k in doc for k in ("distribution", "environment_variables", "limits",
                                                           "compute", "display_name", "experiment_name"))):
@@ -57,6 +59,10 @@ def convert(doc: dict[str, Any], *, name_hint: str = "job", mount_root: Optional
     kind = detect(doc)
     if kind == "batchai":
         return _BatchAI(doc, name_hint, mount_root).run()
+    if kind == "azureml" and doc.get("type") == "sweep":
+        if not isinstance(doc.get("trial"), dict):
+            raise ConversionError(["trial: required: a sweep job's trial is a command job (code, command, ...)"])
+        return _AzureMLSweep(doc, name_hint).run()
     if kind == "azureml":
         return _AzureML(doc, name_hint).run()
     return doc, []
@@ -336,7 +342,7 @@ class _AzureML(_Converter):
         if d.get("experiment_name"):
             out["experiment"] = _name(d["experiment_name"])
         if d.get("type", "command") != "command":
-            self.errors.append(f"type: only command jobs are converted (got {d.get('type')!r})")
+            self.errors.append(f"type: only command and sweep jobs are converted (got {d.get('type')!r})")
         if d.get("code"):
             out["code"] = d["code"]
         env = {str(k): "" if v is None else str(v) for k, v in (d.get("environment_variables") or {}).items()}
@@ -419,4 +425,66 @@ class _AzureML(_Converter):
         for k in ("services", "identity", "queue_settings", "tags", "properties"):
             if d.get(k):
                 self.warnings.append(f"{k}: ignored")
+        return self.finish(out)
+
+
+_SWEEP_INPUT = re.compile(r"\$\{\{\s*inputs\.([A-Za-z0-9_]+)\s*\}\}")
+SWEEP_FIELDS = ("search_space", "sampling_algorithm", "objective", "early_termination", "limits")
+
+
+class _AzureMLSweep(_Converter):
+    """An Azure ML sweep job (``type: sweep``), as the CLI's YAML or as ``azure-ai-ml``'s
+    ``dump()`` writes it: the trial is a command job; ``${{search_space.X}}`` stays a sweep
+    parameter, and so does ``${{inputs.X}}`` when X is in the search space (the SDK binds
+    the trial's inputs to it); other inputs come from the sweep's ``inputs`` or the trial's
+    input defaults."""
+
+    def __init__(self, doc: dict[str, Any], name_hint: str):
+        super().__init__()
+        self.doc = doc
+        self.name_hint = name_hint
+
+    def run(self) -> tuple[dict[str, Any], list[str]]:
+        d = self.doc
+        trial = dict(d["trial"])
+        space = d.get("search_space") or {}
+        for k in ("type", "is_deterministic", "version", "name", "$schema"):
+            trial.pop(k, None)
+        command = str(trial.get("command") or "")
+        # the SDK's form: ${{inputs.X}} of a search-space parameter is the parameter
+        command = _SWEEP_INPUT.sub(lambda m: f"${{{{search_space.{m.group(1)}}}}}" if m.group(1) in space
+                                   else m.group(0), command)
+        trial["command"] = command
+        inputs = dict(d.get("inputs") or {})
+        for name, spec in (trial.get("inputs") or {}).items():  # the component's defaults
+            if name in space or name in inputs:
+                continue
+            if isinstance(spec, dict) and "default" in spec:
+                inputs[name] = spec["default"]
+            elif isinstance(spec, dict) and spec.get("path"):
+                inputs[name] = spec
+            elif not isinstance(spec, dict):
+                inputs[name] = spec
+        trial["inputs"] = inputs
+        if d.get("outputs"):
+            trial["outputs"] = d["outputs"]
+        for k in ("experiment_name", "compute", "tags", "identity", "queue_settings"):
+            if d.get(k) and not trial.get(k):
+                trial[k] = d[k]
+        if d.get("display_name") or d.get("name"):
+            trial["display_name"] = d.get("display_name") or d.get("name")
+        if trial.get("limits"):
+            self.warnings.append("trial.limits: ignored; a sweep's trials are limited by limits.trial_timeout")
+            trial.pop("limits")
+        out, notes = _AzureML(trial, self.name_hint).run()
+        self.warnings += notes
+        limits = dict(d.get("limits") or {})
+        if "timeout_minutes" in limits:  # the SDK's older spelling
+            limits["timeout"] = float(limits.pop("timeout_minutes")) * 60
+        if "trial_timeout_minutes" in limits:
+            limits["trial_timeout"] = float(limits.pop("trial_timeout_minutes")) * 60
+        out["sweep"] = {k: (limits if k == "limits" else d[k]) for k in SWEEP_FIELDS if k in d}
+        if isinstance(out["sweep"].get("objective"), dict):
+            goal = out["sweep"]["objective"].get("goal")
+            out["sweep"]["objective"] = {**out["sweep"]["objective"], "goal": str(goal).lower() if goal else goal}
         return self.finish(out)

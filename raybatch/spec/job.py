@@ -43,11 +43,12 @@ Example::
 from __future__ import annotations
 
 import re
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, NamedTuple, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from raybatch.spec.array import DEFAULT_OUTPUT, ArraySpec
+from raybatch.spec.sweep import PARAM_PLACEHOLDER, SweepSpec
 from raybatch.spec.location import parse as parse_location
 from raybatch.spec.units import DURATION_HELP, SIZE_HELP, parse_duration, parse_size
 
@@ -255,6 +256,43 @@ class Placement(_Strict):
     )
 
 
+class MetricsSpec(_Strict):
+    """Where a job's metrics come from (``raybatch logs``/``GET /jobs/{id}/metrics``, a sweep's
+    objective): ``raybatch.log_metric`` / ``raybatch_metrics.log_metric``, stdout lines
+    ``RAYBATCH_METRIC name=value [step=N]``, and ``mlflow.log_metric`` (autolog included)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+    from_: Literal["rank0", "all"] = Field("rank0", alias="from", description="rank 0's metrics, or every rank's.")
+    stdout_regex: Optional[str] = Field(
+        None, description="Also read metrics from stdout lines this regex matches: each named group is a "
+        "metric (its name, its value), the group 'step' the step; e.g. 'epoch (?P<step>\\d+) acc (?P<accuracy>[.0-9]+)'.")
+
+    @field_validator("stdout_regex")
+    @classmethod
+    def _regex(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None:
+            try:
+                groups = re.compile(v).groupindex
+            except re.error as e:
+                raise ValueError(f"not a regular expression: {e}") from None
+            if not set(groups) - {"step"}:
+                raise ValueError("name each metric with a named group, e.g. (?P<accuracy>[0-9.]+)")
+        return v
+
+
+class SlotShape(NamedTuple):
+    """What the scheduler needs of a job that runs many units on slots (an array, a sweep)."""
+
+    max_concurrent: int
+    known_units: Optional[int]  # how many units there are, when known before the job runs
+    unit_timeout: float         # a slot's lease
+
+    @property
+    def wanted_at_start(self) -> int:
+        return min(self.max_concurrent, self.known_units or self.max_concurrent)
+
+
 Priority = Union[Literal["low", "normal", "high"], int]
 
 
@@ -320,6 +358,11 @@ class JobSpec(_Strict):
     array: Optional[ArraySpec] = Field(
         None, description="Run the command once per item (file, index or value) on up to max_concurrent "
         "warm slots: a job array / batch scoring (docs/arrays.md).")
+    sweep: Optional[SweepSpec] = Field(
+        None, description="A hyperparameter sweep of this job: each trial runs it with parameters from "
+        "search_space, on up to limits.max_concurrent_trials warm slots (docs/sweeps.md; a sweep file's "
+        "trial: becomes this job).")
+    metrics: MetricsSpec = Field(default_factory=MetricsSpec)
 
     @model_validator(mode="before")
     @classmethod
@@ -483,6 +526,21 @@ class JobSpec(_Strict):
                              "or use packages / image")
         if self.array is not None and fw in MPI_FRAMEWORKS:
             raise ValueError(f"array jobs run framework custom, pytorch or tensorflow tasks, not '{fw}'")
+        if self.sweep is not None and self.array is not None:
+            raise ValueError("a job is either an array (array:) or a sweep (sweep:), not both")
+        if self.sweep is not None and fw in MPI_FRAMEWORKS:
+            raise ValueError(f"sweeps run framework custom, pytorch or tensorflow trials, not '{fw}'")
+        if self.sweep is not None and self.prepare:
+            raise ValueError("prepare is not available in sweeps: run it at the start of the command, "
+                             "or use packages / image")
+        names = PARAM_PLACEHOLDER.findall(self.command)
+        if names and self.sweep is None:
+            raise ValueError(f"command: ${{{{search_space.{names[0]}}}}} is a sweep parameter; this job has "
+                             "no search_space (submit a sweep file)")
+        unknown = sorted(set(names) - set(self.sweep.search_space)) if self.sweep else []
+        if unknown:
+            raise ValueError(f"command: ${{{{search_space.{unknown[0]}}}}} is not in search_space "
+                             f"({', '.join(self.sweep.search_space)})")
         if ITEM_PLACEHOLDER in self.command and self.array is None:
             raise ValueError(f"command: {ITEM_PLACEHOLDER} is the item of an array job; this job has no `array` block")
         return self
@@ -497,3 +555,14 @@ class JobSpec(_Strict):
     @property
     def world_size(self) -> int:
         return self.nodes * self.processes_per_node
+
+    @property
+    def slots(self) -> Optional[SlotShape]:
+        """For a job of many units on slots (an array, a sweep): its shape; else None."""
+        if self.array is not None:
+            a = self.array
+            return SlotShape(a.max_concurrent, a.known_tasks(), a.item_timeout)
+        if self.sweep is not None:
+            lim = self.sweep.limits
+            return SlotShape(lim.max_concurrent_trials, self.sweep.total_trials, lim.trial_timeout)
+        return None

@@ -183,8 +183,8 @@ def load_job_file(path: str | Path, overrides: Iterable[str] = (), mount_root: s
 
 
 def read_document(path: str | Path, mount_root: str | None = None) -> tuple[Any, str, list[str]]:
-    """The file as a raybatch job document: (document, 'raybatch' | 'batchai' | 'azureml',
-    conversion warnings)."""
+    """The file as a raybatch job document: (document, 'raybatch' | 'sweep' | 'batchai' |
+    'azureml', conversion warnings)."""
     from raybatch.spec.convert import ConversionError, convert, detect  # noqa: PLC0415
 
     p = Path(path)
@@ -198,6 +198,8 @@ def read_document(path: str | Path, mount_root: str | None = None) -> tuple[Any,
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         raise SpecError(source, [f"{where}not valid YAML: {getattr(err, 'problem', err)}"]) from None
     kind = detect(data)
+    if kind == "raybatch" and is_sweep_file(data):
+        return sweep_document(data, p.parent.resolve(), source, mount_root), "sweep", []
     if kind == "raybatch":
         return data, kind, []
     label = {"batchai": "Batch AI job file", "azureml": "Azure ML job file"}[kind]
@@ -206,6 +208,48 @@ def read_document(path: str | Path, mount_root: str | None = None) -> tuple[Any,
     except ConversionError as e:
         raise SpecError(source, e.problems, label) from None
     return converted, kind, notes
+
+
+SWEEP_FILE_FIELDS = ("name", "experiment", "priority", "preemptible", "trial", "search_space",
+                     "sampling_algorithm", "objective", "early_termination", "limits")
+SWEEP_BLOCK = ("search_space", "sampling_algorithm", "objective", "early_termination", "limits")
+
+
+def is_sweep_file(data: Any) -> bool:
+    return isinstance(data, dict) and "trial" in data and "search_space" in data
+
+
+def sweep_document(data: dict[str, Any], base_dir: Path, source: str, mount_root: str | None = None
+                   ) -> dict[str, Any]:
+    """A sweep file as the job it runs: the trial's job (a file next to it, in any format
+    raybatch reads, or inline), with the sweep's name, experiment, priority and
+    preemptible, and a ``sweep:`` block with the rest."""
+    unknown = sorted(set(data) - set(SWEEP_FILE_FIELDS))
+    if unknown:
+        raise SpecError(source, [f"{k}: unknown field; allowed: {', '.join(sorted(SWEEP_FILE_FIELDS))}"
+                                 for k in unknown], "sweep file")
+    trial = data["trial"]
+    if isinstance(trial, str):
+        path = Path(trial).expanduser()
+        path = path if path.is_absolute() else base_dir / path
+        if not path.is_file():
+            raise SpecError(source, [f"trial: no such job file '{trial}' (resolved to {path}); give a job file "
+                                     "relative to the sweep file, or the job inline"], "sweep file")
+        doc, _kind, _notes = read_document(path, mount_root)
+        trial_dir = path.parent.resolve()
+    elif isinstance(trial, dict):
+        doc, trial_dir = dict(trial), base_dir
+    else:
+        raise SpecError(source, ["trial: give a job file's path or the job inline"], "sweep file")
+    doc = dict(doc or {})
+    if doc.get("code") and not Path(str(doc["code"])).expanduser().is_absolute():
+        doc["code"] = str((trial_dir / str(doc["code"])).resolve())  # relative to the trial's own file
+    doc.pop("sweep", None)
+    for k in ("name", "experiment", "priority", "preemptible"):
+        if k in data:
+            doc[k] = data[k]
+    doc["sweep"] = {k: data[k] for k in SWEEP_BLOCK if k in data}
+    return doc
 
 
 def load_job_document(path: str | Path, overrides: Iterable[str] = (), mount_root: str | None = None
@@ -218,4 +262,13 @@ def load_job_document(path: str | Path, overrides: Iterable[str] = (), mount_roo
         data = {}
     if isinstance(data, dict):
         data = apply_overrides(data, overrides, source)
-    return parse_job(data, base_dir=p.parent.resolve(), source=source), notes
+    sweep_file = kind == "sweep" or (isinstance(data, dict) and kind == "azureml" and "sweep" in data)
+    try:
+        return parse_job(data, base_dir=p.parent.resolve(), source=source), notes
+    except SpecError as e:
+        if not sweep_file:
+            raise
+        # a sweep file's fields are at its top level: name them as the user wrote them
+        problems = [q[len("sweep."):] if q.startswith("sweep.") else q[len("sweep: "):] if q.startswith("sweep: ")
+                    else q for q in e.problems]
+        raise SpecError(source, problems, "sweep file") from None

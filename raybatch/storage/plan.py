@@ -13,6 +13,8 @@ file sends an output elsewhere::
     outputs/<id>/items/<key>/        an array item's RAYBATCH_ITEM_OUTPUT_DIR (the first output)
     items/manifest.jsonl             an array job's frozen listing: one item per line
     items/<task>.json                a finished task's record (done, or failed for good)
+    stdouterr/trials/<n>/attempt-<k>/rank-<r>/...         a sweep trial's output (``trial_logs``)
+    trials/trials.jsonl, ids.jsonl   a sweep's journal of ended trials (raybatch.sweep.trials)
 
 Users see the same tree through ``raybatch files`` / ``download`` whether it is on
 a local disk or in blob storage: ``stdouterr/...``, ``checkpoints/...``,
@@ -55,6 +57,11 @@ def item_logs(task: int, attempt: int, rank: int) -> str:
     return f"items/{task}/attempt-{attempt}/rank-{rank}"
 
 
+def trial_logs(trial: int, attempt: int, rank: int) -> str:
+    """A sweep trial's rank log directory (its run ``attempt``), below ``stdouterr/``."""
+    return f"trials/{trial}/attempt-{attempt}/rank-{rank}"
+
+
 def job_dir_for(root: str, experiment: str, job_id: str) -> str:
     loc = parse(root)
     if loc.is_local:
@@ -76,6 +83,8 @@ def job_locations(spec: JobSpec, job_dir: str) -> dict[str, str]:
         tree[f"outputs/{ident}"] = output_location(spec, job_dir, ident)
     if spec.array is not None:
         tree["items"] = join(job_dir, "items")
+    if spec.sweep is not None:
+        tree["trials"] = join(job_dir, "trials")
     return tree
 
 
@@ -111,13 +120,14 @@ class AttemptStorage:
     items: Optional[Access] = None
     over: Optional[Access] = None
     resume_items: Optional[Access] = None
+    trials: Optional[Access] = None  # a sweep's trial journal
 
     @property
     def remote(self) -> bool:
         return any(a.kind != "local" for a in self.all())
 
     def all(self) -> list[Access]:
-        extra = [a for a in (self.items, self.over, self.resume_items) if a is not None]
+        extra = [a for a in (self.items, self.over, self.resume_items, self.trials) if a is not None]
         return [self.logs, self.checkpoints, *self.outputs.values(), *self.inputs.values(), *extra]
 
     def to_dict(self, secrets: bool) -> dict[str, Any]:
@@ -126,14 +136,14 @@ class AttemptStorage:
                "outputs": {k: conv(a) for k, a in self.outputs.items()},
                "inputs": {k: conv(a) for k, a in self.inputs.items()},
                "input_modes": dict(self.input_modes)}
-        for name in ("items", "over", "resume_items"):
+        for name in ("items", "over", "resume_items", "trials"):
             if getattr(self, name) is not None:
                 out[name] = conv(getattr(self, name))
         return out
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "AttemptStorage":
-        opt = {k: Access.from_dict(d[k]) for k in ("items", "over", "resume_items") if d.get(k)}
+        opt = {k: Access.from_dict(d[k]) for k in ("items", "over", "resume_items", "trials") if d.get(k)}
         return cls(Access.from_dict(d["logs"]), Access.from_dict(d["checkpoints"]),
                    {k: Access.from_dict(a) for k, a in d.get("outputs", {}).items()},
                    {k: Access.from_dict(a) for k, a in d.get("inputs", {}).items()},
@@ -154,6 +164,7 @@ def resolve_attempt(spec: JobSpec, job_dir: str, datastores: Datastores,
         items=datastores.resolve(join(job_dir, "items")) if array else None,
         over=datastores.resolve(array.base) if array and array.over else None,
         resume_items=datastores.resolve(join(resume_dir, "items")) if array and resume_dir else None,
+        trials=datastores.resolve(join(job_dir, "trials")) if spec.sweep is not None else None,
     )
 
 

@@ -61,9 +61,8 @@ def router(ctx: ServerContext) -> APIRouter:
             row = rows[job_id]
             spec = ctx.scheduler.spec_of(row)
             slots = None
-            if spec.array is not None:
-                held, wanted = slot_counts.get(job_id) or (0, min(spec.array.max_concurrent,
-                                                                  spec.array.known_tasks() or spec.array.max_concurrent))
+            if spec.slots is not None:
+                held, wanted = slot_counts.get(job_id) or (0, spec.slots.wanted_at_start)
                 slots = f"{held}/{wanted} slots"
             out.append(QueueEntry(
                 position=pos, id=job_id, name=row["name"], experiment=row["experiment"],

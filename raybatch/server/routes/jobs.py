@@ -46,7 +46,7 @@ def job_detail(ctx: ServerContext, job: dict[str, Any]) -> JobDetail:
     if JobState(job["state"]).is_active and job["attempt"]:
         report = ctx.scheduler.report(job["id"], job["attempt"])
     slots = []
-    if spec.array is not None and job["attempt"]:
+    if spec.slots is not None and job["attempt"]:
         activity = {s.slot: s for s in (report.slots if report else [])}
         for r in store.slots(job["id"], job["attempt"]):
             a = activity.get(r["slot"])
@@ -58,9 +58,10 @@ def job_detail(ctx: ServerContext, job: dict[str, Any]) -> JobDetail:
         phase=report.phase if report else None,
         staging=report.staging if report and report.phase is Phase.STAGING else None,
         items=report.items if report else None, slots=slots,
+        trials=report.trials if report else None, best=report.best if report else None,
         spec=spec,
         waiting_reason=(ctx.scheduler.waiting.get(job["id"])
-                        if job["state"] == "QUEUED" or (spec.array is not None and JobState(job["state"]).is_active)
+                        if job["state"] == "QUEUED" or (spec.slots is not None and JobState(job["state"]).is_active)
                         else None),
         cancel_requested=bool(job["cancel_requested"]),
         preempt_requested=bool(job["preempt_requested"]),
@@ -165,6 +166,7 @@ def router(ctx: ServerContext) -> APIRouter:
         attempt: Optional[int] = Query(None, ge=1), offset: int = Query(0, ge=0),
         max_bytes: int = Query(MAX_LOG_CHUNK, ge=1, le=MAX_LOG_CHUNK),
         item: Optional[int] = Query(None, ge=0, description="An array job's task: its log (``attempt``: its run)."),
+        trial: Optional[int] = Query(None, ge=0, description="A sweep's trial: its log (``attempt``: its run)."),
     ) -> LogChunk:
         job = job_or_404(store, job_id)
         spec = JobSpec.model_validate_json(job["spec"])
@@ -173,6 +175,8 @@ def router(ctx: ServerContext) -> APIRouter:
                                 f"rank {rank} does not exist: the job has ranks 0-{spec.world_size - 1}")
         if item is not None:
             return item_log(ctx, job, item, rank, stream, attempt, offset, max_bytes)
+        if trial is not None:
+            return trial_log(ctx, job, trial, rank, stream, attempt, offset, max_bytes)
         n = attempt or job["attempt"]
         if n > job["attempt"] or n < 1:
             if job["attempt"] == 0:
@@ -222,3 +226,35 @@ def item_log(ctx: ServerContext, job: dict[str, Any], task: int, rank: int, stre
     return LogChunk(attempt=n, item=task, rank=rank, stream=stream, path=storage_plan.join(tree["stdouterr"], rel),
                     offset=offset, next_offset=next_offset, data=data.decode("utf-8", errors="replace"),
                     eof=over and next_offset >= size, job_final=state.is_final, latest_attempt=n)
+
+
+def trial_log(ctx: ServerContext, job: dict[str, Any], trial: int, rank: int, stream: str, run: Optional[int],
+              offset: int, max_bytes: int) -> LogChunk:
+    """A chunk of one run (default: the latest) of a sweep trial's log."""
+    from raybatch.server.routes import trials as trials_routes  # noqa: PLC0415
+
+    spec = trials_routes.sweep_spec(job)
+    tree = storage_plan.job_locations(spec, job["job_dir"])
+    backend = backend_for(ctx, tree["stdouterr"])
+    if run is None:
+        try:
+            entries = backend.list(f"trials/{trial}")
+        except StorageError:
+            entries = []
+        runs = [int(p[len("attempt-"):]) for e in entries for p in e.path.split("/")[:1]
+                if p.startswith("attempt-") and p[len("attempt-"):].isdigit()]
+        run = max(runs, default=1)
+    rel = f"{storage_plan.trial_logs(trial, run, rank)}/{stream}.txt"
+    try:
+        data, size = backend.read(rel, offset, max_bytes)
+    except StorageError as e:
+        raise HTTPException(status.HTTP_502_BAD_GATEWAY, f"reading the log: {e}") from None
+    next_offset = offset + len(data)
+    state = JobState(job["state"])
+    over = state.is_final
+    if not over:
+        ended = {r.n: r for r in trials_routes.trial_records(ctx, job) if r.state not in ("pending", "running")}
+        over = trial in ended and ended[trial].runs >= run
+    return LogChunk(attempt=run, rank=rank, stream=stream, path=storage_plan.join(tree["stdouterr"], rel),
+                    offset=offset, next_offset=next_offset, data=data.decode("utf-8", errors="replace"),
+                    eof=over and next_offset >= size, job_final=state.is_final, latest_attempt=run)

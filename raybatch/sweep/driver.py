@@ -1,0 +1,226 @@
+"""The driver of a sweep's attempt (its Ray Job's entrypoint):
+``python -m raybatch.sweep.driver ATTEMPT_JSON``.
+
+1. check the storage; start the slot pool (``pool.SlotPool``, an actor) and hand it the
+   slots the scheduler has granted, so they start before Ray Tune is even imported;
+2. run ``Tuner`` (``reuse_actors=True``, no loggers, ``verbose=0``) over thin trial
+   proxies (``proxy.trial_proxy``): each holds one unit of ``raybatch_trial`` (a custom
+   resource of the head node, which the scheduler's policy ignores), registers its trial with
+   the pool and turns the trial's metric events into ``tune.report``. A callback tells the
+   pool at once when Tune's scheduler stops a trial early; a stopper ends ``fit`` when the
+   attempt must stop;
+3. meanwhile, every tick: the scheduler's grants and revocations (``control.json``) to
+   the pool, the pool's state (slots, trials, the best one, how many slots it can still
+   use) to ``status.json``;
+4. after a lost driver, the next attempt restores Tune's experiment
+   (``Tuner.restore(..., resume_unfinished=True)``, the searcher included) from
+   ``<state>/attempts/<job>/tune``; the pool replays trials the journal saw end."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+import traceback
+import warnings
+from pathlib import Path
+from typing import Any, Optional
+
+import ray
+
+from raybatch.runtime.driver import Attempt
+from raybatch.runtime.protocol import ItemCounts, Outcome, Phase, SlotReport
+from raybatch.state.states import AttemptOutcome
+from raybatch.sweep.pool import POOL_NAME, SlotPool
+
+TICK_S = 0.25
+TRIAL_RESOURCE = "raybatch_trial"  # the head node declares 1000 units; one per trial proxy
+EXPERIMENT = "sweep"
+
+
+class SweepAttempt(Attempt):
+    def __init__(self, attempt_file: str):
+        super().__init__(attempt_file)
+        self.sweep = self.spec.sweep
+        self.pool: Any = None
+        self.phase = Phase.PLACING
+        self.sent: dict[int, tuple[str, bool]] = {}  # the slot states handed to the pool
+        self.status: dict[str, Any] = {}
+
+    # ---- control and reports --------------------------------------------------------------
+    def check_control(self) -> bool:
+        control = self.files.read_control()
+        if control is not None and self.pool is not None:
+            for k, grant in sorted(control.slots.items()):
+                state = (grant.state, grant.preempt)
+                if self.sent.get(k) == state:
+                    continue
+                self.sent[k] = state
+                if grant.state == "granted":
+                    self.pool.grant.remote(k, grant.nodes)
+                else:
+                    self.pool.revoke.remote(k, grant.reason, grant.preempt)
+        if not self.stop.is_set() and control is not None and control.action:
+            self.stop_reason = (Outcome(AttemptOutcome.CANCELLED, None, "cancelled by user")
+                                if control.action == "cancel" else
+                                Outcome(AttemptOutcome.PREEMPTED, None, control.reason or "preempted"))
+            self.stop.set()
+        if self.stop.is_set() and self.pool is not None and self.stop_reason is not None:
+            self.pool.stop_attempt.remote(self.stop_reason.kind.value, self.stop_reason.message)
+        return self.stop.is_set()
+
+    def report(self, phase: Optional[Phase] = None, **extra: Any) -> None:  # type: ignore[override]
+        st = self.status
+        if st.get("running"):
+            self.phase = Phase.RUNNING
+        elif st.get("placed") and self.phase is Phase.PLACING:
+            self.phase = Phase.PLACED
+        fields: dict[str, Any] = {}
+        if st:
+            fields = {"slots": [SlotReport.model_validate(s) for s in st["slots"]],
+                      "trials": ItemCounts.model_validate(st["trials"]), "best": st["best"],
+                      "running_trials": st.get("running_trials", []),
+                      "slots_wanted": 0 if self.stop.is_set() else st["wanted"]}
+        super().report(phase or self.phase, **{**fields, **extra})
+
+    def tick(self) -> None:
+        """The control file to the pool, the pool's state to the report; until the end."""
+        while not self._done.is_set():
+            try:
+                self.check_control()
+                self.status = ray.get(self.pool.status.remote(), timeout=30)
+                self.report()
+            except Exception:  # noqa: BLE001 - a missed tick is retried
+                traceback.print_exc()
+            self._done.wait(TICK_S)
+
+    # ---- the attempt ----------------------------------------------------------------------
+    def tune_dir(self) -> Path:
+        return Path(self.info.control_dir).parent / "tune"
+
+    def fit(self) -> None:
+        os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+        os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")  # the experiment state, for a restore
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # verbose=0 is quiet only with the classic output
+        # trials report to raybatch's metric store, not to Tune's result files: its result
+        # analysis finds none to read; a resumed trial's steps are reported again (optuna notes it)
+        logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
+        warnings.filterwarnings("ignore", message="The reported value is ignored because this")
+        from ray import tune  # noqa: PLC0415
+
+        from raybatch.sweep import space  # noqa: PLC0415
+        from raybatch.sweep.policies import tune_scheduler  # noqa: PLC0415
+
+        sweep = self.sweep
+        metric, mode = sweep.objective.primary_metric, "max" if sweep.objective.goal == "maximize" else "min"
+        from raybatch.sweep import proxy  # noqa: PLC0415
+
+        proxy.ATTEMPT = self  # Tune pickles its stopper and callback: they find the attempt here
+        policy = sweep.early_termination.type if sweep.early_termination else "Tune"
+        trainable = tune.with_resources(
+            tune.with_parameters(proxy.trial_proxy, pool_name=POOL_NAME, namespace=self.namespace, primary=metric),
+            {"cpu": 0, TRIAL_RESOURCE: 1})
+        run_config = tune.RunConfig(name=EXPERIMENT, storage_path=str(self.tune_dir()), verbose=0,
+                                    stop=proxy.Stop(), callbacks=[proxy.EarlyStop(policy)],
+                                    failure_config=tune.FailureConfig(max_failures=0))
+        path = str(self.tune_dir() / EXPERIMENT)
+        if self.n > 1 and tune.Tuner.can_restore(path):
+            self.log(f"restoring the sweep's Tune experiment from {path} (unfinished trials resume)")
+            tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False)
+        else:
+            tuner = tune.Tuner(
+                trainable, param_space=space.tune_space(sweep),
+                tune_config=tune.TuneConfig(
+                    metric=metric, mode=mode, search_alg=space.search_alg(sweep),
+                    scheduler=tune_scheduler(sweep.early_termination, metric, mode),
+                    num_samples=space.num_samples(sweep), max_concurrent_trials=sweep.limits.max_concurrent_trials,
+                    time_budget_s=sweep.limits.timeout, reuse_actors=True),
+                run_config=run_config)
+        tuner.fit()
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self.on_signal)
+        signal.signal(signal.SIGINT, self.on_signal)
+        self._done = threading.Event()
+        self.report(Phase.PLACING)
+        self.log(f"driver of sweep {self.job_id} attempt {self.n} started")
+        self.namespace = f"raybatch-{self.job_id}-{self.n}"
+        ray.init(address=self.info.ray_address or "auto", namespace=self.namespace, log_to_driver=True,
+                 logging_level="WARNING")
+        signal.signal(signal.SIGTERM, self.on_signal)
+        outcome: Optional[Outcome] = None
+        ticker = None
+        try:
+            outcome = self.check_storage()
+            if outcome is None and not ray.cluster_resources().get("raybatch_trial"):
+                outcome = Outcome(AttemptOutcome.START_FAILED, None,
+                                  "the Ray cluster declares no raybatch_trial resource: start its head node with "
+                                  "--resources '{\"raybatch_trial\": 1000}' (raybatch up and raybatch's cluster "
+                                  "configs do)")
+            if outcome is None:
+                # a thread per call: each running trial's proxy waits in one, the driver's ticks in others
+                threads = 2 * self.sweep.limits.max_concurrent_trials + 32
+                self.pool = SlotPool.options(name=POOL_NAME, max_concurrency=threads).remote(
+                    self.info.model_dump_json(), self.storage.to_dict(secrets=True))
+                known = ray.get(self.pool.ready.remote())
+                self.check_control()  # the slots granted so far start now, before Tune is imported
+                self.log(f"slot pool up ({known} trial(s) ended in earlier attempts)")
+                ticker = threading.Thread(target=self.tick, name="tick", daemon=True)
+                ticker.start()
+                self.fit()
+                outcome = self.stop_reason or self.result()
+        except Exception as e:  # noqa: BLE001
+            traceback.print_exc()
+            outcome = self.stop_reason or Outcome(AttemptOutcome.START_FAILED if not self.status.get("running")
+                                                  else AttemptOutcome.DRIVER_LOST, None,
+                                                  f"driver error: {type(e).__name__}: {e}")
+        finally:
+            try:
+                if self.pool is not None:
+                    if outcome is not None and not outcome.succeeded:
+                        ray.get(self.pool.stop_attempt.remote(outcome.kind.value, outcome.message))
+                    self.report(Phase.STOPPING, reason=outcome.message if outcome else "done")
+                    self.lost_nodes |= set(ray.get(self.pool.finish.remote(self.spec.grace_period + 60)))
+                    self.status = ray.get(self.pool.status.remote())
+            except Exception:  # noqa: BLE001 - still report
+                traceback.print_exc()
+            self._done.set()
+            if ticker is not None:
+                ticker.join(timeout=5)
+        assert outcome is not None
+        self.log(f"attempt {self.n} ended: {outcome.kind.value}: {outcome.message}")
+        self.report(Phase.DONE, outcome=outcome.kind, exit_code=outcome.exit_code, message=outcome.message,
+                    lost_nodes=sorted(self.lost_nodes))
+        return 0 if outcome.succeeded else 1
+
+    def result(self) -> Outcome:
+        """The sweep's outcome from its trials: it succeeds when one trial did."""
+        st = ray.get(self.pool.status.remote())
+        self.status = st
+        c = ItemCounts.model_validate(st["trials"])
+        best = st.get("best")
+        note = f"{c.done + c.failed} trial(s): {c.done} done, {c.failed} failed or stopped early"
+        if best:
+            note += f"; best {best['trial']} {self.sweep.objective.primary_metric}={best['value']:g}"
+        if c.done == 0 and c.failed:
+            return Outcome(AttemptOutcome.USER_ERROR, 1, "every trial failed; " + note)
+        return Outcome(AttemptOutcome.SUCCEEDED, 0, note)
+
+    def on_signal(self, signum: int, _frame: Any) -> None:  # type: ignore[override]
+        if self.stop_reason is None:
+            self.stop_reason = Outcome(AttemptOutcome.DRIVER_LOST, None,
+                                       f"the attempt's driver got {signal.Signals(signum).name} from outside raybatch")
+        self.stop.set()
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print("usage: python -m raybatch.sweep.driver ATTEMPT_JSON", file=sys.stderr)
+        return 2
+    return SweepAttempt(argv[0]).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
