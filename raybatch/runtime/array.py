@@ -167,9 +167,12 @@ class ArrayAttempt(Attempt):
             self.stop_with(outcome)
 
     # ---- the units of its slots: tasks (slots.UnitSource) ----------------------------------
-    def next_unit(self, slot: Slot) -> Optional[Task]:
+    def next_unit(self, slot: Slot, wait: float) -> Optional[Task]:
         assert self.dispatcher is not None
-        return self.dispatcher.take(slot.index)
+        task = self.dispatcher.take(slot.index)
+        if task is None:  # only a task a failing slot gives back can come: no need to be quick
+            time.sleep(wait)
+        return task
 
     def wants_more(self) -> bool:
         assert self.dispatcher is not None

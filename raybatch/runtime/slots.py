@@ -57,7 +57,9 @@ class UnitSource(Protocol):
     def check_control(self) -> bool: ...
     def slot_placed(self, slot: "Slot") -> None: ...
     def slot_failed(self, slot: "Slot", outcome: Outcome) -> None: ...
-    def next_unit(self, slot: "Slot") -> Optional[Unit]: ...
+    def next_unit(self, slot: "Slot", wait: float) -> Optional[Unit]:
+        """The next unit for this slot, waiting up to ``wait`` seconds for one."""
+        ...
     def wants_more(self) -> bool: ...
     def runs(self, unit: Unit) -> int: ...
     def plan_unit(self, slot: "Slot", unit: Unit, run: int, ports: list[int]) -> list[RankLaunch]: ...
@@ -67,7 +69,7 @@ class UnitSource(Protocol):
     def unit_stop(self, unit: Unit) -> Optional[Outcome]: ...
     def unit_ended(self, slot: "Slot", unit: Unit, run: int, outcome: Outcome, seconds: float) -> None: ...
 
-IDLE_WAIT_S = 0.25  # a ready slot with nothing to run looks again this often
+IDLE_WAIT_S = 0.25  # a ready slot with nothing to run asks again (for more to come) this often
 UNIT_SYNC_TIMEOUT_S = 120.0
 
 
@@ -127,12 +129,11 @@ class Slot:
                 return
             self._set("ready")
             while not self.drain.is_set() and self.preempted is None and self.owner.stop_reason is None:
-                task = self.owner.next_unit(self)
+                task = self.owner.next_unit(self, IDLE_WAIT_S)
                 if task is None:
                     if not self.owner.wants_more():
                         self.log("nothing left for it to run: giving its nodes back")
                         break
-                    time.sleep(IDLE_WAIT_S)
                     continue
                 self.task = task.index
                 self._set("busy")

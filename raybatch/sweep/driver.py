@@ -35,7 +35,7 @@ from raybatch.runtime.protocol import ItemCounts, Outcome, Phase, SlotReport
 from raybatch.state.states import AttemptOutcome
 from raybatch.sweep.pool import POOL_NAME, SlotPool
 
-TICK_S = 0.25
+TICK_S = 0.5  # control file in, report out: the scheduler's own period
 TRIAL_RESOURCE = "raybatch_trial"  # the head node declares 1000 units; one per trial proxy
 EXPERIMENT = "sweep"
 
@@ -102,7 +102,8 @@ class SweepAttempt(Attempt):
 
     def fit(self) -> None:
         os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
-        os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")  # the experiment state, for a restore
+        # the experiment state, for a restore (the journal has every trial that ended since)
+        os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "5")
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # verbose=0 is quiet only with the classic output
         # trials report to raybatch's metric store, not to Tune's result files: its result
         # analysis finds none to read; a resumed trial's steps are reported again (optuna notes it)
@@ -133,12 +134,20 @@ class SweepAttempt(Attempt):
             tuner = tune.Tuner(
                 trainable, param_space=space.tune_space(sweep),
                 tune_config=tune.TuneConfig(
-                    metric=metric, mode=mode, search_alg=space.search_alg(sweep),
+                    metric=metric, mode=mode, search_alg=space.search_alg(sweep, self.tune_concurrency()),
                     scheduler=tune_scheduler(sweep.early_termination, metric, mode),
-                    num_samples=space.num_samples(sweep), max_concurrent_trials=sweep.limits.max_concurrent_trials,
+                    num_samples=space.num_samples(sweep),
                     time_budget_s=sweep.limits.timeout, reuse_actors=True),
                 run_config=run_config)
         tuner.fit()
+
+    def tune_concurrency(self) -> int:
+        """Trials Tune keeps going at once: for random and grid sampling, one more per slot
+        than the slots can run, so that the next trial is already waiting in the pool when a
+        slot frees (Tune's own loop is then off the trial's path); the slots still run at
+        most max_concurrent_trials. A bayesian searcher suggests with what has ended."""
+        n = self.sweep.limits.max_concurrent_trials
+        return n if self.sweep.sampling_algorithm.type == "bayesian" else 2 * n
 
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self.on_signal)

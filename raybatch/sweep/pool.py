@@ -84,6 +84,7 @@ class SlotPool:
         self.stop = threading.Event()
         self.stop_reason: Optional[Outcome] = None
         self.lock = threading.RLock()
+        self.queued = threading.Condition(self.lock)  # a trial joined the queue
         self.slots: dict[int, Slot] = {}
         self.gone: dict[int, SlotReport] = {}
         self.trials: dict[int, Trial] = {}
@@ -189,6 +190,7 @@ class SlotPool:
             record = TrialRecord(n=n, params=params, tune_id=tune_id, attempt=self.n)
             self.trials[n] = Trial(record)
             self.queue.append(n)
+            self.queued.notify()
         return n
 
     def events(self, n: int, cursor: int, timeout: float) -> tuple[list[dict[str, Any]], Optional[dict[str, Any]]]:
@@ -236,8 +238,12 @@ class SlotPool:
                                                                 or slot.preempted is not None):
             self.stop_attempt(outcome.kind.value, outcome.message)
 
-    def next_unit(self, slot: Slot) -> Optional[Trial]:
-        with self.lock:
+    def next_unit(self, slot: Slot, wait: float) -> Optional[Trial]:
+        """The next queued trial, as soon as one is (a proxy registers it): a slot never
+        polls for its next trial."""
+        with self.queued:
+            if not self.queue:
+                self.queued.wait(wait)
             while self.queue:
                 trial = self.trials[self.queue.popleft()]
                 if trial.ended:
@@ -340,6 +346,7 @@ class SlotPool:
             with self.lock:
                 r.state = "pending"
                 self.queue.appendleft(trial.index)
+                self.queued.notify()
         else:
             self._end(trial, "failed", outcome.exit_code, f"{outcome.kind.value}: {outcome.message}")
 
@@ -358,6 +365,8 @@ class SlotPool:
                  + (f"; {self.primary} best {r.best:g}" if r.best is not None else ""))
 
     def _wake_all(self) -> None:
+        with self.queued:
+            self.queued.notify_all()
         for trial in list(self.trials.values()):
             with trial.cond:
                 trial.cond.notify_all()

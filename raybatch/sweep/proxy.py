@@ -16,10 +16,13 @@ from ray import tune
 
 # the driver process's attempt (raybatch.sweep.driver.SweepAttempt): .stop, .pool
 ATTEMPT: Optional[Any] = None
+_POOLS: dict[tuple[str, str], Any] = {}  # a reused proxy actor looks its pool up once
 
 
 def trial_proxy(config: dict[str, Any], pool_name: str, namespace: str, primary: str) -> None:
-    pool = ray.get_actor(pool_name, namespace=namespace)
+    pool = _POOLS.get((pool_name, namespace))
+    if pool is None:
+        pool = _POOLS[(pool_name, namespace)] = ray.get_actor(pool_name, namespace=namespace)
     tune_id = tune.get_context().get_trial_id()
     n = ray.get(pool.register.remote(tune_id, config))
     cursor, latest = 0, {}
@@ -49,5 +52,5 @@ class EarlyStop(tune.Callback):
         self.policy = policy
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        if ATTEMPT is not None and ATTEMPT.pool is not None:
-            ray.get(ATTEMPT.pool.early_stop.remote(trial.trial_id, f"stopped early by the {self.policy} policy"))
+        if ATTEMPT is not None and ATTEMPT.pool is not None:  # not waited for: Tune's loop goes on
+            ATTEMPT.pool.early_stop.remote(trial.trial_id, f"stopped early by the {self.policy} policy")

@@ -70,16 +70,18 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def search_alg(sweep: SweepSpec) -> Any:
-    """Tune's search algorithm, or None for its default (random / grid variants)."""
+def search_alg(sweep: SweepSpec, concurrency: int) -> Any:
+    """Tune's search algorithm, creating at most ``concurrency`` trials at once (each is a
+    proxy: a Ray worker on the head; the slots run max_concurrent_trials of them)."""
     algo = sweep.sampling_algorithm
     if algo.type == "bayesian":  # the objective reaches it through TuneConfig
+        from ray.tune.search import ConcurrencyLimiter  # noqa: PLC0415
         from ray.tune.search.optuna import OptunaSearch  # noqa: PLC0415
 
-        return OptunaSearch(seed=algo.seed)
+        return ConcurrencyLimiter(OptunaSearch(seed=algo.seed), max_concurrent=concurrency)
     from ray.tune.search.basic_variant import BasicVariantGenerator  # noqa: PLC0415
 
-    return BasicVariantGenerator(random_state=algo.seed, constant_grid_search=True)
+    return BasicVariantGenerator(random_state=algo.seed, constant_grid_search=True, max_concurrent=concurrency)
 
 
 def num_samples(sweep: SweepSpec) -> int:
