@@ -90,6 +90,7 @@ def main() -> None:
         print(figure("Tune reuse / ideal", [w / ideal for w in reuse], "x"))
         print(figure("raybatch fixed start", fixed) + "  (submit -> first trial starts)")
         print(figure("raybatch per trial", per_trial) + "  goal <= 0.15 s")
+        ray.shutdown()  # before the local default goes down
 
 
 if __name__ == "__main__":

@@ -261,7 +261,8 @@ class MetricsSpec(_Strict):
     objective): ``raybatch.log_metric`` / ``raybatch_metrics.log_metric``, stdout lines
     ``RAYBATCH_METRIC name=value [step=N]``, and ``mlflow.log_metric`` (autolog included)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True,
+                              serialize_by_alias=True)
 
     from_: Literal["rank0", "all"] = Field("rank0", alias="from", description="rank 0's metrics, or every rank's.")
     stdout_regex: Optional[str] = Field(
