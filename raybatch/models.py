@@ -174,6 +174,7 @@ class FileEntry(BaseModel):
 class LogChunk(BaseModel):
     attempt: int = Field(description="The job's attempt, or with ``item`` the task's run.")
     item: Optional[int] = Field(None, description="An array job's task.")
+    trial: Optional[int] = Field(None, description="A sweep's trial.")
     rank: int
     stream: str
     path: str

@@ -124,6 +124,26 @@ class ServerProcess:
         self.kill(signal.SIGTERM)
 
 
+RAYBATCH = str(Path(sys.executable).with_name("raybatch"))
+
+
+def run_cli(server, *args, check=False, timeout=180) -> subprocess.CompletedProcess:
+    """The `raybatch` CLI as users run it, against ``server``."""
+    env = {**os.environ, "RAYBATCH_ADDRESS": server.url, "RAYBATCH_TOKEN": server.token}
+    p = subprocess.run([RAYBATCH, *args], capture_output=True, text=True, env=env, timeout=timeout)
+    if check:
+        assert p.returncode == 0, p.stdout + p.stderr
+    return p
+
+
+def stop_everything(server) -> None:
+    """Leave nothing running in Ray for the next module: cancel every job, wait for them."""
+    c = server.client()
+    for job in c.list(state=["QUEUED", "STARTING", "RUNNING"]):
+        c.cancel(job.id)
+    wait_for(lambda: not c.list(state=["STARTING", "RUNNING"]), 60, "jobs to stop")
+
+
 @pytest.fixture(scope="module")
 def ray_cluster():
     c = RayTestCluster(nodes=2)
@@ -135,12 +155,8 @@ def ray_cluster():
 def server(ray_cluster, tmp_path_factory):
     s = ServerProcess(ray_cluster, tmp_path_factory.mktemp("server")).start()
     yield s
-    # leave nothing running in Ray for the next module
     try:
-        c = s.client()
-        for job in c.list(state=["QUEUED", "STARTING", "RUNNING"]):
-            c.cancel(job.id)
-        wait_for(lambda: not c.list(state=["STARTING", "RUNNING"]), 60, "jobs to stop")
+        stop_everything(s)
     finally:
         s.stop()
 

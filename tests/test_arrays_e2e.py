@@ -10,7 +10,6 @@ processes themselves wrote."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -21,10 +20,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import RayTestCluster, ServerProcess, wait_for
+from tests.conftest import RayTestCluster, ServerProcess, run_cli, stop_everything, wait_for
 
 pytestmark = pytest.mark.timeout(240)
-RAYBATCH = str(Path(sys.executable).with_name("raybatch"))
 KEY_ENV = "RB_TEST_ARRAY_KEY"
 
 ITEM_SCRIPT = """\
@@ -76,22 +74,14 @@ def env(azurite, tmp_path_factory):
     box = {"cluster": cluster, "server": server, "state": state, "script": script, "azurite": azurite}
     yield box
     try:
-        c = box["server"].client()
-        for job in c.list(state=["QUEUED", "STARTING", "RUNNING"]):
-            c.cancel(job.id)
-        wait_for(lambda: not c.list(state=["STARTING", "RUNNING"]), 60, "jobs to stop")
+        stop_everything(box["server"])
     finally:
         box["server"].stop()
         cluster.shutdown()
 
 
 def cli(env, *args, check=True):
-    server = env["server"]
-    e = {**os.environ, "RAYBATCH_ADDRESS": server.url, "RAYBATCH_TOKEN": server.token}
-    p = subprocess.run([RAYBATCH, *args], capture_output=True, text=True, env=e, timeout=180)
-    if check:
-        assert p.returncode == 0, p.stdout + p.stderr
-    return p
+    return run_cli(env["server"], *args, check=check)
 
 
 def job_file(env, tmp_path, name, array, **fields) -> Path:

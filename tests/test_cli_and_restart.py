@@ -7,23 +7,16 @@ import json
 import os
 import signal
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from tests.conftest import RECIPES, ServerProcess
+from tests.conftest import RAYBATCH, RECIPES, ServerProcess, run_cli
 
 pytestmark = pytest.mark.timeout(240)
-RAYBATCH = str(Path(sys.executable).with_name("raybatch"))
 
 
 def cli(server, *args, check=False, timeout=120):
-    env = {**os.environ, "RAYBATCH_ADDRESS": server.url, "RAYBATCH_TOKEN": server.token}
-    p = subprocess.run([RAYBATCH, *args], capture_output=True, text=True, env=env, timeout=timeout)
-    if check:
-        assert p.returncode == 0, p.stdout + p.stderr
-    return p
+    return run_cli(server, *args, check=check, timeout=timeout)
 
 
 def write_job(tmp_path, name, **fields):

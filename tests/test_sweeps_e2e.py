@@ -10,7 +10,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
@@ -18,10 +17,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import RECIPES, RayTestCluster, ServerProcess, wait_for
+from tests.conftest import RECIPES, RayTestCluster, ServerProcess, run_cli, stop_everything, wait_for
 
 pytestmark = pytest.mark.timeout(300)
-RAYBATCH = str(Path(sys.executable).with_name("raybatch"))
 ROOT = Path(__file__).resolve().parents[1]
 AZURE_AI_ML = ROOT / ".tools" / "azure-ai-ml" / "bin" / "python"
 
@@ -73,22 +71,14 @@ def env(tmp_path_factory):
     box = {"cluster": cluster, "server": server, "state": state, "code": code}
     yield box
     try:
-        c = box["server"].client()
-        for job in c.list(state=["QUEUED", "STARTING", "RUNNING"]):
-            c.cancel(job.id)
-        wait_for(lambda: not c.list(state=["STARTING", "RUNNING"]), 60, "jobs to stop")
+        stop_everything(box["server"])
     finally:
         box["server"].stop()
         cluster.shutdown()
 
 
 def cli(env, *args, check=True):
-    server = env["server"]
-    e = {**os.environ, "RAYBATCH_ADDRESS": server.url, "RAYBATCH_TOKEN": server.token}
-    p = subprocess.run([RAYBATCH, *args], capture_output=True, text=True, env=e, timeout=180)
-    if check:
-        assert p.returncode == 0, p.stdout + p.stderr
-    return p
+    return run_cli(env["server"], *args, check=check)
 
 
 def sweep_file(env, tmp_path, name, sweep: dict, **trial) -> Path:

@@ -428,14 +428,7 @@ class ArrayAttempt(Attempt):
             self.lost_nodes |= s.lost_nodes
 
     def run(self) -> int:
-        import signal  # noqa: PLC0415
-
-        signal.signal(signal.SIGTERM, self.on_signal)
-        signal.signal(signal.SIGINT, self.on_signal)
-        self.report(Phase.PLACING)
-        self.log(f"driver of array job {self.job_id} attempt {self.n} started")
-        ray.init(address=self.info.ray_address or "auto", log_to_driver=True, logging_level="WARNING")
-        signal.signal(signal.SIGTERM, self.on_signal)
+        self.connect("array job ")
         outcome: Optional[Outcome] = None
         try:
             outcome = self.check_storage() or self.freeze()

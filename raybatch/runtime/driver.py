@@ -197,16 +197,22 @@ class Attempt:
     def steps(self) -> list[Callable[[], Optional[Outcome]]]:
         return [self.check_storage, self.reserve, self.build_environment, self.start_ranks]
 
-    def run(self) -> int:
+    def connect(self, what: str = "", namespace: Optional[str] = None) -> None:
+        """The start of every driver: a stop is caught from the first moment, the server sees
+        PLACING, then Ray."""
         signal.signal(signal.SIGTERM, self.on_signal)
         signal.signal(signal.SIGINT, self.on_signal)
         self.report(Phase.PLACING)
-        self.log(f"driver of {self.job_id} attempt {self.n} started")
-        ray.init(address=self.info.ray_address or "auto", log_to_driver=True, logging_level="WARNING")
+        self.log(f"driver of {what}{self.job_id} attempt {self.n} started")
+        ray.init(address=self.info.ray_address or "auto", namespace=namespace, log_to_driver=True,
+                 logging_level="WARNING")
         # ray.init installs its own SIGTERM handler (exit at once): ours must win, so
         # that a stop still ends every rank and reports.
         signal.signal(signal.SIGTERM, self.on_signal)
         self.log("connected to Ray")
+
+    def run(self) -> int:
+        self.connect()
         outcome: Optional[Outcome] = None
         try:
             for step in self.steps():

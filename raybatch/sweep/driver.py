@@ -150,15 +150,9 @@ class SweepAttempt(Attempt):
         return n if self.sweep.sampling_algorithm.type == "bayesian" else 2 * n
 
     def run(self) -> int:
-        signal.signal(signal.SIGTERM, self.on_signal)
-        signal.signal(signal.SIGINT, self.on_signal)
         self._done = threading.Event()
-        self.report(Phase.PLACING)
-        self.log(f"driver of sweep {self.job_id} attempt {self.n} started")
         self.namespace = f"raybatch-{self.job_id}-{self.n}"
-        ray.init(address=self.info.ray_address or "auto", namespace=self.namespace, log_to_driver=True,
-                 logging_level="WARNING")
-        signal.signal(signal.SIGTERM, self.on_signal)
+        self.connect("sweep ", namespace=self.namespace)
         outcome: Optional[Outcome] = None
         ticker = None
         try:

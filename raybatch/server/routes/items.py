@@ -40,18 +40,6 @@ def item_records(ctx: ServerContext, job: dict[str, Any]) -> tuple[Optional[list
         raise HTTPException(status.HTTP_502_BAD_GATEWAY, f"reading the job's items: {e}") from None
 
 
-def latest_run(ctx: ServerContext, job: dict[str, Any], task: int) -> int:
-    """The task's latest run that has a log directory (1 if none has yet)."""
-    location = storage_plan.join(job["job_dir"], "stdouterr")
-    try:
-        entries = backend_for(ctx, location).list(f"items/{task}")
-    except StorageError:
-        return 1
-    runs = [int(part[len("attempt-"):]) for e in entries for part in e.path.split("/")[:1]
-            if part.startswith("attempt-") and part[len("attempt-"):].isdigit()]
-    return max(runs, default=1)
-
-
 def router(ctx: ServerContext) -> APIRouter:
     api = APIRouter()
 

@@ -173,10 +173,10 @@ def router(ctx: ServerContext) -> APIRouter:
         if rank >= spec.world_size:
             raise HTTPException(status.HTTP_400_BAD_REQUEST,
                                 f"rank {rank} does not exist: the job has ranks 0-{spec.world_size - 1}")
-        if item is not None:
-            return item_log(ctx, job, item, rank, stream, attempt, offset, max_bytes)
-        if trial is not None:
-            return trial_log(ctx, job, trial, rank, stream, attempt, offset, max_bytes)
+        tree = storage_plan.job_locations(spec, job["job_dir"])
+        state = JobState(job["state"])
+        if item is not None or trial is not None:  # an array task's or a sweep trial's own runs
+            return unit_log(ctx, job, spec, tree["stdouterr"], item, trial, rank, stream, attempt, offset, max_bytes)
         n = attempt or job["attempt"]
         if n > job["attempt"] or n < 1:
             if job["attempt"] == 0:
@@ -184,77 +184,63 @@ def router(ctx: ServerContext) -> APIRouter:
             else:
                 raise HTTPException(status.HTTP_400_BAD_REQUEST,
                                     f"attempt {n} does not exist: the job has attempts 1-{job['attempt']}")
-        tree = storage_plan.job_locations(spec, job["job_dir"])
-        rel = f"{storage_plan.rank_logs(n, rank)}/{stream}.txt"
-        path = storage_plan.join(tree["stdouterr"], rel)
-        try:
-            data, size = backend_for(ctx, tree["stdouterr"]).read(rel, offset, max_bytes)
-        except StorageError as e:
-            raise HTTPException(status.HTTP_502_BAD_GATEWAY, f"reading the log: {e}") from None
-        next_offset = offset + len(data)
-        state = JobState(job["state"])
-        attempt_over = state.is_final or n < job["attempt"] or (job["attempt"] >= 1 and not state.is_active)
-        return LogChunk(attempt=n, rank=rank, stream=stream, path=path, offset=offset,
-                        next_offset=next_offset, data=data.decode("utf-8", errors="replace"),
-                        eof=attempt_over and next_offset >= size, job_final=state.is_final,
-                        latest_attempt=job["attempt"])
+        over = state.is_final or n < job["attempt"] or (job["attempt"] >= 1 and not state.is_active)
+        return log_chunk(ctx, tree["stdouterr"], f"{storage_plan.rank_logs(n, rank)}/{stream}.txt", offset,
+                         max_bytes, over, state, attempt=n, rank=rank, stream=stream, latest_attempt=job["attempt"])
 
     return api
 
 
-def item_log(ctx: ServerContext, job: dict[str, Any], task: int, rank: int, stream: str, run: Optional[int],
-             offset: int, max_bytes: int) -> LogChunk:
-    """A chunk of one run (default: the latest) of an array task's log."""
-    spec = items_routes.array_spec(job)
-    known = spec.array.known_tasks()
-    if known is not None and task >= known:
-        raise HTTPException(status.HTTP_400_BAD_REQUEST, f"item {task} does not exist: the job has items 0-{known - 1}")
-    n = run or items_routes.latest_run(ctx, job, task)
-    tree = storage_plan.job_locations(spec, job["job_dir"])
-    rel = f"{storage_plan.item_logs(task, n, rank)}/{stream}.txt"
+def log_chunk(ctx: ServerContext, location: str, rel: str, offset: int, max_bytes: int, over: bool,
+              state: JobState, **fields: Any) -> LogChunk:
+    """A chunk of one log file from ``offset``; ``eof`` once the file will not grow (``over``)
+    and is read to its end."""
     try:
-        data, size = backend_for(ctx, tree["stdouterr"]).read(rel, offset, max_bytes)
+        data, size = backend_for(ctx, location).read(rel, offset, max_bytes)
     except StorageError as e:
         raise HTTPException(status.HTTP_502_BAD_GATEWAY, f"reading the log: {e}") from None
     next_offset = offset + len(data)
-    state = JobState(job["state"])
-    over = state.is_final
-    if not over:
-        _, records = items_routes.item_records(ctx, job)
-        rec = records.get(task)
-        over = rec is not None and rec.runs >= n
-    return LogChunk(attempt=n, item=task, rank=rank, stream=stream, path=storage_plan.join(tree["stdouterr"], rel),
-                    offset=offset, next_offset=next_offset, data=data.decode("utf-8", errors="replace"),
-                    eof=over and next_offset >= size, job_final=state.is_final, latest_attempt=n)
+    return LogChunk(path=storage_plan.join(location, rel), offset=offset, next_offset=next_offset,
+                    data=data.decode("utf-8", errors="replace"), eof=over and next_offset >= size,
+                    job_final=state.is_final, **fields)
 
 
-def trial_log(ctx: ServerContext, job: dict[str, Any], trial: int, rank: int, stream: str, run: Optional[int],
-              offset: int, max_bytes: int) -> LogChunk:
-    """A chunk of one run (default: the latest) of a sweep trial's log."""
+def unit_log(ctx: ServerContext, job: dict[str, Any], spec: JobSpec, logs: str, item: Optional[int],
+             trial: Optional[int], rank: int, stream: str, run: Optional[int], offset: int,
+             max_bytes: int) -> LogChunk:
+    """A chunk of one run (default: the latest) of an array task's or a sweep trial's log."""
     from raybatch.server.routes import trials as trials_routes  # noqa: PLC0415
 
-    spec = trials_routes.sweep_spec(job)
-    tree = storage_plan.job_locations(spec, job["job_dir"])
-    backend = backend_for(ctx, tree["stdouterr"])
-    if run is None:
-        try:
-            entries = backend.list(f"trials/{trial}")
-        except StorageError:
-            entries = []
-        runs = [int(p[len("attempt-"):]) for e in entries for p in e.path.split("/")[:1]
-                if p.startswith("attempt-") and p[len("attempt-"):].isdigit()]
-        run = max(runs, default=1)
-    rel = f"{storage_plan.trial_logs(trial, run, rank)}/{stream}.txt"
-    try:
-        data, size = backend.read(rel, offset, max_bytes)
-    except StorageError as e:
-        raise HTTPException(status.HTTP_502_BAD_GATEWAY, f"reading the log: {e}") from None
-    next_offset = offset + len(data)
     state = JobState(job["state"])
+    if item is not None:
+        items_routes.array_spec(job)
+        known = spec.array.known_tasks()
+        if known is not None and item >= known:
+            raise HTTPException(status.HTTP_400_BAD_REQUEST,
+                                f"item {item} does not exist: the job has items 0-{known - 1}")
+        n, prefix, rel_of = item, f"items/{item}", storage_plan.item_logs
+    else:
+        trials_routes.sweep_spec(job)
+        n, prefix, rel_of = trial, f"trials/{trial}", storage_plan.trial_logs
+    run = run or latest_run(ctx, logs, prefix)
     over = state.is_final
-    if not over:
-        ended = {r.n: r for r in trials_routes.trial_records(ctx, job) if r.state not in ("pending", "running")}
-        over = trial in ended and ended[trial].runs >= run
-    return LogChunk(attempt=run, rank=rank, stream=stream, path=storage_plan.join(tree["stdouterr"], rel),
-                    offset=offset, next_offset=next_offset, data=data.decode("utf-8", errors="replace"),
-                    eof=over and next_offset >= size, job_final=state.is_final, latest_attempt=run)
+    if not over:  # its record says it ended, after this run
+        if item is not None:
+            rec = items_routes.item_records(ctx, job)[1].get(n)
+            over = rec is not None and rec.runs >= run
+        else:
+            ended = {r.n: r for r in trials_routes.trial_records(ctx, job) if r.state not in ("pending", "running")}
+            over = n in ended and ended[n].runs >= run
+    return log_chunk(ctx, logs, f"{rel_of(n, run, rank)}/{stream}.txt", offset, max_bytes, over, state,
+                     attempt=run, item=item, trial=trial, rank=rank, stream=stream, latest_attempt=run)
+
+
+def latest_run(ctx: ServerContext, logs: str, prefix: str) -> int:
+    """The latest run below ``stdouterr/<prefix>`` that has a log directory (1 if none has yet)."""
+    try:
+        entries = backend_for(ctx, logs).list(prefix)
+    except StorageError:
+        return 1
+    runs = [int(p[len("attempt-"):]) for e in entries for p in e.path.split("/")[:1]
+            if p.startswith("attempt-") and p[len("attempt-"):].isdigit()]
+    return max(runs, default=1)
