@@ -92,7 +92,7 @@ class SlotInfo(BaseModel):
     slot: int
     nodes: list[str] = Field(description="The node of each bundle of the slot's gang.")
     state: str = Field(description="granted | revoked | released (the scheduler's view).")
-    activity: Optional[str] = Field(None, description="starting | ready | busy | draining | released | lost "
+    activity: Optional[str] = Field(None, description="reserving | starting | ready | busy | draining | released | lost "
                                     "(the driver's view, while the attempt runs).")
     task: Optional[int] = Field(None, description="The task it runs now.")
     granted_at: float

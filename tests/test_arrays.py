@@ -157,13 +157,30 @@ def _two_running_slots(tmp_path, **fields):
     sched.cycle()
     launcher.reports[(a["id"], 1)] = {
         "phase": "running", "at": time.time(), "slots_wanted": 2,
-        "slots": [{"slot": k, "nodes": [f"node{k}"], "state": "busy", "task": k, "since": time.time() - 10}
-                  for k in (0, 1)]}
+        "slots": [{"slot": k, "nodes": [f"node{k}"], "state": "busy", "task": k, "since": time.time() - 10,
+                   "placed_at": time.time() - 10} for k in (0, 1)]}
     for n in sched.cluster.nodes:
         n.available["CPU"] = 0.0
     sched.cycle()
     assert store.get_job(a["id"])["state"] == "RUNNING"
     return store, launcher, sched, a
+
+
+def test_a_placed_slot_is_counted_once_whatever_its_driver_does_with_it(tmp_path):
+    """A slot placed a while ago is in Ray's view: the scheduler must not subtract it from
+    the free nodes again when its state changes (a task just started: ``since`` is now);
+    one still reserving holds nothing in Ray's view and is subtracted."""
+    store, launcher, sched, a = _two_running_slots(tmp_path)
+    report = launcher.reports[(a["id"], 1)]
+    report["slots"][0].update(state="ready", since=time.time())
+    report["slots"][1].update(state="reserving", since=time.time() - 10, placed_at=None)
+    for n in sched.cluster.nodes:
+        n.available["CPU"] = 0.0
+    sched.cluster.nodes[1].available["CPU"] = 1.0  # slot 1's gang is not placed yet
+    sched.cycle()
+    nodes = sched.cluster.snapshot()
+    sched._running(nodes)
+    assert [n.available["CPU"] for n in nodes] == [0.0, 0.0]
 
 
 def test_a_higher_priority_job_preempts_exactly_one_slot(tmp_path):

@@ -146,13 +146,15 @@ class SlotReport(BaseModel):
 
     slot: int
     nodes: list[str] = Field(default_factory=list)
-    state: Literal["starting", "ready", "busy", "draining", "released", "lost"]
+    state: Literal["reserving", "starting", "ready", "busy", "draining", "released", "lost"]
     task: Optional[int] = Field(None, description="the task it runs now")
-    since: float = 0.0
+    since: float = Field(0.0, description="when it entered this state")
+    placed_at: Optional[float] = Field(None, description="when its placement group was placed (it holds "
+                                       "its Ray resources from then until it is released)")
 
     @property
     def placed(self) -> bool:
-        return self.state != "starting"
+        return self.placed_at is not None
 
     @property
     def gone(self) -> bool:

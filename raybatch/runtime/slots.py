@@ -82,8 +82,9 @@ class Slot:
         self.dirs = AttemptDirs(owner.job_id, owner.n, slot=index)
         self.gang = Gang(self.spec, f"{ray_job_id(owner.job_id, owner.n)}-s{index}", self.nodes,
                          lambda m: owner.log(f"slot {index}: {m}"))
-        self.state = "starting"
+        self.state = "reserving"
         self.since = time.time()
+        self.placed_at: Optional[float] = None
         self.task: Optional[int] = None
         self.drain = threading.Event()       # finish the task, take no new one
         self.preempted: Optional[str] = None  # stop the task now (why)
@@ -96,7 +97,8 @@ class Slot:
         self.thread = threading.Thread(target=self._run, name=f"slot-{index}", daemon=True)
 
     def report(self) -> SlotReport:
-        return SlotReport(slot=self.index, nodes=self.nodes, state=self.state, task=self.task, since=self.since)
+        return SlotReport(slot=self.index, nodes=self.nodes, state=self.state, task=self.task, since=self.since,
+                          placed_at=self.placed_at)
 
     def _set(self, state: str) -> None:
         self.state, self.since = state, time.time()
@@ -173,6 +175,7 @@ class Slot:
                                     self.preempted is not None or self.drain.is_set())
         if problem is not None:
             return Outcome(AttemptOutcome.PLACEMENT_TIMEOUT, None, problem)
+        self.placed_at = time.time()
         self._set("starting")
         owner.slot_placed(self)
         stopped = lambda: owner.check_control() or self.preempted is not None  # noqa: E731

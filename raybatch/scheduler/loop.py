@@ -322,10 +322,12 @@ class Scheduler:
 
     def _slot_views(self, job: dict[str, Any], spec: JobSpec, nodes: list[fit.NodeView]) -> list[policy.Job]:
         """An active array job's live slots, as running jobs of the policy. A slot not
-        placed yet holds no Ray resources: it is subtracted from ``nodes`` (see _running)."""
+        placed yet holds no Ray resources: it is subtracted from ``nodes`` (see _running);
+        one placed is in Ray's view (after VIEW_LAG_S) for as long as it lives, whatever
+        its driver does with it meanwhile."""
         report: Optional[Report] = job.get("_report")
         placed = {s.slot for s in (report.slots if report else [])
-                  if s.placed and time.time() - s.since > VIEW_LAG_S}
+                  if s.placed_at is not None and time.time() - s.placed_at > VIEW_LAG_S}
         live = {n.node_id for n in nodes}
         bundle = spec.resources.as_ray_bundle()
         out = []
