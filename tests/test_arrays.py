@@ -203,6 +203,35 @@ def test_a_higher_priority_job_preempts_exactly_one_slot(tmp_path):
     assert [s["slot"] for s in store.slots(a["id"], 1, live=True)] == [1 - k]
 
 
+def test_a_restarted_server_brings_the_control_file_in_line_with_the_store(tmp_path):
+    """The server was killed between the store's write and the control file's: the next
+    server hands the driver the revocation (and any grant) it never saw, once per attempt."""
+    import types
+
+    from raybatch.runtime.launcher import RayJobLauncher
+    from raybatch.runtime.protocol import Control, ControlDir, SlotGrant
+    from raybatch.scheduler.loop import Scheduler
+    from tests.test_scheduler_loop import FakeLauncher
+
+    store, launcher, sched, a = _two_running_slots(tmp_path)
+    assert launcher.synced == [(a["id"], 1, [(0, "granted", None), (1, "granted", None)])]
+    store.revoke_slot(a["id"], 1, 0, "preempted by rb-x", preempted_by="rb-x")  # ... and then SIGKILL
+    again = FakeLauncher()
+    again.reports = launcher.reports
+    fresh = Scheduler(store, again, sched.cluster)
+    fresh.cycle()
+    fresh.cycle()
+    assert again.synced == [(a["id"], 1, [(0, "revoked", "rb-x"), (1, "granted", None)])]
+    # what the real launcher then writes: the revocation added, nothing granted taken back
+    ctl = ControlDir.of(tmp_path / "state", a["id"], 1)
+    ctl.write_control(Control(slots={1: SlotGrant(nodes=["node1"])}))
+    RayJobLauncher.sync_slots(types.SimpleNamespace(state_dir=tmp_path / "state"), a["id"], 1,
+                              store.slots(a["id"], 1, live=True))
+    slots = ctl.read_control().slots
+    assert (slots[0].state, slots[0].preempt, slots[0].reason) == ("revoked", True, "preempted by rb-x")
+    assert (slots[1].state, slots[1].nodes) == ("granted", ["node1"])
+
+
 def test_a_slot_on_the_heads_reserved_nodes_is_not_renewed(tmp_path):
     store, launcher, sched, a = _two_running_slots(tmp_path, preemptible=False)
     big = submit(store, nodes=2, priority="high")  # cannot preempt: it reserves the nodes instead

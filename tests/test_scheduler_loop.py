@@ -22,6 +22,7 @@ class FakeLauncher:
         self.stops: list[tuple[str, int, str]] = []
         self.grants: list[tuple] = []
         self.revokes: list[tuple] = []
+        self.synced: list[tuple] = []
         self.submit_kw: list[dict] = []
 
     def submit(self, job, attempt, nodes=None, **kw):
@@ -47,6 +48,9 @@ class FakeLauncher:
 
     def revoke_slot(self, job_id, attempt, slot, reason, preempt):
         self.revokes.append((job_id, attempt, slot, preempt, reason))
+
+    def sync_slots(self, job_id, attempt, rows):
+        self.synced.append((job_id, attempt, [(r["slot"], r["state"], r["preempted_by"]) for r in rows]))
 
     def stop(self, sid):
         pass

@@ -145,6 +145,22 @@ class RayJobLauncher:
                 c.slots[slot] = grant.model_copy(update={"state": "revoked", "reason": reason, "preempt": preempt})
         ControlDir.of(self.state_dir, job_id, attempt).update_control(change)
 
+    def sync_slots(self, job_id: str, attempt: int, rows: list[dict[str, Any]]) -> None:
+        """Make the attempt's control file say what the store says of its live slots: a
+        grant it lacks is added, a revocation it lacks is made (never the other way)."""
+        def change(c: Control) -> None:
+            for row in rows:
+                k, grant = row["slot"], c.slots.get(row["slot"])
+                if row["state"] == "granted" and grant is None:
+                    c.slots[k] = SlotGrant(nodes=list(row["nodes"]))
+                elif row["state"] == "revoked":
+                    preempt = bool(row["preempted_by"])
+                    grant = grant or SlotGrant(nodes=list(row["nodes"]))
+                    if grant.state == "granted" or preempt and not grant.preempt:
+                        c.slots[k] = grant.model_copy(update={"state": "revoked", "reason": row["reason"] or "",
+                                                              "preempt": preempt})
+        ControlDir.of(self.state_dir, job_id, attempt).update_control(change)
+
     def stop(self, sid: str) -> None:
         """Last resort when the driver does not react: Ray SIGTERMs, then SIGKILLs it."""
         try:

@@ -80,6 +80,7 @@ class Scheduler:
         self._submit_failures = 0       # consecutive Ray Job submissions that failed
         self._submit_retry_at = 0.0     # no admission before this (monotonic) time
         self._leases: dict[tuple[str, int, int], float] = {}  # array slot -> its lease's start
+        self._control_synced: set[tuple[str, int]] = set()  # attempts whose control.json matches the store
         self.waiting: dict[str, str] = {}  # job id -> why it (an array job: its next slot) is still queued
         self.slot_counts: dict[str, tuple[int, int]] = {}  # active array job -> (slots held, wanted)
         self._unplaced: list[dict[str, Any]] = []
@@ -262,6 +263,7 @@ class Scheduler:
         now = time.time()
         self._discard_secrets(job_id, n)
         self.store.release_slots(job_id, n)  # an array job's slots end with its attempt
+        self._forget_slots(job_id, n)
         self.store.update_attempt(job_id, n, ended_at=now, outcome=outcome.value,
                                   exit_code=code, reason=message)
         spec = self.spec_of(job)
@@ -306,10 +308,21 @@ class Scheduler:
         self.wake()
 
     # ---- array jobs' slots -------------------------------------------------------
+    def _forget_slots(self, job_id: str, attempt: int) -> None:
+        for key in [k for k in self._leases if k[:2] == (job_id, attempt)]:
+            del self._leases[key]
+        self._control_synced.discard((job_id, attempt))
+
     def _sync_slots(self, job: dict[str, Any], report: Optional[Report]) -> None:
         """Slots the driver has given back (drained, preempted, lost, or the tail's) are
         released in the store; the jobs that preempted them may start."""
         live = {r["slot"]: r for r in self.store.slots(job["id"], job["attempt"], live=True)}
+        key = (job["id"], job["attempt"])
+        if key not in self._control_synced:
+            # once per attempt and server: a server killed between the store's write and the
+            # control file's would otherwise leave a grant or revocation the driver never sees
+            self.launcher.sync_slots(job["id"], job["attempt"], list(live.values()))
+            self._control_synced.add(key)
         gone = [s.slot for s in (report.slots if report else []) if s.gone and s.slot in live]
         if gone:
             self.store.release_slots(job["id"], job["attempt"], gone)
