@@ -103,6 +103,27 @@ def test_manifest_and_records_round_trip(tmp_path):
     assert sorted(recs) == [1, 2] and recs[1].runs == 2 and recs[2].state == "failed"
 
 
+def test_run_numbers_go_on_across_attempts_from_the_logs(tmp_path):
+    """A later attempt numbers a task's runs on from the log directories its earlier runs
+    left (stdouterr/items/<task>/attempt-<run>/), so no run's logs are written over."""
+    from raybatch.storage.plan import past_runs
+
+    logs = tmp_path / "stdouterr"
+    for rel in ("items/3/attempt-1/rank-0/stdout.txt", "items/3/attempt-2/rank-1/stderr.txt",
+                "items/10/attempt-1/rank-0/stdout.txt", "attempt-1/rank-0/stdout.txt",
+                "items/manifest-not-a-task/attempt-1/x.txt", "items/4/attempt-x/rank-0/stdout.txt"):
+        (logs / rel).parent.mkdir(parents=True, exist_ok=True)
+        (logs / rel).write_text("x")
+    runs = past_runs(open_backend(Access("local", str(logs), uri=str(logs))), "items")
+    assert runs == {3: 2, 10: 1}
+    d = Dispatcher(tasks_of([Item(i, str(i), str(i)) for i in range(5)], 1), set(), set(), 1, runs)
+    while (t := d.take(0)) is not None:
+        if t.index == 3:
+            assert d.runs(3) + 1 == 3  # this attempt's run of task 3 is its third
+        elif t.index == 0:
+            assert d.runs(0) + 1 == 1
+
+
 def test_dispatcher_hands_each_task_to_one_slot_and_counts():
     tasks = tasks_of([Item(i, str(i), str(i)) for i in range(6)], 1)
     d = Dispatcher(tasks, done={0}, skipped={1}, retries=1)

@@ -35,7 +35,7 @@ from raybatch.runtime.slots import Slot
 from raybatch.spec.job import ITEM_PLACEHOLDER
 from raybatch.state.states import AttemptOutcome
 from raybatch.storage.backends import StorageError, open_backend
-from raybatch.storage.plan import item_logs
+from raybatch.storage.plan import item_logs, past_runs
 
 TICK_S = 0.25          # the serving loop's period: control file, reports
 REPORT_EVERY_S = 2.0   # a report at least this often (progress, rate)
@@ -51,7 +51,8 @@ class Dispatcher:
     """Which task runs next: each task is handed to one slot at a time, a task whose
     slot was taken back goes to the front, a failed one to the back."""
 
-    def __init__(self, tasks: list[Task], done: set[int], skipped: set[int], retries: int):
+    def __init__(self, tasks: list[Task], done: set[int], skipped: set[int], retries: int,
+                 past_runs: Optional[dict[int, int]] = None):
         self.lock = threading.Lock()
         self.tasks = {t.index: t for t in tasks}
         self.total = len(tasks)
@@ -61,8 +62,9 @@ class Dispatcher:
         self.failed: dict[int, Record] = {}
         self.running: dict[int, int] = {}  # task -> slot
         self.pending = collections.deque(t.index for t in tasks if t.index not in self.done | self.skipped)
-        self._runs: dict[int, int] = collections.Counter()
+        self._runs: dict[int, int] = collections.Counter(past_runs or {})  # earlier attempts' runs too
         self.failures: dict[int, int] = collections.Counter()
+        self.infra_reruns: dict[int, int] = collections.Counter()  # lost node, storage out
         self.finished_at: collections.deque[float] = collections.deque()
 
     def take(self, slot: int) -> Optional[Task]:
@@ -272,13 +274,16 @@ class ArrayAttempt(Attempt):
         what = f"task {task.index} ({task.key}) run {run} on slot {slot.index}"
         if outcome.succeeded:
             self.record(Record(task.index, "done", [i.key for i in task.items], 0, run, self.job_id, self.n,
-                               slot.index, slot.nodes, round(seconds, 3), message=outcome.message))
+                               slot.index, slot.nodes, round(seconds, 3), message=outcome.message), outcome)
         elif outcome.kind in _STOPPED or outcome is self.stop_reason:
             d.release(task.index)
-        elif outcome.kind in _RERUN_FREE:
+        elif outcome.kind is AttemptOutcome.PREEMPTED or (
+                outcome.kind in _RERUN_FREE and d.infra_reruns[task.index] < self.spec.retries.infrastructure):
+            if outcome.kind is not AttemptOutcome.PREEMPTED:  # a preempted task is never charged
+                d.infra_reruns[task.index] += 1
             self.log(f"{what}: {outcome.kind.value}: {outcome.message}; it runs again")
             d.requeue(task.index, front=True)
-        else:
+        else:  # its own failure, or one infrastructure failure too many (retries.infrastructure)
             d.failures[task.index] += 1
             if d.failures[task.index] <= array.retries:
                 self.log(f"{what}: {outcome.kind.value}: {outcome.message}; "
@@ -286,29 +291,37 @@ class ArrayAttempt(Attempt):
                 d.requeue(task.index, front=False)
             else:
                 self.log(f"{what}: {outcome.kind.value}: {outcome.message}; failed for good")
-                self.record(Record(task.index, "failed", [i.key for i in task.items], outcome.exit_code, run,
-                                   self.job_id, self.n, slot.index, slot.nodes, round(seconds, 3),
-                                   message=f"{outcome.kind.value}: {outcome.message}"))
+                recorded = self.record(Record(task.index, "failed", [i.key for i in task.items], outcome.exit_code,
+                                              run, self.job_id, self.n, slot.index, slot.nodes, round(seconds, 3),
+                                              message=f"{outcome.kind.value}: {outcome.message}"), outcome)
                 failed, limit = d.failed_items(), array.error_threshold
-                if limit >= 0 and failed > limit:
+                if recorded and limit >= 0 and failed > limit:
                     self.stop_with(Outcome(AttemptOutcome.USER_ERROR, outcome.exit_code or 1,
                                            f"{failed} item(s) failed, more than array.error_threshold ({limit}); "
                                            f"task {task.index} ({task.key}): {outcome.message}"))
         self.changed()
 
-    def record(self, record: Record) -> None:
-        """Write the task's record, then count it: a crash in between runs it again."""
+    def record(self, record: Record, outcome: Outcome) -> bool:
+        """Write the task's record, then count it: a crash in between runs it again. When
+        the record cannot be written, the attempt stops (the task runs again in the next)."""
         assert self.items is not None and self.dispatcher is not None
         for delay in (0.5, 1, 2, 4, 8, 0):
             try:
                 self.items.write_record(record)
                 break
             except StorageError as e:
-                if not delay:
-                    raise
-                self.log(f"writing items/{record.task}.json: {e} (retrying in {delay} s)")
-                time.sleep(delay)
+                if delay:
+                    self.log(f"writing items/{record.task}.json: {e} (retrying in {delay} s)")
+                    time.sleep(delay)
+                    continue
+                self.dispatcher.release(record.task)
+                self.stop_with(Outcome(AttemptOutcome.STORAGE_UNAVAILABLE if e.transient else
+                                       AttemptOutcome.UPLOAD_FAILED, None,
+                                       f"task {record.task} {record.state} ({outcome.message}) but its record "
+                                       f"items/{record.task}.json could not be written: {e}"))
+                return False
         self.dispatcher.finish(record.task, record)
+        return True
 
     def stop_with(self, outcome: Outcome) -> None:
         with self._lock:
@@ -350,7 +363,8 @@ class ArrayAttempt(Attempt):
             skipped = {t for t, r in resumed.records().items() if r.state == "done"}
         done = {t for t, r in self.items.records().items() if r.state == "done"}
         tasks = tasks_of(manifest, array.items_per_task)
-        self.dispatcher = Dispatcher(tasks, done, skipped, array.retries)
+        runs = past_runs(open_backend(st.logs), "items") if self.n > 1 else {}
+        self.dispatcher = Dispatcher(tasks, done, skipped, array.retries, runs)
         c = self.dispatcher.counts()
         resumed_note = f", {c.skipped} done by {array.resume_from}" if array.resume_from else ""
         self.log(f"{c.total} task(s): {c.done} done{resumed_note}, "

@@ -154,7 +154,12 @@ class Slot:
                     traceback.print_exc()
                     outcome = Outcome(AttemptOutcome.START_FAILED, None, f"{type(e).__name__}: {e}")
                 self.task = None
-                self.owner.unit_ended(self, task, run, outcome, time.time() - started)
+                try:
+                    self.owner.unit_ended(self, task, run, outcome, time.time() - started)
+                except Exception as e:  # noqa: BLE001 - the owner's bug: the slot still gives its nodes back
+                    traceback.print_exc()
+                    self.log(f"ending {task.key}: {type(e).__name__}: {e}")
+                    break
                 if outcome.kind is AttemptOutcome.NODE_LOST:
                     lost = True
                     break
@@ -215,7 +220,25 @@ class Slot:
     # ---- one unit -------------------------------------------------------------------------
     def run_unit(self, task: Unit, run: int) -> Outcome:
         """Run one unit (an array task, a sweep trial) on this slot's warm actors until it
-        ends; its outputs are out (or the outcome says which are not) when this returns."""
+        ends; its outputs are out (or the outcome says which are not) when this returns.
+        When starting it fails half-way, what did start is stopped before the slot takes
+        its next unit: two units never share a slot."""
+        try:
+            return self._run_unit(task, run)
+        except BaseException:
+            self._abandon()
+            raise
+
+    def _abandon(self) -> None:
+        """Stop whatever a unit that failed to start left running (processes, syncs)."""
+        try:
+            self.gang.terminate(0)
+            refs = [a.finish_sync.remote(5.0) for a in self.gang.actors]
+            ray.wait(refs, num_returns=len(refs), timeout=30)
+        except Exception:  # noqa: BLE001 - a lost rank: the slot is lost anyway
+            traceback.print_exc()
+
+    def _run_unit(self, task: Unit, run: int) -> Outcome:
         owner, gang = self.owner, self.gang
         ports = ray.get([a.free_port.remote() for a in gang.actors])
         launches = owner.plan_unit(self, task, run, ports)

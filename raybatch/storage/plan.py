@@ -24,11 +24,14 @@ from __future__ import annotations
 
 import posixpath
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from raybatch.spec.job import JobSpec
 from raybatch.spec.location import parse
 from raybatch.storage.datastores import Access, Datastores
+
+if TYPE_CHECKING:
+    from raybatch.storage.backends import Backend
 
 
 def join(location: str, *parts: str) -> str:
@@ -60,6 +63,19 @@ def item_logs(task: int, attempt: int, rank: int) -> str:
 def trial_logs(trial: int, attempt: int, rank: int) -> str:
     """A sweep trial's rank log directory (its run ``attempt``), below ``stdouterr/``."""
     return f"trials/{trial}/attempt-{attempt}/rank-{rank}"
+
+
+def past_runs(logs: "Backend", kind: str) -> dict[int, int]:
+    """The last run number with logs of each array task (``kind`` "items") or sweep trial
+    ("trials"), from ``stdouterr/<kind>/<n>/attempt-<k>/``: a later attempt of the job
+    numbers its runs on from there, so no run's logs are written over."""
+    out: dict[int, int] = {}
+    for e in logs.list(kind):
+        unit, _, rest = e.path.partition("/")
+        run = rest.split("/", 1)[0].removeprefix("attempt-")
+        if unit.isdigit() and run.isdigit():
+            out[int(unit)] = max(out.get(int(unit), 0), int(run))
+    return out
 
 
 def job_dir_for(root: str, experiment: str, job_id: str) -> str:
