@@ -44,6 +44,25 @@ def test_the_recipes_sweep_file_is_its_trial_job_with_a_sweep_block():
     assert spec.slots.max_concurrent == 2 and spec.slots.unit_timeout == 600
 
 
+def test_a_trial_files_paths_are_relative_to_that_file(tmp_path):
+    """The trial's job file in another directory: its code and requirements files (and -r
+    items) are found next to it, not next to the sweep file."""
+    trial_dir = tmp_path / "trial"
+    (trial_dir / "src").mkdir(parents=True)
+    (trial_dir / "reqs.txt").write_text("numpy\n")
+    (trial_dir / "more.txt").write_text("pyyaml\n")
+    (trial_dir / "job.yaml").write_text(yaml.safe_dump({
+        "name": "t", "code": "src", "command": "python x.py ${{search_space.lr}}",
+        "packages": {"requirements": "reqs.txt", "pip": ["-r more.txt", "six"]}}))
+    (tmp_path / "sweeps").mkdir()
+    f = tmp_path / "sweeps" / "s.yaml"
+    f.write_text(yaml.safe_dump({"trial": "../trial/job.yaml",
+                                 "search_space": {"lr": {"type": "choice", "values": [1]}},
+                                 "objective": {"primary_metric": "m", "goal": "minimize"}}))
+    spec = load_job_file(f)
+    assert spec.code == str(trial_dir / "src") and spec.packages.pip == ["numpy", "pyyaml", "six"]
+
+
 def test_the_azureml_sweep_yaml_runs_as_is():
     spec = load_job_file(RECIPE / "sweep.azureml.yml")
     assert spec.name == "digits-sweep-azureml" and spec.experiment == "recipes"

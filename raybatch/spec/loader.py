@@ -4,7 +4,7 @@ name the field, say what was wrong and what is allowed."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import yaml
 from pydantic import ValidationError
@@ -219,6 +219,14 @@ def is_sweep_file(data: Any) -> bool:
     return isinstance(data, dict) and "trial" in data and "search_space" in data
 
 
+def _rebase_requirement_item(item: str, rebased: Callable[[str], str]) -> str:
+    """``-r FILE`` / ``--requirement=FILE`` with FILE rebased; any other item as it is."""
+    head = item.split(None, 1)[0].split("=", 1)[0]
+    if head not in ("-r", "--requirement"):
+        return item
+    return f"{head} {rebased(item[len(head):].lstrip(' ='))}"
+
+
 def sweep_document(data: dict[str, Any], base_dir: Path, source: str, mount_root: str | None = None
                    ) -> dict[str, Any]:
     """A sweep file as the job it runs: the trial's job (a file next to it, in any format
@@ -242,8 +250,19 @@ def sweep_document(data: dict[str, Any], base_dir: Path, source: str, mount_root
     else:
         raise SpecError(source, ["trial: give a job file's path or the job inline"], "sweep file")
     doc = dict(doc or {})
-    if doc.get("code") and not Path(str(doc["code"])).expanduser().is_absolute():
-        doc["code"] = str((trial_dir / str(doc["code"])).resolve())  # relative to the trial's own file
+    def rebased(name: str) -> str:  # a path of the trial's file is relative to that file
+        p = Path(name).expanduser()
+        return name if p.is_absolute() else str((trial_dir / p).resolve())
+
+    if doc.get("code"):
+        doc["code"] = rebased(str(doc["code"]))
+    pkgs = doc.get("packages")
+    if isinstance(pkgs, dict):
+        pkgs = doc["packages"] = dict(pkgs)
+        if isinstance(pkgs.get("requirements"), str):
+            pkgs["requirements"] = rebased(pkgs["requirements"])
+        if isinstance(pkgs.get("pip"), list):
+            pkgs["pip"] = [_rebase_requirement_item(x, rebased) if isinstance(x, str) else x for x in pkgs["pip"]]
     doc.pop("sweep", None)
     for k in ("name", "experiment", "priority", "preemptible"):
         if k in data:
