@@ -170,7 +170,7 @@ class Client:
 
     def trials(self, job_id: str, state: Optional[Iterable[str]] = None) -> list[TrialInfo]:
         """A sweep's trials, best first (``state``: only pending, running, done, failed,
-        early_terminated)."""
+        early_terminated, cancelled)."""
         params: dict[str, Any] = {"state": list(state)} if state else {}
         return [TrialInfo.model_validate(r) for r in self._request("GET", f"/jobs/{job_id}/trials", params=params)]
 

@@ -121,7 +121,8 @@ class TrialInfo(BaseModel):
     id: str = Field(description="<sweep id>.t<n>")
     n: int
     params: dict[str, Any]
-    state: str = Field(description="pending | running | done | failed | early_terminated")
+    state: str = Field(description="pending | running | done | failed | early_terminated | cancelled "
+                       "(limits.timeout ended the sweep while it waited or ran)")
     rank: Optional[int] = Field(None, description="1 = best so far (trials with a metric only).")
     metric: str = Field("", description="The sweep's primary metric.")
     best: Optional[float] = Field(None, description="Its best value of the primary metric.")

@@ -303,6 +303,31 @@ def test_journal_last_line_wins_and_a_torn_line_is_ignored(tmp_path):
     assert [r.n for r in order] == [1, 0, 2]
 
 
+def test_journal_appends_from_many_slot_threads_lose_no_line(tmp_path):
+    """Slots end trials from their own threads (and early termination from Tune's): every
+    end is journaled, none truncates another (each append is at the size the last left)."""
+    import threading
+
+    from raybatch.storage.backends import open_backend
+    from raybatch.storage.datastores import Access
+
+    j = TrialJournal(open_backend(Access("local", str(tmp_path), uri=str(tmp_path))))
+    go = threading.Barrier(8)
+
+    def end(k):
+        go.wait()
+        for i in range(25):
+            j.ended(TrialRecord(k * 25 + i, {"lr": 0.1}, state="done", best=float(i)))
+
+    threads = [threading.Thread(target=end, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(j.records()) == list(range(200))
+    assert len((tmp_path / "trials.jsonl").read_text().splitlines()) == 200
+
+
 def test_the_plot_is_a_picture(tmp_path):
     from raybatch.sweep.plot import sweep_page
 

@@ -228,6 +228,58 @@ def test_server_then_driver_killed_finished_trials_are_not_rerun(env, tmp_path):
     assert sum(1 for m in seen.values() if ("1", "done") in m or ("2", "done") in m) == 6
 
 
+SLOW = """\
+import os, pathlib, signal, sys, time
+marks = pathlib.Path(os.environ["MARKS"])
+
+def mark(what):
+    with open(marks / f"t{os.environ['RAYBATCH_TRIAL']}.log", "a") as f:
+        f.write(f"{os.environ['RAYBATCH_TRIAL_RUN']} {what}\\n")
+
+signal.signal(signal.SIGTERM, lambda *_: (mark("term"), sys.exit(143)))
+mark("start")
+from raybatch_metrics import log_metric
+for step in range(int(sys.argv[1])):
+    log_metric("accuracy", 1 / (step + 1), step=step)
+    time.sleep(1)
+mark("done")
+"""
+
+
+def test_limits_timeout_ends_the_sweep_and_cancels_its_unfinished_trials(env, tmp_path):
+    """Azure ML's limits.timeout: the sweep ends when it comes; a trial still running gets
+    SIGTERM and ends cancelled, one that finished stands, and the sweep succeeds with it."""
+    (env["code"] / "slow.py").write_text(SLOW)
+    path = sweep_file(env, tmp_path, "timeout", {
+        "search_space": {"s": {"type": "choice", "values": [1, 300]}}, "sampling_algorithm": "grid",
+        "objective": {"primary_metric": "accuracy", "goal": "maximize"},
+        "limits": {"max_total_trials": 2, "max_concurrent_trials": 2, "timeout": "25s"}},
+        command="python slow.py ${{search_space.s}}")
+    job_id = submit(env, path)
+    client = env["server"].client()
+    done = client.wait(job_id, timeout=120, poll=0.5)
+    assert done.state == "SUCCEEDED", done.reason
+    assert "limits.timeout (25 s) reached" in done.reason
+    by_s = {t.params["s"]: t for t in client.trials(job_id)}
+    assert by_s[1].state == "done" and by_s[300].state == "cancelled", by_s
+    assert marks(tmp_path)[f"t{by_s[300].n}"] == [("1", "start"), ("1", "term")]
+    assert "cancelled" in cli(env, "sweep", "show", job_id, "--state", "cancelled").stdout
+
+
+def test_a_trial_environment_that_cannot_be_built_fails_the_sweep_at_once(env, tmp_path):
+    """Its slots cannot be set up: the attempt stops (Tune too) with pip's words, it is not
+    left waiting for slots that will never come."""
+    path = sweep_file(env, tmp_path, "broken", {
+        "search_space": {"x": {"type": "choice", "values": [0.1, 0.2]}, "seed": {"type": "choice", "values": [1]}},
+        "sampling_algorithm": "grid", "objective": {"primary_metric": "accuracy", "goal": "maximize"},
+        "limits": {"max_total_trials": 2, "max_concurrent_trials": 2}},
+        packages={"pip": ["this-package-does-not-exist-raybatch==0.0.1"]})
+    job_id = submit(env, path)
+    done = env["server"].client().wait(job_id, timeout=120, poll=0.5)
+    assert done.state == "FAILED" and [a.outcome for a in done.attempts] == ["START_FAILED"], done.reason
+    assert "could not be built" in done.reason and "this-package-does-not-exist-raybatch" in done.reason
+
+
 def test_azureml_sweep_yaml_with_mlflow_runs_as_is(env, tmp_path):
     job_id = submit(env, RECIPES / "digits-sweep" / "sweep.azureml.yml",
                     "--set", "sweep.limits.max_total_trials=2", "--set", "command=python train.py --lr "

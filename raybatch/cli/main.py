@@ -485,7 +485,7 @@ app.add_typer(sweep_app, name="sweep")
 def sweep_show(
     job_id: str,
     state: List[str] = typer.Option([], "--state", "-s", help="Only these: pending, running, done, failed, "
-                                    "early_terminated."),
+                                    "early_terminated, cancelled."),
     output: Output = OutputOpt,
 ) -> None:
     """A sweep's trials, best first: parameters, state, the primary metric's best and last value."""

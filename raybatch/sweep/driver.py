@@ -23,16 +23,21 @@ import os
 import signal
 import sys
 import threading
+import time
 import traceback
 import warnings
 from pathlib import Path
 from typing import Any, Optional
 
 import ray
+from ray.exceptions import RayError
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from raybatch.runtime.driver import Attempt
+from raybatch.runtime.gang import cause_of
 from raybatch.runtime.protocol import ItemCounts, Outcome, Phase, SlotReport
 from raybatch.state.states import AttemptOutcome
+from raybatch.storage.backends import StorageError
 from raybatch.sweep.pool import POOL_NAME, SlotPool
 
 TICK_S = 0.5  # control file in, report out: the scheduler's own period
@@ -48,6 +53,10 @@ class SweepAttempt(Attempt):
         self.phase = Phase.PLACING
         self.sent: dict[int, tuple[str, bool]] = {}  # the slot states handed to the pool
         self.status: dict[str, Any] = {}
+        self.sweep_start = time.time()  # the first trial's start, when an earlier attempt ran one
+        self.over: Optional[str] = None  # limits.timeout reached: Tune stops, the trials are cancelled
+        self._report_lock = threading.Lock()
+        self._final = False  # DONE is reported: a late tick must not write over it
 
     # ---- control and reports --------------------------------------------------------------
     def check_control(self) -> bool:
@@ -72,6 +81,13 @@ class SweepAttempt(Attempt):
         return self.stop.is_set()
 
     def report(self, phase: Optional[Phase] = None, **extra: Any) -> None:  # type: ignore[override]
+        with self._report_lock:
+            if self._final:
+                return
+            self._final = phase is Phase.DONE
+            self._report(phase, **extra)
+
+    def _report(self, phase: Optional[Phase], **extra: Any) -> None:
         st = self.status
         if st.get("running"):
             self.phase = Phase.RUNNING
@@ -85,12 +101,29 @@ class SweepAttempt(Attempt):
                       "slots_wanted": 0 if self.stop.is_set() else st["wanted"]}
         super().report(phase or self.phase, **{**fields, **extra})
 
+    def check_limits(self) -> None:
+        """The pool stopped the attempt (a slot could not be set up); the job's
+        max_wall_clock (this attempt) and the sweep's limits.timeout (since its first trial)."""
+        stop = self.status.get("stop")
+        if stop and not self.stop.is_set():
+            self.stop_reason = Outcome(AttemptOutcome(stop["kind"]), None, stop["message"])
+            self.stop.set()
+        if not self.stop.is_set() and time.monotonic() > self.started + self.spec.max_wall_clock:
+            self.stop_reason = Outcome(AttemptOutcome.TIMEOUT, None,
+                                       f"exceeded max_wall_clock ({self.spec.max_wall_clock:.0f} s)")
+            self.stop.set()
+        limit = self.sweep.limits.timeout
+        if limit and self.over is None and time.time() > self.sweep_start + limit:
+            self.over = f"limits.timeout ({limit:g} s) reached: the sweep ends, its unfinished trials are cancelled"
+            self.pool.cancel_trials.remote(self.over)
+
     def tick(self) -> None:
         """The control file to the pool, the pool's state to the report; until the end."""
         while not self._done.is_set():
             try:
                 self.check_control()
                 self.status = ray.get(self.pool.status.remote(), timeout=30)
+                self.check_limits()
                 self.report()
             except Exception:  # noqa: BLE001 - a missed tick is retried
                 traceback.print_exc()
@@ -136,8 +169,7 @@ class SweepAttempt(Attempt):
                 tune_config=tune.TuneConfig(
                     metric=metric, mode=mode, search_alg=space.search_alg(sweep, self.tune_concurrency()),
                     scheduler=tune_scheduler(sweep.early_termination, metric, mode),
-                    num_samples=space.num_samples(sweep),
-                    time_budget_s=sweep.limits.timeout, reuse_actors=True),
+                    num_samples=space.num_samples(sweep), reuse_actors=True),
                 run_config=run_config)
         tuner.fit()
 
@@ -165,20 +197,27 @@ class SweepAttempt(Attempt):
             if outcome is None:
                 # a thread per call: each running trial's proxy waits in one, the driver's ticks in others
                 threads = 2 * self.sweep.limits.max_concurrent_trials + 32
-                self.pool = SlotPool.options(name=POOL_NAME, max_concurrency=threads).remote(
-                    self.info.model_dump_json(), self.storage.to_dict(secrets=True))
-                known = ray.get(self.pool.ready.remote())
+                here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+                self.pool = SlotPool.options(name=POOL_NAME, max_concurrency=threads,
+                                             scheduling_strategy=here).remote(self.info.model_dump_json())
+                known = ray.get(self.pool.ready.remote(self.storage.to_dict(secrets=True)))
+                self.sweep_start = min(self.sweep_start, known["first_start"] or self.sweep_start)
                 self.check_control()  # the slots granted so far start now, before Tune is imported
-                self.log(f"slot pool up ({known} trial(s) ended in earlier attempts)")
+                self.log(f"slot pool up ({known['ended']} trial(s) ended in earlier attempts)")
                 ticker = threading.Thread(target=self.tick, name="tick", daemon=True)
                 ticker.start()
                 self.fit()
+                if self.stop_reason is None:  # the trials cancelled by limits.timeout end first
+                    self.lost_nodes |= set(ray.get(self.pool.finish.remote(self.spec.grace_period + 60)))
                 outcome = self.stop_reason or self.result()
         except Exception as e:  # noqa: BLE001
             traceback.print_exc()
-            outcome = self.stop_reason or Outcome(AttemptOutcome.START_FAILED if not self.status.get("running")
-                                                  else AttemptOutcome.DRIVER_LOST, None,
-                                                  f"driver error: {type(e).__name__}: {e}")
+            cause = cause_of(e) if isinstance(e, RayError) else e
+            if isinstance(cause, StorageError) and cause.transient:  # reading the journal, the logs
+                kind = AttemptOutcome.STORAGE_UNAVAILABLE
+            else:
+                kind = AttemptOutcome.START_FAILED if not self.status.get("running") else AttemptOutcome.DRIVER_LOST
+            outcome = self.stop_reason or Outcome(kind, None, f"driver error: {type(cause).__name__}: {cause}")
         finally:
             try:
                 if self.pool is not None:
@@ -204,12 +243,16 @@ class SweepAttempt(Attempt):
         self.status = st
         c = ItemCounts.model_validate(st["trials"])
         best = st.get("best")
-        note = f"{c.done + c.failed} trial(s): {c.done} done, {c.failed} failed or stopped early"
+        note = f"{c.done + c.failed} trial(s): {c.done} done, {c.failed} failed, stopped early or cancelled"
         if best:
             note += f"; best {best['trial']} {self.sweep.objective.primary_metric}={best['value']:g}"
-        if c.done == 0 and c.failed:
-            return Outcome(AttemptOutcome.USER_ERROR, 1, "every trial failed; " + note)
-        return Outcome(AttemptOutcome.SUCCEEDED, 0, note)
+        if self.over:
+            note = f"{self.over}; {note}"
+        if c.done:
+            return Outcome(AttemptOutcome.SUCCEEDED, 0, note)
+        if self.over:
+            return Outcome(AttemptOutcome.TIMEOUT, None, "no trial finished before " + note)
+        return Outcome(AttemptOutcome.USER_ERROR, 1, "no trial finished; " + note)
 
     def on_signal(self, signum: int, _frame: Any) -> None:  # type: ignore[override]
         if self.stop_reason is None:

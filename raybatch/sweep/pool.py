@@ -37,7 +37,7 @@ from raybatch.runtime.slots import Slot
 from raybatch.spec.sweep import PARAM_PLACEHOLDER
 from raybatch.state.states import AttemptOutcome
 from raybatch.storage.backends import open_backend
-from raybatch.storage.plan import AttemptStorage, trial_logs
+from raybatch.storage.plan import AttemptStorage, past_runs, trial_logs
 from raybatch.sweep.space import params_of
 from raybatch.sweep.trials import FINAL_STATES, TrialJournal, TrialRecord, trial_id
 
@@ -53,7 +53,9 @@ class Trial:
         self.record = record
         self.events: list[dict[str, Any]] = list(record.events)
         self.cond = threading.Condition()
-        self.stop_reason: Optional[str] = None  # early termination asked
+        self.stop_reason: Optional[str] = None  # early termination (or limits.timeout) asked
+        self.stop_state = "early_terminated"     # ... and the state it then ends in
+        self.infra_reruns = 0                   # runs lost to a node or the storage
         self.forwarder: Optional[threading.Thread] = None  # rank 0's metric events -> events
 
     @property
@@ -71,12 +73,14 @@ class Trial:
 
 @ray.remote(num_cpus=0, max_restarts=0)
 class SlotPool:
-    def __init__(self, attempt_json: str, storage: dict[str, Any]):
+    """Created by the driver, on its node (``ready`` hands it the storage credentials: a
+    method call's arguments, unlike an actor's, are not kept in Ray's control store)."""
+
+    def __init__(self, attempt_json: str):
         self.info = AttemptFile.model_validate_json(attempt_json)
         self.spec = self.unit_spec = self.info.spec
         self.sweep = self.spec.sweep
         self.framework = frameworks.get(self.spec.framework)
-        self.storage = AttemptStorage.from_dict(storage)
         self.job_id, self.n = self.info.job_id, self.info.attempt
         self.cache_dir = self.info.cache_dir
         self.maximize = self.sweep.objective.goal == "maximize"
@@ -89,19 +93,24 @@ class SlotPool:
         self.gone: dict[int, SlotReport] = {}
         self.trials: dict[int, Trial] = {}
         self.queue: collections.deque[int] = collections.deque()
-        self.journal = TrialJournal(open_backend(self.storage.trials))
-        self.ended: dict[int, TrialRecord] = self.journal.records()  # earlier attempts included
-        self.by_tune: dict[str, int] = self.journal.ids()
-        self.next_n = max([*self.ended, *self.by_tune.values(), -1]) + 1
         self.no_more = False           # Tune has finished: slots with nothing to run go
+        self.cancelled: Optional[str] = None  # limits.timeout: every trial not ended ends cancelled
         self.placed = self.running = False
         self.lost_nodes: set[str] = set()
         self.t0 = time.monotonic()
 
     # ---- the driver's side ------------------------------------------------------------------
-    def ready(self) -> int:
-        """Ended trials known from earlier attempts (the pool is up once this answers)."""
-        return len(self.ended)
+    def ready(self, storage: dict[str, Any]) -> dict[str, Any]:
+        """Read the journal (trials ended in earlier attempts) and the runs trials had there.
+        What is known; a storage error is raised to the driver (transient or not)."""
+        self.storage = AttemptStorage.from_dict(storage)
+        self.journal = TrialJournal(open_backend(self.storage.trials))
+        self.ended: dict[int, TrialRecord] = self.journal.records()  # earlier attempts included
+        self.by_tune: dict[str, int] = self.journal.ids()
+        self.next_n = max([*self.ended, *self.by_tune.values(), -1]) + 1
+        self.past_runs = past_runs(open_backend(self.storage.logs), "trials") if self.n > 1 else {}
+        starts = [r.started_at for r in self.ended.values() if r.started_at]
+        return {"ended": len(self.ended), "first_start": min(starts) if starts else None}
 
     def grant(self, k: int, nodes: list[str]) -> None:
         with self.lock:
@@ -124,6 +133,21 @@ class SlotPool:
         elif not preempt and not slot.drain.is_set():
             self.log(f"slot {k} drains: {reason}")
             slot.drain.set()
+
+    def cancel_trials(self, reason: str) -> None:
+        """The sweep's limits.timeout: no new trial; queued ones end cancelled now, running
+        ones get SIGTERM and their grace period and end cancelled."""
+        with self.lock:
+            self.no_more, self.cancelled = True, reason
+            for trial in self.trials.values():
+                if trial.ended or trial.stop_reason is not None:
+                    continue
+                trial.stop_reason, trial.stop_state = reason, "cancelled"
+                if trial.index in self.queue:
+                    self.queue.remove(trial.index)
+                    self._end(trial, "cancelled", None, reason)
+        self.log(reason)
+        self._wake_all()
 
     def stop_attempt(self, kind: str, message: str) -> None:
         with self.lock:
@@ -151,12 +175,10 @@ class SlotPool:
             ended = {**self.ended, **{t.index: t.record for t in trials if t.ended}}
             running = sum(1 for t in trials if t.record.state == "running")
             pending = len(self.queue)
+            wanted = self._wanted()
         total = self.sweep.total_trials
         counts = ItemCounts(total=total, done=sum(1 for r in ended.values() if r.state == "done"),
                             failed=sum(1 for r in ended.values() if r.state != "done"), running=running)
-        left = max(0, total - len(ended))
-        wanted = 0 if self.stop.is_set() or (self.no_more and not pending and not running) else \
-            min(self.sweep.limits.max_concurrent_trials, left)
         best = None
         scored = [r for r in ended.values() if r.best is not None] + \
                  [t.record for t in trials if not t.ended and t.record.best is not None]
@@ -164,7 +186,9 @@ class SlotPool:
             top = max(scored, key=lambda r: r.best) if self.maximize else min(scored, key=lambda r: r.best)
             best = {"trial": trial_id(self.job_id, top.n), "n": top.n, "value": top.best, "params": top.params}
         live = [t.record for t in trials if not t.ended and t.record.state == "running"]
+        stop = self.stop_reason
         return {"slots": [s.model_dump(mode="json") for s in slots], "trials": counts.model_dump(),
+                "stop": {"kind": stop.kind.value, "message": stop.message} if stop else None,
                 "wanted": wanted, "best": best, "placed": self.placed, "running": self.running,
                 "pending": pending, "lost_nodes": sorted(self.lost_nodes),
                 "running_trials": [{k: v for k, v in asdict(r).items() if k != "events"} for r in live]}
@@ -187,8 +211,11 @@ class SlotPool:
                 self.trials[n] = Trial(done)
                 self.log(f"trial {n} ended in attempt {done.attempt} ({done.state}): replayed, not run again")
                 return n
-            record = TrialRecord(n=n, params=params, tune_id=tune_id, attempt=self.n)
-            self.trials[n] = Trial(record)
+            record = TrialRecord(n=n, params=params, tune_id=tune_id, attempt=self.n, runs=self.past_runs.get(n, 0))
+            trial = self.trials[n] = Trial(record)
+            if self.cancelled is not None:  # Tune started it as the sweep's time ran out
+                self._end(trial, "cancelled", None, self.cancelled)
+                return n
             self.queue.append(n)
             self.queued.notify()
         return n
@@ -253,15 +280,26 @@ class SlotPool:
                 return trial
         return None
 
+    def _wanted(self) -> int:
+        """Slots this sweep can use now: its queued and running trials, and (while Tune may
+        still start trials) those it has yet to start; never more than max_concurrent_trials."""
+        if self.stop.is_set():
+            return 0
+        queued = len(self.queue)
+        running = sum(1 for t in self.trials.values() if t.record.state == "running")
+        wanted = queued + running
+        if not self.no_more:
+            ended = len({*self.ended, *(t.index for t in self.trials.values() if t.ended)})
+            wanted += max(0, self.sweep.total_trials - ended - queued - running)
+        return min(self.sweep.limits.max_concurrent_trials, wanted)
+
     def wants_more(self) -> bool:
+        """Is there, or may there come, a trial for one more idle slot?"""
         with self.lock:
             if self.queue:
                 return True
-            if self.no_more or self.stop.is_set():
-                return False
             running = sum(1 for t in self.trials.values() if t.record.state == "running")
-            ended = len({*self.ended, *(t.index for t in self.trials.values() if t.ended)})
-            return self.sweep.total_trials - ended - running > 0
+            return self._wanted() > running
 
     def runs(self, trial: Trial) -> int:
         return trial.record.runs + 1
@@ -335,19 +373,22 @@ class SlotPool:
             trial.forwarder.join(timeout=15)
             trial.forwarder = None
         if trial.stop_reason is not None:
-            self._end(trial, "early_terminated", outcome.exit_code, trial.stop_reason)
+            self._end(trial, trial.stop_state, outcome.exit_code, trial.stop_reason)
         elif outcome.succeeded:
             self._end(trial, "done", 0, outcome.message)
         elif self.stop_reason is not None and (outcome is self.stop_reason or outcome.kind in (
                 AttemptOutcome.CANCELLED, AttemptOutcome.DRIVER_LOST)):
             r.state = "pending"  # the attempt ends: the trial did not
-        elif outcome.kind in _RERUN_FREE:
+        elif outcome.kind is AttemptOutcome.PREEMPTED or (
+                outcome.kind in _RERUN_FREE and trial.infra_reruns < self.spec.retries.infrastructure):
+            if outcome.kind is not AttemptOutcome.PREEMPTED:  # a preempted trial is never charged
+                trial.infra_reruns += 1
             self.log(f"trial {trial.index} run {run}: {outcome.kind.value}: {outcome.message}; it runs again")
             with self.lock:
                 r.state = "pending"
                 self.queue.appendleft(trial.index)
                 self.queued.notify()
-        else:
+        else:  # its own failure, or one infrastructure failure more than retries.infrastructure
             self._end(trial, "failed", outcome.exit_code, f"{outcome.kind.value}: {outcome.message}")
 
     def _end(self, trial: Trial, state: str, exit_code: Optional[int], message: str) -> None:

@@ -4,7 +4,7 @@ stopper and callbacks, and these must be pickled by reference (the driver runs a
 
 - ``trial_proxy``: one trial, as Tune sees it: registers with the slot pool, reports the
   trial's metric events as they come, returns when the trial has ended;
-- ``Stop``: ends ``fit`` once the attempt must stop;
+- ``Stop``: ends ``fit`` once the attempt must stop, or the sweep's limits.timeout came;
 - ``EarlyStop``: tells the pool at once when Tune's scheduler stopped a trial."""
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ class Stop(tune.Stopper):
         return False
 
     def stop_all(self) -> bool:
-        return ATTEMPT is not None and ATTEMPT.stop.is_set()
+        return ATTEMPT is not None and (ATTEMPT.stop.is_set() or ATTEMPT.over is not None)
 
 
 class EarlyStop(tune.Callback):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
@@ -25,14 +26,15 @@ from raybatch.sweep import split_trial_id, trial_id  # noqa: F401 - part of this
 
 JOURNAL = "trials.jsonl"
 IDS = "ids.jsonl"
-FINAL_STATES = ("done", "failed", "early_terminated")
+FINAL_STATES = ("done", "failed", "early_terminated", "cancelled")  # cancelled: limits.timeout came
+TRIAL_STATES = ("pending", "running", *FINAL_STATES)
 
 
 @dataclass
 class TrialRecord:
     n: int
     params: dict[str, Any]
-    state: str = "pending"            # pending | running | done | failed | early_terminated
+    state: str = "pending"            # one of TRIAL_STATES
     tune_id: str = ""
     runs: int = 0                      # how many times its command ran (a preempted trial runs again)
     best: Optional[float] = None       # the primary metric: its best value ...
@@ -58,13 +60,20 @@ class TrialRecord:
 
 
 class TrialJournal:
-    """``trials/`` of one sweep, through its storage backend: appended, never rewritten."""
+    """``trials/`` of one sweep, through its storage backend: appended, never rewritten.
+    Slots end trials from their own threads: one append at a time (each appends at the
+    size the last one left)."""
 
     def __init__(self, backend: Backend):
         self.backend = backend
         self._sizes: dict[str, int] = {}
+        self._lock = threading.Lock()
 
     def _append(self, rel: str, line: str) -> None:
+        with self._lock:
+            self._append_locked(rel, line)
+
+    def _append_locked(self, rel: str, line: str) -> None:
         if rel not in self._sizes:
             self._sizes[rel] = self.backend.read(rel, 0, 1)[1]
         data = line.encode() + b"\n"

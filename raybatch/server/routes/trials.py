@@ -22,13 +22,10 @@ from raybatch.spec.job import JobSpec
 from raybatch.state.states import JobState
 from raybatch.storage import plan as storage_plan
 from raybatch.storage.backends import StorageError
-from raybatch.sweep.trials import TrialJournal, TrialRecord, ranked, trial_id
+from raybatch.sweep.trials import TRIAL_STATES, TrialJournal, TrialRecord, ranked, trial_id
 
 if TYPE_CHECKING:
     from raybatch.server.app import ServerContext
-
-TRIAL_STATES = ("pending", "running", "done", "failed", "early_terminated")
-
 
 def sweep_spec(job: dict[str, Any]) -> JobSpec:
     spec = JobSpec.model_validate_json(job["spec"])
