@@ -349,6 +349,8 @@ def test_the_queue_api_shows_an_array_jobs_slots(tmp_path):
     detail = http.get(f"/api/v1/jobs/{r.json()['id']}").json()
     assert [s["slot"] for s in detail["slots"]] == [0] and detail["waiting_reason"]
     assert http.get(f"/api/v1/jobs/{r.json()['id']}/items").json() == []  # not listed yet
+    wrong = http.get(f"/api/v1/jobs/{r.json()['id']}/items", params={"state": ["done", "finished"]})
+    assert wrong.status_code == 400 and "state: unknown finished; allowed: pending, running" in wrong.text
     bad = http.post("/api/v1/jobs", json={"spec": {"name": "b", "command": "true",
                                                      "array": {"count": 2, "resume_from": "rb-nope"}}})
     assert bad.status_code == 400 and "array.resume_from: no job with id 'rb-nope'" in bad.text

@@ -25,6 +25,13 @@ def job_or_404(store: Store, job_id: str) -> dict[str, Any]:
     return job
 
 
+def check_states(state: Optional[list[str]], allowed: tuple[str, ...]) -> None:
+    """A ``?state=`` filter names only states that exist (400 with the allowed ones)."""
+    bad = [s for s in state or [] if s not in allowed]
+    if bad:
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, f"state: unknown {', '.join(bad)}; allowed: {', '.join(allowed)}")
+
+
 def unservable(ctx: ServerContext, job: dict[str, Any], location: str) -> Optional[str]:
     """Why the server must not read this location for a user, or None. It reads the job's
     own directory, the server's jobs root and datastores: not any path on its machine, nor

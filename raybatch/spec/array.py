@@ -98,7 +98,8 @@ class ArraySpec(BaseModel):
     item_timeout: float = Field(3600.0, description=f"Longest run of one task ({DURATION_HELP}); a "
                                 "slot is leased this long at a time.")
     retries: int = Field(2, ge=0, le=100, description="Reruns of a task whose command exits non-zero or "
-                         "times out (a lost node or a preempted slot does not count).")
+                         "times out (a preempted slot never counts; a lost node or unreachable storage counts only "
+                         "after retries.infrastructure free reruns).")
     resume_from: Optional[str] = Field(
         None, description="A finished or cancelled array job's id: its frozen listing is used and the "
         "items it finished are skipped (`raybatch submit --resume-from ID`).")

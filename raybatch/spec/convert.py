@@ -432,17 +432,12 @@ _SWEEP_INPUT = re.compile(r"\$\{\{\s*inputs\.([A-Za-z0-9_]+)\s*\}\}")
 SWEEP_FIELDS = ("search_space", "sampling_algorithm", "objective", "early_termination", "limits")
 
 
-class _AzureMLSweep(_Converter):
+class _AzureMLSweep(_AzureML):
     """An Azure ML sweep job (``type: sweep``), as the CLI's YAML or as ``azure-ai-ml``'s
     ``dump()`` writes it: the trial is a command job; ``${{search_space.X}}`` stays a sweep
     parameter, and so does ``${{inputs.X}}`` when X is in the search space (the SDK binds
     the trial's inputs to it); other inputs come from the sweep's ``inputs`` or the trial's
     input defaults."""
-
-    def __init__(self, doc: dict[str, Any], name_hint: str):
-        super().__init__()
-        self.doc = doc
-        self.name_hint = name_hint
 
     def run(self) -> tuple[dict[str, Any], list[str]]:
         d = self.doc

@@ -12,7 +12,7 @@ from fastapi import APIRouter, HTTPException, Query, status
 
 from raybatch.models import ItemInfo
 from raybatch.runtime.items import ItemStore, Record, tasks_of
-from raybatch.server.common import backend_for, job_or_404
+from raybatch.server.common import backend_for, check_states, job_or_404
 from raybatch.spec.job import JobSpec
 from raybatch.state.states import JobState
 from raybatch.storage import plan as storage_plan
@@ -48,10 +48,7 @@ def router(ctx: ServerContext) -> APIRouter:
               offset: int = Query(0, ge=0), limit: int = Query(100_000, ge=1, le=1_000_000)) -> list[ItemInfo]:
         job = job_or_404(ctx.store, job_id)
         spec = array_spec(job)
-        bad = [s for s in state or [] if s not in ITEM_STATES]
-        if bad:
-            raise HTTPException(status.HTTP_400_BAD_REQUEST,
-                                f"state: unknown {', '.join(bad)}; allowed: {', '.join(ITEM_STATES)}")
+        check_states(state, ITEM_STATES)
         manifest, records = item_records(ctx, job)
         if manifest is None:
             return []  # not started yet: nothing is listed

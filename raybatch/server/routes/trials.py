@@ -17,7 +17,7 @@ from fastapi import APIRouter, HTTPException, Query, status
 
 from raybatch.models import MetricEvent, TrialInfo
 from raybatch.runtime.launch import METRICS_STORE
-from raybatch.server.common import backend_for, job_or_404
+from raybatch.server.common import backend_for, check_states, job_or_404
 from raybatch.spec.job import JobSpec
 from raybatch.state.states import JobState
 from raybatch.storage import plan as storage_plan
@@ -71,10 +71,7 @@ def router(ctx: ServerContext) -> APIRouter:
                ) -> list[TrialInfo]:
         job = job_or_404(ctx.store, job_id)
         spec = sweep_spec(job)
-        bad = [s for s in state or [] if s not in TRIAL_STATES]
-        if bad:
-            raise HTTPException(status.HTTP_400_BAD_REQUEST,
-                                f"state: unknown {', '.join(bad)}; allowed: {', '.join(TRIAL_STATES)}")
+        check_states(state, TRIAL_STATES)
         out = trial_infos(job, spec, trial_records(ctx, job))
         return [t for t in out if not state or t.state in state]
 
