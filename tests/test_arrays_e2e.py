@@ -48,8 +48,9 @@ if key in os.environ.get("FAIL_KEYS", "").split(","):
     sys.exit(3)
 out = pathlib.Path(os.environ["RAYBATCH_ITEM_OUTPUT_DIR"])
 (out / "score.txt").write_text(f"{key}:{len(data)}\\n")
-print(f"scored {key} from {item}")
+print(f"scored {key} from {item}", flush=True)
 mark("done")
+os._exit(0)  # no interpreter shutdown after the mark: a stop arriving then would end a run marked done
 """
 
 

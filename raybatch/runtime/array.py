@@ -1,5 +1,5 @@
-"""The driver of an array job's attempt: ``python -m raybatch.runtime.driver`` runs this
-when the job has an ``array:`` block.
+"""The driver of an array job's attempt (its Ray Job's entrypoint):
+``python -m raybatch.runtime.array ATTEMPT_JSON``.
 
 1. check the storage (the listing's location too) and freeze the listing into
    ``items/manifest.jsonl`` (a retry, or ``resume_from``, reuses the frozen one); tasks
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import shlex
+import sys
 import threading
 import time
 import traceback
@@ -27,11 +28,11 @@ from typing import Optional
 import ray
 from ray.exceptions import RayActorError
 
-from raybatch.runtime.driver import Attempt
+from raybatch.runtime.driver import Attempt, main
 from raybatch.runtime.items import ItemStore, Record, Task, list_items, tasks_of
 from raybatch.runtime.launch import RankLaunch, UnitPlan, plan_ranks
 from raybatch.runtime.protocol import Control, ItemCounts, Outcome, Phase, SlotReport
-from raybatch.runtime.slots import Slot
+from raybatch.runtime.slots import Slot, SlotOwner, reruns_free
 from raybatch.spec.job import ITEM_PLACEHOLDER
 from raybatch.state.states import AttemptOutcome
 from raybatch.storage.backends import StorageError, open_backend
@@ -41,9 +42,7 @@ TICK_S = 0.25          # the serving loop's period: control file, reports
 REPORT_EVERY_S = 2.0   # a report at least this often (progress, rate)
 RATE_WINDOW_S = 60.0
 
-# how a task's run ended -> what happens to the task
-_RERUN_FREE = (AttemptOutcome.PREEMPTED, AttemptOutcome.NODE_LOST, AttemptOutcome.PLACEMENT_TIMEOUT,
-               AttemptOutcome.STORAGE_UNAVAILABLE)
+# how a task's run ended -> what happens to the task (slots.reruns_free: it runs again, free)
 _STOPPED = (AttemptOutcome.CANCELLED, AttemptOutcome.DRIVER_LOST)
 
 
@@ -136,7 +135,7 @@ class Dispatcher:
                               eta_s=round(left / rate, 1) if rate > 0 and left else None)
 
 
-class ArrayAttempt(Attempt):
+class ArrayAttempt(Attempt, SlotOwner):
     def __init__(self, attempt_file: str):
         super().__init__(attempt_file)
         self.unit_spec = self.spec
@@ -159,14 +158,6 @@ class ArrayAttempt(Attempt):
         if self.phase is Phase.PLACING:
             self.phase = Phase.PLACED
         self.changed()
-
-    def slot_failed(self, slot: Slot, outcome: Outcome) -> None:
-        """A slot could not be set up. Its nodes' trouble (placement) only loses the slot;
-        the job's own (its environment, inputs or code) fails the attempt."""
-        if self.stop.is_set() or slot.preempted is not None or slot.drain.is_set():
-            return
-        if outcome.kind is AttemptOutcome.START_FAILED:
-            self.stop_with(outcome)
 
     # ---- the units of its slots: tasks (slots.UnitSource) ----------------------------------
     def next_unit(self, slot: Slot, wait: float) -> Optional[Task]:
@@ -277,8 +268,7 @@ class ArrayAttempt(Attempt):
                                slot.index, slot.nodes, round(seconds, 3), message=outcome.message), outcome)
         elif outcome.kind in _STOPPED or outcome is self.stop_reason:
             d.release(task.index)
-        elif outcome.kind is AttemptOutcome.PREEMPTED or (
-                outcome.kind in _RERUN_FREE and d.infra_reruns[task.index] < self.spec.retries.infrastructure):
+        elif reruns_free(outcome, d.infra_reruns[task.index], self.spec.retries.infrastructure):
             if outcome.kind is not AttemptOutcome.PREEMPTED:  # a preempted task is never charged
                 d.infra_reruns[task.index] += 1
             self.log(f"{what}: {outcome.kind.value}: {outcome.message}; it runs again")
@@ -324,16 +314,14 @@ class ArrayAttempt(Attempt):
         return True
 
     def stop_with(self, outcome: Outcome) -> None:
-        with self._lock:
-            if self.stop_reason is None:
-                self.stop_reason = outcome
-        self.stop.set()
+        with self._lock:  # slot threads and the serving loop
+            super().stop_with(outcome)
         self.changed()
 
     # ---- the attempt ----------------------------------------------------------------
     def report(self, phase: Optional[Phase] = None, **extra) -> None:  # type: ignore[override]
         d = self.dispatcher
-        slots = [s.report() for s in list(self.slots.values())] + list(self.gone.values())
+        slots = self.slot_reports()
         wanted = 0 if self.stop.is_set() or d is None else d.wanted(self.spec.array.max_concurrent)
         super().report(phase or self.phase, slots=slots, items=d.counts() if d else None,
                        slots_wanted=wanted if d is not None else None, **extra)
@@ -375,28 +363,11 @@ class ArrayAttempt(Attempt):
         """The scheduler's word: stop the attempt; slots granted and taken back."""
         if control is None:
             return
-        if control.action == "cancel":
-            self.stop_with(Outcome(AttemptOutcome.CANCELLED, None, "cancelled by user"))
-        elif control.action == "preempt":
-            self.stop_with(Outcome(AttemptOutcome.PREEMPTED, None,
-                                   control.reason or "preempted by a higher-priority job"))
+        stop = control.requested_stop()
+        if stop is not None:
+            self.stop_with(stop)
         for k, grant in sorted(control.slots.items()):
-            slot = self.slots.get(k)
-            if grant.state == "granted":
-                if slot is None and k not in self.gone and not self.stop.is_set():
-                    slot = self.slots[k] = Slot(self, k, grant.nodes)
-                    self.log(f"slot {k} granted on {', '.join(n[:12] for n in grant.nodes)}")
-                    slot.start()
-            elif slot is None:
-                if k not in self.gone:  # taken back before it started: nothing to give back
-                    self.gone[k] = SlotReport(slot=k, nodes=grant.nodes, state="released", since=time.time())
-                    self.changed()
-            elif grant.preempt and slot.preempted is None:
-                self.log(f"slot {k}: {grant.reason}")
-                slot.preempted = grant.reason or "preempted"
-            elif not grant.preempt and not slot.drain.is_set():
-                self.log(f"slot {k} drains: {grant.reason}")
-                slot.drain.set()
+            self.apply_grant(k, grant)
 
     def check_control(self) -> bool:
         return self.stop.is_set()
@@ -404,15 +375,14 @@ class ArrayAttempt(Attempt):
     def serve(self) -> Outcome:
         d, array = self.dispatcher, self.spec.array
         assert d is not None
-        deadline = self.started + self.spec.max_wall_clock
         last_report = 0.0
         while True:
             self.apply(self.files.read_control())
             if self.stop.is_set() or d.complete:
                 break
-            if time.monotonic() > deadline:
-                self.stop_with(Outcome(AttemptOutcome.TIMEOUT, None,
-                                       f"exceeded max_wall_clock ({self.spec.max_wall_clock:.0f} s)"))
+            timeout = self.past_wall_clock()
+            if timeout is not None:
+                self.stop_with(timeout)
                 break
             if self._wake.is_set() or time.monotonic() - last_report > REPORT_EVERY_S:
                 self._wake.clear()
@@ -466,13 +436,8 @@ class ArrayAttempt(Attempt):
         if self.stop_reason is not None and outcome is not None and outcome.succeeded:
             outcome = self.stop_reason
         assert outcome is not None
-        self.log(f"attempt {self.n} ended: {outcome.kind.value}: {outcome.message}")
-        self.report(Phase.DONE, outcome=outcome.kind, exit_code=outcome.exit_code, message=outcome.message,
-                    lost_nodes=sorted(self.lost_nodes))
-        return 0 if outcome.succeeded else 1
+        return self.ended(outcome)
 
-    def on_signal(self, signum: int, _frame) -> None:  # type: ignore[override]
-        import signal  # noqa: PLC0415
 
-        self.stop_with(Outcome(AttemptOutcome.DRIVER_LOST, None,
-                               f"the attempt's driver got {signal.Signals(signum).name} from outside raybatch"))
+if __name__ == "__main__":
+    sys.exit(main(ArrayAttempt, "raybatch.runtime.array", sys.argv[1:]))

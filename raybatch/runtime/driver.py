@@ -83,24 +83,38 @@ class Attempt:
     def log(self, msg: str) -> None:
         print(f"[raybatch +{time.monotonic() - self.started:.2f}s] {msg}", flush=True)
 
-    def on_signal(self, signum: int, _frame: Any) -> None:
+    def stop_with(self, outcome: Outcome) -> None:
+        """Stop the attempt; the first reason given is how it ends."""
         if self.stop_reason is None:
-            self.stop_reason = Outcome(AttemptOutcome.DRIVER_LOST, None,
-                                       f"the attempt's driver got {signal.Signals(signum).name} from outside raybatch")
+            self.stop_reason = outcome
         self.stop.set()
+
+    def on_signal(self, signum: int, _frame: Any) -> None:
+        self.stop_with(Outcome(AttemptOutcome.DRIVER_LOST, None,
+                               f"the attempt's driver got {signal.Signals(signum).name} from outside raybatch"))
 
     def check_control(self) -> bool:
         """Has the server asked this attempt to stop? (``control.json``, written atomically)"""
         if not self.stop.is_set():
             request = self.files.read_control()
-            if request is not None and request.action == "cancel":
-                self.stop_reason = Outcome(AttemptOutcome.CANCELLED, None, "cancelled by user")
-                self.stop.set()
-            elif request is not None and request.action == "preempt":
-                self.stop_reason = Outcome(AttemptOutcome.PREEMPTED, None,
-                                           request.reason or "preempted by a higher-priority job")
-                self.stop.set()
+            stop = request.requested_stop() if request is not None else None
+            if stop is not None:
+                self.stop_with(stop)
         return self.stop.is_set()
+
+    def past_wall_clock(self) -> Optional[Outcome]:
+        """The job's max_wall_clock, counted from this attempt's start (array and sweep
+        drivers check it themselves; a plain job's watch does)."""
+        if time.monotonic() > self.started + self.spec.max_wall_clock:
+            return Outcome(AttemptOutcome.TIMEOUT, None, f"exceeded max_wall_clock ({self.spec.max_wall_clock:.0f} s)")
+        return None
+
+    def ended(self, outcome: Outcome, **extra: Any) -> int:
+        """The last words of every driver: log and report how the attempt ended; its exit status."""
+        self.log(f"attempt {self.n} ended: {outcome.kind.value}: {outcome.message}")
+        self.report(Phase.DONE, outcome=outcome.kind, exit_code=outcome.exit_code, message=outcome.message,
+                    lost_nodes=sorted(self.lost_nodes), **extra)
+        return 0 if outcome.succeeded else 1
 
     def stop_request(self) -> Optional[Outcome]:
         return self.stop_reason if self.check_control() else None
@@ -138,8 +152,7 @@ class Attempt:
                                    infos=infos, ports=ports, code_dirs=code_dirs, staged_inputs=staged,
                                    gpus_per_rank=gang.per_rank_resources().get("GPU", 0.0))
         self.ranks = [launch.report(info) for launch, info in zip(self.launches, infos)]
-        ray.get([gang.actors[x.rank].start_sync.remote(x.sync_dirs, x.sync_logs, spec.sync_interval)
-                 for x in self.launches if x.sync_dirs or x.sync_logs])
+        gang.start_syncs(self.launches, spec.sync_interval)
         if spec.prepare:
             problem = setup.run_prepare(gang, self.launches, self.storage, self.dirs, self.check_control,
                                         self.report, self.log)
@@ -147,15 +160,7 @@ class Attempt:
                 return problem
         if self.framework.uses_mpirun:
             setup.start_mpi_agent(gang, self.launches, infos, self.log)
-        starts = {}
-        for x in self.launches:
-            actor = gang.actors[x.rank]
-            if x.argv is None:  # holds its share of the node; started nothing itself
-                starts[x.rank] = actor.hold.remote(x.make_dirs, x.files)
-            else:
-                starts[x.rank] = actor.start.remote(x.argv, x.env, x.cwd, x.log_dir, x.make_dirs,
-                                                    spec.grace_period, x.files, x.metrics)
-        for rank, pid in zip(starts, ray.get(list(starts.values()))):
+        for rank, pid in gang.start(self.launches).items():
             self.ranks[rank].pid = pid
         self.report(Phase.RUNNING)
         self.log(f"{len(gang.actors)} rank(s) running")
@@ -242,27 +247,16 @@ class Attempt:
                 traceback.print_exc()
             self.cleanup()
         assert outcome is not None
-        self.log(f"attempt {self.n} ended: {outcome.kind.value}: {outcome.message}")
-        self.report(Phase.DONE, outcome=outcome.kind, exit_code=outcome.exit_code, message=outcome.message,
-                    lost_nodes=sorted(self.lost_nodes), unsynced=self.unsynced)
-        return 0 if outcome.succeeded else 1
+        return self.ended(outcome, unsynced=self.unsynced)
 
 
-def main(argv: list[str]) -> int:
+def main(kind: type[Attempt], module: str, argv: list[str]) -> int:
+    """``python -m MODULE ATTEMPT_JSON``: the launcher picks the module (launcher.DRIVERS)."""
     if len(argv) != 1:
-        print("usage: python -m raybatch.runtime.driver ATTEMPT_JSON", file=sys.stderr)
+        print(f"usage: python -m {module} ATTEMPT_JSON", file=sys.stderr)
         return 2
-    try:
-        array = AttemptFile.model_validate_json(Path(argv[0]).read_text()).spec.array is not None
-    except (OSError, ValueError) as e:
-        print(f"cannot read {argv[0]}: {e}", file=sys.stderr)
-        return 2
-    if array:  # one job, many tasks on warm slots
-        from raybatch.runtime.array import ArrayAttempt  # noqa: PLC0415 - it builds on Attempt
-
-        return ArrayAttempt(argv[0]).run()
-    return Attempt(argv[0]).run()
+    return kind(argv[0]).run()
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main(Attempt, "raybatch.runtime.driver", sys.argv[1:]))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Generic, Iterator, Optional, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Generic, Iterator, Optional, TypeVar
 
 import ray
 from ray.exceptions import RayActorError, RayError
@@ -20,6 +20,9 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from raybatch.runtime import environment
 from raybatch.runtime.rank import RankActor
 from raybatch.spec.job import JobSpec
+
+if TYPE_CHECKING:
+    from raybatch.runtime.launch import RankLaunch
 
 K = TypeVar("K")
 
@@ -139,6 +142,24 @@ class Gang:
     def node_infos(self) -> list[dict[str, Any]]:
         """Each rank's node id, ip and host name (the actors are up once this returns)."""
         return ray.get([a.node_info.remote() for a in self.actors])
+
+    def start_syncs(self, launches: list["RankLaunch"], interval: float) -> None:
+        """Each rank's upload of its logs (and its node's outputs and checkpoints) while it runs."""
+        ray.get([self.actors[x.rank].start_sync.remote(x.sync_dirs, x.sync_logs, interval)
+                 for x in launches if x.sync_dirs or x.sync_logs])
+
+    def start(self, launches: list["RankLaunch"]) -> dict[int, Optional[int]]:
+        """Every rank's process (a rank with nothing to run holds its share of the node);
+        rank -> its pid."""
+        starts = {}
+        for x in launches:
+            actor = self.actors[x.rank]
+            if x.argv is None:
+                starts[x.rank] = actor.hold.remote(x.make_dirs, x.files)
+            else:
+                starts[x.rank] = actor.start.remote(x.argv, x.env, x.cwd, x.log_dir, x.make_dirs,
+                                                    self.spec.grace_period, x.files, x.metrics)
+        return dict(zip(starts, ray.get(list(starts.values()))))
 
     def terminate(self, grace: float, only: Optional[set[int]] = None) -> dict[int, Optional[int]]:
         """SIGTERM -> ``grace`` -> SIGKILL to the ranks' process groups (``only`` these

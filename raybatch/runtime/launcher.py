@@ -24,8 +24,9 @@ from raybatch.storage.datastores import CredentialError, Datastores
 from raybatch.storage.plan import resolve_attempt
 
 
-# the attempt's Ray Job entrypoint (a module run with python -m); a sweep's driver runs Tune
-DRIVERS = {"job": "raybatch.runtime.driver", "sweep": "raybatch.sweep.driver"}
+# the attempt's Ray Job entrypoint (a module run with python -m): a plain job's gang, an
+# array's tasks on warm slots, a sweep's trials through Ray Tune
+DRIVERS = {"job": "raybatch.runtime.driver", "array": "raybatch.runtime.array", "sweep": "raybatch.sweep.driver"}
 
 
 class AttemptSetupError(RuntimeError):
@@ -95,8 +96,9 @@ class RayJobLauncher:
         # and any runtime_env costs each of them one more Python start. The driver ships
         # the code itself (raybatch.runtime.code).
         sid = ray_job_id(job["id"], attempt)
+        driver = DRIVERS["sweep" if spec.sweep else "array" if spec.array else "job"]
         self.client.submit_job(
-            entrypoint=f"{sys.executable} -m {DRIVERS['sweep' if spec.sweep else 'job']} {ctl.attempt}",
+            entrypoint=f"{sys.executable} -m {driver} {ctl.attempt}",
             submission_id=sid,
             metadata={
                 "raybatch_job_id": job["id"], "raybatch_job_name": spec.name,

@@ -119,6 +119,14 @@ class Control(BaseModel):
     at: float = Field(default_factory=time.time)
     slots: dict[int, SlotGrant] = Field(default_factory=dict)
 
+    def requested_stop(self) -> Optional[Outcome]:
+        """How the attempt ends when it stops for this request (None: no stop asked)."""
+        if self.action == "cancel":
+            return Outcome(AttemptOutcome.CANCELLED, None, "cancelled by user")
+        if self.action == "preempt":
+            return Outcome(AttemptOutcome.PREEMPTED, None, self.reason or "preempted by a higher-priority job")
+        return None
+
 
 class RankReport(BaseModel):
     """Where one rank runs, and how its process ended."""

@@ -23,7 +23,7 @@ from ray.exceptions import RayActorError, RayError
 from raybatch.runtime import setup, watch
 from raybatch.runtime.gang import Gang, cause_of
 from raybatch.runtime.launch import AttemptDirs, RankLaunch
-from raybatch.runtime.protocol import Outcome, RankReport, SlotReport, ray_job_id
+from raybatch.runtime.protocol import Outcome, RankReport, SlotGrant, SlotReport, ray_job_id
 from raybatch.state.states import AttemptOutcome
 from raybatch.storage.backends import StorageError
 
@@ -71,6 +71,58 @@ class UnitSource(Protocol):
 
 IDLE_WAIT_S = 0.25  # a ready slot with nothing to run asks again (for more to come) this often
 UNIT_SYNC_TIMEOUT_S = 120.0
+# a unit's run these ended runs again without counting as its failure: after preemption
+# always, after the others up to retries.infrastructure times
+RERUN_FREE = (AttemptOutcome.PREEMPTED, AttemptOutcome.NODE_LOST, AttemptOutcome.PLACEMENT_TIMEOUT,
+              AttemptOutcome.STORAGE_UNAVAILABLE)
+
+
+def reruns_free(outcome: Outcome, infra_reruns: int, budget: int) -> bool:
+    """Does a unit whose run ended so run again, free? (``infra_reruns``: its free reruns so
+    far that were not preemptions; ``budget``: the job's retries.infrastructure)"""
+    return outcome.kind is AttemptOutcome.PREEMPTED or (outcome.kind in RERUN_FREE and infra_reruns < budget)
+
+
+class SlotOwner:
+    """The slots of one attempt, as an array job's driver and a sweep's pool both hold
+    them: the scheduler's word on each (``control.json``) and what they report. The owner
+    is a ``UnitSource`` with ``stop_with``."""
+
+    slots: dict[int, "Slot"]
+    gone: dict[int, SlotReport]  # taken back before they started
+
+    def apply_grant(self, k: int, grant: SlotGrant) -> None:
+        """Start slot k on its nodes, or take it back: before it started (nothing to give
+        back), when its unit ends (drain), or now (preempt: its unit gets SIGTERM)."""
+        owner: Any = self
+        slot = self.slots.get(k)
+        if grant.state == "granted":
+            if slot is None and k not in self.gone and not owner.stop.is_set():
+                slot = self.slots[k] = Slot(owner, k, grant.nodes)
+                owner.log(f"slot {k} granted on {', '.join(n[:12] for n in grant.nodes)}")
+                slot.start()
+        elif slot is None:
+            if k not in self.gone:
+                self.gone[k] = SlotReport(slot=k, nodes=grant.nodes, state="released", since=time.time())
+                owner.changed()
+        elif grant.preempt and slot.preempted is None:
+            owner.log(f"slot {k}: {grant.reason}")
+            slot.preempted = grant.reason or "preempted"
+        elif not grant.preempt and not slot.drain.is_set():
+            owner.log(f"slot {k} drains: {grant.reason}")
+            slot.drain.set()
+
+    def slot_failed(self, slot: "Slot", outcome: Outcome) -> None:
+        """A slot could not be set up. Its nodes' trouble (placement) only loses the slot;
+        the job's own (its environment, inputs or code) fails the attempt."""
+        owner: Any = self
+        if owner.stop.is_set() or slot.preempted is not None or slot.drain.is_set():
+            return
+        if outcome.kind is AttemptOutcome.START_FAILED:
+            owner.stop_with(outcome)
+
+    def slot_reports(self) -> list[SlotReport]:
+        return [s.report() for s in list(self.slots.values())] + list(self.gone.values())
 
 
 class Slot:
@@ -247,45 +299,20 @@ class Slot:
             ray.get([a.restore_dir.remote(st.checkpoints.child(owner.unit_checkpoints(task)).to_dict(),
                                           launches[k * gang.P].env["RAYBATCH_CHECKPOINT_DIR"])
                      for k, a in gang.first_actors().items()])
-        syncing = [x for x in launches if x.sync_dirs or x.sync_logs]
-        ray.get([gang.actors[x.rank].start_sync.remote(x.sync_dirs, x.sync_logs, self.spec.sync_interval)
-                 for x in syncing])
-        starts = {}
-        for x in launches:
-            actor = gang.actors[x.rank]
-            if x.argv is None:
-                starts[x.rank] = actor.hold.remote(x.make_dirs, x.files)
-            else:
-                starts[x.rank] = actor.start.remote(x.argv, x.env, x.cwd, x.log_dir, x.make_dirs,
-                                                    self.spec.grace_period, x.files, x.metrics)
-        ranks = [RankReport(rank=x.rank, node_rank=x.node_rank, local_rank=x.local_rank, role=x.role,
-                            node_id=info["node_id"], node_ip=info["node_ip"], hostname=info["hostname"])
-                 for x, info in zip(launches, self.infos)]
-        for rank, pid in zip(starts, ray.get(list(starts.values()))):
+        syncing = any(x.sync_dirs or x.sync_logs for x in launches)
+        gang.start_syncs(launches, self.spec.sync_interval)
+        ranks = [x.report(info) for x, info in zip(launches, self.infos)]
+        for rank, pid in gang.start(launches).items():
             ranks[rank].pid = pid
         owner.unit_started(self, task, run, ranks)
         timeout, why = owner.unit_timeout(task)
         outcome = watch.watch(gang, ranks, owner.framework, time.monotonic() + timeout,
                               lambda: self.stop_request(task), self.lost_nodes, lambda *a, **k: None, self.log,
                               timeout_reason=why)
-        if syncing:
-            not_out: list[str] = []
-            errors: list[str] = []
-            for x in syncing:
-                try:
-                    result = ray.get(gang.actors[x.rank].finish_sync.remote(UNIT_SYNC_TIMEOUT_S))
-                except RayError as e:
-                    if ranks[x.rank].node_id in self.lost_nodes:
-                        continue
-                    not_out.append(f"node {x.node_rank}'s files")
-                    errors.append(type(e).__name__)
-                    continue
-                not_out += result["unsynced"]
-                if result["error"]:
-                    errors.append(result["error"])
-            self.upload_failed |= bool(not_out)
-            if not_out and outcome.succeeded:
-                outcome = Outcome(AttemptOutcome.UPLOAD_FAILED, None,
-                                  f"{len(not_out)} file(s) not uploaded: {', '.join(not_out[:3])}; "
-                                  f"cause: {errors[0] if errors else 'unknown'}")
+        if syncing:  # the unit's last upload (quietly: one per unit)
+            result = watch.final_sync(gang, ranks, self.dirs, self.lost_nodes, UNIT_SYNC_TIMEOUT_S,
+                                      lambda *a, **k: None, lambda m: None)
+            self.upload_failed |= bool(result.unsynced)
+            if result.message and outcome.succeeded:
+                outcome = Outcome(AttemptOutcome.UPLOAD_FAILED, None, result.message)
         return outcome

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import sys
 import threading
 import time
@@ -33,7 +32,7 @@ import ray
 from ray.exceptions import RayError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from raybatch.runtime.driver import Attempt
+from raybatch.runtime.driver import Attempt, main
 from raybatch.runtime.gang import cause_of
 from raybatch.runtime.protocol import ItemCounts, Outcome, Phase, SlotReport
 from raybatch.state.states import AttemptOutcome
@@ -52,6 +51,7 @@ class SweepAttempt(Attempt):
         self.pool: Any = None
         self.phase = Phase.PLACING
         self.sent: dict[int, tuple[str, bool]] = {}  # the slot states handed to the pool
+        self.stop_sent = False  # the pool knows the attempt stops
         self.status: dict[str, Any] = {}
         self.sweep_start = time.time()  # the first trial's start, when an earlier attempt ran one
         self.over: Optional[str] = None  # limits.timeout reached: Tune stops, the trials are cancelled
@@ -67,17 +67,13 @@ class SweepAttempt(Attempt):
                 if self.sent.get(k) == state:
                     continue
                 self.sent[k] = state
-                if grant.state == "granted":
-                    self.pool.grant.remote(k, grant.nodes)
-                else:
-                    self.pool.revoke.remote(k, grant.reason, grant.preempt)
-        if not self.stop.is_set() and control is not None and control.action:
-            self.stop_reason = (Outcome(AttemptOutcome.CANCELLED, None, "cancelled by user")
-                                if control.action == "cancel" else
-                                Outcome(AttemptOutcome.PREEMPTED, None, control.reason or "preempted"))
-            self.stop.set()
-        if self.stop.is_set() and self.pool is not None and self.stop_reason is not None:
-            self.pool.stop_attempt.remote(self.stop_reason.kind.value, self.stop_reason.message)
+                self.pool.apply.remote(k, grant)
+        stop = control.requested_stop() if control is not None else None
+        if stop is not None:
+            self.stop_with(stop)
+        if self.stop_reason is not None and self.pool is not None and not self.stop_sent:
+            self.stop_sent = True  # (not from stop_with: a signal handler must not call Ray)
+            self.pool.stop_with.remote(self.stop_reason)
         return self.stop.is_set()
 
     def report(self, phase: Optional[Phase] = None, **extra: Any) -> None:  # type: ignore[override]
@@ -104,14 +100,9 @@ class SweepAttempt(Attempt):
     def check_limits(self) -> None:
         """The pool stopped the attempt (a slot could not be set up); the job's
         max_wall_clock (this attempt) and the sweep's limits.timeout (since its first trial)."""
-        stop = self.status.get("stop")
-        if stop and not self.stop.is_set():
-            self.stop_reason = Outcome(AttemptOutcome(stop["kind"]), None, stop["message"])
-            self.stop.set()
-        if not self.stop.is_set() and time.monotonic() > self.started + self.spec.max_wall_clock:
-            self.stop_reason = Outcome(AttemptOutcome.TIMEOUT, None,
-                                       f"exceeded max_wall_clock ({self.spec.max_wall_clock:.0f} s)")
-            self.stop.set()
+        stop = self.status.get("stop") or self.past_wall_clock()
+        if stop is not None:
+            self.stop_with(stop)
         limit = self.sweep.limits.timeout
         if limit and self.over is None and time.time() > self.sweep_start + limit:
             self.over = f"limits.timeout ({limit:g} s) reached: the sweep ends, its unfinished trials are cancelled"
@@ -222,7 +213,7 @@ class SweepAttempt(Attempt):
             try:
                 if self.pool is not None:
                     if outcome is not None and not outcome.succeeded:
-                        ray.get(self.pool.stop_attempt.remote(outcome.kind.value, outcome.message))
+                        ray.get(self.pool.stop_with.remote(outcome))
                     self.report(Phase.STOPPING, reason=outcome.message if outcome else "done")
                     self.lost_nodes |= set(ray.get(self.pool.finish.remote(self.spec.grace_period + 60)))
                     self.status = ray.get(self.pool.status.remote())
@@ -232,10 +223,7 @@ class SweepAttempt(Attempt):
             if ticker is not None:
                 ticker.join(timeout=5)
         assert outcome is not None
-        self.log(f"attempt {self.n} ended: {outcome.kind.value}: {outcome.message}")
-        self.report(Phase.DONE, outcome=outcome.kind, exit_code=outcome.exit_code, message=outcome.message,
-                    lost_nodes=sorted(self.lost_nodes))
-        return 0 if outcome.succeeded else 1
+        return self.ended(outcome)
 
     def result(self) -> Outcome:
         """The sweep's outcome from its trials: it succeeds when one trial did."""
@@ -254,19 +242,6 @@ class SweepAttempt(Attempt):
             return Outcome(AttemptOutcome.TIMEOUT, None, "no trial finished before " + note)
         return Outcome(AttemptOutcome.USER_ERROR, 1, "no trial finished; " + note)
 
-    def on_signal(self, signum: int, _frame: Any) -> None:  # type: ignore[override]
-        if self.stop_reason is None:
-            self.stop_reason = Outcome(AttemptOutcome.DRIVER_LOST, None,
-                                       f"the attempt's driver got {signal.Signals(signum).name} from outside raybatch")
-        self.stop.set()
-
-
-def main(argv: list[str]) -> int:
-    if len(argv) != 1:
-        print("usage: python -m raybatch.sweep.driver ATTEMPT_JSON", file=sys.stderr)
-        return 2
-    return SweepAttempt(argv[0]).run()
-
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main(SweepAttempt, "raybatch.sweep.driver", sys.argv[1:]))

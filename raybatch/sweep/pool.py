@@ -32,8 +32,8 @@ from ray.exceptions import RayError
 
 from raybatch import frameworks
 from raybatch.runtime.launch import RankLaunch, UnitPlan, plan_ranks
-from raybatch.runtime.protocol import AttemptFile, ItemCounts, Outcome, RankReport, SlotReport
-from raybatch.runtime.slots import Slot
+from raybatch.runtime.protocol import AttemptFile, ItemCounts, Outcome, RankReport, SlotGrant, SlotReport
+from raybatch.runtime.slots import Slot, SlotOwner, reruns_free
 from raybatch.spec.sweep import PARAM_PLACEHOLDER
 from raybatch.state.states import AttemptOutcome
 from raybatch.storage.backends import open_backend
@@ -42,8 +42,6 @@ from raybatch.sweep.space import params_of
 from raybatch.sweep.trials import FINAL_STATES, TrialJournal, TrialRecord, trial_id
 
 POOL_NAME = "raybatch-sweep-pool"
-_RERUN_FREE = (AttemptOutcome.PREEMPTED, AttemptOutcome.NODE_LOST, AttemptOutcome.PLACEMENT_TIMEOUT,
-               AttemptOutcome.STORAGE_UNAVAILABLE)
 
 
 class Trial:
@@ -72,7 +70,7 @@ class Trial:
 
 
 @ray.remote(num_cpus=0, max_restarts=0)
-class SlotPool:
+class SlotPool(SlotOwner):
     """Created by the driver, on its node (``ready`` hands it the storage credentials: a
     method call's arguments, unlike an actor's, are not kept in Ray's control store)."""
 
@@ -112,27 +110,10 @@ class SlotPool:
         starts = [r.started_at for r in self.ended.values() if r.started_at]
         return {"ended": len(self.ended), "first_start": min(starts) if starts else None}
 
-    def grant(self, k: int, nodes: list[str]) -> None:
+    def apply(self, k: int, grant: SlotGrant) -> None:
+        """The scheduler's word on slot k, as the driver read it in control.json."""
         with self.lock:
-            if k in self.slots or k in self.gone or self.stop.is_set():
-                return
-            slot = self.slots[k] = Slot(self, k, nodes)
-        self.log(f"slot {k} granted on {', '.join(n[:12] for n in nodes)}")
-        slot.start()
-
-    def revoke(self, k: int, reason: str, preempt: bool) -> None:
-        with self.lock:
-            slot = self.slots.get(k)
-            if slot is None:
-                if k not in self.gone:
-                    self.gone[k] = SlotReport(slot=k, state="released", since=time.time())
-                return
-        if preempt and slot.preempted is None:
-            self.log(f"slot {k}: {reason}")
-            slot.preempted = reason or "preempted"
-        elif not preempt and not slot.drain.is_set():
-            self.log(f"slot {k} drains: {reason}")
-            slot.drain.set()
+            self.apply_grant(k, grant)
 
     def cancel_trials(self, reason: str) -> None:
         """The sweep's limits.timeout: no new trial; queued ones end cancelled now, running
@@ -149,10 +130,11 @@ class SlotPool:
         self.log(reason)
         self._wake_all()
 
-    def stop_attempt(self, kind: str, message: str) -> None:
+    def stop_with(self, outcome: Outcome) -> None:
+        """Stop the attempt (the first reason given is how it ends): every slot's unit stops."""
         with self.lock:
             if self.stop_reason is None:
-                self.stop_reason = Outcome(AttemptOutcome(kind), None, message)
+                self.stop_reason = outcome
             self.stop.set()
         self._wake_all()
 
@@ -171,7 +153,7 @@ class SlotPool:
     def status(self) -> dict[str, Any]:
         with self.lock:
             trials = list(self.trials.values())
-            slots = [s.report() for s in self.slots.values()] + list(self.gone.values())
+            slots = self.slot_reports()
             ended = {**self.ended, **{t.index: t.record for t in trials if t.ended}}
             running = sum(1 for t in trials if t.record.state == "running")
             pending = len(self.queue)
@@ -186,9 +168,8 @@ class SlotPool:
             top = max(scored, key=lambda r: r.best) if self.maximize else min(scored, key=lambda r: r.best)
             best = {"trial": trial_id(self.job_id, top.n), "n": top.n, "value": top.best, "params": top.params}
         live = [t.record for t in trials if not t.ended and t.record.state == "running"]
-        stop = self.stop_reason
         return {"slots": [s.model_dump(mode="json") for s in slots], "trials": counts.model_dump(),
-                "stop": {"kind": stop.kind.value, "message": stop.message} if stop else None,
+                "stop": self.stop_reason,
                 "wanted": wanted, "best": best, "placed": self.placed, "running": self.running,
                 "pending": pending, "lost_nodes": sorted(self.lost_nodes),
                 "running_trials": [{k: v for k, v in asdict(r).items() if k != "events"} for r in live]}
@@ -259,11 +240,6 @@ class SlotPool:
 
     def slot_placed(self, slot: Slot) -> None:
         self.placed = True
-
-    def slot_failed(self, slot: Slot, outcome: Outcome) -> None:
-        if outcome.kind is AttemptOutcome.START_FAILED and not (self.stop.is_set() or slot.drain.is_set()
-                                                                or slot.preempted is not None):
-            self.stop_attempt(outcome.kind.value, outcome.message)
 
     def next_unit(self, slot: Slot, wait: float) -> Optional[Trial]:
         """The next queued trial, as soon as one is (a proxy registers it): a slot never
@@ -379,8 +355,7 @@ class SlotPool:
         elif self.stop_reason is not None and (outcome is self.stop_reason or outcome.kind in (
                 AttemptOutcome.CANCELLED, AttemptOutcome.DRIVER_LOST)):
             r.state = "pending"  # the attempt ends: the trial did not
-        elif outcome.kind is AttemptOutcome.PREEMPTED or (
-                outcome.kind in _RERUN_FREE and trial.infra_reruns < self.spec.retries.infrastructure):
+        elif reruns_free(outcome, trial.infra_reruns, self.spec.retries.infrastructure):
             if outcome.kind is not AttemptOutcome.PREEMPTED:  # a preempted trial is never charged
                 trial.infra_reruns += 1
             self.log(f"trial {trial.index} run {run}: {outcome.kind.value}: {outcome.message}; it runs again")
