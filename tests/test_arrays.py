@@ -124,6 +124,26 @@ def test_run_numbers_go_on_across_attempts_from_the_logs(tmp_path):
             assert d.runs(0) + 1 == 1
 
 
+def test_a_slot_does_not_restore_every_units_checkpoints_at_set_up():
+    """Blob checkpoints: a slot's gang restores each unit's own checkpoints before the unit
+    runs (checkpoints/items/<task>/), not the whole tree of every task when it is set up."""
+    from raybatch.runtime import setup
+    from raybatch.runtime.launch import AttemptDirs
+    from raybatch.storage.plan import AttemptStorage
+
+    blob = Access("blob", "j/checkpoints", container="c", endpoint="http://acct.blob", uri="az://c/j/checkpoints")
+    st = AttemptStorage(logs=Access("local", "/tmp/j/stdouterr", uri="/tmp/j/stdouterr"), checkpoints=blob)
+
+    class NoGang:  # the whole-tree restore would ask the gang's nodes for it
+        def first_actors(self):
+            raise AssertionError("restored the whole checkpoint tree")
+
+    args = (NoGang(), st, AttemptDirs("rb-1", 1, slot=0), "/tmp/cache", lambda: False, lambda *a, **k: None, print)
+    assert setup.stage_inputs(*args, checkpoints=False) == {}
+    with pytest.raises(AssertionError, match="whole checkpoint tree"):
+        setup.stage_inputs(*args)
+
+
 def test_dispatcher_hands_each_task_to_one_slot_and_counts():
     tasks = tasks_of([Item(i, str(i), str(i)) for i in range(6)], 1)
     d = Dispatcher(tasks, done={0}, skipped={1}, retries=1)

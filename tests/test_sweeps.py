@@ -250,6 +250,48 @@ def test_collector_merges_the_three_paths_into_one_store(tmp_path):
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 3
 
 
+def test_the_stdout_tee_hands_every_metric_line_to_the_collector_whatever_the_chunks(tmp_path):
+    """Lines split across pipe reads, several in one read, and a last line without a newline
+    all reach the parser; the log file gets every byte."""
+    import io
+    import os
+    import threading
+
+    from raybatch.runtime.rank import _tee
+
+    c = MetricCollector(str(tmp_path / "metrics.jsonl"), str(tmp_path / "lm.jsonl"), None, None)
+    r, w = os.pipe()
+    t = threading.Thread(target=_tee, args=(os.fdopen(r, "rb"), tmp_path / "stdout.txt", io.BytesIO(), [0.0],
+                                            c.raw_line))
+    t.start()
+    text = b"epoch 1\nRAYBATCH_METRIC loss=0.5\nRAYBATCH_MET" + b"RIC loss=0.4 step=7\nnoise\nRAYBATCH_METRIC acc=0.9"
+    for part in (text[:5], text[5:40], text[40:41], text[41:]):
+        os.write(w, part)
+    os.close(w)
+    t.join()
+    assert [(e["name"], e["value"], e["step"]) for e in c.events] == [("loss", 0.5, 0), ("loss", 0.4, 7),
+                                                                     ("acc", 0.9, 0)]
+    assert (tmp_path / "stdout.txt").read_bytes() == text
+
+
+def test_a_rank_that_ends_while_it_is_stopped_reads_its_metrics_tail_once(tmp_path):
+    """The rank's wait and a terminate both finish its collector, at once: the tail of its
+    metrics file is read once."""
+    import threading
+
+    for k in range(10):
+        lm = tmp_path / f"lm{k}.jsonl"
+        lm.write_text("".join(f'{{"name": "acc", "value": {i}, "step": {i}}}\n' for i in range(2000)))
+        c = MetricCollector(str(tmp_path / f"m{k}.jsonl"), str(lm), None, None)
+        go = threading.Barrier(2)
+        threads = [threading.Thread(target=lambda: (go.wait(), c.finish())) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(c.since(0, 0)[0]) == 2000
+
+
 def test_raybatch_log_metric_writes_the_metrics_file(tmp_path, monkeypatch):
     import raybatch
 
@@ -261,6 +303,35 @@ def test_raybatch_log_metric_writes_the_metrics_file(tmp_path, monkeypatch):
     assert out.returncode == 0, out.stderr
     lines = (tmp_path / "m.jsonl").read_text().splitlines()
     assert '"value": 0.5' in lines[0] and '"value": 0.75' in lines[1]
+
+
+def test_rank_zeros_mlflow_store_is_synced_with_its_nodes_outputs_and_checkpoints():
+    """With logs, outputs and checkpoints in blob storage, node 0's first rank uploads its
+    outputs and checkpoints and its MLflow store (which its log dir holds) as it runs."""
+    from raybatch import frameworks
+    from raybatch.runtime.launch import AttemptDirs, UnitPlan, plan_ranks
+    from raybatch.spec.job import JobSpec
+    from raybatch.storage.datastores import Access
+    from raybatch.storage.plan import AttemptStorage
+
+    def blob(path):
+        return Access("blob", path, container="c", endpoint="http://acct.blob", uri=f"az://c/{path}")
+
+    spec = JobSpec.model_validate({"name": "j", "command": "python train.py"})
+    st = AttemptStorage(logs=blob("j/stdouterr"), checkpoints=blob("j/checkpoints"), outputs={"model": blob("j/out")})
+    [x] = plan_ranks(spec, frameworks.get(spec.framework), st, AttemptDirs("rb-1", 1), job_dir="az://c/j",
+                     infos=[{"node_id": "n0", "node_ip": "10.0.0.1", "hostname": "h0"}], ports=[29500],
+                     code_dirs={}, staged_inputs={})
+    synced = {remote["path"] for _local, remote in x.sync_dirs}
+    assert synced == {"j/stdouterr/attempt-1/rank-0/mlflow", "j/out", "j/checkpoints"}, synced
+    # a trial's run: its outputs and checkpoints are its own, below the job's
+    unit = UnitPlan(logs_rel=lambda r: f"trials/3/attempt-2/rank-{r}", checkpoint_rel="trials/3", output_rel="trials/3")
+    [t] = plan_ranks(spec, frameworks.get(spec.framework), st, AttemptDirs("rb-1", 1, slot=0), job_dir="az://c/j",
+                     infos=[{"node_id": "n0", "node_ip": "10.0.0.1", "hostname": "h0"}], ports=[29500],
+                     code_dirs={}, staged_inputs={}, unit=unit)
+    assert t.env["RAYBATCH_OUTPUT_MODEL"].endswith("/outputs/model/trials/3") and t.env["RAYBATCH_OUTPUT_MODEL"] in t.make_dirs
+    assert {remote["path"] for _local, remote in t.sync_dirs} == {
+        "j/stdouterr/trials/3/attempt-2/rank-0/mlflow", "j/out/trials/3", "j/checkpoints/trials/3"}
 
 
 def test_the_mlflow_reader_on_a_store_mlflow_wrote(tmp_path):

@@ -46,11 +46,12 @@ class AttemptDirs:
 
 @dataclass
 class UnitPlan:
-    """One run of an array task in a warm slot: where its logs and checkpoints go, and
-    what its processes get on top of the job's contract."""
+    """One run of a unit (an array task, a sweep trial) in a warm slot: where its logs,
+    checkpoints (and outputs) go, and what its processes get on top of the job's contract."""
 
     logs_rel: Callable[[int], str]      # rank -> its log directory below stdouterr/
-    checkpoint_rel: str                 # the task's checkpoints below checkpoints/
+    checkpoint_rel: str                 # the unit's checkpoints below checkpoints/
+    output_rel: str = ""                # its outputs below each output ("": the output itself)
     env: dict[str, str] = field(default_factory=dict)
     node_files: Callable[[int, str], dict[str, str]] = lambda node_rank, job_temp: {}  # written on each node
 
@@ -106,7 +107,9 @@ def plan_ranks(spec: JobSpec, framework: Framework, storage: AttemptStorage, dir
         ckpt = st.checkpoints.path if st.checkpoints.kind == "local" else str(node_dir / "checkpoints")
         if unit is not None:
             ckpt = str(Path(ckpt) / unit.checkpoint_rel)
-        outputs = {i: a.path if a.kind == "local" else str(node_dir / "outputs" / i) for i, a in st.outputs.items()}
+        out_rel = unit.output_rel if unit is not None else ""
+        outputs = {i: str(Path(a.path if a.kind == "local" else node_dir / "outputs" / i, out_rel))
+                   for i, a in st.outputs.items()}
         inputs = {}
         for i, a in st.inputs.items():
             if st.input_modes.get(i) == "download":
@@ -155,7 +158,8 @@ def plan_ranks(spec: JobSpec, framework: Framework, storage: AttemptStorage, dir
                 rel_prep = prepare_logs(n, node_rank)
                 launch.sync_logs += [(str(node_dir / "stdouterr" / rel_prep / f"{s}.txt"), st.logs.to_dict(),
                                       f"{rel_prep}/{s}.txt") for s in ("stdout", "stderr")]
-            launch.sync_dirs = [(outputs[i], a.to_dict()) for i, a in st.outputs.items() if a.kind != "local"]
+            launch.sync_dirs += [(outputs[i], a.child(out_rel).to_dict()) for i, a in st.outputs.items()
+                                 if a.kind != "local"]
             if st.checkpoints.kind != "local":
                 remote = st.checkpoints.child(unit.checkpoint_rel) if unit is not None else st.checkpoints
                 launch.sync_dirs.append((ckpt, remote.to_dict()))

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 LINE_PREFIX = "RAYBATCH_METRIC"
+_PREFIX_BYTES = LINE_PREFIX.encode()
 FILE_POLL_S = 0.2
 MLFLOW_POLL_S = 0.5
 _PAIR = re.compile(r"([A-Za-z_][\w./-]*)=(\S+)")
@@ -107,6 +108,7 @@ class MetricCollector:
         self._stop = threading.Event()
         self._out = None
         self._thread: Optional[threading.Thread] = None
+        self._finishing = threading.Lock()
 
     def start(self) -> "MetricCollector":
         self.store.parent.mkdir(parents=True, exist_ok=True)
@@ -128,6 +130,11 @@ class MetricCollector:
                 except (OSError, ValueError):
                     pass
             self.cond.notify_all()
+
+    def raw_line(self, raw: bytes) -> None:
+        """One line of the rank's stdout as it came: decoded only when it may hold a metric."""
+        if self.regex is not None or _PREFIX_BYTES in raw:
+            self.line(raw.decode("utf-8", errors="replace"))
 
     def line(self, text: str) -> None:
         """One line of the rank's stdout."""
@@ -171,18 +178,22 @@ class MetricCollector:
                 self._read_mlflow()
 
     def finish(self) -> None:
-        """The process ended: read what is left, and wake every waiter."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-        self._read_file()
-        self._read_mlflow()
-        with self.cond:
-            self.done = True
-            if self._out is not None:
-                self._out.close()
-                self._out = None
-            self.cond.notify_all()
+        """The process ended: read what is left, and wake every waiter. Once: the rank's
+        wait and a terminate may both call it, and the tail must not be read twice."""
+        with self._finishing:
+            if self.done:
+                return
+            self._stop.set()
+            if self._thread is not None:
+                self._thread.join(timeout=5)
+            self._read_file()
+            self._read_mlflow()
+            with self.cond:
+                self.done = True
+                if self._out is not None:
+                    self._out.close()
+                    self._out = None
+                self.cond.notify_all()
 
     def since(self, cursor: int, timeout: float) -> tuple[list[dict[str, Any]], bool]:
         """Events past ``cursor``, waiting up to ``timeout`` for one; and whether the stream ended."""

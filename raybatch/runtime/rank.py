@@ -59,9 +59,9 @@ def exit_code_of(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
-def _tee(src, path: Path, mirror, activity: list[float], lines: Optional[Callable[[str], None]] = None) -> None:
+def _tee(src, path: Path, mirror, activity: list[float], lines: Optional[Callable[[bytes], None]] = None) -> None:
     """Copy a pipe to a file and to the actor's own stream; ``lines`` gets each complete
-    line (the metric parser, on stdout)."""
+    line, undecoded (the metric parser, on stdout)."""
     pending = b""
     with open(path, "ab", buffering=0) as out:
         fd = src.fileno()
@@ -77,15 +77,16 @@ def _tee(src, path: Path, mirror, activity: list[float], lines: Optional[Callabl
             except (OSError, ValueError):
                 pass
             if lines is not None:
-                pending += chunk
-                if b"\n" in pending:
-                    *complete, pending = pending.split(b"\n")
+                if b"\n" in chunk:
+                    *complete, pending = (pending + chunk).split(b"\n")
                     for raw in complete:
-                        lines(raw.decode("utf-8", errors="replace"))
-                if len(pending) > 1 << 20:  # no newline in 1 MiB: not a metric line
-                    pending = b""
+                        lines(raw)
+                else:
+                    pending += chunk
+                    if len(pending) > 1 << 20:  # no newline in 1 MiB: not a metric line
+                        pending = b""
     if lines is not None and pending:
-        lines(pending.decode("utf-8", errors="replace"))
+        lines(pending)
     src.close()
 
 
@@ -171,7 +172,7 @@ class RankActor:
         self._activity[0] = time.monotonic()
         for src, name, mirror in ((self.proc.stdout, "stdout", sys.stdout.buffer),
                                   (self.proc.stderr, "stderr", sys.stderr.buffer)):
-            parse = self.metrics.line if self.metrics is not None and name == "stdout" else None
+            parse = self.metrics.raw_line if self.metrics is not None and name == "stdout" else None
             t = threading.Thread(target=_tee, args=(src, Path(log_dir) / f"{name}.txt", mirror,
                                                     self._activity, parse), daemon=True)
             t.start()

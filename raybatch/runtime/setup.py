@@ -156,13 +156,15 @@ def _environment_failed(spec: Any, storage: AttemptStorage, attempt: int, node_r
 
 
 def stage_inputs(gang: Gang, storage: AttemptStorage, dirs: AttemptDirs, cache_dir: str,
-                 stopped: Stopped, report: ReportFn, log: Log) -> dict[int, dict[str, str]] | Outcome:
+                 stopped: Stopped, report: ReportFn, log: Log,
+                 checkpoints: bool = True) -> dict[int, dict[str, str]] | Outcome:
     """Stage ``download`` inputs and restore blob checkpoints on every node of the gang,
     once per node (its first rank), reporting progress. Node rank -> input id -> local
-    path, or why it failed (STORAGE_UNAVAILABLE when a blip outlasted the retries)."""
+    path, or why it failed (STORAGE_UNAVAILABLE when a blip outlasted the retries).
+    ``checkpoints=False``: a slot's gang, which restores each unit's own before it runs."""
     st = storage
     downloads = [i for i, m in st.input_modes.items() if m == "download"]
-    restore = st.checkpoints.kind != "local"
+    restore = checkpoints and st.checkpoints.kind != "local"
     if not downloads and not restore:
         return {}
     firsts = gang.first_actors()

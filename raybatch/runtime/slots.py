@@ -240,7 +240,7 @@ class Slot:
         if problem is not None:
             return problem
         staged = setup.stage_inputs(self.gang, owner.storage, self.dirs, owner.cache_dir, stopped,
-                                    lambda *a, **k: None, self.log)
+                                    lambda *a, **k: None, self.log, checkpoints=False)
         if isinstance(staged, Outcome):
             return staged
         self.staged = staged

@@ -307,16 +307,11 @@ class SlotPool(SlotOwner):
             copies = {k: str(Path(slot.dirs.job_temp(k)) / "trials" / str(n) / "code") for k in code_dirs}
             ray.get([slot.gang.first_actors()[k].copy_tree.remote(code_dirs[k], copies[k]) for k in code_dirs])
             code_dirs = copies
-        unit = UnitPlan(logs_rel=lambda rank: trial_logs(n, run, rank), checkpoint_rel=f"trials/{n}", env=env)
-        launches = plan_ranks(spec, self.framework, self.storage, slot.dirs, job_dir=self.info.job_dir,
-                              infos=slot.infos, ports=ports, code_dirs=code_dirs, staged_inputs=slot.staged,
-                              gpus_per_rank=slot.gang.per_rank_resources().get("GPU", 0.0), unit=unit)
-        for x in launches:  # each output: <output>/trials/<n>/
-            for ident in self.storage.outputs:
-                key = f"RAYBATCH_OUTPUT_{ident.upper()}"
-                x.env[key] = x.env[f"AZ_BATCHAI_OUTPUT_{ident}"] = str(Path(x.env[key]) / "trials" / str(n))
-                x.make_dirs.append(x.env[key])
-        return launches
+        unit = UnitPlan(logs_rel=lambda rank: trial_logs(n, run, rank), checkpoint_rel=f"trials/{n}",
+                        output_rel=f"trials/{n}", env=env)
+        return plan_ranks(spec, self.framework, self.storage, slot.dirs, job_dir=self.info.job_dir,
+                          infos=slot.infos, ports=ports, code_dirs=code_dirs, staged_inputs=slot.staged,
+                          gpus_per_rank=slot.gang.per_rank_resources().get("GPU", 0.0), unit=unit)
 
     def unit_started(self, slot: Slot, trial: Trial, run: int, ranks: list[RankReport]) -> None:
         trial.record.runs = run
