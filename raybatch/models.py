@@ -183,8 +183,10 @@ class LogChunk(BaseModel):
     next_offset: int
     data: str
     eof: bool = Field(description="True when this attempt's log is read to its end and will not grow.")
-    job_final: bool = Field(False, description="The job is SUCCEEDED, FAILED or CANCELLED.")
-    latest_attempt: int = Field(0, description="The job's latest attempt number.")
+    job_final: bool = Field(False, description="The job is SUCCEEDED, FAILED or CANCELLED (an item's or "
+                            "trial's log: that task or trial has ended).")
+    latest_attempt: int = Field(0, description="The job's latest attempt number (an item's or trial's log: "
+                                "its latest run).")
 
 
 class QueueEntry(BaseModel):

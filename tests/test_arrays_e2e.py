@@ -160,6 +160,20 @@ def test_array_over_an_azurite_prefix(env, tmp_path):
     assert "scored part-05.txt from /" in log  # a staged local path, not the blob URL
 
 
+def test_logs_follow_of_an_item_shows_its_retry_and_ends_with_it(env, tmp_path):
+    """`raybatch logs ID --item K -f`, as arrays.md tells: it follows the task's runs (a retry
+    is its next run) and returns when the task is done, while the job still runs."""
+    command = ('echo "run $RAYBATCH_TASK_RUN of ${{item}}"; '
+               'if [ "$RAYBATCH_TASK_RUN" = 1 ] && [ ${{item}} = 0 ]; then exit 3; fi; sleep ${{item}}')
+    job_id = submit(env, job_file(env, tmp_path, "follow", {"values": [0, 25], "max_concurrent": 2},
+                                  command=command))
+    followed = cli(env, "logs", job_id, "--item", "0", "-f")
+    assert followed.stdout.splitlines() == ["run 1 of 0", "--- attempt 2 ---", "run 2 of 0"], followed.stdout
+    assert env["server"].client().get(job_id).state.value == "RUNNING"  # item 1 still sleeps
+    cli(env, "cancel", job_id)
+    assert wait(env, job_id).state == "CANCELLED"
+
+
 def test_cancel_then_resume_from_runs_each_remaining_item_once(env, tmp_path):
     d = files(tmp_path, 16)
     path = job_file(env, tmp_path, "resumable", {"over": f"{d}/*.txt", "max_concurrent": 3},

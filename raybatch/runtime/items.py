@@ -104,23 +104,25 @@ class ItemStore:
         self._write(MANIFEST, "".join(json.dumps(asdict(i)) + "\n" for i in items))
 
     def records(self) -> dict[int, Record]:
+        """Every finished task's record."""
         out = {}
-        try:
-            entries = self.backend.list()
-        except StorageError:
-            raise
-        for e in entries:
+        for e in self.backend.list():
             name = e.path
-            if "/" in name or not name.endswith(".json") or not name[:-5].isdigit():
-                continue
-            text = self._read(name)
-            if text:
-                try:
-                    rec = Record.from_dict(json.loads(text))
-                except (ValueError, TypeError):
-                    continue  # a torn write of an older raybatch: the task simply runs again
-                out[rec.task] = rec
+            if "/" not in name and name.endswith(".json") and name[:-5].isdigit():
+                rec = self.record(int(name[:-5]))
+                if rec is not None:
+                    out[rec.task] = rec
         return out
+
+    def record(self, task: int) -> Optional[Record]:
+        """One task's record (None: it has not finished)."""
+        text = self._read(f"{task}.json")
+        if not text:
+            return None
+        try:
+            return Record.from_dict(json.loads(text))
+        except (ValueError, TypeError):
+            return None  # a torn write of an older raybatch: the task simply runs again
 
     def write_record(self, record: Record) -> None:
         record.at = record.at or time.time()

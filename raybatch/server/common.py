@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from fastapi import HTTPException, status
 
+from raybatch.spec.job import JobSpec
 from raybatch.spec.location import LocationError
 from raybatch.spec.location import parse as parse_location
 from raybatch.state.store import Store
@@ -23,6 +24,22 @@ def job_or_404(store: Store, job_id: str) -> dict[str, Any]:
     if job is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no job with id '{job_id}'")
     return job
+
+
+def array_spec(job: dict[str, Any], spec: Optional[JobSpec] = None) -> JobSpec:
+    """The job's spec (``spec``: already parsed), which must be an array job's (else 400)."""
+    spec = spec or JobSpec.model_validate_json(job["spec"])
+    if spec.array is None:
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, f"job {job['id']} is not an array job (no `array:` block)")
+    return spec
+
+
+def sweep_spec(job: dict[str, Any], spec: Optional[JobSpec] = None) -> JobSpec:
+    """The job's spec (``spec``: already parsed), which must be a sweep's (else 400)."""
+    spec = spec or JobSpec.model_validate_json(job["spec"])
+    if spec.sweep is None:
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, f"job {job['id']} is not a sweep (no search_space)")
+    return spec
 
 
 def check_states(state: Optional[list[str]], allowed: tuple[str, ...]) -> None:

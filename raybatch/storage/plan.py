@@ -65,16 +65,18 @@ def trial_logs(trial: int, attempt: int, rank: int) -> str:
     return f"trials/{trial}/attempt-{attempt}/rank-{rank}"
 
 
-def past_runs(logs: "Backend", kind: str) -> dict[int, int]:
+def past_runs(logs: "Backend", kind: str, unit: Optional[int] = None) -> dict[int, int]:
     """The last run number with logs of each array task (``kind`` "items") or sweep trial
-    ("trials"), from ``stdouterr/<kind>/<n>/attempt-<k>/``: a later attempt of the job
-    numbers its runs on from there, so no run's logs are written over."""
+    ("trials"), from ``stdouterr/<kind>/<n>/attempt-<k>/`` (only unit ``unit``'s, when
+    given): a later attempt of the job numbers its runs on from there, so no run's logs
+    are written over."""
     out: dict[int, int] = {}
-    for e in logs.list(kind):
-        unit, _, rest = e.path.partition("/")
+    for e in logs.list(kind if unit is None else f"{kind}/{unit}"):
+        path = e.path if unit is None else f"{unit}/{e.path}"
+        n, _, rest = path.partition("/")
         run = rest.split("/", 1)[0].removeprefix("attempt-")
-        if unit.isdigit() and run.isdigit():
-            out[int(unit)] = max(out.get(int(unit), 0), int(run))
+        if n.isdigit() and run.isdigit():
+            out[int(n)] = max(out.get(int(n), 0), int(run))
     return out
 
 

@@ -12,8 +12,7 @@ from fastapi import APIRouter, HTTPException, Query, status
 
 from raybatch.models import ItemInfo
 from raybatch.runtime.items import ItemStore, Record, tasks_of
-from raybatch.server.common import backend_for, check_states, job_or_404
-from raybatch.spec.job import JobSpec
+from raybatch.server.common import array_spec, backend_for, check_states, job_or_404
 from raybatch.state.states import JobState
 from raybatch.storage import plan as storage_plan
 from raybatch.storage.backends import StorageError
@@ -22,13 +21,6 @@ if TYPE_CHECKING:
     from raybatch.server.app import ServerContext
 
 ITEM_STATES = ("pending", "running", "done", "failed", "skipped")
-
-
-def array_spec(job: dict[str, Any]) -> JobSpec:
-    spec = JobSpec.model_validate_json(job["spec"])
-    if spec.array is None:
-        raise HTTPException(status.HTTP_400_BAD_REQUEST, f"job {job['id']} is not an array job (no `array:` block)")
-    return spec
 
 
 def item_records(ctx: ServerContext, job: dict[str, Any]) -> tuple[Optional[list], dict[int, Record]]:

@@ -13,12 +13,13 @@ from raybatch.models import (
 )
 from raybatch.runtime.code import has_package
 from raybatch.runtime.protocol import Phase
-from raybatch.server.common import backend_for, job_or_404
-from raybatch.server.routes import items as items_routes
+from raybatch.runtime.items import ItemStore
+from raybatch.server.common import array_spec, backend_for, job_or_404, sweep_spec
 from raybatch.spec.job import JobSpec
 from raybatch.state.states import InvalidTransition, JobState
 from raybatch.storage import plan as storage_plan
 from raybatch.storage.backends import StorageError
+from raybatch.sweep.trials import FINAL_STATES, TrialJournal
 
 if TYPE_CHECKING:
     from raybatch.server.app import ServerContext
@@ -192,9 +193,9 @@ def router(ctx: ServerContext) -> APIRouter:
 
 
 def log_chunk(ctx: ServerContext, location: str, rel: str, offset: int, max_bytes: int, over: bool,
-              state: JobState, **fields: Any) -> LogChunk:
+              state: JobState, final: Optional[bool] = None, **fields: Any) -> LogChunk:
     """A chunk of one log file from ``offset``; ``eof`` once the file will not grow (``over``)
-    and is read to its end."""
+    and is read to its end; ``final`` (default: the job's) once no later attempt will come."""
     try:
         data, size = backend_for(ctx, location).read(rel, offset, max_bytes)
     except StorageError as e:
@@ -202,45 +203,40 @@ def log_chunk(ctx: ServerContext, location: str, rel: str, offset: int, max_byte
     next_offset = offset + len(data)
     return LogChunk(path=storage_plan.join(location, rel), offset=offset, next_offset=next_offset,
                     data=data.decode("utf-8", errors="replace"), eof=over and next_offset >= size,
-                    job_final=state.is_final, **fields)
+                    job_final=state.is_final if final is None else final, **fields)
 
 
 def unit_log(ctx: ServerContext, job: dict[str, Any], spec: JobSpec, logs: str, item: Optional[int],
              trial: Optional[int], rank: int, stream: str, run: Optional[int], offset: int,
              max_bytes: int) -> LogChunk:
-    """A chunk of one run (default: the latest) of an array task's or a sweep trial's log."""
-    from raybatch.server.routes import trials as trials_routes  # noqa: PLC0415
-
+    """A chunk of one run (default: the latest) of an array task's or a sweep trial's log.
+    ``latest_attempt`` is the unit's latest run, and ``job_final`` says the unit has ended
+    (its record or the journal says so, after its latest run): a follower moves on to each
+    new run and stops when the unit is over, not when the whole job is."""
     state = JobState(job["state"])
     if item is not None:
-        items_routes.array_spec(job)
+        array_spec(job, spec)
         known = spec.array.known_tasks()
         if known is not None and item >= known:
             raise HTTPException(status.HTTP_400_BAD_REQUEST,
                                 f"item {item} does not exist: the job has items 0-{known - 1}")
-        n, prefix, rel_of = item, f"items/{item}", storage_plan.item_logs
+        n, kind, rel_of = item, "items", storage_plan.item_logs
     else:
-        trials_routes.sweep_spec(job)
-        n, prefix, rel_of = trial, f"trials/{trial}", storage_plan.trial_logs
-    run = run or latest_run(ctx, logs, prefix)
-    over = state.is_final
-    if not over:  # its record says it ended, after this run
-        if item is not None:
-            rec = items_routes.item_records(ctx, job)[1].get(n)
-            over = rec is not None and rec.runs >= run
-        else:
-            ended = {r.n: r for r in trials_routes.trial_records(ctx, job) if r.state not in ("pending", "running")}
-            over = n in ended and ended[n].runs >= run
-    return log_chunk(ctx, logs, f"{rel_of(n, run, rank)}/{stream}.txt", offset, max_bytes, over, state,
-                     attempt=run, item=item, trial=trial, rank=rank, stream=stream, latest_attempt=run)
-
-
-def latest_run(ctx: ServerContext, logs: str, prefix: str) -> int:
-    """The latest run below ``stdouterr/<prefix>`` that has a log directory (1 if none has yet)."""
+        sweep_spec(job, spec)
+        n, kind, rel_of = trial, "trials", storage_plan.trial_logs
+    assert n is not None
     try:
-        entries = backend_for(ctx, logs).list(prefix)
-    except StorageError:
-        return 1
-    runs = [int(p[len("attempt-"):]) for e in entries for p in e.path.split("/")[:1]
-            if p.startswith("attempt-") and p[len("attempt-"):].isdigit()]
-    return max(runs, default=1)
+        latest = storage_plan.past_runs(backend_for(ctx, logs), kind, n).get(n, 1)
+        if item is not None:
+            rec = ItemStore(backend_for(ctx, storage_plan.join(job["job_dir"], "items"))).record(n)
+            ended_run = rec.runs if rec is not None else None
+        else:
+            r = TrialJournal(backend_for(ctx, storage_plan.join(job["job_dir"], "trials"))).records().get(n)
+            ended_run = r.runs if r is not None and r.state in FINAL_STATES else None
+    except StorageError as e:
+        raise HTTPException(status.HTTP_502_BAD_GATEWAY, f"reading the log: {e}") from None
+    unit_over = state.is_final or (ended_run is not None and ended_run >= latest)
+    run = run or latest
+    return log_chunk(ctx, logs, f"{rel_of(n, run, rank)}/{stream}.txt", offset, max_bytes,
+                     unit_over or run < latest, state, final=unit_over,
+                     attempt=run, item=item, trial=trial, rank=rank, stream=stream, latest_attempt=latest)

@@ -1,7 +1,7 @@
 """A sweep's trials and any job's metrics.
 
     GET /api/v1/jobs/{id}/trials           a sweep's trials, best first (?state=)
-    GET /api/v1/jobs/{id}/trials/{n}       one trial (also reachable as the trial id <id>.t<n>)
+    GET /api/v1/jobs/{id}/trials/{n}       one trial (the CLI's `show <id>.t<n>`)
     GET /api/v1/jobs/{id}/metrics          metric events (?trial= a sweep's trial; ?rank=, ?attempt=)
 
 Ended trials come from the sweep's journal (``trials/trials.jsonl`` in its job directory),
@@ -17,7 +17,7 @@ from fastapi import APIRouter, HTTPException, Query, status
 
 from raybatch.models import MetricEvent, TrialInfo
 from raybatch.runtime.launch import METRICS_STORE
-from raybatch.server.common import backend_for, check_states, job_or_404
+from raybatch.server.common import backend_for, check_states, job_or_404, sweep_spec
 from raybatch.spec.job import JobSpec
 from raybatch.state.states import JobState
 from raybatch.storage import plan as storage_plan
@@ -26,13 +26,6 @@ from raybatch.sweep.trials import TRIAL_STATES, TrialJournal, TrialRecord, ranke
 
 if TYPE_CHECKING:
     from raybatch.server.app import ServerContext
-
-def sweep_spec(job: dict[str, Any]) -> JobSpec:
-    spec = JobSpec.model_validate_json(job["spec"])
-    if spec.sweep is None:
-        raise HTTPException(status.HTTP_400_BAD_REQUEST, f"job {job['id']} is not a sweep (no search_space)")
-    return spec
-
 
 def trial_records(ctx: ServerContext, job: dict[str, Any]) -> list[TrialRecord]:
     """Every trial known: ended ones from the journal, running ones from the report."""
@@ -97,14 +90,12 @@ def router(ctx: ServerContext) -> APIRouter:
         logs = storage_plan.job_locations(spec, job["job_dir"])["stdouterr"]
         backend = backend_for(ctx, logs)
         if trial is not None:
-            sweep_spec(job)
-            prefix = f"trials/{trial}"
-            try:
-                runs = sorted(int(e.path.split("/")[0][len("attempt-"):]) for e in backend.list(prefix)
-                              if e.path.startswith("attempt-") and e.path.endswith(f"/rank-{rank}/{METRICS_STORE}"))
+            sweep_spec(job, spec)
+            try:  # every run of the trial, in order (a run without metrics reads as empty)
+                runs = storage_plan.past_runs(backend, "trials", trial).get(trial, 0)
             except StorageError as e:
                 raise HTTPException(status.HTTP_502_BAD_GATEWAY, f"reading metrics: {e}") from None
-            rels = [(r, storage_plan.trial_logs(trial, r, rank)) for r in runs if attempt in (None, r)]
+            rels = [(r, storage_plan.trial_logs(trial, r, rank)) for r in range(1, runs + 1) if attempt in (None, r)]
         else:
             rels = [(n, storage_plan.rank_logs(n, rank)) for n in range(1, max(job["attempt"], 1) + 1)
                     if attempt in (None, n)]
