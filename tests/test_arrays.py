@@ -181,6 +181,18 @@ def test_first_slot_starts_the_attempt_the_next_is_granted_to_it(tmp_path):
     assert len(launcher.submitted) == 1 and len(launcher.grants) == 1  # nothing more wanted
 
 
+def test_a_queued_array_job_says_why_it_waits_while_submissions_back_off(tmp_path):
+    """A queued array job is its first slot to the policy; its waiting reason is keyed by
+    the job's id (what `raybatch queue` and `show` look up), also after a failed submission."""
+    store, launcher, sched = make(tmp_path, nodes=2)
+    launcher.fail_next = 1
+    a = array_job(store)
+    sched.cycle()
+    sched.cycle()
+    assert "Ray Job submission failed 1 time(s)" in sched.waiting[a["id"]], sched.waiting
+    assert not any("/s" in k for k in sched.waiting)
+
+
 def test_slots_count_in_the_quota(tmp_path):
     store, launcher, sched = make(tmp_path, nodes=2)
     sched.policy_file = tmp_path / "policy.yaml"

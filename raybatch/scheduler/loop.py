@@ -79,7 +79,6 @@ class Scheduler:
         self._killed: set[str] = set()
         self._submit_failures = 0       # consecutive Ray Job submissions that failed
         self._submit_retry_at = 0.0     # no admission before this (monotonic) time
-        self._leases: dict[tuple[str, int, int], float] = {}  # array slot -> its lease's start
         self._control_synced: set[tuple[str, int]] = set()  # attempts whose control.json matches the store
         self.waiting: dict[str, str] = {}  # job id -> why it (an array job: its next slot) is still queued
         self.slot_counts: dict[str, tuple[int, int]] = {}  # active array job -> (slots held, wanted)
@@ -200,8 +199,7 @@ class Scheduler:
             self.store.update_attempt(job_id, n, ended_at=time.time(),
                                       outcome=AttemptOutcome.START_FAILED.value,
                                       reason="the Ray job was never submitted")
-            self._discard_secrets(job_id, n)
-            self.store.release_slots(job_id, n)
+            self._attempt_over(job_id, n)
             if job["cancel_requested"]:
                 self.store.transition(job_id, JobState.CANCELLED, "cancelled by user before it started")
                 return
@@ -261,9 +259,7 @@ class Scheduler:
         """One way to end an attempt; the retry policy picks the job's next state."""
         job_id, n = job["id"], job["attempt"]
         now = time.time()
-        self._discard_secrets(job_id, n)
-        self.store.release_slots(job_id, n)  # an array job's slots end with its attempt
-        self._forget_slots(job_id, n)
+        self._attempt_over(job_id, n)  # an array job's slots end with its attempt
         self.store.update_attempt(job_id, n, ended_at=now, outcome=outcome.value,
                                   exit_code=code, reason=message)
         spec = self.spec_of(job)
@@ -308,9 +304,11 @@ class Scheduler:
         self.wake()
 
     # ---- array jobs' slots -------------------------------------------------------
-    def _forget_slots(self, job_id: str, attempt: int) -> None:
-        for key in [k for k in self._leases if k[:2] == (job_id, attempt)]:
-            del self._leases[key]
+    def _attempt_over(self, job_id: str, attempt: int) -> None:
+        """An attempt ended (or never started): its credentials file goes, its slots are
+        released, and the scheduler forgets it."""
+        self._discard_secrets(job_id, attempt)
+        self.store.release_slots(job_id, attempt)
         self._control_synced.discard((job_id, attempt))
 
     def _sync_slots(self, job: dict[str, Any], report: Optional[Report]) -> None:
@@ -327,7 +325,6 @@ class Scheduler:
         if gone:
             self.store.release_slots(job["id"], job["attempt"], gone)
             for k in gone:
-                self._leases.pop((job["id"], job["attempt"], k), None)
                 if live[k]["preempted_by"]:
                     self._settling[live[k]["preempted_by"]] = time.time()
             live = {k: r for k, r in live.items() if k not in gone}
@@ -352,8 +349,9 @@ class Scheduler:
             if slot["state"] == SLOT_REVOKED:
                 tail = spec.grace_period if slot["preempted_by"] else spec.slots.unit_timeout + spec.grace_period
                 stopping = slot["revoked_at"] + tail + STOP_SLACK_S
-            lease = self._leases.setdefault((job["id"], job["attempt"], k), slot["granted_at"])
-            out.append(policy.slot_from_spec(job["id"], k, job["seq"], spec, started_at=lease,
+            # a granted slot's lease is renewed every cycle unless the head needs its nodes
+            # (_renew_leases): it runs from now
+            out.append(policy.slot_from_spec(job["id"], k, job["seq"], spec, started_at=time.time(),
                                              nodes=tuple(slot["nodes"]), stopping_until=stopping))
         return out
 
@@ -377,15 +375,14 @@ class Scheduler:
             self.slot_counts[job["id"]] = (held, max(wanted, held))
             if wanted <= held:
                 continue
-            used = [r["slot"] for r in self.store.slots(job["id"], job["attempt"])]
-            nxt = max(used, default=-1) + 1
+            nxt = self.store.next_slot(job["id"], job["attempt"])
             avoid = frozenset(self.store.lost_nodes(job["id"]))
             out += [policy.slot_from_spec(job["id"], nxt + i, job["seq"], spec, avoid=avoid)
                     for i in range(wanted - held)]
         return out
 
     def _renew_leases(self, running: list[policy.Job], reservation: Optional[policy.Reservation],
-                      head: Optional[policy.Job], now: float) -> None:
+                      head: Optional[policy.Job]) -> None:
         """Renew every granted slot's lease for another item_timeout, unless the head's
         reservation needs its nodes (``policy.renews``): then the slot drains."""
         if head is not None and head.id in self._settling:
@@ -398,21 +395,21 @@ class Scheduler:
             job = next((j for j in self._active if j["id"] == pj.parent), None)
             if job is None:
                 continue
-            key = (pj.parent, job["attempt"], pj.slot)
             if policy.renews(pj, reservation, head):
-                self._leases[key] = now
                 continue
             holder = head.parent or head.id if head else "?"
             reason = f"its lease was not renewed: its node(s) are reserved for {holder}"
             self.store.revoke_slot(pj.parent, job["attempt"], pj.slot, reason)
             self.launcher.revoke_slot(pj.parent, job["attempt"], pj.slot, reason, preempt=False)
 
-    def _waiting_by_job(self, waiting: dict[str, str]) -> dict[str, str]:
-        """Why each job waits: a slot's reason is its array job's (the first slot's)."""
+    @staticmethod
+    def _waiting_by_job(waiting: dict[str, str], jobs: list[policy.Job]) -> dict[str, str]:
+        """Why each job waits, in ``waiting``'s order: a slot's reason (a queued array job
+        is its first slot) is its array job's, the first one's."""
+        parents = {j.id: j.parent for j in jobs if j.parent is not None}
         out: dict[str, str] = {}
         for ident, why in waiting.items():
-            parent = ident.rsplit("/s", 1)[0] if "/s" in ident else ident
-            out.setdefault(parent, why)
+            out.setdefault(parents.get(ident, ident), why)
         return out
 
     # ---- admission -----------------------------------------------------------
@@ -466,8 +463,9 @@ class Scheduler:
             return
         if time.monotonic() < self._submit_retry_at:  # the last Ray Job submission failed
             wait_s = self._submit_retry_at - time.monotonic()
-            self.waiting = {j.id: f"Ray Job submission failed {self._submit_failures} time(s) in a row; "
-                                  f"retrying in {wait_s:.0f} s" for j in self.queue.views()}
+            views = self.queue.views()
+            why = f"Ray Job submission failed {self._submit_failures} time(s) in a row; retrying in {wait_s:.0f} s"
+            self.waiting = self._waiting_by_job({j.id: why for j in views}, views)
             return
         nodes = self.cluster.snapshot()
         running = self._running(nodes)
@@ -483,13 +481,14 @@ class Scheduler:
         for job, placed in plan.start:
             if not self._start(job, placed):
                 break
-        self.waiting = self._waiting_by_job(plan.waiting)
+        waiting = [*wanted, *self.queue.views()]
+        self.waiting = self._waiting_by_job(plan.waiting, waiting)
         self.reservation = plan.reservation
         if plan.reservation is not None:
-            head = next((j for j in (*wanted, *self.queue.views()) if j.id == plan.reservation.job_id), None)
+            head = next((j for j in waiting if j.id == plan.reservation.job_id), None)
         else:
             head = None
-        self._renew_leases(running, plan.reservation, head, now)
+        self._renew_leases(running, plan.reservation, head)
         self.last_inputs = (now, nodes, running)
         if self.autoscaler is not None:
             self.autoscaler.update(nodes, plan.unfit, starting=bool(self._unplaced or plan.start))
@@ -554,7 +553,6 @@ class Scheduler:
                 n = job["attempt"]
                 self.store.add_slot(job["id"], n, pj.slot, placed)
                 self.launcher.grant_slot(job["id"], n, pj.slot, placed)
-                self._leases[(job["id"], n, pj.slot)] = time.time()
             return True
         if job["state"] != JobState.QUEUED.value:
             return True  # cancelled since the snapshot was taken
@@ -570,7 +568,6 @@ class Scheduler:
         extra: dict[str, Any] = {}
         if pj.parent is not None:
             self.store.add_slot(job["id"], n, pj.slot, placed)
-            self._leases[(job["id"], n, pj.slot)] = time.time()
             extra["slots"] = {pj.slot: placed}
             array = self.spec_of(job).array
             resume = array.resume_from if array is not None else None
@@ -583,8 +580,7 @@ class Scheduler:
             self.end_attempt(job, AttemptOutcome.START_FAILED, None, str(e))
             return True
         except Exception as e:  # noqa: BLE001 - the Ray dashboard may be down
-            self._discard_secrets(job["id"], n)
-            self.store.release_slots(job["id"], n)
+            self._attempt_over(job["id"], n)
             log.warning("submitting %s attempt %d failed: %s", job["id"], n, e)
             message = f"could not submit the Ray job: {type(e).__name__}: {e}"
             self.store.update_attempt(job["id"], n, ended_at=time.time(),

@@ -397,6 +397,11 @@ class Store:
                     db.execute("UPDATE slots SET state=?, released_at=? WHERE job_id=? AND attempt=? AND slot=? "
                                "AND state!=?", (SLOT_RELEASED, time.time(), job_id, attempt, k, SLOT_RELEASED))
 
+    def next_slot(self, job_id: str, attempt: int) -> int:
+        """The number the attempt's next slot gets (slot numbers are never reused)."""
+        row = self._all("SELECT MAX(slot) AS m FROM slots WHERE job_id=? AND attempt=?", [job_id, attempt])
+        return 0 if not row or row[0]["m"] is None else row[0]["m"] + 1
+
     def slots(self, job_id: str, attempt: Optional[int] = None, live: bool = False) -> list[dict[str, Any]]:
         """An array job's slots (of one attempt), oldest first; ``live``: not released yet."""
         sql, args = "SELECT * FROM slots WHERE job_id=?", [job_id]
