@@ -176,7 +176,9 @@ def test_tune_draws_the_underlying_value_and_the_trial_gets_azures():
     assert space.params_of(s, {"lr": -3.0, "h": 32, "k": 2}) == {"lr": pytest.approx(1e-3), "h": 32, "k": 2}
     g = sweep(search_space={"a": {"type": "choice", "values": [1, 2, 3]}, "b": {"type": "choice", "values": ["x", "y"]}},
               sampling_algorithm="grid", limits={"max_total_trials": 4})
-    assert space.grid(g) == [{"a": 1, "b": "x"}, {"a": 1, "b": "y"}, {"a": 2, "b": "x"}, {"a": 2, "b": "y"}]
+    assert [space.params_of(g, {space.GRID_KEY: i}) for i in range(g.total_trials)] == [
+        {"a": 1, "b": "x"}, {"a": 1, "b": "y"}, {"a": 2, "b": "x"}, {"a": 2, "b": "y"}]
+    assert space.tune_space(g)[space.GRID_KEY] == {"grid_search": [0, 1, 2, 3]}
     assert space.params_of(g, {space.GRID_KEY: 3}) == {"a": 2, "b": "y"} and space.num_samples(g) == 1
     assert g.total_trials == 4
 

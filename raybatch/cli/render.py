@@ -12,6 +12,7 @@ from rich.table import Table
 
 from raybatch.models import JobDetail, JobSummary
 from raybatch.spec.units import format_duration
+from raybatch.sweep import split_trial_id
 
 def _console(stderr: bool = False) -> Console:
     c = Console(stderr=stderr)
@@ -193,8 +194,9 @@ def show_trial(tr) -> None:
             f"   started: {ts(tr.started_at)}   ended: {ts(tr.ended_at)}")
     if tr.message:
         c.print(f"  message:     {tr.message}")
-    job = tr.id.rsplit(".t", 1)[0]
-    c.print(f"  logs:        raybatch logs {tr.id}   files: raybatch files {tr.id}   metrics: GET /jobs/{job}/metrics?trial={tr.n}")
+    job, _ = split_trial_id(tr.id)
+    c.print(f"  logs:        raybatch logs {tr.id}   files: raybatch files {tr.id}   "
+            f"metrics: GET /api/v1/jobs/{job}/metrics?trial={tr.n}")
 
 
 def items_table(items) -> Table:

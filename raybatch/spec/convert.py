@@ -19,6 +19,7 @@ import shlex
 from typing import Any, Optional
 
 from raybatch.spec.job import ID_PATTERN, NAME_PATTERN
+from raybatch.spec.sweep import SWEEP_FIELDS
 
 BATCHAI_TOOLKITS = ("pyTorchSettings", "tensorFlowSettings", "chainerSettings", "horovodSettings",
                     "customMpiSettings", "customToolkitSettings", "cntkSettings", "caffeSettings",
@@ -429,7 +430,6 @@ class _AzureML(_Converter):
 
 
 _SWEEP_INPUT = re.compile(r"\$\{\{\s*inputs\.([A-Za-z0-9_]+)\s*\}\}")
-SWEEP_FIELDS = ("search_space", "sampling_algorithm", "objective", "early_termination", "limits")
 
 
 class _AzureMLSweep(_AzureML):

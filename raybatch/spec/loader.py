@@ -11,6 +11,7 @@ from pydantic import ValidationError
 
 from raybatch.errors import SpecError, format_validation_error
 from raybatch.spec.job import JobSpec
+from raybatch.spec.sweep import SWEEP_FIELDS
 
 
 def apply_overrides(data: dict[str, Any], overrides: Iterable[str], source: str) -> dict[str, Any]:
@@ -210,9 +211,7 @@ def read_document(path: str | Path, mount_root: str | None = None) -> tuple[Any,
     return converted, kind, notes
 
 
-SWEEP_FILE_FIELDS = ("name", "experiment", "priority", "preemptible", "trial", "search_space",
-                     "sampling_algorithm", "objective", "early_termination", "limits")
-SWEEP_BLOCK = ("search_space", "sampling_algorithm", "objective", "early_termination", "limits")
+SWEEP_FILE_FIELDS = ("name", "experiment", "priority", "preemptible", "trial", *SWEEP_FIELDS)
 
 
 def is_sweep_file(data: Any) -> bool:
@@ -267,7 +266,7 @@ def sweep_document(data: dict[str, Any], base_dir: Path, source: str, mount_root
     for k in ("name", "experiment", "priority", "preemptible"):
         if k in data:
             doc[k] = data[k]
-    doc["sweep"] = {k: data[k] for k in SWEEP_BLOCK if k in data}
+    doc["sweep"] = {k: data[k] for k in SWEEP_FIELDS if k in data}
     return doc
 
 

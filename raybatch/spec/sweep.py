@@ -186,7 +186,8 @@ class Limits(_Strict):
 
 
 class SweepSpec(_Strict):
-    """A job's ``sweep:`` block: the job is the trial; the rest says what to try."""
+    """A job's ``sweep:`` block: the job is the trial; the rest says what to try (a sweep
+    file's and Azure ML's sweep YAML's fields of the same names: ``SWEEP_FIELDS``)."""
 
     search_space: dict[str, Param] = Field(min_length=1)
     sampling_algorithm: SamplingAlgorithm = Field(default_factory=SamplingAlgorithm)
@@ -253,3 +254,6 @@ def param_value(p: Any, raw: Any, base: float = math.e) -> Any:
     if t.startswith("q"):
         value = round(value / p.q) * p.q
     return value
+
+
+SWEEP_FIELDS = tuple(SweepSpec.model_fields)  # search_space, sampling_algorithm, objective, ...

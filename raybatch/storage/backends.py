@@ -70,9 +70,10 @@ class Backend:
         """Replace ``rel`` with the file ``src``; readers never see a partial file."""
         raise NotImplementedError
 
-    def append(self, rel: str, data: bytes, offset: int) -> None:
+    def append(self, rel: str, data: bytes, offset: int, durable: bool = False) -> None:
         """Write ``data`` at ``offset`` of a growing file (a log); ``offset`` is the
-        size it must have now, so a retried append is never written twice."""
+        size it must have now, so a retried append is never written twice. ``durable``:
+        on disk before this returns (a committed append blob always is)."""
         raise NotImplementedError
 
     def read(self, rel: str, offset: int, length: int) -> tuple[bytes, int]:
@@ -145,13 +146,16 @@ class LocalBackend(Backend):
             raise StorageError(self.access.child(rel).uri, f"cannot write: {e.strerror or e}",
                                transient=True) from None
 
-    def append(self, rel: str, data: bytes, offset: int) -> None:
+    def append(self, rel: str, data: bytes, offset: int, durable: bool = False) -> None:
         dest = self._p(rel)
         dest.parent.mkdir(parents=True, exist_ok=True)
         with open(dest, "ab") as f:
             if f.tell() != offset:
                 f.truncate(offset)
             f.write(data)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
 
     def _inside(self, rel: str) -> Path:
         """The file to serve, refusing one that resolves outside the location: a job's
@@ -258,7 +262,7 @@ class BlobBackend(Backend):
                     length=os.fstat(f.fileno()).st_size,
                 )
 
-    def append(self, rel: str, data: bytes, offset: int) -> None:
+    def append(self, rel: str, data: bytes, offset: int, durable: bool = False) -> None:
         from azure.core.exceptions import HttpResponseError, ResourceNotFoundError  # noqa: PLC0415
 
         blob = self.container.get_blob_client(self._key(rel))

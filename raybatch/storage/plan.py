@@ -124,6 +124,9 @@ def locate(spec: JobSpec, job_dir: str, path: str) -> list[tuple[str, str, str]]
     return out
 
 
+_OPTIONAL = ("items", "over", "resume_items", "trials")  # AttemptStorage's locations only some jobs have
+
+
 @dataclass
 class AttemptStorage:
     """What the nodes of one attempt need: every location resolved, credentials included."""
@@ -145,7 +148,7 @@ class AttemptStorage:
         return any(a.kind != "local" for a in self.all())
 
     def all(self) -> list[Access]:
-        extra = [a for a in (self.items, self.over, self.resume_items, self.trials) if a is not None]
+        extra = [a for a in (getattr(self, k) for k in _OPTIONAL) if a is not None]
         return [self.logs, self.checkpoints, *self.outputs.values(), *self.inputs.values(), *extra]
 
     def to_dict(self, secrets: bool) -> dict[str, Any]:
@@ -154,14 +157,14 @@ class AttemptStorage:
                "outputs": {k: conv(a) for k, a in self.outputs.items()},
                "inputs": {k: conv(a) for k, a in self.inputs.items()},
                "input_modes": dict(self.input_modes)}
-        for name in ("items", "over", "resume_items", "trials"):
+        for name in _OPTIONAL:
             if getattr(self, name) is not None:
                 out[name] = conv(getattr(self, name))
         return out
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "AttemptStorage":
-        opt = {k: Access.from_dict(d[k]) for k in ("items", "over", "resume_items", "trials") if d.get(k)}
+        opt = {k: Access.from_dict(d[k]) for k in _OPTIONAL if d.get(k)}
         return cls(Access.from_dict(d["logs"]), Access.from_dict(d["checkpoints"]),
                    {k: Access.from_dict(a) for k, a in d.get("outputs", {}).items()},
                    {k: Access.from_dict(a) for k, a in d.get("inputs", {}).items()},

@@ -46,9 +46,6 @@ class IntervalHistory:
         return {t: v[n - 1] for t, v in self.values.items() if len(v) >= n
                 and not (exclude_finished and t in self.finished)}
 
-    def better(self, a: float, b: float) -> bool:
-        return a > b if self.maximize else a < b
-
 
 def bandit_stops(policy: Bandit, history: IntervalHistory, trial: str, n: int) -> bool:
     """Does the bandit policy stop ``trial`` at its ``n``-th report?"""

@@ -23,12 +23,10 @@ from raybatch.spec.sweep import SweepSpec, param_value
 GRID_KEY = "__grid"
 
 
-def grid(sweep: SweepSpec) -> list[dict[str, Any]]:
-    """A grid sweep's combinations, in order (capped at max_total_trials)."""
-    names = list(sweep.search_space)
-    values = [sweep.search_space[n].values for n in names]  # type: ignore[union-attr]
-    combos = itertools.islice(itertools.product(*values), sweep.limits.max_total_trials)
-    return [dict(zip(names, c)) for c in combos]
+def grid_point(sweep: SweepSpec, i: int) -> dict[str, Any]:
+    """A grid sweep's i-th combination (the first parameter varies slowest)."""
+    values = itertools.product(*(p.values for p in sweep.search_space.values()))  # type: ignore[union-attr]
+    return dict(zip(sweep.search_space, next(itertools.islice(values, i, None))))
 
 
 def tune_space(sweep: SweepSpec) -> dict[str, Any]:
@@ -36,7 +34,7 @@ def tune_space(sweep: SweepSpec) -> dict[str, Any]:
     from ray import tune  # noqa: PLC0415
 
     if sweep.sampling_algorithm.type == "grid":
-        return {GRID_KEY: tune.grid_search(list(range(len(grid(sweep)))))}
+        return {GRID_KEY: tune.grid_search(list(range(sweep.total_trials)))}
     out: dict[str, Any] = {}
     for name, p in sweep.search_space.items():
         t = p.type
@@ -56,18 +54,14 @@ def tune_space(sweep: SweepSpec) -> dict[str, Any]:
 def params_of(sweep: SweepSpec, config: dict[str, Any]) -> dict[str, Any]:
     """A trial's parameter values (what its command gets) from Tune's config."""
     if sweep.sampling_algorithm.type == "grid":
-        return grid(sweep)[int(config[GRID_KEY])]
+        return grid_point(sweep, int(config[GRID_KEY]))
     base = sweep.sampling_algorithm.base
     return {name: _plain(param_value(p, config[name], base)) for name, p in sweep.search_space.items()}
 
 
 def _plain(value: Any) -> Any:
-    """A JSON-friendly number: ints stay ints, floats lose numpy's type."""
-    if hasattr(value, "item"):
-        value = value.item()
-    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
-        return value
-    return value
+    """A JSON-friendly value: numpy's scalars become Python's."""
+    return value.item() if hasattr(value, "item") else value
 
 
 def search_alg(sweep: SweepSpec, concurrency: int) -> Any:

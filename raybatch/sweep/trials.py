@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
-from raybatch.storage.backends import Backend, LocalBackend
+from raybatch.storage.backends import Backend
 from raybatch.sweep import split_trial_id, trial_id  # noqa: F401 - part of this module's interface
 
 JOURNAL = "trials.jsonl"
@@ -71,20 +70,11 @@ class TrialJournal:
 
     def _append(self, rel: str, line: str) -> None:
         with self._lock:
-            self._append_locked(rel, line)
-
-    def _append_locked(self, rel: str, line: str) -> None:
-        if rel not in self._sizes:
-            self._sizes[rel] = self.backend.read(rel, 0, 1)[1]
-        data = line.encode() + b"\n"
-        self.backend.append(rel, data, self._sizes[rel])
-        self._sizes[rel] += len(data)
-        if isinstance(self.backend, LocalBackend):  # durable before the trial counts as ended
-            fd = os.open(self.backend._p(rel), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            if rel not in self._sizes:
+                self._sizes[rel] = self.backend.read(rel, 0, 1)[1]
+            data = line.encode() + b"\n"
+            self.backend.append(rel, data, self._sizes[rel], durable=True)  # before the trial counts as ended
+            self._sizes[rel] += len(data)
 
     def _lines(self, rel: str) -> list[dict[str, Any]]:
         data, size = self.backend.read(rel, 0, 1 << 30)
