@@ -477,6 +477,10 @@ def score(
         raise typer.Exit(_wait_with_progress(client, job.id, None))
 
 
+from raybatch.cli.cluster import cluster_app  # noqa: E402
+
+app.add_typer(cluster_app, name="cluster")
+
 sweep_app = typer.Typer(help="Sweeps: their trials ranked, and a picture of them.", no_args_is_help=True)
 app.add_typer(sweep_app, name="sweep")
 
