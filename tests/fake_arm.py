@@ -58,6 +58,7 @@ class FakeArm(BaseAdapter):
         super().__init__()
         self.routes: list[_Route] = []
         self.sent: list[Sent] = []
+        self._operations = 0
 
     def route(self, method: str, path_regex: str, body: Body = None, status: int = 200,
               headers: Optional[dict[str, str]] = None, times: Optional[int] = None) -> "FakeArm":
@@ -70,6 +71,22 @@ class FakeArm(BaseAdapter):
         """An ARM error in its documented shape: {"error": {"code", "message"}}."""
         return self.route(method, path_regex, {"error": {"code": code, "message": message}}, status,
                           times=times)
+
+    def long_running(self, method: str, path_regex: str, body: Body = None, *, status: str = "Succeeded",
+                     error: Optional[dict] = None, times: Optional[int] = None,
+                     initial_status: int = 201) -> "FakeArm":
+        """An ARM long-running operation in its documented asynchronous shape: the request is
+        answered ``initial_status`` (201 or 202, as the operation's REST reference says; with
+        ``body``, the resource being created or updated) and an ``Azure-AsyncOperation`` status URL (and ``Retry-After: 0``, so
+        pollers do not wait); that URL answers ``{"status": status}`` (plus ``"error"`` when
+        given: ``{"code", "message", "details"}``). A poller of a PUT then GETs the resource
+        itself, which the test routes as usual."""
+        self._operations += 1
+        op = f"/subscriptions/{SUBSCRIPTION}/providers/Microsoft.FakeArm/operations/op{self._operations}"
+        self.route("GET", re.escape(op) + "$", {"status": status, **({"error": error} if error else {})})
+        return self.route(method, path_regex, body, status=initial_status, times=times,
+                          headers={"Azure-AsyncOperation": f"https://management.azure.com{op}",
+                                   "Retry-After": "0"})
 
     def requests_to(self, method: str, path_regex: str) -> list[Sent]:
         rx = re.compile(path_regex, re.I)

@@ -20,11 +20,11 @@ LAYERS: list[set[str]] = [
     {"runtime"},                       # one attempt on Ray: launcher, driver, rank actors
     {"scheduler", "models", "sweep"},  # the queue and policy; the API's bodies; sweeps on Ray Tune
     {"server"},                        # REST API + scheduler thread
-    {"client", "local"},               # the SDK; the embedded local default
+    {"client", "local", "cluster"},    # the SDK; the embedded local default; Azure/fake clusters
     {"cli"},
 ]
 # imports allowed between two units of one layer (importer -> imported)
-SAME_LAYER = {("client", "local")}
+SAME_LAYER = {("client", "local"), ("cluster", "client"), ("cluster", "local")}
 
 
 def _unit(module: str) -> str:
