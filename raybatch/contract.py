@@ -4,3 +4,8 @@ the package's heavy parts (the MPI rsh agent, started by mpirun on every node). 
 only, and nothing of raybatch's."""
 
 MPI_AGENT_SOCKET_ENV = "RAYBATCH_MPI_AGENT_SOCKET"  # rank 0's agent server (frameworks.mpi sets it)
+
+# Where `raybatch node-setup` mounts a cluster's file systems (Batch AI's mountVolumes) on
+# every node, unless its mounts file says `root:`; converted Batch AI job files name it
+# with --mount-root (the converter's error says so).
+NODE_MOUNT_ROOT = "/mnt/raybatch"

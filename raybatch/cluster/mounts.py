@@ -66,10 +66,11 @@ from urllib.parse import urlparse
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
+from raybatch.contract import NODE_MOUNT_ROOT
 from raybatch import config as rb_config
 from raybatch.errors import SpecError, format_validation_error
 
-DEFAULT_MOUNT_ROOT = "/mnt/raybatch"
+DEFAULT_MOUNT_ROOT = NODE_MOUNT_ROOT
 SECRET_MASK = "***"
 ROOT_VARS = ("AZ_BATCHAI_MOUNT_ROOT", "AZ_BATCHAI_JOB_MOUNT_ROOT", "AZ_BATCHAI_NODE_MOUNT_ROOT",
              "RAYBATCH_MOUNT_ROOT")

@@ -18,6 +18,7 @@ import re
 import shlex
 from typing import Any, Optional
 
+from raybatch.contract import NODE_MOUNT_ROOT
 from raybatch.spec.job import ID_PATTERN, NAME_PATTERN
 from raybatch.spec.sweep import SWEEP_FIELDS
 
@@ -110,7 +111,8 @@ class _BatchAI(_Converter):
                 if self.mount_root is None:
                     self.errors.append(
                         f"{self.prefix}{field}: '{value}' is under a Batch AI mount ({var.strip('${}')}); "
-                        "give --mount-root DIR, where the same file systems are mounted on every node")
+                        "give --mount-root DIR, where the same file systems are mounted on every node "
+                        f"({NODE_MOUNT_ROOT} on a `raybatch cluster` with a mounts file)")
                     return None
                 value = value.replace(var, self.mount_root)
         if not value.startswith(("/", "~")) and "://" not in value:
