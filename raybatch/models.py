@@ -41,6 +41,8 @@ class JobSummary(BaseModel):
     job_dir: str
     preemptions: int = Field(0, description="How many times a higher-priority job preempted it.")
     preempted_by: Optional[str] = Field(None, description="The job that preempted it last.")
+    evictions: int = Field(0, description="How many of its attempts ended by a spot eviction with notice "
+                           "(retries.evictions).")
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> "JobSummary":
@@ -48,7 +50,7 @@ class JobSummary(BaseModel):
         return cls(**{k: row[k] for k in (
             "id", "name", "experiment", "priority", "state", "attempt", "submitted_at",
             "started_at", "ended_at", "exit_code", "reason", "job_dir", "preemptions",
-            "preempted_by")}, nodes=spec["nodes"])
+            "preempted_by")}, evictions=row.get("evictions") or 0, nodes=spec["nodes"])
 
 
 class Transition(BaseModel):

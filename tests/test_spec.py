@@ -19,7 +19,7 @@ from raybatch.spec.units import parse_duration, parse_size
 TOP_LEVEL_FIELDS = (
     "array, code, command, custom, environment, experiment, framework, grace_period, image, inputs, "
     "low_priority_nodes, max_wall_clock, metrics, mpi, name, nodes, output_root, outputs, packages, placement, "
-    "preemptible, prepare, priority, processes_per_node, resources, retries, stall_timeout, sweep, "
+    "preemptible, prefer_low_priority, prepare, priority, processes_per_node, resources, retries, stall_timeout, sweep, "
     "sync_interval, tensorflow"
 )
 
@@ -175,7 +175,7 @@ def test_unknown_top_level_field_lists_the_allowed_ones():
 
 @pytest.mark.parametrize("data, expected", [
     ({"resources": {"cpu": 2}}, "resources.cpu: unknown field; allowed: cpus, custom, gpus, memory"),
-    ({"retries": {"infra": 1}}, "retries.infra: unknown field; allowed: infrastructure, user, user_exit_codes"),
+    ({"retries": {"infra": 1}}, "retries.infra: unknown field; allowed: evictions, infrastructure, user, user_exit_codes"),
     ({"placement": {"strat": "pack"}}, "placement.strat: unknown field; allowed: strategy"),
     ({"inputs": {"data": {"path": "/d", "bogus": 1}}},
      "inputs.data.bogus: unknown field; allowed: mode, path"),

@@ -478,8 +478,12 @@ def score(
 
 
 from raybatch.cli.cluster import cluster_app  # noqa: E402
+from raybatch.cli import node_setup  # noqa: E402
+from raybatch.cli import spot_watch  # noqa: E402
 
 app.add_typer(cluster_app, name="cluster")
+app.command("node-setup")(node_setup.node_setup)
+app.command("spot-watch")(spot_watch.spot_watch)
 
 sweep_app = typer.Typer(help="Sweeps: their trials ranked, and a picture of them.", no_args_is_help=True)
 app.add_typer(sweep_app, name="sweep")

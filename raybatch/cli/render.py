@@ -82,6 +82,10 @@ def show_job(j: JobDetail) -> None:
         c.print(f"  stopping:    preempted by {j.preempted_by}")
     if j.preemptions:
         c.print(f"  preempted:   {j.preemptions} time(s), last by {j.preempted_by}")
+    if j.evictions:
+        limit = j.spec.retries.evictions
+        c.print(f"  evicted:     {j.evictions} time(s) from spot nodes"
+                + (f" (retries.evictions {limit})" if limit is not None else ""))
     s = j.spec
     c.print(f"  framework:   {s.framework}   nodes: {s.nodes} x {s.processes_per_node} process(es)"
             f"   per node: {s.resources.as_ray_bundle()}   priority: {j.priority}")

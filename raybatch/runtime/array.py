@@ -269,7 +269,7 @@ class ArrayAttempt(Attempt, SlotOwner):
         elif outcome.kind in _STOPPED or outcome is self.stop_reason:
             d.release(task.index)
         elif reruns_free(outcome, d.infra_reruns[task.index], self.spec.retries.infrastructure):
-            if outcome.kind is not AttemptOutcome.PREEMPTED:  # a preempted task is never charged
+            if not outcome.kind.keeps_place:  # a preempted or evicted task is never charged
                 d.infra_reruns[task.index] += 1
             self.log(f"{what}: {outcome.kind.value}: {outcome.message}; it runs again")
             d.requeue(task.index, front=True)

@@ -9,7 +9,7 @@ The attempt, step by step (each step's module in brackets):
 4. plan every rank's command, env and files [launch]; run ``prepare`` once per node
    (PREPARING) [setup]; start every rank's process; report RUNNING;
 5. watch: the first rank to exit non-zero, a lost rank, a stop request from the server
-   (``control.json``: cancel, preempt), SIGTERM from outside raybatch (``ray job stop``:
+   (``control.json``: cancel, preempt, evict), SIGTERM from outside raybatch (``ray job stop``:
    DRIVER_LOST), a stall or the wall-clock limit ends the attempt; the other ranks get
    SIGTERM -> grace -> SIGKILL (STOPPING) [watch];
 6. when outputs, checkpoints or logs live in blob storage, each node's last upload
@@ -229,7 +229,8 @@ class Attempt:
                 outcome = self.watch()
         except RayActorError as e:
             traceback.print_exc()
-            outcome = Outcome(AttemptOutcome.NODE_LOST, None, f"a rank's node was lost while starting: {e}")
+            lost = watch.lost_outcome(e, "a rank", None)
+            outcome = Outcome(lost.kind, None, f"{lost.message}, while starting: {e}")
         except Exception as e:  # noqa: BLE001
             traceback.print_exc()
             outcome = Outcome(AttemptOutcome.START_FAILED if not self.ranks else AttemptOutcome.NODE_LOST,

@@ -173,21 +173,21 @@ class Gang:
                 pass
         return codes
 
-    def find_lost(self, exclude: int, timeout_s: float) -> list[int]:
-        """Ranks whose actor is gone (its node lost). Healthy actors answer in
-        milliseconds; a dead one within Ray's node-failure detection, waited for up to
-        ``timeout_s``."""
+    def find_lost(self, exclude: int, timeout_s: float) -> dict[int, RayActorError]:
+        """Ranks whose actor is gone (its node lost), and Ray's error for each (its
+        ``preempted`` tells an eviction). Healthy actors answer in milliseconds; a dead one
+        within Ray's node-failure detection, waited for up to ``timeout_s``."""
         refs = {self.actors[j].node_info.remote(): j for j in range(len(self.actors)) if j != exclude}
         if not refs:
-            return []
+            return {}
         ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
-        lost = []
+        lost = {}
         for ref in ready:
             try:
                 ray.get(ref)
-            except RayActorError:
-                lost.append(refs[ref])
-        return sorted(lost)
+            except RayActorError as e:
+                lost[refs[ref]] = e
+        return dict(sorted(lost.items()))
 
     def kill_actors(self) -> None:
         for a in self.actors:

@@ -126,11 +126,12 @@ class RayJobLauncher:
         status = str(info.status.value if hasattr(info.status, "value") else info.status)
         return RayJobState(status, info.status.is_terminal(), info.driver_exit_code, info.message or "")
 
-    def request_stop(self, job_id: str, attempt: int, action: str, reason: str = "") -> None:
+    def request_stop(self, job_id: str, attempt: int, action: str, reason: str = "",
+                     deadline: Optional[float] = None) -> None:
         """Ask the attempt's driver to stop its ranks gracefully (it polls this file).
-        ``action``: cancel | preempt."""
+        ``action``: cancel | preempt | evict (``deadline``: when the evicted node goes)."""
         def change(c: Control) -> None:
-            c.action, c.reason = action, reason  # type: ignore[assignment]
+            c.action, c.reason, c.deadline = action, reason, deadline  # type: ignore[assignment]
         ControlDir.of(self.state_dir, job_id, attempt).update_control(change)
 
     def grant_slot(self, job_id: str, attempt: int, slot: int, nodes: list[str]) -> None:
@@ -138,13 +139,16 @@ class RayJobLauncher:
         ControlDir.of(self.state_dir, job_id, attempt).update_control(
             lambda c: c.slots.__setitem__(slot, SlotGrant(nodes=list(nodes))))
 
-    def revoke_slot(self, job_id: str, attempt: int, slot: int, reason: str, preempt: bool) -> None:
-        """Take a slot back: now (``preempt``: its task gets SIGTERM and its grace period),
-        or when its task ends (a lease not renewed)."""
+    def revoke_slot(self, job_id: str, attempt: int, slot: int, reason: str, preempt: bool,
+                    evict_by: Optional[float] = None) -> None:
+        """Take a slot back: now (``preempt``: its task gets SIGTERM and its grace period;
+        ``evict_by``: its node is evicted, the grace ends by then), or when its task ends
+        (a lease not renewed)."""
         def change(c: Control) -> None:
             grant = c.slots.get(slot)
             if grant is not None and (grant.state == "granted" or preempt and not grant.preempt):
-                c.slots[slot] = grant.model_copy(update={"state": "revoked", "reason": reason, "preempt": preempt})
+                c.slots[slot] = grant.model_copy(update={"state": "revoked", "reason": reason, "preempt": preempt,
+                                                         "evict_by": evict_by})
         ControlDir.of(self.state_dir, job_id, attempt).update_control(change)
 
     def sync_slots(self, job_id: str, attempt: int, rows: list[dict[str, Any]]) -> None:

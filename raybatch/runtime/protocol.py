@@ -94,10 +94,17 @@ class Outcome:
     kind: AttemptOutcome
     exit_code: Optional[int] = None
     message: str = ""
+    deadline: Optional[float] = None  # a stop: the ranks' grace ends by then (epoch s), e.g. an eviction's
 
     @property
     def succeeded(self) -> bool:
         return self.kind is AttemptOutcome.SUCCEEDED
+
+    def grace(self, grace_period: float) -> float:
+        """The grace period the ranks get when this stops them: the job's, cut to the deadline."""
+        if self.deadline is None:
+            return grace_period
+        return max(0.0, min(grace_period, self.deadline - time.time()))
 
 
 class SlotGrant(BaseModel):
@@ -108,15 +115,20 @@ class SlotGrant(BaseModel):
     reason: str = ""
     preempt: bool = Field(False, description="revoked for a higher-priority job: stop its task now "
                           "(SIGTERM, grace); otherwise the slot drains: its task finishes, no new one starts")
+    evict_by: Optional[float] = Field(None, description="revoked because a node of the slot is being evicted "
+                                      "(preempt is set too): its task's grace ends by then at the latest "
+                                      "(epoch s), and the task reruns free (EVICTED)")
 
 
 class Control(BaseModel):
     """The scheduler's requests to the attempt's driver: stop the attempt, and (array
     jobs) the slots granted to it and those taken back."""
 
-    action: Optional[Literal["cancel", "preempt"]] = None
+    action: Optional[Literal["cancel", "preempt", "evict"]] = None
     reason: str = ""
     at: float = Field(default_factory=time.time)
+    deadline: Optional[float] = Field(None, description="evict: when the node goes (epoch s); the ranks' "
+                                      "grace period ends by then at the latest")
     slots: dict[int, SlotGrant] = Field(default_factory=dict)
 
     def requested_stop(self) -> Optional[Outcome]:
@@ -125,6 +137,9 @@ class Control(BaseModel):
             return Outcome(AttemptOutcome.CANCELLED, None, "cancelled by user")
         if self.action == "preempt":
             return Outcome(AttemptOutcome.PREEMPTED, None, self.reason or "preempted by a higher-priority job")
+        if self.action == "evict":
+            return Outcome(AttemptOutcome.EVICTED, None, self.reason or "a spot node of the job is being evicted",
+                           deadline=self.deadline)
         return None
 
 

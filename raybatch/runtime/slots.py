@@ -71,16 +71,16 @@ class UnitSource(Protocol):
 
 IDLE_WAIT_S = 0.25  # a ready slot with nothing to run asks again (for more to come) this often
 UNIT_SYNC_TIMEOUT_S = 120.0
-# a unit's run these ended runs again without counting as its failure: after preemption
-# always, after the others up to retries.infrastructure times
-RERUN_FREE = (AttemptOutcome.PREEMPTED, AttemptOutcome.NODE_LOST, AttemptOutcome.PLACEMENT_TIMEOUT,
-              AttemptOutcome.STORAGE_UNAVAILABLE)
+# a unit's run these ended runs again without counting as its failure: after preemption or
+# an eviction with notice always, after the others up to retries.infrastructure times
+RERUN_FREE = (AttemptOutcome.PREEMPTED, AttemptOutcome.EVICTED, AttemptOutcome.NODE_LOST,
+              AttemptOutcome.PLACEMENT_TIMEOUT, AttemptOutcome.STORAGE_UNAVAILABLE)
 
 
 def reruns_free(outcome: Outcome, infra_reruns: int, budget: int) -> bool:
     """Does a unit whose run ended so run again, free? (``infra_reruns``: its free reruns so
-    far that were not preemptions; ``budget``: the job's retries.infrastructure)"""
-    return outcome.kind is AttemptOutcome.PREEMPTED or (outcome.kind in RERUN_FREE and infra_reruns < budget)
+    far that were not preemptions or evictions; ``budget``: the job's retries.infrastructure)"""
+    return outcome.kind.keeps_place or (outcome.kind in RERUN_FREE and infra_reruns < budget)
 
 
 class SlotOwner:
@@ -107,7 +107,8 @@ class SlotOwner:
                 owner.changed()
         elif grant.preempt and slot.preempted is None:
             owner.log(f"slot {k}: {grant.reason}")
-            slot.preempted = grant.reason or "preempted"
+            slot.evict_by = grant.evict_by
+            slot.preempted = grant.reason or ("evicted" if grant.evict_by is not None else "preempted")
         elif not grant.preempt and not slot.drain.is_set():
             owner.log(f"slot {k} drains: {grant.reason}")
             slot.drain.set()
@@ -140,6 +141,7 @@ class Slot:
         self.task: Optional[int] = None
         self.drain = threading.Event()       # finish the task, take no new one
         self.preempted: Optional[str] = None  # stop the task now (why)
+        self.evict_by: Optional[float] = None  # ... because its node is evicted: grace ends by then
         self.lost_nodes: set[str] = set()
         self.upload_failed = False
         self.infos: list[dict[str, Any]] = []
@@ -168,6 +170,8 @@ class Slot:
         if self.owner.stop_reason is not None:
             return self.owner.stop_reason
         if self.preempted is not None:
+            if self.evict_by is not None:
+                return Outcome(AttemptOutcome.EVICTED, None, self.preempted, deadline=self.evict_by)
             return Outcome(AttemptOutcome.PREEMPTED, None, self.preempted)
         return self.owner.unit_stop(unit) if unit is not None else None
 
@@ -196,7 +200,8 @@ class Slot:
                 try:
                     outcome = self.run_unit(task, run)
                 except RayActorError as e:
-                    outcome = Outcome(AttemptOutcome.NODE_LOST, None, f"a rank's node was lost: {e}")
+                    died = watch.lost_outcome(e, "a rank", None)
+                    outcome = Outcome(died.kind, None, f"{died.message}: {e}")
                 except RayError as e:  # staging an item, restoring its checkpoints
                     cause = cause_of(e)
                     transient = isinstance(cause, StorageError) and cause.transient
@@ -212,8 +217,8 @@ class Slot:
                     traceback.print_exc()
                     self.log(f"ending {task.key}: {type(e).__name__}: {e}")
                     break
-                if outcome.kind is AttemptOutcome.NODE_LOST:
-                    lost = True
+                if outcome.kind in (AttemptOutcome.NODE_LOST, AttemptOutcome.EVICTED):
+                    lost = outcome.kind is AttemptOutcome.NODE_LOST or bool(self.lost_nodes)
                     break
                 self._set("ready" if not self.drain.is_set() else "draining")
         except RayActorError as e:

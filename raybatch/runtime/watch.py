@@ -57,9 +57,7 @@ def watch(gang: Gang, ranks: list[RankReport], framework: Framework, deadline: f
             if isinstance(done.error, RayActorError):
                 ranks[i].exit_code = None
                 lost_nodes.add(ranks[i].node_id)
-                outcome = outcome or Outcome(AttemptOutcome.NODE_LOST, None,
-                                             f"rank {i} was lost (node {ranks[i].node_id[:12]}): "
-                                             f"{type(done.error).__name__}")
+                outcome = outcome or lost_outcome(done.error, f"rank {i}", ranks[i].node_id)
                 grace = min(grace, NODE_LOST_GRACE_S)
             elif done.error is not None:
                 raise done.error
@@ -70,13 +68,14 @@ def watch(gang: Gang, ranks: list[RankReport], framework: Framework, deadline: f
                 if code != 0 and outcome is None:
                     # a process whose peer's node died usually fails before Ray reports the
                     # node lost (mpirun at once, collectives on a timeout): ask every rank
-                    lost = gang.find_lost(exclude=i, timeout_s=LOST_RANK_CHECK_S)
+                    errors = gang.find_lost(exclude=i, timeout_s=LOST_RANK_CHECK_S)
+                    lost = sorted(errors)
                     for j in lost:
                         lost_nodes.add(ranks[j].node_id)
                     if lost:
-                        outcome = Outcome(AttemptOutcome.NODE_LOST, None,
-                                          f"rank {lost[0]} was lost (node {ranks[lost[0]].node_id[:12]}); "
-                                          f"rank {i} exited with code {code} after it")
+                        first = lost_outcome(errors[lost[0]], f"rank {lost[0]}", ranks[lost[0]].node_id)
+                        outcome = Outcome(first.kind, None, f"{first.message}; rank {i} exited with code {code} "
+                                                            "after it")
                         grace = min(grace, NODE_LOST_GRACE_S)
                     else:
                         outcome = Outcome(AttemptOutcome.USER_ERROR, code, f"rank {i} exited with code {code}")
@@ -89,6 +88,7 @@ def watch(gang: Gang, ranks: list[RankReport], framework: Framework, deadline: f
                               f"running rank(s) exited 0")
         if outcome is None and (stop := stop_request()) is not None:
             outcome = stop
+            grace = stop.grace(grace)  # an eviction's notice may be shorter than the grace period
             if stop.kind is AttemptOutcome.DRIVER_LOST:
                 # `ray job stop` SIGKILLs this driver 3 s after its SIGTERM: be quick, and
                 # leave the rest to the ranks' watchdogs
@@ -110,6 +110,16 @@ def watch(gang: Gang, ranks: list[RankReport], framework: Framework, deadline: f
     if outcome is None:  # every rank's wait ended without a verdict: only idle ranks
         outcome = Outcome(AttemptOutcome.SUCCEEDED, 0, f"all {len(gang.actors)} ranks exited 0")
     return outcome
+
+
+def lost_outcome(error: RayActorError, who: str, node_id: Optional[str]) -> Outcome:
+    """A rank's actor died with its node: EVICTED when Ray says the node was preempted
+    (drained for preemption, then taken: ``ActorDiedError.preempted``), else NODE_LOST."""
+    node = (node_id or "?")[:12]
+    if getattr(error, "preempted", False):
+        return Outcome(AttemptOutcome.EVICTED, None, f"{who} was lost: its node {node} was evicted "
+                                                     "(drained for preemption, then taken)")
+    return Outcome(AttemptOutcome.NODE_LOST, None, f"{who} was lost (node {node}): {type(error).__name__}")
 
 
 def check_stall(gang: Gang, running: set[int], limit: float) -> Optional[Outcome]:

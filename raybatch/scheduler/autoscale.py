@@ -18,6 +18,12 @@ cycle:
 When no waiting job needs a new node, the request is withdrawn (an empty
 request) and Ray's idle timeout removes the nodes that are no longer used.
 A job that does not fit even the largest cluster is rejected at submit.
+
+Spot (low-priority) types, marked like spot nodes (``fit.is_low_priority``): a job with
+``low_priority_nodes: allow`` gets new dedicated nodes when they can hold it, spot ones
+only when they cannot (or the job sets ``prefer_low_priority``: then the other way round).
+A spot type whose launch failed (``launches.launch_failures``: no capacity, quota) is
+left out of the plan for ``SPOT_BACKOFF_S`` after that failure.
 """
 
 from __future__ import annotations
@@ -33,11 +39,14 @@ import yaml
 
 from raybatch.scheduler import fit
 from raybatch.scheduler.fit import NodeView
+from raybatch.scheduler.launches import LaunchFailure, launch_failures
 from raybatch.scheduler.policy import Job, place, why_not
 
 log = logging.getLogger("raybatch.autoscale")
 
 NEW_PREFIX = "~new:"  # ids of the hypothetical nodes the autoscaler could add
+SPOT_BACKOFF_S = 600.0  # a spot type is not planned for this long after a failed launch
+FAILURES_EVERY_S = 5.0  # the autoscaler's launch failures are read at most this often
 
 # Resources Ray adds by itself, which a request must not name.
 _IMPLICIT = ("node:", "object_store_memory")
@@ -107,6 +116,37 @@ class NodeTypes:
         return live, new, room
 
 
+def _is_spot(t: NodeType) -> bool:
+    return fit.is_low_priority(NodeView(t.name, total=t.resources, labels=t.labels))
+
+
+def preferred_pools(pool: list[NodeView], job: Job) -> list[list[NodeView]]:
+    """The node sets to place a waiting job on, in order of preference (they share the
+    pool's nodes). Live nodes are always in; of the new nodes, an ``allow`` job tries the
+    dedicated ones first (spot first with ``prefer_low_priority``), then the other class,
+    then both (a gang with one spot node is as likely to be evicted as one of spot nodes
+    only). ``require``/``avoid`` jobs are kept to their class by ``place`` itself."""
+    if job.low_priority_nodes != "allow":
+        return [pool]
+    out = []
+    for spot in (job.prefer_low_priority, not job.prefer_low_priority):
+        only = [n for n in pool if not n.node_id.startswith(NEW_PREFIX) or fit.is_low_priority(n) == spot]
+        if len(only) < len(pool):
+            out.append(only)
+    return out + [pool]
+
+
+def failures_via_gcs(gcs_address: str) -> Callable[[], list[LaunchFailure]]:
+    """The autoscaler's launch failures, read from the GCS (``launches.launch_failures``)."""
+    from raybatch.config import ray_client_env  # noqa: PLC0415
+
+    ray_client_env()
+    from ray._raylet import GcsClient  # noqa: PLC0415
+
+    gcs = GcsClient(address=gcs_address)
+    return lambda: launch_failures(gcs, gcs_address)
+
+
 def request_via_gcs(gcs_address: str) -> Callable[[list[dict[str, float]]], None]:
     """Send a cluster-shape request to Ray's autoscaler, without ``ray.init``.
 
@@ -135,23 +175,57 @@ class Demand:
     """Keeps the autoscaler's request in step with what the queue needs."""
 
     def __init__(self, types: NodeTypes, gcs_address: Optional[str] = None,
-                 send: Optional[Callable[[list[dict[str, float]]], None]] = None):
+                 send: Optional[Callable[[list[dict[str, float]]], None]] = None,
+                 failures: Optional[Callable[[], list[LaunchFailure]]] = None):
+        """``failures``: the autoscaler's recent failed launches (default: read from the
+        GCS at ``gcs_address``; none without one)."""
         self.types = types
         self._send = send or request_via_gcs(gcs_address or "")
+        self._failures = failures or (failures_via_gcs(gcs_address) if gcs_address else None)
+        self._failures_at = -FAILURES_EVERY_S
+        self.backed_off: dict[str, float] = {}                   # spot type -> skipped until (epoch s)
         self.requested: Optional[list[dict[str, float]]] = None  # last request sent
         self.to_add: dict[str, int] = {}                         # node type -> nodes asked for
         self.for_jobs: list[str] = []
         self.updated_at: Optional[float] = None
         self.error: Optional[str] = None
 
+    def refresh_backoff(self, now: Optional[float] = None) -> dict[str, float]:
+        """Spot types whose launch failed in the last SPOT_BACKOFF_S -> until when they are
+        skipped (read from the autoscaler at most every FAILURES_EVERY_S)."""
+        now = time.time() if now is None else now
+        if self._failures is not None and time.monotonic() - self._failures_at >= FAILURES_EVERY_S:
+            self._failures_at = time.monotonic()
+            try:
+                failures = self._failures()
+            except Exception as e:  # noqa: BLE001 - keep the last known back-offs
+                log.warning("reading the autoscaler's launch failures failed: %s", e)
+                failures = []
+            for f in failures:
+                t, until = self.types.types.get(f.node_type), f.at + SPOT_BACKOFF_S
+                if t is None or not _is_spot(t) or until <= max(now, self.backed_off.get(t.name, 0.0)):
+                    continue
+                if t.name not in self.backed_off:
+                    log.info("spot type %s: a launch failed (%s: %s); not planned for %.0f s", t.name,
+                             f.category, f.message, until - now)
+                self.backed_off[t.name] = until
+        self.backed_off = {k: v for k, v in self.backed_off.items() if v > now}
+        return self.backed_off
+
     def plan(self, nodes: list[NodeView], unfit: list[Job]) -> tuple[dict[str, int], list[str]]:
         """Which new nodes (per type) the waiting jobs need, and which jobs they are for."""
         live, new, room = self.types.largest(nodes)
+        skipped = self.refresh_backoff()
+        new = [n for n in new if n.node_type not in skipped]
         pool = [n.copy() for n in live] + [n.copy() for n in new]
         used: set[str] = set()
         jobs: list[str] = []
         for job in unfit:
-            placed = place(pool, job)
+            placed = None
+            for candidates in preferred_pools(pool, job):
+                placed = place(candidates, job)
+                if placed is not None:
+                    break
             if placed is None:
                 continue  # does not fit even there: it waits for running jobs instead
             fresh = {p for p in placed if p.startswith(NEW_PREFIX)}
@@ -218,7 +292,11 @@ class Demand:
             summary = "no request: the queue needs no new node"
         if self.error:
             summary += f" (last request failed: {self.error})"
+        if self.backed_off:
+            summary += "; not planning spot type(s) after a failed launch: " + ", ".join(
+                f"{t} until {time.strftime('%H:%M:%S', time.localtime(u))}" for t, u in sorted(self.backed_off.items()))
         return {"to_add": self.to_add, "for_jobs": self.for_jobs, "requested_bundles": self.requested,
                 "updated_at": self.updated_at, "error": self.error, "summary": summary,
+                "spot_backed_off": dict(self.backed_off),
                 "node_types": {t.name: {"resources": t.resources, "max_workers": t.max_workers}
                                for t in self.types.types.values()}}

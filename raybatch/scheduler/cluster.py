@@ -5,6 +5,8 @@ server needs no ``ray.init`` and does not show up as a driver."""
 
 from __future__ import annotations
 
+from typing import Optional
+
 from raybatch.scheduler.fit import NodeView
 
 _ALIVE = {1, 3}  # NodeStatus RUNNING, IDLE (autoscaler.proto)
@@ -38,3 +40,22 @@ class RayClusterView:
                 )
             )
         return nodes
+
+    def draining(self) -> dict[str, Optional[float]]:
+        """Nodes being drained (``ray drain-node``, a spot watcher's notice): node id -> when
+        it goes (epoch s), None when the drain set no deadline."""
+        return {(k.hex() if hasattr(k, "hex") else str(k)): (ms / 1000.0 if ms else None)
+                for k, ms in self._gcs.get_draining_nodes().items()}
+
+    def death_reasons(self, node_ids: list[str]) -> dict[str, str]:
+        """Why these nodes died, as the GCS recorded it (``NodeDeathInfo.Reason`` names, e.g.
+        AUTOSCALER_DRAIN_PREEMPTED), for those that did."""
+        from ray.core.generated import gcs_pb2  # noqa: PLC0415
+
+        reasons = gcs_pb2.GcsNodeInfo.DESCRIPTOR.fields_by_name["death_info"].message_type.enum_types[0]
+        wanted, out = set(node_ids), {}
+        for k, info in self._gcs.get_all_node_info().items():
+            node_id = k.hex() if hasattr(k, "hex") else str(k)
+            if node_id in wanted and info.HasField("death_info") and info.death_info.reason:
+                out[node_id] = reasons.values_by_number[info.death_info.reason].name
+        return out

@@ -27,6 +27,7 @@ from raybatch.runtime.launcher import AttemptSetupError, RayJobLauncher
 from raybatch.runtime.protocol import Phase, Report, ray_job_id
 from raybatch.scheduler import fit, policy
 from raybatch.scheduler.cluster import RayClusterView
+from raybatch.scheduler.evictions import Evictions
 from raybatch.scheduler.queue import QueueFollower
 from raybatch.scheduler.simulate import SimJob, simulate
 from raybatch.spec.job import JobSpec
@@ -84,6 +85,11 @@ class Scheduler:
         self.slot_counts: dict[str, tuple[int, int]] = {}  # active array job -> (slots held, wanted)
         self._unplaced: list[dict[str, Any]] = []
         self.last_cycle_error: Optional[str] = None
+        self.cycle_hooks: list[Any] = []  # called with the scheduler after each cycle (nodes.NodeRecorder)
+        # gangs on nodes drained for preemption are stopped at once (a cluster view that can tell)
+        self.evictions = Evictions(cluster) if hasattr(cluster, "draining") else None
+        if self.evictions is not None:
+            self.cycle_hooks.append(self.evictions)
 
     # ---- driving the loop -------------------------------------------------
     def wake(self) -> None:
@@ -113,6 +119,8 @@ class Scheduler:
         t0 = time.perf_counter()
         self.reconcile()
         self.admit()
+        for hook in self.cycle_hooks:
+            hook(self)
         self.stats["cycles"] += 1
         self.stats["last_cycle_ms"] = (time.perf_counter() - t0) * 1000
 
@@ -194,6 +202,10 @@ class Scheduler:
                 self.store.set_ranks(job_id, n, [r.model_dump() for r in report.ranks])
             if report.lost_nodes:
                 self.store.update_attempt(job_id, n, lost_nodes=report.lost_nodes)
+                if outcome is AttemptOutcome.NODE_LOST and self.evictions is not None:
+                    notice = self.evictions.with_notice(report.lost_nodes)  # a spot eviction with notice
+                    if notice:
+                        outcome, message = AttemptOutcome.EVICTED, f"{message} ({notice})"
         elif ray_state.status == "MISSING" and report is None:
             # the server died before the Ray job was submitted: nothing ran, nothing is charged
             self.store.update_attempt(job_id, n, ended_at=time.time(),
@@ -260,6 +272,8 @@ class Scheduler:
         job_id, n = job["id"], job["attempt"]
         now = time.time()
         self._attempt_over(job_id, n)  # an array job's slots end with its attempt
+        if self.evictions is not None:
+            self.evictions.forget(job_id, n)
         self.store.update_attempt(job_id, n, ended_at=now, outcome=outcome.value,
                                   exit_code=code, reason=message)
         spec = self.spec_of(job)
@@ -281,6 +295,13 @@ class Scheduler:
             self.store.transition(job_id, JobState.QUEUED,
                                   "requeued after preemption: it keeps its place in the queue and "
                                   "resumes from its checkpoint dir")
+        elif outcome == AttemptOutcome.EVICTED and not spec.retries.evictions_exhausted(job["evictions"]):
+            limit = spec.retries.evictions
+            count = f" {job['evictions'] + 1} of {limit}" if limit is not None else f" {job['evictions'] + 1}"
+            self.store.transition(job_id, JobState.PREEMPTED, reason, evictions=job["evictions"] + 1)
+            self.store.transition(job_id, JobState.QUEUED,
+                                  f"requeued after eviction{count}: it keeps its place in the queue and "
+                                  "resumes from its checkpoint dir")
         elif outcome.is_infrastructure and job["infra_retries"] < spec.retries.infrastructure:
             used = job["infra_retries"] + 1
             self.store.transition(job_id, JobState.RESTARTING, reason, infra_retries=used)
@@ -299,6 +320,9 @@ class Scheduler:
                 reason += f" (exit code {code} is not in retries.user_exit_codes)"
             elif outcome.is_infrastructure or user_failure:
                 reason += " (no retries left)"
+            elif outcome == AttemptOutcome.EVICTED:
+                reason += f" (evicted {job['evictions'] + 1} time(s): retries.evictions is {spec.retries.evictions})"
+                self.store.update_job(job_id, evictions=job["evictions"] + 1)
             self.store.transition(job_id, JobState.FAILED, reason,
                                   exit_code=code if code is not None else 1)
         self.wake()

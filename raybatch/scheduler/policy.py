@@ -78,6 +78,7 @@ class Job:
     grace: float = 30.0                # SIGTERM -> SIGKILL when stopped
     preemptible: bool = True
     low_priority_nodes: str = "allow"  # allow | require | avoid
+    prefer_low_priority: bool = False  # allow: new nodes for it are spot ones (autoscale.Demand)
     avoid: frozenset[str] = frozenset()  # nodes where it lost a rank (soft)
     # running jobs only
     started_at: Optional[float] = None
@@ -531,7 +532,7 @@ def job_from_spec(job_id: str, seq: int, spec, **running) -> Job:
         id=job_id, priority=spec.priority_value, seq=seq, bundle=spec.resources.as_ray_bundle(),
         count=spec.nodes, strategy=spec.placement.strategy, group=spec.experiment,
         limit=spec.max_wall_clock, grace=spec.grace_period, preemptible=spec.preemptible,
-        low_priority_nodes=spec.low_priority_nodes, **running,
+        low_priority_nodes=spec.low_priority_nodes, prefer_low_priority=spec.prefer_low_priority, **running,
     )
 
 

@@ -9,6 +9,7 @@ name, experiment            job name, experiment
 priority                    schedulingPriority (low | normal | high)
 preemptible                 (none: Batch AI did not preempt jobs)
 low_priority_nodes          the cluster's vmPriority (lowpriority)
+prefer_low_priority         (none: which nodes the autoscaler adds for the job)
 nodes                       nodeCount (gang: all nodes or none)
 processes_per_node          <toolkit>Settings.processCount / nodeCount
 resources (per node)        the cluster's vmSize
@@ -228,7 +229,13 @@ class Packages(_Strict):
 class RetryPolicy(_Strict):
     """Separate budgets for infrastructure failures and user errors (like SkyPilot)."""
 
-    infrastructure: int = Field(3, ge=0, description="Retries after node or driver loss.")
+    infrastructure: int = Field(3, ge=0, description="Retries after node or driver loss (a node lost "
+                                "without notice included).")
+    evictions: Optional[int] = Field(
+        None, ge=0, description="Requeues after spot (low-priority) evictions with notice: the node was "
+        "drained for preemption, the job's ranks got SIGTERM and the grace period (at most the time left), "
+        "and the job went back to the queue at its place. Default: unlimited; when exhausted, the next "
+        "eviction fails the job.")
     user: int = Field(0, ge=0, description="Retries after the user's process exits non-zero "
                       "(or stalls).")
     user_exit_codes: Optional[list[int]] = Field(
@@ -246,6 +253,10 @@ class RetryPolicy(_Strict):
 
     def retries_user_error(self, exit_code: Optional[int]) -> bool:
         return self.user_exit_codes is None or exit_code in self.user_exit_codes
+
+    def evictions_exhausted(self, used: int) -> bool:
+        """After ``used`` evictions, does one more fail the job?"""
+        return self.evictions is not None and used >= self.evictions
 
 
 class Placement(_Strict):
@@ -309,6 +320,10 @@ class JobSpec(_Strict):
     low_priority_nodes: Literal["allow", "require", "avoid"] = Field(
         "allow", description="Low-priority (spot) nodes, marked by the Ray label "
         "raybatch.io/low-priority=true or the resource raybatch_low_priority: allow, require or avoid.",
+    )
+    prefer_low_priority: bool = Field(
+        False, description="With low_priority_nodes: allow, the autoscaler adds spot nodes for this job "
+        "(cheaper, may be evicted) instead of dedicated ones, which it prefers by default.",
     )
     framework: str = Field("custom", description=f"One of: {', '.join(KNOWN_FRAMEWORKS)}.")
     command: str = Field(..., min_length=1, description="Shell command each rank runs (in the code dir).")

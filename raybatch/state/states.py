@@ -20,7 +20,8 @@ class JobState(str, enum.Enum):
     FAILED      A rank exited non-zero, or the attempt could not run, with no retry
                 left (final).
     CANCELLED   Cancelled by a user; every process was stopped (final).
-    PREEMPTED   Stopped to make room for a higher-priority job; goes back to QUEUED.
+    PREEMPTED   Stopped to make room for a higher-priority job, or evicted from a
+                spot node with notice (EVICTED); goes back to QUEUED at its place.
     RESTARTING  The attempt ended with an infrastructure failure (node or driver
                 lost) and a retry is left; goes back to QUEUED.
     """
@@ -85,9 +86,16 @@ class AttemptOutcome(str, enum.Enum):
     STALLED = "STALLED"          # no rank printed anything for stall_timeout
     CANCELLED = "CANCELLED"      # a user cancelled the job
     PREEMPTED = "PREEMPTED"      # room was made for a higher-priority job
+    EVICTED = "EVICTED"          # a spot node was taken back with notice (drained for preemption)
     PLACEMENT_TIMEOUT = "PLACEMENT_TIMEOUT"  # the gang's placement group never placed
     UPLOAD_FAILED = "UPLOAD_FAILED"  # the processes succeeded, but outputs could not be uploaded
     STORAGE_UNAVAILABLE = "STORAGE_UNAVAILABLE"  # staging kept failing on a transient error
+
+    @property
+    def keeps_place(self) -> bool:
+        """Stopped through no fault of its own, with notice: requeued at its place, and a
+        slot's unit reruns free (a higher-priority job, a spot eviction)."""
+        return self in (AttemptOutcome.PREEMPTED, AttemptOutcome.EVICTED)
 
     @property
     def is_infrastructure(self) -> bool:

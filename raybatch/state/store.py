@@ -40,7 +40,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     cancel_requested REAL,
     preempt_requested REAL,                -- a higher-priority job needs its nodes
     preempted_by   TEXT,                   -- ... this one
-    preemptions    INTEGER NOT NULL DEFAULT 0
+    preemptions    INTEGER NOT NULL DEFAULT 0,
+    evictions      INTEGER NOT NULL DEFAULT 0   -- attempts ended by a spot eviction with notice
 );
 CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (state, priority DESC, seq);
 -- covers the scheduler's per-cycle read of the queue (no table lookups at 10k queued)
@@ -105,13 +106,14 @@ _JOB_COLUMNS = (
     "seq", "id", "name", "experiment", "priority", "state", "spec", "code_package", "job_dir",
     "submitted_at", "updated_at", "started_at", "ended_at", "exit_code", "reason", "attempt",
     "user_retries", "infra_retries", "cancel_requested", "preempt_requested", "preempted_by",
-    "preemptions",
+    "preemptions", "evictions",
 )
 # Columns added after the first release: (table, column, declaration), added to older files.
 _ADDED_COLUMNS = (
     ("jobs", "preempt_requested", "REAL"),
     ("jobs", "preempted_by", "TEXT"),
     ("jobs", "preemptions", "INTEGER NOT NULL DEFAULT 0"),
+    ("jobs", "evictions", "INTEGER NOT NULL DEFAULT 0"),
     ("attempts", "nodes", "TEXT"),
     ("ranks", "role", "TEXT"),
 )

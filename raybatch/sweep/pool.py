@@ -351,7 +351,7 @@ class SlotPool(SlotOwner):
                 AttemptOutcome.CANCELLED, AttemptOutcome.DRIVER_LOST)):
             r.state = "pending"  # the attempt ends: the trial did not
         elif reruns_free(outcome, trial.infra_reruns, self.spec.retries.infrastructure):
-            if outcome.kind is not AttemptOutcome.PREEMPTED:  # a preempted trial is never charged
+            if not outcome.kind.keeps_place:  # a preempted or evicted trial is never charged
                 trial.infra_reruns += 1
             self.log(f"trial {trial.index} run {run}: {outcome.kind.value}: {outcome.message}; it runs again")
             with self.lock:
