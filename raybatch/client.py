@@ -163,6 +163,19 @@ class Client:
     def scheduler(self) -> SchedulerInfo:
         return SchedulerInfo.model_validate(self._request("GET", "/scheduler"))
 
+    def nodes(self, ended: bool = False) -> list[dict[str, Any]]:
+        """The cluster's nodes as the server records them: type, spot, state since when,
+        reason, jobs on it (``ended``: also the nodes that are gone)."""
+        return self._request("GET", "/nodes", params={"ended": ended})
+
+    def requeue_nodes(self, node_ids: list[str]) -> list[str]:
+        """Preempt the jobs on these nodes back to the queue (they keep their place); their ids."""
+        return self._request("POST", "/nodes/requeue", json={"node_ids": list(node_ids)})
+
+    def node_status(self) -> dict[str, Any]:
+        """steady/resizing, worker nodes per state, autoscaling demand, launch failures."""
+        return self._request("GET", "/nodes/status")
+
     def items(self, job_id: str, state: Optional[Iterable[str]] = None) -> list[ItemInfo]:
         """An array job's tasks (``state``: only pending, running, done, failed, skipped)."""
         params: dict[str, Any] = {"state": list(state)} if state else {}

@@ -60,8 +60,19 @@ def main(
         help="URL of a raybatch server (default: the embedded local one)."),
     token: Optional[str] = typer.Option(
         None, "--token", envvar="RAYBATCH_TOKEN", help="Bearer token of that server.", show_default=False),
+    cluster: Optional[str] = typer.Option(
+        None, "--cluster", envvar="RAYBATCH_CLUSTER",
+        help="A cluster `raybatch cluster up` made: talk to the server on its head."),
 ) -> None:
     OPTS.address, OPTS.token = address, token
+    if cluster:
+        from raybatch.cluster.lifecycle import ClusterError, connect  # noqa: PLC0415
+
+        try:
+            OPTS.address, cluster_token = connect(cluster)
+        except ClusterError as e:
+            _fail(str(e))
+        OPTS.token = token or cluster_token
 
 
 def _client(auto_start: bool = False) -> Client:

@@ -27,6 +27,54 @@ from pathlib import Path
 
 from raybatch.config import ServerSettings, ray_client_env
 
+log = logging.getLogger("raybatch.server")
+
+
+class ClusterConfigWatcher:
+    """Re-reads ``--cluster-config`` when its mtime changes (``raybatch cluster scale``
+    rewrites it): the autoscaling demand then plans with the new node types and limits.
+    A file that does not parse is logged and the previous types are kept."""
+
+    def __init__(self, path: Path, demand) -> None:
+        import yaml  # noqa: PLC0415
+
+        self.path, self.demand = path, demand
+        self._mtime = path.stat().st_mtime
+        self.config = yaml.safe_load(path.read_text()) or {}
+        self.error: str | None = None
+
+    def current(self) -> dict:
+        return self.config
+
+    def __call__(self, _scheduler=None) -> None:
+        import yaml  # noqa: PLC0415
+
+        from raybatch.scheduler.autoscale import NodeTypes  # noqa: PLC0415
+
+        try:
+            mtime = self.path.stat().st_mtime
+        except OSError as e:
+            mtime = None
+            if self.error is None:
+                self.error = f"{self.path}: {e}"
+                log.error("cluster config unreadable: %s (keeping the previous one)", self.error)
+            return
+        if mtime == self._mtime:
+            return
+        self._mtime = mtime
+        try:
+            config = yaml.safe_load(self.path.read_text()) or {}
+            if not isinstance(config, dict):
+                raise ValueError(f"{self.path}: not a mapping")
+            types = NodeTypes.from_config(config, source=str(self.path))
+        except (OSError, ValueError, yaml.YAMLError) as e:
+            self.error = str(e)
+            log.error("cluster config %s: %s (keeping the previous one)", self.path, e)
+            return
+        self.demand.types, self.config, self.error = types, config, None
+        log.info("cluster config reloaded from %s: %s", self.path,
+                 ", ".join(f"{t.name} max {t.max_workers}" for t in types.types.values()))
+
 
 def build(state_dir: Path, ray_address: str, dashboard_url: str, jobs_root: str | Path | None = None,
           tick: float = 0.5, policy_file: Path | None = None, cluster_config: Path | None = None,
@@ -47,10 +95,12 @@ def build(state_dir: Path, ray_address: str, dashboard_url: str, jobs_root: str 
     code_root = state_dir / "code"
     code_root.mkdir(exist_ok=True)
     autoscaler = None
+    watcher = None
     if cluster_config is not None:
         from raybatch.scheduler.autoscale import Demand, NodeTypes  # noqa: PLC0415
 
         autoscaler = Demand(NodeTypes.from_cluster_yaml(cluster_config), ray_address)
+        watcher = ClusterConfigWatcher(Path(cluster_config), autoscaler)
     datastores = DatastoresFileWatcher(datastores_file or state_dir / "datastores.yaml")
     datastores()
     if datastores.error:
@@ -69,6 +119,11 @@ def build(state_dir: Path, ray_address: str, dashboard_url: str, jobs_root: str 
     scheduler.load_policy()
     if scheduler.policy_error:
         raise SystemExit(scheduler.policy_error)
+    from raybatch.scheduler.nodes import NodeRecorder  # noqa: PLC0415
+
+    if watcher is not None:
+        scheduler.cycle_hooks.append(watcher)
+    scheduler.cycle_hooks.append(NodeRecorder(store, ray_address, config=watcher.current if watcher else None))
     ctx = ServerContext(store=store, scheduler=scheduler,
                         jobs_root=str(Path(root_loc.path).resolve()) if root_loc.is_local else root_loc.uri,
                         code_root=code_root, datastores=datastores)

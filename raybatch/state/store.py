@@ -98,6 +98,24 @@ CREATE TABLE IF NOT EXISTS slots (
     PRIMARY KEY (job_id, attempt, slot)
 );
 CREATE INDEX IF NOT EXISTS slots_live ON slots (state, job_id);
+-- the cluster's nodes as the server saw them (raybatch.scheduler.nodes): one row per Ray
+-- node id (or "ip:<address>" for a node the autoscaler set up before it joined Ray)
+CREATE TABLE IF NOT EXISTS nodes (
+    node_id     TEXT PRIMARY KEY,
+    node_type   TEXT,
+    vm_size     TEXT,
+    spot        INTEGER NOT NULL DEFAULT 0,
+    head        INTEGER NOT NULL DEFAULT 0,
+    ip          TEXT,
+    state       TEXT NOT NULL,     -- preparing|idle|running|unusable|leaving; ended: preempted|terminated|lost
+    state_since REAL NOT NULL,
+    reason      TEXT,
+    first_seen  REAL NOT NULL,
+    last_seen   REAL NOT NULL,
+    ended_at    REAL,
+    end_reason  TEXT
+);
+CREATE INDEX IF NOT EXISTS nodes_live ON nodes (ended_at, node_id);
 """
 
 SLOT_GRANTED, SLOT_REVOKED, SLOT_RELEASED = "granted", "revoked", "released"
@@ -417,6 +435,41 @@ class Store:
         for r in rows:
             r["nodes"] = json.loads(r["nodes"])
         return rows
+
+    # ---- the cluster's nodes (raybatch.scheduler.nodes writes them) ------------------
+    NODE_FIELDS = ("node_type", "vm_size", "spot", "head", "ip", "state", "state_since", "reason",
+                   "first_seen", "last_seen", "ended_at", "end_reason")
+
+    def put_node(self, node_id: str, **fields: Any) -> None:
+        """Insert or update one node's row (only the fields given change)."""
+        bad = set(fields) - set(self.NODE_FIELDS)
+        if bad:
+            raise ValueError(f"not node fields: {sorted(bad)}")
+        with self._tx() as db:
+            cur = db.execute(f"UPDATE nodes SET {', '.join(f'{k}=?' for k in fields)} WHERE node_id=?",
+                             (*fields.values(), node_id))
+            if cur.rowcount == 0:
+                db.execute(f"INSERT INTO nodes (node_id, {', '.join(fields)}) VALUES (?{',?' * len(fields)})",
+                           (node_id, *fields.values()))
+
+    def touch_nodes(self, node_ids: Iterable[str], at: float) -> None:
+        """Set last_seen of these nodes in one transaction."""
+        with self._tx() as db:
+            db.executemany("UPDATE nodes SET last_seen=? WHERE node_id=?", [(at, i) for i in node_ids])
+
+    def delete_node(self, node_id: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM nodes WHERE node_id=?", (node_id,))
+
+    def nodes(self, ended: bool = False, since: Optional[float] = None) -> list[dict[str, Any]]:
+        """The live nodes (``ended``: also those gone, newest end first; ``since``: only those
+        gone after this time), oldest first."""
+        if not ended:
+            return self._all("SELECT * FROM nodes WHERE ended_at IS NULL ORDER BY first_seen, node_id")
+        if since is None:
+            return self._all("SELECT * FROM nodes ORDER BY ended_at IS NOT NULL, first_seen, node_id")
+        return self._all("SELECT * FROM nodes WHERE ended_at IS NULL OR ended_at >= ? "
+                         "ORDER BY ended_at IS NOT NULL, first_seen, node_id", (since,))
 
 
 def _decode_attempt(row: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
