@@ -202,9 +202,9 @@ def scale(
     rewritten; Ray's autoscaler and the server pick it up.
 
     Shrinking below the nodes in use: Ray's autoscaler removes idle nodes first; when more
-    nodes are busy than the new max, it also removes busy ones. ``--on-shrink requeue``
+    nodes are busy than the new max, it also removes busy ones. --on-shrink requeue
     preempts the jobs on the nodes beyond the max first (SIGTERM, grace period, back to
-    the queue at their place, resuming from their checkpoints); with ``wait`` nothing is
+    the queue at their place, resuming from their checkpoints); with wait nothing is
     preempted, and a job whose node the autoscaler still removes ends as a node loss
     (retried under its infrastructure budget)."""
     from raybatch.cluster import lifecycle  # noqa: PLC0415
@@ -239,7 +239,7 @@ def logs(
     node: str = typer.Argument(..., help="A node id (a prefix is enough) or its IP address."),
     setup: bool = typer.Option(False, "--setup", help="The node's set-up log (~/.raybatch/setup.log)."),
 ) -> None:
-    """A node's set-up log (``raybatch node-setup``: mounts, packages)."""
+    """A node's set-up log (raybatch node-setup: mounts, packages)."""
     from raybatch.cluster import lifecycle  # noqa: PLC0415
 
     if not setup:
