@@ -29,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from raybatch.cluster.lifecycle import pids_mentioning
+
 FAKE_HEAD_NODE_ID = "fffffffffffffffffffffffffffffffffffffffffffffffffff00000"  # = cluster_utils.FAKE_HEAD_NODE_ID
 
 
@@ -45,19 +47,7 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
-def _pids_mentioning(text: str) -> list[int]:
-    me = os.getpid()
-    out = []
-    for p in Path("/proc").iterdir():
-        if not p.name.isdigit() or int(p.name) == me:
-            continue
-        try:
-            cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if text in cmd:
-            out.append(int(p.name))
-    return out
+_pids_mentioning = pids_mentioning  # the name tests/test_evictions_e2e.py imports
 
 
 class FakeAutoscalingCluster:
@@ -171,7 +161,7 @@ class FakeAutoscalingCluster:
         return [n for n in state.node_states if n.status in (1, 3)]  # RUNNING, IDLE
 
     def monitor_alive(self) -> bool:
-        return any("monitor.py" in c for c in map(_cmdline, _pids_mentioning(self.temp_dir)))
+        return any("monitor.py" in c for c in map(_cmdline, pids_mentioning(self.temp_dir)))
 
     def monitor_log(self) -> str:
         out = []
@@ -190,16 +180,16 @@ class FakeAutoscalingCluster:
         # fake worker nodes (raylet, agents, workers) were started by the monitor: find them
         # by our private temp dir in their command line and stop exactly those pids
         for sig in (signal.SIGTERM, signal.SIGKILL):
-            pids = _pids_mentioning(self.temp_dir)
+            pids = pids_mentioning(self.temp_dir)
             for pid in pids:
                 try:
                     os.kill(pid, sig)
                 except ProcessLookupError:
                     pass
             deadline = time.monotonic() + 5
-            while _pids_mentioning(self.temp_dir) and time.monotonic() < deadline:
+            while pids_mentioning(self.temp_dir) and time.monotonic() < deadline:
                 time.sleep(0.2)
-        left = _pids_mentioning(self.temp_dir)
+        left = pids_mentioning(self.temp_dir)
         assert not left, f"leftover pids {left}"
         if os.environ.get("KEEP_TEMP") is None:
             shutil.rmtree(self.temp_dir, ignore_errors=True)

@@ -4,9 +4,11 @@ server re-reads when it changes; the head's systemd unit."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import time
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -180,5 +182,42 @@ def test_head_unit_renders_and_verifies(tmp_path):
     path = tmp_path / "raybatch-server.service"
     path.write_text(unit)
     p = subprocess.run(["systemd-analyze", "verify", str(path)], capture_output=True, text=True)
-    problems = [line for line in (p.stdout + p.stderr).splitlines() if str(path) in line or "raybatch" in line]
-    assert p.returncode == 0 or not problems, p.stdout + p.stderr
+    # what verify may say about this machine rather than the unit (a container without a
+    # running systemd, the host's own units); anything else is a problem
+    harmless = (re.compile(r"^(/usr)?/lib/systemd/system/(?!raybatch)\S+:\d+: "),  # a host unit's own warning
+                re.compile(r"Failed to (connect to|open) (system|user) (bus|scope)"),
+                re.compile(r"^Unit \S+ not found\.$"))
+    unexpected = [line for line in (p.stdout + p.stderr).splitlines()
+                  if line.strip() and not any(h.search(line) for h in harmless)]
+    assert p.returncode == 0 and not unexpected, p.stdout + p.stderr
+
+
+def test_requeue_route_records_its_own_reason(store):
+    """POST /nodes/requeue (`cluster scale --on-shrink requeue`): the job's preempted_by says
+    why it goes back to the queue, not that a job with a higher priority took its place."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from raybatch.server.routes.nodes import REQUEUED_BY, router
+    from raybatch.state.states import JobState
+
+    job = store.create_job(name="j", experiment="e", priority=0, spec={"name": "j", "command": "true"},
+                           job_dir_for=lambda i: f"/tmp/{i}")
+    store.transition(job["id"], JobState.STARTING, "fits", attempt=1)
+    store.add_attempt(job["id"], 1, "sid", nodes=["n1"])
+    store.put_node("n1", node_type="cpu2", state="running", state_since=1, first_seen=1, last_seen=1)
+    woken = []
+    ctx = SimpleNamespace(store=store, scheduler=SimpleNamespace(
+        spec_of=lambda j: SimpleNamespace(slots=None), wake=lambda: woken.append(1), cycle_hooks=[]))
+    app = FastAPI()
+    app.include_router(router(ctx))
+    with TestClient(app) as client:
+        r = client.post("/nodes/requeue", json={"node_ids": ["n1", "n9"]})
+    assert r.status_code == 200 and r.json() == [job["id"]] and woken
+    row = store.get_job(job["id"])
+    assert row["preempt_requested"]
+    assert row["preempted_by"] == "requeued by `raybatch cluster scale`: its node is beyond the new max of cpu2"
+    assert row["preempted_by"].startswith(REQUEUED_BY)
+    from raybatch.state.states import preempted_words
+    assert preempted_words(row["preempted_by"]) == row["preempted_by"]  # the reason the job's history shows
+    assert preempted_words("rb-1") == "preempted by rb-1, which has a higher priority"

@@ -1,6 +1,7 @@
-"""``raybatch cluster check FILE [-o json]``: the pre-flight checks of an Azure cluster config
-(raybatch.cluster.preflight) — one line per problem, errors in red, warnings in yellow; exit
-1 if any error. ``cluster up`` runs the same checks first."""
+"""``raybatch cluster check FILE [-o json]``: raybatch's rules for a cluster config
+(raybatch.cluster.configs.lint, no network), then the pre-flight checks of an Azure config
+against Azure (raybatch.cluster.preflight) — one line per problem, errors in red, warnings
+in yellow; exit 1 if any error. ``cluster up`` runs the same checks first."""
 
 from __future__ import annotations
 
@@ -12,6 +13,9 @@ from rich.markup import escape
 
 from raybatch.cli import render
 from raybatch.cli.cluster import cluster_app
+
+
+LINT = "lint"  # the field of raybatch's rules' problems in -o json (their message says the rest)
 
 
 class CheckOutput(str, enum.Enum):
@@ -44,19 +48,23 @@ def check(
     config_file: Path = typer.Argument(..., metavar="FILE", help="A Ray cluster YAML for Azure."),
     output: CheckOutput = typer.Option(CheckOutput.table, "--output", "-o", help="table or json"),
 ) -> None:
-    """Pre-flight: credentials, az login, resource group, VM sizes (availability, Spot,
-    vCPUs/GPUs, Hyper-V generation) and quota (head + min_workers must fit, max_workers
-    should), before anything is created."""
-    from raybatch.cluster import preflight  # noqa: PLC0415
+    """raybatch's rules for the config (command lists, resources, spot marks, file_mounts),
+    then the pre-flight: credentials, az login, resource group, VM sizes (availability,
+    Spot, vCPUs/GPUs, Hyper-V generation) and quota (head + min_workers must fit,
+    max_workers should), before anything is created."""
+    from raybatch.cluster import configs, preflight  # noqa: PLC0415
 
     config = read_config(config_file)
-    problems = preflight.check(config)
+    # a lint line names the file and the field itself: "<file>: <type> <field>: <what>"
+    problems = [preflight.Problem("error", None, LINT, line) for line in configs.lint(config, str(config_file))]
+    problems += preflight.check(config)
     if output == CheckOutput.json:
         print(preflight.to_json(problems))
     else:
         for p in problems:
             style = "red" if p.level == "error" else "yellow"
-            render.console.print(f"[{style}]{p.level}:[/] {escape(str(p))}", highlight=False, soft_wrap=True)
+            text = p.message if p.field == LINT else str(p)
+            render.console.print(f"[{style}]{p.level}:[/] {escape(text)}", highlight=False, soft_wrap=True)
         if not problems:
             render.console.print(f"{config_file}: no problems found", highlight=False)
     if any(p.level == "error" for p in problems):

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from raybatch.cli import render
@@ -31,8 +32,31 @@ _NameOpt = typer.Argument(..., help="The cluster's name (its cluster_name; see ~
 
 
 def _fail(message: str, code: int = 1) -> None:
-    render.err_console.print(f"[red]error:[/] {message}", highlight=False)
+    render.err_console.print(f"[red]error:[/] {escape(message)}", highlight=False)
     raise typer.Exit(code)
+
+
+def _why(e: Exception) -> str:
+    """One line for a failed cluster command: raybatch's own errors as they are; anything
+    else (Ray's autoscaler, ARM's HttpResponseError, raybatch's ArmError) with its type;
+    token-like values hidden."""
+    from raybatch.cluster.lifecycle import ClusterError  # noqa: PLC0415
+    from raybatch.runtime.environment import redact  # noqa: PLC0415
+
+    text = str(e) if isinstance(e, (ClusterError, ValueError)) else f"{type(e).__name__}: {e}"
+    return redact(text)
+
+
+def _attempt(fn, *args, done=None, **kwargs):
+    """``fn(*args, **kwargs)``; any failure becomes an ``error:`` line and exit 1 (no traceback)."""
+    try:
+        return fn(*args, **kwargs)
+    except (typer.Exit, KeyboardInterrupt):
+        raise
+    except Exception as e:  # noqa: BLE001 - Ray's autoscaler, Azure and ssh fail in many ways
+        if done is not None:
+            done()
+        _fail(_why(e))
 
 
 def _steps():
@@ -60,12 +84,9 @@ def _steps():
 
 
 def _client(name: str) -> Client:
-    from raybatch.cluster.lifecycle import ClusterError, connect  # noqa: PLC0415
+    from raybatch.cluster.lifecycle import connect  # noqa: PLC0415
 
-    try:
-        url, token = connect(name)
-    except ClusterError as e:
-        _fail(str(e))
+    url, token = _attempt(connect, name)
     return Client(url, token, auto_start=False)
 
 
@@ -102,14 +123,7 @@ def up(
     if kind == "azure" and not yes and not typer.confirm(f"create or update Azure resources for {config_file}?"):
         raise typer.Exit(1)
     step, done = _steps()
-    try:
-        state = lifecycle.up(config_file, mounts, step, restart=restart)
-    except (lifecycle.ClusterError, ValueError) as e:
-        done()
-        _fail(str(e))
-    except Exception as e:  # noqa: BLE001 - Ray's autoscaler and Azure fail in many ways
-        done()
-        _fail(f"{type(e).__name__}: {e}")
+    state = _attempt(lifecycle.up, config_file, mounts, step, restart=restart, done=done)
     done()
     name = state["name"]
     render.console.print(f"cluster {name} is up ({state['kind']})\nserver: {state['url']}\n"
@@ -120,19 +134,18 @@ def up(
 def down(
     name: str = _NameOpt,
     workers_only: bool = typer.Option(False, "--workers-only", help="Keep the head (and its server)."),
+    force: bool = typer.Option(False, "--force", help="Azure: detach the state disk even when the head "
+                               "could not stop the server or unmount it (its last writes may be lost)."),
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask."),
 ) -> None:
-    """Remove the cluster (Azure: the state disk is detached first and kept)."""
+    """Remove the cluster (Azure: the server is stopped and the state disk unmounted,
+    detached and kept)."""
     from raybatch.cluster import lifecycle  # noqa: PLC0415
 
     if not yes and not typer.confirm(f"tear down {'the workers of ' if workers_only else ''}cluster {name}?"):
         raise typer.Exit(1)
     step, done = _steps()
-    try:
-        lifecycle.down(name, workers_only, step)
-    except lifecycle.ClusterError as e:
-        done()
-        _fail(str(e))
+    _attempt(lifecycle.down, name, workers_only, step, force=force, done=done)
     done()
     render.console.print(f"cluster {name}: {'workers ' if workers_only else ''}down")
 
@@ -210,11 +223,7 @@ def scale(
     from raybatch.cluster import lifecycle  # noqa: PLC0415
 
     step, done = _steps()
-    try:
-        path = lifecycle.scale(name, node_type, min_workers, max_workers, step)
-    except lifecycle.ClusterError as e:
-        done()
-        _fail(str(e))
+    path = _attempt(lifecycle.scale, name, node_type, min_workers, max_workers, step, done=done)
     done()
     requeued: list[str] = []
     if on_shrink == OnShrink.requeue:
@@ -250,10 +259,7 @@ def logs(
     if len(match) != 1:
         _fail(f"node {node!r}: " + ("no such node" if not match else f"{len(match)} nodes match; give more of the id")
               + f" (`raybatch cluster nodes {name}` lists them)")
-    try:
-        print(lifecycle.setup_log(name, match[0]), end="")
-    except lifecycle.ClusterError as e:
-        _fail(str(e))
+    print(_attempt(lifecycle.setup_log, name, match[0]), end="")
 
 
 @cluster_app.command("head-setup")

@@ -12,6 +12,7 @@ from rich.table import Table
 
 from raybatch.models import JobDetail, JobSummary
 from raybatch.spec.units import format_duration
+from raybatch.state.states import preempted_words
 from raybatch.sweep import split_trial_id
 
 def _console(stderr: bool = False) -> Console:
@@ -79,9 +80,9 @@ def show_job(j: JobDetail) -> None:
     if j.trials is not None:
         c.print(f"  trials:      {trials_line(j.trials, j.best)}   (raybatch sweep show {j.id})")
     if j.preempt_requested:
-        c.print(f"  stopping:    preempted by {j.preempted_by}")
+        c.print(f"  stopping:    {preempted_words(j.preempted_by)}")
     if j.preemptions:
-        c.print(f"  preempted:   {j.preemptions} time(s), last by {j.preempted_by}")
+        c.print(f"  preempted:   {j.preemptions} time(s); last: {preempted_words(j.preempted_by)}")
     if j.evictions:
         limit = j.spec.retries.evictions
         c.print(f"  evicted:     {j.evictions} time(s) from spot nodes"

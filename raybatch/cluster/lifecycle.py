@@ -6,7 +6,7 @@ Everything ``up`` knows about a cluster lives in its render directory,
 
     cluster.yaml      the config as given, with {render_dir} replaced (what Ray runs from)
     node/dist/        the raybatch wheel the nodes install (Azure)
-    node/mounts.yaml  the file systems every node mounts (``--mounts``, or {})
+    node/mounts.yaml  the file systems every node mounts (``--mounts``, or {}; 0600: storage keys)
     ray_auth_token    the Ray cluster's auth token (0600, made once, never printed)
     api_token         the raybatch server's API token (0600, fetched from the head)
     state.json        what ``up`` started: provider kind, server url, pids/tunnel
@@ -20,9 +20,10 @@ Two providers:
 installs the server's systemd unit) -> the state disk (created or re-attached, then
 mounted on the head by ``head-setup --disk-lun``; the server starts once it is mounted)
 -> the server's API token, read on the head through Ray's command runner -> an SSH
-tunnel from a local port to the server's 127.0.0.1 port on the head. ``down`` detaches
-the state disk first (Ray deletes the data disks of the VMs it terminates), then
-``teardown_cluster``.
+tunnel from a local port to the server's 127.0.0.1 port on the head. ``down`` stops the
+server and unmounts the state disk on the head (a head that answers but cannot do so
+stops ``down``, unless ``--force``), detaches the disk (Ray deletes the data disks of the
+VMs it terminates), then ``teardown_cluster``.
 
 **fake_multinode** (``cluster_configs/local-fake.yaml``: Ray's FakeMultiNodeProvider,
 worker "nodes" are raylets on this machine): ``create_or_update_cluster`` cannot drive
@@ -33,9 +34,12 @@ updater would ssh to it) and ``set_node_tags`` raises for that head; and Ray's
 kill every Ray cluster on it. So ``up`` starts the head as ``ray start --head --block
 --autoscaling-config <render dir>/cluster.yaml`` in its own session (free ports, a
 private ``--temp-dir``, autoscaler v1, which re-reads that file every update) and the
-raybatch server beside it, and records every pid and the temp dir in state.json;
-``down`` stops exactly those pids and the processes whose command line names the
-private temp dir (the fake worker nodes the monitor started), nothing else. The server
+raybatch server beside it, and records every pid (with its start time) and the temp dir
+in state.json; ``down`` stops exactly those pids, while they are still the processes
+``up`` started, and this user's processes whose command line names the private temp dir
+(the fake worker nodes the monitor started), nothing else. ``down`` picks the fake or the
+Azure path by the rendered config's provider (state.json must agree): Ray's teardown runs
+for Azure clusters only. The server
 listens on 127.0.0.1: no tunnel. Fake nodes run from this machine's Python environment
 and Ray auth token (``~/.ray/auth_token``, as the local default): no wheel is built.
 """
@@ -46,6 +50,7 @@ import copy
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -63,7 +68,7 @@ import yaml
 
 from raybatch import config as rb_config
 from raybatch.cluster import configs
-from raybatch.local.embedded import _alive, _stop_pid, free_port
+from raybatch.local.embedded import _alive, free_port
 
 STATE_DIR_ON_HEAD = "/mnt/raybatch-state"
 SERVER_PORT_ON_HEAD = 8765
@@ -155,14 +160,25 @@ def _secret_file(path: Path, value: str) -> None:
     os.chmod(path, 0o600)
 
 
-def _replace_render_dir(value: Any, render_dir: str) -> Any:
+def _substitute(value: Any, old: str, new: str) -> Any:
+    """``value`` with ``old`` replaced by ``new`` in every string (keys too)."""
     if isinstance(value, str):
-        return value.replace(configs.RENDER_DIR, render_dir)
+        return value.replace(old, new)
     if isinstance(value, dict):
-        return {_replace_render_dir(k, render_dir): _replace_render_dir(v, render_dir) for k, v in value.items()}
+        return {_substitute(k, old, new): _substitute(v, old, new) for k, v in value.items()}
     if isinstance(value, list):
-        return [_replace_render_dir(v, render_dir) for v in value]
+        return [_substitute(v, old, new) for v in value]
     return value
+
+
+def _replace_render_dir(value: Any, render_dir: str) -> Any:
+    return _substitute(value, configs.RENDER_DIR, render_dir)
+
+
+def lint_rendered(cluster: "Cluster", config: dict) -> list[str]:
+    """raybatch's lints of a rendered config: its render directory is put back as
+    ``{render_dir}`` first (the lints check the file_mounts that ``up`` renders)."""
+    return configs.lint(_substitute(config, str(cluster.dir), configs.RENDER_DIR), str(cluster.config_path))
 
 
 def project_dir() -> Path:
@@ -225,17 +241,20 @@ def render(source: Path, mounts: Optional[Path] = None, progress: Progress = lam
     token = cluster.dir / "ray_auth_token"
     if not token.exists():
         _secret_file(token, secrets.token_hex(32))
-    node = cluster.dir / "node"
-    node.mkdir(exist_ok=True)
+    node = cluster.dir / "node"  # file_mounts copies it to every node: mounts.yaml holds storage keys
+    node.mkdir(mode=0o700, exist_ok=True)
+    os.chmod(node, 0o700)
     if mounts is not None:
         try:
             text = Path(mounts).read_text()
             yaml.safe_load(text)
         except (OSError, yaml.YAMLError) as e:
             raise ClusterError(f"--mounts {mounts}: {e}") from None
-        (node / "mounts.yaml").write_text(text)
+        _secret_file(node / "mounts.yaml", text)
     elif not (node / "mounts.yaml").exists():
-        (node / "mounts.yaml").write_text("{}\n")
+        _secret_file(node / "mounts.yaml", "{}\n")
+    else:
+        os.chmod(node / "mounts.yaml", 0o600)
     if wheel:
         build_wheel(node / "dist", progress)
     rendered = _replace_render_dir(copy.deepcopy(config), str(cluster.dir))
@@ -279,26 +298,114 @@ def _spawn(argv: list[str], log: Path, env: dict[str, str], cwd: Optional[Path] 
     return proc.pid
 
 
-# ---- fake_multinode ---------------------------------------------------------------
-def _pids_mentioning(text: str) -> list[int]:
-    me = os.getpid()
+# ---- the processes up started ------------------------------------------------------
+# A pid in state.json may belong to someone else by the time it is read (the process
+# ended, the pid was reused: a reboot, a long-stopped cluster). Each pid is recorded with
+# its start time and signalled only while both still match.
+def proc_start(pid: Optional[int]) -> Optional[int]:
+    """The process's start time (/proc/<pid>/stat field 22, clock ticks after boot), or None."""
+    if not pid:
+        return None
+    try:
+        stat = Path(f"/proc/{int(pid)}/stat").read_text()
+    except (OSError, ValueError):
+        return None
+    fields = stat.rsplit(")", 1)[-1].split()  # after "pid (comm)": fields[0] is field 3
+    try:
+        return int(fields[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def is_ours(pid: Optional[int], start: Optional[int]) -> bool:
+    """Whether ``pid`` is alive and still the process that started at ``start``."""
+    return bool(pid) and start is not None and _alive(pid) and proc_start(pid) == start
+
+
+def stop_ours(pid: Optional[int], start: Optional[int], timeout: float, what: str,
+              progress: Progress = lambda _m: None) -> None:
+    """SIGTERM the process ``up`` started (its session's group is SIGKILLed after
+    ``timeout``) - only while it is that process: a pid now someone else's is left alone."""
+    if not pid or not _alive(pid):
+        return
+    if not is_ours(pid, start):
+        progress(f"warning: pid {pid} ({what}) is no longer the process up started: left alone")
+        return
+    try:
+        fd = os.pidfd_open(pid)  # signals through it reach this process, never a later one with its pid
+    except ProcessLookupError:
+        return
+    except OSError:
+        fd = None
+
+    def send(sig: int) -> None:
+        try:
+            if fd is not None:
+                signal.pidfd_send_signal(fd, sig)
+            elif is_ours(pid, start):
+                os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+    try:
+        if proc_start(pid) != start:  # ended (and the pid reused) since the check above
+            return
+        send(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while is_ours(pid, start) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if is_ours(pid, start):
+            try:
+                os.killpg(pid, signal.SIGKILL)  # started in its own session: its group is its pid
+            except (ProcessLookupError, PermissionError):
+                pass
+            send(signal.SIGKILL)
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def pids_mentioning(text: str) -> list[int]:
+    """This user's processes (other than this one) whose command line holds ``text`` as a
+    whole word or path (``/tmp/rbfc_ab`` does not match ``/tmp/rbfc_abc``)."""
+    me, uid = os.getpid(), os.getuid()
+    word = re.compile(re.escape(text) + r"(?![A-Za-z0-9_])")
     out = []
     for p in Path("/proc").iterdir():
         if not p.name.isdigit() or int(p.name) == me:
             continue
         try:
+            if p.stat().st_uid != uid:
+                continue
             cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if text in cmd:
+        if word.search(cmd):
             out.append(int(p.name))
     return out
 
 
+# ---- fake_multinode ---------------------------------------------------------------
+_FAKE_TEMP_DIR = re.compile(r"^/tmp/rbfc_[A-Za-z0-9_]{6,}$")  # what _fake_up's mkdtemp makes
+
+
+def _spawn_ours(state: dict[str, Any], what: str, argv: list[str], log: Path, env: dict[str, str],
+                cwd: Optional[Path] = None) -> int:
+    """Start ``what`` and record its pid and start time in ``state``."""
+    pid = _spawn(argv, log, env, cwd)
+    state.setdefault("pids", {})[what] = pid
+    state.setdefault("starts", {})[what] = proc_start(pid)
+    return pid
+
+
+def _fake_running(state: dict[str, Any], what: str) -> bool:
+    return is_ours((state.get("pids") or {}).get(what), (state.get("starts") or {}).get(what))
+
+
 def _fake_up(cluster: Cluster, config: dict, progress: Progress) -> dict[str, Any]:
     state = cluster.state()
-    if state.get("kind") == "fake" and _alive(state.get("pids", {}).get("head")) \
-            and _alive(state.get("pids", {}).get("server")) and _server_healthy(state["url"]):
+    if state.get("kind") == "fake" and _fake_running(state, "head") and _fake_running(state, "server") \
+            and _server_healthy(state["url"]):
         # running: the new config (limits, types) is picked up by the autoscaler's next
         # update and the server's next cycle; the head's ports stay
         config["provider"]["gcs_address"] = state["ray_address"]
@@ -320,7 +427,7 @@ def _fake_up(cluster: Cluster, config: dict, progress: Progress) -> dict[str, An
                     disable_launch_config_check=True)
     write_config(cluster, config)
     state = {"kind": "fake", "name": cluster.name, "ray_address": ray_address,
-             "dashboard_url": f"http://127.0.0.1:{dash_port}", "temp_dir": temp_dir, "pids": {},
+             "dashboard_url": f"http://127.0.0.1:{dash_port}", "temp_dir": temp_dir, "pids": {}, "starts": {},
              "url": None, "token_file": str(cluster.dir / "server" / "token"),
              "cluster_config": str(cluster.config_path), "started_at": time.time()}
     cluster.write_state(state)
@@ -338,7 +445,7 @@ def _fake_up(cluster: Cluster, config: dict, progress: Progress) -> dict[str, An
            # v1: what `ray start` runs by default; it re-reads --autoscaling-config every update
            "RAY_enable_autoscaler_v2": "0", "AUTOSCALER_UPDATE_INTERVAL_S": "1", "RAY_worker_niceness": "0"}
     progress(f"starting the fake_multinode head (GCS {ray_address}, temp dir {temp_dir})")
-    state["pids"]["head"] = _spawn(argv, cluster.logs / "ray-head.log", env)
+    _spawn_ours(state, "head", argv, cluster.logs / "ray-head.log", env)
     cluster.write_state(state)
 
     def head_up() -> bool:
@@ -352,7 +459,8 @@ def _fake_up(cluster: Cluster, config: dict, progress: Progress) -> dict[str, An
     port = free_port()
     state["url"] = f"http://127.0.0.1:{port}"
     progress("starting the raybatch server")
-    state["pids"]["server"] = _spawn(
+    _spawn_ours(
+        state, "server",
         [sys.executable, "-m", "raybatch.server", "--state-dir", str(cluster.dir / "server"),
          "--ray-address", ray_address, "--dashboard-url", state["dashboard_url"],
          "--cluster-config", str(cluster.config_path), "--host", "127.0.0.1", "--port", str(port)],
@@ -365,31 +473,36 @@ def _fake_up(cluster: Cluster, config: dict, progress: Progress) -> dict[str, An
 
 def _fake_down(cluster: Cluster, state: dict[str, Any], progress: Progress, workers_only: bool = False) -> None:
     temp_dir = state.get("temp_dir")
-    pids = state.get("pids", {})
+    pids, starts = state.get("pids") or {}, state.get("starts") or {}
     if workers_only:
         # Ray's own workers-only teardown would run through the same provider that cannot be
         # driven from here (see the module docstring)
         raise ClusterError("--workers-only applies to Azure clusters; on fake_multinode `raybatch cluster "
                            "scale --type T --min 0 --max 0` has the autoscaler remove a type's nodes")
     progress("stopping the raybatch server")
-    _stop_pid(pids.get("server"), 20)
+    stop_ours(pids.get("server"), starts.get("server"), 20, "the raybatch server", progress)
     progress("stopping the fake_multinode head and its nodes")
-    _stop_pid(pids.get("head"), 30)
-    if temp_dir:
+    stop_ours(pids.get("head"), starts.get("head"), 30, "the fake_multinode head", progress)
+    if temp_dir and not _FAKE_TEMP_DIR.match(str(temp_dir)):
+        progress(f"warning: temp_dir {temp_dir!r} in {cluster.state_file} is not one up makes: "
+                 "no process was stopped by it")
+    elif temp_dir:
+        # the fake worker nodes: started by the head's monitor, their command lines name the
+        # head's private temp dir
         for sig in (signal.SIGTERM, signal.SIGKILL):
-            for pid in _pids_mentioning(temp_dir):
+            for pid in pids_mentioning(temp_dir):
                 try:
                     os.kill(pid, sig)
                 except ProcessLookupError:
                     pass
             deadline = time.monotonic() + 8
-            while _pids_mentioning(temp_dir) and time.monotonic() < deadline:
+            while pids_mentioning(temp_dir) and time.monotonic() < deadline:
                 time.sleep(0.2)
-        left = _pids_mentioning(temp_dir)
+        left = pids_mentioning(temp_dir)
         if left:
             raise ClusterError(f"processes of {cluster.name} still running: {left}")
         shutil.rmtree(temp_dir, ignore_errors=True)
-    state.update(pids={}, url=None, stopped_at=time.time())
+    state.update(pids={}, starts={}, url=None, stopped_at=time.time())
     cluster.write_state(state)
 
 
@@ -462,33 +575,40 @@ def _output(value: Any) -> str:
 
 
 TOKEN_MARK = "RAYBATCH-API-TOKEN"
+TOKEN_WAIT_S = 90      # on the head, per read: the server writes its token once it has imported Ray
+TOKEN_READS = 3        # reads before giving up (an ssh session may also fail to start)
 
 
 def _fetch_api_token(ops: AzureOps, config_path: str) -> str:
-    """The server's API token, read on the head (between markers: a login shell may print
-    banners). Returned, never printed."""
-    out = _output(ops.run_on_cluster(config_path, cmd=f"echo {TOKEN_MARK}:$(cat {STATE_DIR_ON_HEAD}/token):{TOKEN_MARK}",
-                                     with_output=True))
-    start = out.find(TOKEN_MARK + ":")
-    end = out.find(":" + TOKEN_MARK, start + 1)
-    token = out[start + len(TOKEN_MARK) + 1:end].strip() if start >= 0 and end > start else ""
-    if not token:
-        raise ClusterError(f"could not read the server's API token on the head ({STATE_DIR_ON_HEAD}/token): "
-                           "is raybatch-server.service running? (ssh to the head: systemctl status raybatch-server)")
-    return token
+    """The server's API token, read on the head once the server has written it (between
+    markers: a login shell may print banners). Returned, never printed."""
+    f = f"{STATE_DIR_ON_HEAD}/token"
+    cmd = (f"for i in $(seq {TOKEN_WAIT_S}); do test -s {f} && break; sleep 1; done; "
+           f"echo {TOKEN_MARK}:$(cat {f} 2>/dev/null):{TOKEN_MARK}")
+    for _ in range(TOKEN_READS):
+        out = _output(ops.run_on_cluster(config_path, cmd=cmd, with_output=True))
+        start = out.find(TOKEN_MARK + ":")
+        end = out.find(":" + TOKEN_MARK, start + 1)
+        token = out[start + len(TOKEN_MARK) + 1:end].strip() if start >= 0 and end > start else ""
+        if token:
+            return token
+    raise ClusterError(f"could not read the server's API token on the head ({f}) within "
+                       f"{TOKEN_READS * TOKEN_WAIT_S} s: is raybatch-server.service running? (on the head: "
+                       "systemctl status raybatch-server; journalctl -u raybatch-server)")
 
 
 def ensure_tunnel(cluster: Cluster, state: dict[str, Any], ops: Optional[AzureOps] = None) -> dict[str, Any]:
     """Make sure the SSH tunnel to the head's server is open (reopen it if it died)."""
     tunnel = state.get("tunnel") or {}
-    if _alive(tunnel.get("pid")) and _port_open(tunnel.get("local_port", 0)):
+    if is_ours(tunnel.get("pid"), tunnel.get("start")) and _port_open(tunnel.get("local_port", 0)):
         return state
     ops = ops or AzureOps.real()
     config = cluster.config()
     head_ip = tunnel.get("head_ip") or ops.get_head_node_ip(str(cluster.config_path))
     port = tunnel.get("local_port") if tunnel.get("local_port") and not _port_open(tunnel["local_port"]) else free_port()
     pid = ops.open_tunnel(config, head_ip, port, SERVER_PORT_ON_HEAD, cluster.logs / "tunnel.log")
-    state["tunnel"] = {"pid": pid, "local_port": port, "head_ip": head_ip, "remote_port": SERVER_PORT_ON_HEAD}
+    state["tunnel"] = {"pid": pid, "start": proc_start(pid), "local_port": port, "head_ip": head_ip,
+                       "remote_port": SERVER_PORT_ON_HEAD}
     state["url"] = f"http://127.0.0.1:{port}"
     cluster.write_state(state)
     _wait("the SSH tunnel to the head", lambda: _port_open(port), 30, cluster.logs / "tunnel.log", (pid,))
@@ -522,19 +642,58 @@ def _azure_up(cluster: Cluster, config: dict, progress: Progress, ops: AzureOps,
     return state
 
 
+HEAD_OK = "RAYBATCH-HEAD-OK"
+STOPPED = "RAYBATCH-STOPPED"
+
+
+def _marked(mark: str) -> str:
+    """A shell command printing ``mark``, whose own text does not contain it (an echoed
+    command line is not taken for its output)."""
+    a, b = mark.rsplit("-", 1)
+    return f"printf '%s-%s\\n' {a} {b}"
+
+
+def _stop_server_on_head(cluster: Cluster, ops: AzureOps, progress: Progress, force: bool) -> None:
+    """Stop the server and unmount the state disk on the head, so that the disk is
+    detached clean. A head that does not answer has nothing mounted to lose; a head that
+    answers but cannot stop or unmount stops ``down`` (unless ``force``)."""
+    path = str(cluster.config_path)
+    try:
+        alive = HEAD_OK in _output(ops.run_on_cluster(path, cmd=_marked(HEAD_OK), with_output=True))
+    except Exception as e:  # noqa: BLE001 - Ray's updater fails in many ways on a head that is gone
+        progress(f"warning: the head does not answer ({type(e).__name__}): nothing to stop or unmount there")
+        return
+    if not alive:
+        progress("warning: the head does not answer: nothing to stop or unmount there")
+        return
+    cmd = (f"sudo -n systemctl stop raybatch-server.service && "
+           f"{{ ! mountpoint -q {STATE_DIR_ON_HEAD} || sudo -n umount {STATE_DIR_ON_HEAD}; }} && {_marked(STOPPED)}")
+    try:
+        out = _output(ops.run_on_cluster(path, cmd=cmd, with_output=True))
+        why = None if STOPPED in out else (out.strip().splitlines() or ["no output"])[-1][-300:]
+    except Exception as e:  # noqa: BLE001
+        why = f"{type(e).__name__}: {str(e)[-300:]}"
+    if why is None:
+        return
+    message = (f"could not stop raybatch-server.service and unmount {STATE_DIR_ON_HEAD} on the head ({why}); "
+               "detaching the state disk while it is mounted can lose the server's last writes. Fix it on the "
+               f"head (`ray attach {path}`; `sudo systemctl stop raybatch-server; sudo umount {STATE_DIR_ON_HEAD}`) "
+               f"and run down again, or `raybatch cluster down {cluster.name} --force` to detach it anyway")
+    if not force:
+        raise ClusterError(message)
+    progress(f"warning: {message.split('; ')[0]}: detaching the disk anyway (--force)")
+
+
 def _azure_down(cluster: Cluster, state: dict[str, Any], progress: Progress, ops: AzureOps,
-                workers_only: bool) -> None:
+                workers_only: bool, force: bool = False) -> None:
     config = cluster.config()
     path = str(cluster.config_path)
     if not workers_only:
         tunnel = state.get("tunnel") or {}
-        _stop_pid(tunnel.get("pid"), 5)
-        progress("stopping the raybatch server and detaching the state disk (Ray would delete it)")
-        try:
-            ops.run_on_cluster(path, cmd="sudo -n systemctl stop raybatch-server.service; "
-                                         f"sudo -n umount {STATE_DIR_ON_HEAD} || true")
-        except Exception as e:  # noqa: BLE001 - a head that is gone cannot stop anything
-            progress(f"(could not stop the server on the head: {type(e).__name__}: {e})")
+        stop_ours(tunnel.get("pid"), tunnel.get("start"), 5, "the SSH tunnel", progress)
+        progress("stopping the raybatch server and unmounting the state disk on the head")
+        _stop_server_on_head(cluster, ops, progress, force)
+        progress("detaching the state disk (Ray would delete it)")
         ops.detach_state_disk(config)
     progress("tearing down " + ("the worker nodes" if workers_only else "the cluster") + " (Ray's teardown)")
     ops.teardown_cluster(path, workers_only=workers_only, keep_min_workers=False)
@@ -571,14 +730,39 @@ def up(source: Path, mounts: Optional[Path] = None, progress: Progress = lambda 
     return state
 
 
+def _kind_of(cluster: Cluster) -> str:
+    """The cluster's provider kind, from its rendered config (state.json must agree):
+    what decides whether Ray's teardown may run at all."""
+    try:
+        config = cluster.config()
+    except ValueError as e:
+        raise ClusterError(f"{e}: cannot tell which provider cluster {cluster.name} runs on; nothing was "
+                           "stopped") from None
+    kind = provider_kind(config)
+    recorded = cluster.state().get("kind")
+    if recorded is not None and recorded != kind:
+        raise ClusterError(f"cluster {cluster.name}: {cluster.config_path} is a {kind!r} cluster but "
+                           f"{cluster.state_file} records {recorded!r}; nothing was stopped (fix or remove "
+                           f"{cluster.dir} by hand)")
+    if kind == "other":
+        raise ClusterError(f"cluster {cluster.name}: {cluster.config_path}: provider "
+                           f"{(config.get('provider') or {}).get('type')!r} is neither Azure nor fake_multinode; "
+                           "nothing was stopped")
+    return kind
+
+
 def down(name: str, workers_only: bool = False, progress: Progress = lambda _m: None,
-         ops: Optional[AzureOps] = None) -> None:
+         ops: Optional[AzureOps] = None, force: bool = False) -> None:
+    """Stop the cluster: on fake_multinode only the processes ``up`` started; on Azure the
+    server, the state disk (detached, kept), then Ray's teardown. ``force``: detach the
+    disk even when the head could not unmount it."""
     cluster = Cluster.named(name)
+    kind = _kind_of(cluster)
     state = cluster.state()
-    if state.get("kind") == "fake":
+    if kind == "fake":
         _fake_down(cluster, state, progress, workers_only)
-    else:
-        _azure_down(cluster, state, progress, ops or AzureOps.real(), workers_only)
+    elif kind == "azure":  # Ray's teardown runs `ray stop` on the head: never for anything else
+        _azure_down(cluster, state, progress, ops or AzureOps.real(), workers_only, force)
 
 
 def connect(name: str) -> tuple[str, Optional[str]]:
@@ -611,12 +795,13 @@ def scale(name: str, node_type: str, min_workers: int, max_workers: int, progres
     total = sum(int(t.get("max_workers", 0) or 0) for n, t in types.items() if n != config.get("head_node_type"))
     if int(config.get("max_workers", 0) or 0) < max_workers:
         config["max_workers"] = max(max_workers, min(total, int(config.get("max_workers", 0) or 0) + max_workers))
-    problems = configs.lint(config, str(cluster.config_path))
+    problems = lint_rendered(cluster, config)
     if problems:
         raise ClusterError("the scaled config has problems:\n" + "\n".join(problems))
+    kind = _kind_of(cluster)
     write_config(cluster, config)
     progress(f"wrote {cluster.config_path}: {node_type} min {min_workers} max {max_workers}")
-    if cluster.state().get("kind") == "azure":
+    if kind == "azure":
         progress("applying it (create_or_update_cluster, no restart)")
         (ops or AzureOps.real()).create_or_update_cluster(str(cluster.config_path), no_restart=True,
                                                           restart_only=False)
@@ -625,10 +810,12 @@ def scale(name: str, node_type: str, min_workers: int, max_workers: int, progres
 
 def setup_log(name: str, node: dict[str, Any], ops: Optional[AzureOps] = None) -> str:
     """The node's ``~/.raybatch/setup.log`` (``raybatch node-setup``'s log)."""
+    from raybatch.cluster.mounts import default_log_path  # noqa: PLC0415
+
     cluster = Cluster.named(name)
     state = cluster.state()
-    if state.get("kind") == "fake":
-        path = Path.home() / ".raybatch" / "setup.log"
+    if _kind_of(cluster) == "fake":
+        path = default_log_path()  # node-setup's log; fake nodes share this machine's RAYBATCH_HOME
         if not path.exists():
             raise ClusterError(f"{path} does not exist: fake_multinode nodes are processes on this machine and "
                                "run no set-up commands (no node-setup log)")

@@ -32,7 +32,7 @@ from raybatch.scheduler.queue import QueueFollower
 from raybatch.scheduler.simulate import SimJob, simulate
 from raybatch.spec.job import JobSpec
 from raybatch.spec.policy import SchedulerPolicy, load_policy
-from raybatch.state.states import AttemptOutcome, InvalidTransition, JobState
+from raybatch.state.states import AttemptOutcome, InvalidTransition, JobState, preempted_words
 from raybatch.state.store import SLOT_GRANTED, SLOT_REVOKED, Store
 
 log = logging.getLogger("raybatch.scheduler")
@@ -166,8 +166,7 @@ class Scheduler:
         if job["cancel_requested"]:
             self._stop(job, sid, "cancel", job["cancel_requested"])
         elif job["preempt_requested"]:
-            self._stop(job, sid, "preempt", job["preempt_requested"],
-                       f"preempted by {job['preempted_by']}, which has a higher priority")
+            self._stop(job, sid, "preempt", job["preempt_requested"], preempted_words(job["preempted_by"]))
         report = self.report(job_id, n)
         spec = self.spec_of(job)
         if job["state"] == JobState.STARTING.value and report and report.phase.ranks_started \
@@ -232,8 +231,7 @@ class Scheduler:
             message = "cancelled by user" + (f"; {not_out}" if not_out else "")
         elif job["preempt_requested"] and outcome != AttemptOutcome.SUCCEEDED:
             outcome, code = AttemptOutcome.PREEMPTED, None
-            message = (f"preempted by {job['preempted_by']}, which has a higher priority"
-                       + (f"; {not_out}" if not_out else ""))
+            message = preempted_words(job["preempted_by"]) + (f"; {not_out}" if not_out else "")
         self._stop_sent -= {f"{sid}:cancel", f"{sid}:preempt"}
         self._killed.discard(sid)
         self.end_attempt(job, outcome, code, message)

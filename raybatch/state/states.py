@@ -101,3 +101,15 @@ class AttemptOutcome(str, enum.Enum):
     def is_infrastructure(self) -> bool:
         return self in (AttemptOutcome.NODE_LOST, AttemptOutcome.DRIVER_LOST,
                         AttemptOutcome.PLACEMENT_TIMEOUT, AttemptOutcome.STORAGE_UNAVAILABLE)
+
+
+# A job's ``preempted_by`` names the job that preempted it, or, for a requeue an operator
+# asked for (``raybatch cluster scale --on-shrink requeue``), a sentence starting with this.
+REQUEUED_BY = "requeued by "
+
+
+def preempted_words(by: str | None) -> str:
+    """Why a job was stopped, from its ``preempted_by``."""
+    if by and by.startswith(REQUEUED_BY):
+        return by
+    return f"preempted by {by}, which has a higher priority"

@@ -17,11 +17,20 @@ from pydantic import BaseModel
 
 from raybatch.scheduler.launches import launch_failures as read_launch_failures
 from raybatch.scheduler.nodes import ClusterStatus, NodeInfo, NodeRecorder, cluster_status, jobs_on_nodes, node_infos
+from raybatch.state.states import REQUEUED_BY
 
 if TYPE_CHECKING:
     from raybatch.server.app import ServerContext
 
 log = logging.getLogger("raybatch.server")
+
+# A requeue is not a preemption by a job: its preempted_by is the whole reason, and reads
+# as one ("requeued by `raybatch cluster scale`: its node is beyond the new max of cpu2").
+
+
+def requeue_reason(by: str, node_type: Optional[str]) -> str:
+    """Why a job is requeued off a node being scaled away (stored as its preempted_by)."""
+    return f"{REQUEUED_BY}`{by}`: its node is beyond the new max of {node_type or 'its type'}"
 
 
 def _recorder(ctx: ServerContext) -> Optional[NodeRecorder]:
@@ -58,17 +67,24 @@ def router(ctx: ServerContext) -> APIRouter:
     def requeue(body: RequeueRequest) -> list[str]:
         """Preempt the jobs on these nodes (the scheduler's own preemption: SIGTERM, grace
         period, back to the queue at their place, resuming from their checkpoint dir).
-        Array jobs' slots are left alone (their tasks rerun elsewhere when a node goes)."""
+        Array jobs' slots are left alone (their tasks rerun elsewhere when a node goes).
+        The job's preempted_by is the reason (``requeue_reason``), not a job id."""
         on = jobs_on_nodes(ctx.store)
+        types = {r["node_id"]: r.get("node_type") for r in ctx.store.nodes(ended=True)}
+        first_node: dict[str, str] = {}
+        for n in body.node_ids:
+            for j in on.get(n, []):
+                first_node.setdefault(j, n)
         out = []
         now = time.time()
-        for job_id in sorted({j for n in body.node_ids for j in on.get(n, [])}):
+        for job_id in sorted(first_node):
             job = ctx.store.get_job(job_id)
             if job is None or job["preempt_requested"] or job["cancel_requested"]:
                 continue
             if ctx.scheduler.spec_of(job).slots is not None:
                 continue
-            ctx.store.update_job(job_id, preempt_requested=now, preempted_by=body.by)
+            reason = body.reason or requeue_reason(body.by, types.get(first_node[job_id]))
+            ctx.store.update_job(job_id, preempt_requested=now, preempted_by=reason)
             out.append(job_id)
         ctx.scheduler.wake()
         return out
@@ -79,3 +95,4 @@ def router(ctx: ServerContext) -> APIRouter:
 class RequeueRequest(BaseModel):
     node_ids: list[str]
     by: str = "raybatch cluster scale"
+    reason: Optional[str] = None  # default: requeue_reason(by, the node's type)
