@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from raybatch.cluster import configs
+from raybatch.scheduler.fit import is_spot_type
 
 ROOT = Path(__file__).resolve().parents[1] / "cluster_configs"
 NOT_RAY = {"mounts.example.yaml", "kuberay-aks.yaml"}  # not Ray autoscaler configs
@@ -112,7 +113,7 @@ def test_spot_config_one_size_dedicated_and_spot():
     c = configs.load(ROOT / "azure-spot.yaml")
     workers = {n: t for n, t in c["available_node_types"].items() if n != c["head_node_type"]}
     assert len({t["node_config"]["azure_arm_parameters"]["vmSize"] for t in workers.values()}) == 1
-    spot = [t for t in workers.values() if configs.is_spot(t)]
+    spot = [t for t in workers.values() if is_spot_type(t)]
     assert len(spot) == 1 and len(workers) == 2
     arm = spot[0]["node_config"]["azure_arm_parameters"]
     assert (arm["priority"], arm["evictionPolicy"], arm["billingProfile"]) == ("Spot", "Delete", {"maxPrice": -1})
@@ -280,3 +281,40 @@ def test_mounts_example_is_batch_ai_mount_volumes_and_node_setup_reads_it():
     parsed = mounts.load(ROOT / "mounts.example.yaml")
     assert [parsed.path(m) for m in parsed.azureFileShares + parsed.azureBlobFileSystems
             + parsed.unmanagedFileSystems] == ["/mnt/raybatch/afs", "/mnt/raybatch/datasets", "/mnt/raybatch/nfs"]
+
+
+SPOT_CASES = [
+    ({"node_config": {"azure_arm_parameters": {"priority": "Spot"}}}, True),
+    ({"node_config": {"azure_arm_parameters": {"priority": "spot"}}}, True),
+    ({"node_config": {"azure_arm_parameters": {"priority": "Low"}}}, True),   # the older name
+    ({"node_config": {"azure_arm_parameters": {"priority": "Regular"}}}, False),
+    ({"resources": {"raybatch_low_priority": 1}}, True),
+    ({"resources": {"raybatch_low_priority": 0}}, False),
+    ({"labels": {"raybatch.io/low-priority": "true"}}, True),
+    ({"labels": {"raybatch.io/low-priority": "True"}}, True),
+    ({"labels": {"raybatch.io/low-priority": "false"}}, False),
+    ({}, False),
+]
+
+
+@pytest.mark.parametrize("extra,spot", SPOT_CASES)
+def test_one_spot_rule_for_the_lint_the_node_records_the_demand_and_the_preflight(extra, spot):
+    """Azure's priority Spot/Low (any case), the resource or the label: spot, wherever asked."""
+    from raybatch.cluster import preflight
+    from raybatch.scheduler.autoscale import NodeTypes
+    from raybatch.scheduler.nodes import type_facts
+
+    t = {"min_workers": 0, "max_workers": 1, "resources": {"CPU": 2}, **copy.deepcopy(extra)}
+    t["resources"] = {"CPU": 2, **t["resources"]}
+    t.setdefault("node_config", {}).setdefault("azure_arm_parameters", {})["vmSize"] = "Standard_D2s_v5"
+    config = {"head_node_type": "head", "available_node_types": {
+        "head": {"resources": {"CPU": 0}, "node_config": {"azure_arm_parameters": {"vmSize": "Standard_D2s_v5"}}},
+        "w": t}}
+    assert is_spot_type(t) is spot
+    assert type_facts(config)["w"] == ("Standard_D2s_v5", spot)
+    assert NodeTypes.from_config(config).types["w"].spot is spot
+    assert next(n for n in preflight.node_types(config)[0] if n.name == "w").spot is spot
+    # the lint's own rule: a spot type carries both marks
+    problems = configs.lint(config)
+    needs_marks = [p for p in problems if "a low-priority (spot) type needs" in p]
+    assert bool(needs_marks) is (spot and not ("resources" in extra and "labels" in extra))

@@ -165,6 +165,70 @@ def test_draining_nodes_evict_the_gangs_on_them_once(tmp_path):
     assert ("evict" in {s[2] for s in launcher.stops})
 
 
+class FlakyLauncher(EvictingLauncher):
+    """Its next ``fail`` evictions raise (the driver's control file cannot be written)."""
+
+    def __init__(self, fail=1):
+        super().__init__()
+        self.fail = fail
+
+    def request_stop(self, job_id, attempt, action, reason="", deadline=None):
+        if action == "evict" and self.fail:
+            self.fail -= 1
+            raise OSError(f"control file of {job_id}: No space left on device")
+        super().request_stop(job_id, attempt, action, reason, deadline)
+
+    def revoke_slot(self, job_id, attempt, slot, reason, preempt, evict_by=None):
+        if evict_by is not None and self.fail:
+            self.fail -= 1
+            raise OSError(f"control file of {job_id}: No space left on device")
+        super().revoke_slot(job_id, attempt, slot, reason, preempt, evict_by)
+
+
+def test_a_failed_eviction_keeps_neither_the_others_nor_itself_from_being_made(tmp_path):
+    store, cluster = Store(tmp_path / "db.sqlite"), DrainingCluster(2)
+    launcher = FlakyLauncher(fail=1)
+    sched = Scheduler(store, launcher, cluster)
+    a, b = submit(store, name="a"), submit(store, name="b")
+    sched.cycle()
+    for job in (a, b):
+        node = store.get_attempt(job["id"], 1)["nodes"][0]
+        launcher.reports[(job["id"], 1)] = {"phase": "running", "at": time.time() - 5, "ranks": [
+            {"rank": 0, "node_rank": 0, "local_rank": 0, "node_id": node}]}
+    sched.cycle()
+    assert {store.get_job(j["id"])["state"] for j in (a, b)} == {"RUNNING"}
+    cluster.drains = {"node0": None, "node1": None}
+    sched.cycle()  # the first eviction fails: the second is still made, the cycle goes on
+    assert len(launcher.evicts) == 1
+    first_failed = ({a["id"], b["id"]} - {launcher.evicts[0][0]}).pop()
+    assert "No space left on device" in sched.evictions.error and first_failed in sched.evictions.error
+    assert "cycle hook Evictions: evicting failed" in sched.hooks_error()
+    sched.cycle()  # and the failed one is made next cycle, the other not twice
+    assert sorted(e[0] for e in launcher.evicts) == sorted([a["id"], b["id"]])
+    sched.cycle()
+    assert len(launcher.evicts) == 2 and sched.evictions.error is None and sched.hooks_error() is None
+
+
+def test_a_slot_whose_revocation_failed_reaches_the_driver_next_cycle(tmp_path):
+    store, cluster = Store(tmp_path / "db.sqlite"), DrainingCluster(2)
+    launcher = FlakyLauncher(fail=1)
+    sched = Scheduler(store, launcher, cluster)
+    job = submit(store, array={"count": 4, "max_concurrent": 2})
+    sched.cycle()
+    slots = store.slots(job["id"], 1, live=True)
+    launcher.reports[(job["id"], 1)] = {"phase": "running", "at": time.time(), "ranks": [],
+                                        "slots": [{"slot": s["slot"], "nodes": s["nodes"], "state": "busy",
+                                                   "placed_at": time.time() - 10} for s in slots]}
+    sched.cycle()
+    cluster.drains = {slots[0]["nodes"][0]: None}
+    launcher.synced.clear()
+    sched.cycle()  # the store has the slot revoked; the control file could not be written
+    assert launcher.evicts == [] and "No space left on device" in sched.evictions.error
+    sched.cycle()  # the loop's slot sync writes what the store says
+    assert any((j, n) == (job["id"], 1) and (slots[0]["slot"], "revoked", "eviction") in rows
+               for j, n, rows in launcher.synced)
+
+
 def test_decide_and_gangs_of():
     spec = JobSpec.model_validate({"name": "a", "command": "x", "grace_period": 30,
                                    "array": {"count": 4, "max_concurrent": 2}})
@@ -342,11 +406,18 @@ def test_launch_failures_from_the_recorded_autoscaler_status():
     assert parse_status(json.dumps({"time": 1, "load_metrics_report": {}})) == []
 
     class Gcs:
-        def internal_kv_get(self, key, namespace):
+        def internal_kv_get(self, key, namespace, timeout=None):
             assert key == b"__autoscaling_status" and namespace is None
+            assert timeout, "a GCS call without a timeout can hang the scheduler's cycle"
             return _recorded_status()
 
     assert [f.node_type for f in launch_failures(Gcs(), "127.0.0.1:1")] == ["gpu", "spot"]
+    # the node records read the same report through the same reader
+    from raybatch.scheduler import launches, nodes
+    assert nodes.autoscaler_report is launches.autoscaler_report
+    report = launches.autoscaler_report(Gcs())
+    assert report["failed_nodes"] == [["10.0.0.7", "spot"]] and report["pending_launches"] == {"spot": 1}
+    assert launches.failures_in(report) == failures
 
 
 def test_launch_failures_of_the_v2_autoscaler():
@@ -465,7 +536,8 @@ def test_own_node_id_is_the_one_live_node_at_this_address():
         def __init__(self, nodes):
             self.nodes = nodes
 
-        def get_all_node_info(self):
+        def get_all_node_info(self, timeout=None):
+            assert timeout, "a GCS call without a timeout can hang spot-watch"
             return self.nodes
 
     me = Gcs({Id("aa"): Info(0, "10.9.9.9", socket.gethostname()), Id("bb"): Info(0, "10.9.9.8"),
@@ -490,3 +562,97 @@ def test_show_prints_the_evictions(tmp_path):
     with render.console.capture() as out:
         render.show_job(shown)
     assert "evicted:     2 time(s) from spot nodes (retries.evictions 4)" in out.get()
+
+
+# ---- reading the GCS -----------------------------------------------------------------------
+
+class BoundedGcs:
+    """A GcsClient whose every call must carry a timeout: one without can hang the
+    scheduler's cycle for as long as the GCS does not answer."""
+
+    A, B = "ab" * 28, "cd" * 28
+
+    def __init__(self):
+        self.calls: list[str] = []
+
+    def _bounded(self, name, timeout):
+        assert timeout and timeout > 0, f"{name} without a timeout"
+        self.calls.append(name)
+
+    def get_draining_nodes(self, timeout=None):
+        self._bounded("get_draining_nodes", timeout)
+        return {self.A: 1_700_000_030_000, self.B: 0}
+
+    def get_all_node_info(self, timeout=None, **_):
+        from ray.core.generated import gcs_pb2
+
+        self._bounded("get_all_node_info", timeout)
+        dead = gcs_pb2.GcsNodeInfo(node_id=bytes.fromhex(self.A), state=gcs_pb2.GcsNodeInfo.DEAD,
+                                   node_manager_address="10.0.0.1", node_type_name="spot")
+        dead.death_info.reason, dead.death_info.reason_message = 3, "spot eviction"
+        alive = gcs_pb2.GcsNodeInfo(node_id=bytes.fromhex(self.B), state=gcs_pb2.GcsNodeInfo.ALIVE,
+                                    node_manager_address="10.0.0.2", node_type_name="ded")
+
+        class Id(str):
+            def hex(self):
+                return str(self)
+
+        return {Id(self.A): dead, Id(self.B): alive}
+
+    def get_cluster_resource_state(self, timeout_s=None):
+        from ray.core.generated import autoscaler_pb2
+
+        self._bounded("get_cluster_resource_state", timeout_s)
+        reply = autoscaler_pb2.GetClusterResourceStateReply()
+        n = reply.cluster_resource_state.node_states.add()
+        n.node_id, n.status, n.ray_node_type_name, n.node_ip_address = bytes.fromhex(self.B), 1, "ded", "10.0.0.2"
+        n.total_resources["CPU"], n.available_resources["CPU"] = 2, 1
+        return reply.SerializeToString()
+
+    def internal_kv_get(self, key, namespace=None, timeout=None):
+        self._bounded("internal_kv_get", timeout)
+        return _recorded_status()
+
+
+def test_every_gcs_read_of_the_cycle_is_bounded(monkeypatch):
+    from raybatch.scheduler import cluster as cluster_mod
+    from raybatch.scheduler import nodes
+
+    gcs = BoundedGcs()
+    monkeypatch.setattr(cluster_mod, "gcs_client", lambda address: gcs)
+    monkeypatch.setattr(nodes, "gcs_client", lambda address: gcs)
+    view = cluster_mod.RayClusterView("127.0.0.1:1")
+    assert view.draining() == {gcs.A: 1_700_000_030.0, gcs.B: None}
+    assert view.death_reasons([gcs.A, gcs.B]) == {gcs.A: ev.PREEMPTED_DEATH}
+    [node] = view.snapshot()
+    assert (node.node_id, node.node_type, node.total, node.available) == (gcs.B, "ded", {"CPU": 2.0}, {"CPU": 1.0})
+    # the node records read the same things the same way (one reader of each)
+    read = nodes.gcs_reader("127.0.0.1:1")()
+    assert read.draining == {gcs.A: 1_700_000_030_000, gcs.B: 0} and read.status == {gcs.B: 1}
+    dead = next(i for i in read.infos if i["node_id"] == gcs.A)
+    assert (dead["alive"], dead["death_reason"], dead["death_message"]) == (False, ev.PREEMPTED_DEATH, "spot eviction")
+    assert read.report["failed_nodes"] == [["10.0.0.7", "spot"]]
+    assert set(gcs.calls) == {"get_draining_nodes", "get_all_node_info", "get_cluster_resource_state",
+                              "internal_kv_get"}
+
+
+def test_death_reason_names_are_ray_s_own():
+    from ray.core.generated import common_pb2
+
+    from raybatch.scheduler.cluster import death_reason
+
+    for name, number in common_pb2.NodeDeathInfo.Reason.items():
+        assert death_reason(number) == name
+    assert death_reason(3) == ev.PREEMPTED_DEATH and death_reason(99) == "UNSPECIFIED"
+
+
+def test_one_place_makes_gcs_clients():
+    """raybatch.scheduler.cluster.gcs_client sets raybatch's client environment first: a
+    GcsClient made anywhere else could skip it."""
+    from pathlib import Path
+
+    import raybatch
+
+    root = Path(raybatch.__file__).parent
+    makers = sorted(str(f.relative_to(root)) for f in root.rglob("*.py") if "GcsClient(" in f.read_text())
+    assert makers == ["scheduler/cluster.py"], makers

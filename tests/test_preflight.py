@@ -314,6 +314,11 @@ def cli(monkeypatch, tmp_path):
 
     def invoke(config, arm=None, *args):
         arm = arm or make_arm()
+        from raybatch.cluster import configs
+
+        # these configs hold only what the pre-flight reads; check's lint step is tested in
+        # tests/test_cluster_lifecycle.py
+        monkeypatch.setattr(configs, "lint", lambda config, source="": [])
         monkeypatch.setattr(preflight, "check", functools.partial(
             _REAL_CHECK, credential=FakeCredential(), transport=arm.transport(), az_logged_in=True))
         path = tmp_path / "cluster.yaml"
@@ -361,3 +366,21 @@ def test_problem_is_one_line():
     p = preflight.Problem("error", "ray.worker.gpu", "min_workers", "the head plus min_workers need 8 vCPUs")
     assert str(p) == "ray.worker.gpu min_workers: the head plus min_workers need 8 vCPUs"
     assert "\n" not in str(copy.copy(p))
+
+
+def test_an_arm_error_is_read_as_the_provider_reads_it():
+    """The pre-flight and raybatch's provider read ARM errors one way (azure.arm_error): the
+    specific code past the wrappers, on one line."""
+    arm = make_arm()
+    arm.route("GET", r"/providers/Microsoft.Compute/skus$", {"error": {
+        "code": "BadRequest", "message": "The request is not valid.\nSee details.",
+        "details": [{"code": "NoRegisteredProviderFound",
+                     "message": "No registered resource provider found for location 'eastus'."}]}}, status=400)
+    p = only(run_check(base_config(), arm)[0], "error")
+    assert p.field == "provider.location"
+    assert p.message == ("cannot list VM sizes in eastus: NoRegisteredProviderFound: No registered resource "
+                         "provider found for location 'eastus'.")
+    arm = make_arm()
+    arm.error("HEAD", r"/resourcegroups/[^/]+$", 403, "AuthorizationFailed", "The client 'x' has no access.\nMore.")
+    p = only(run_check(base_config(), arm)[0], "error")
+    assert str(p) == "provider.resource_group: cannot check 'rb-rg': AuthorizationFailed: The client 'x' has no access."

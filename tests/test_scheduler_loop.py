@@ -301,3 +301,55 @@ def test_a_cancel_before_the_ray_job_was_submitted_is_not_requeued(tmp_path):
     launcher.state = lambda sid: RayJobState("MISSING", True)  # as after a server crash
     sched.cycle()
     assert store.get_job(job["id"])["state"] == "CANCELLED"
+
+
+def test_a_failing_cycle_hook_keeps_neither_the_others_nor_the_cycle_from_running(tmp_path, caplog):
+    """Each hook runs on its own: one that raises is logged once per distinct error and
+    shown as the scheduler's error (last_cycle_error: /health, GET /scheduler)."""
+    import threading
+
+    store, launcher, sched = make(tmp_path)
+    calls = []
+
+    def broken(_sched):
+        calls.append("broken")
+        raise RuntimeError(errors[0])
+
+    class Reporting:  # a hook that keeps its own error, as NodeRecorder does
+        error = None
+
+        def __call__(self, _sched):
+            calls.append("reporting")
+
+    errors = ["GCS unreachable"]
+    reporting = Reporting()
+    sched.cycle_hooks += [broken, reporting]
+    with caplog.at_level("ERROR", logger="raybatch.scheduler"):
+        for _ in range(3):
+            sched.cycle()
+    assert calls == ["broken", "reporting"] * 3 and sched.stats["cycles"] == 3
+    assert sum("cycle hook broken failed" in r.getMessage() for r in caplog.records) == 1
+    assert sched.hooks_error() == "cycle hook broken: RuntimeError: GCS unreachable"
+    errors[0] = "another error"
+    sched.cycle()
+    assert sum("cycle hook broken failed" in r.getMessage() for r in caplog.records) == 2
+    reporting.error = "reading the nodes failed"
+    assert sched.hooks_error() == ("cycle hook broken: RuntimeError: another error; "
+                                   "cycle hook Reporting: reading the nodes failed")
+    # the loop shows it where the scheduler's other errors are
+    t = threading.Thread(target=sched.run_forever, daemon=True)
+    t.start()
+    try:
+        deadline = time.time() + 5
+        while sched.last_cycle_error is None and time.time() < deadline:
+            time.sleep(0.02)
+        assert "cycle hook broken: RuntimeError: another error" in sched.last_cycle_error
+        sched.cycle_hooks.remove(broken)
+        reporting.error = None
+        deadline = time.time() + 5
+        while sched.last_cycle_error is not None and time.time() < deadline:
+            time.sleep(0.02)
+        assert sched.last_cycle_error is None
+    finally:
+        sched.stop()
+        t.join(5)

@@ -22,18 +22,15 @@ def spot_watch(
     """Poll Azure Scheduled Events; on a Preempt of this VM, drain its Ray node with the
     eviction's NotBefore as the deadline (once per event; the event is never acknowledged)."""
     from raybatch.cluster import spot_watch as sw  # noqa: PLC0415
-    from raybatch.config import ray_client_env  # noqa: PLC0415
+    from raybatch.scheduler.cluster import gcs_client  # noqa: PLC0415
 
     address = gcs_address or os.environ.get("RAY_ADDRESS")
     if not address:
         sw._log("error: no GCS address: pass --gcs-address HOST:PORT or set RAY_ADDRESS")
         raise typer.Exit(2)
-    ray_client_env()
-    from ray._raylet import GcsClient  # noqa: PLC0415
-
     imds = sw.Imds(imds_url)
     try:
-        gcs = GcsClient(address=address)
+        gcs = gcs_client(address)
         vm_name = imds.vm_name()
         me = node_id or sw.own_node_id(gcs, address)
     except sw.WatchError as e:

@@ -112,6 +112,13 @@ def arm_error(exc: BaseException) -> tuple[str, str]:
     return type(exc).__name__, str(getattr(exc, "message", None) or exc)
 
 
+def arm_error_line(exc: BaseException) -> str:
+    """``arm_error`` as one line, ``<code>: <message>`` (the message's first line)."""
+    code, message = arm_error(exc)
+    first = next((line.strip() for line in str(message).splitlines() if line.strip()), "")
+    return f"{code}: {first}" if first else code
+
+
 def _compute(config: dict, credential, transport):
     from azure.mgmt.compute import ComputeManagementClient  # noqa: PLC0415
 

@@ -12,8 +12,8 @@ everywhere (Azure and fake_multinode):
   * every worker type has integer resources, its own marker ``rb_type_<type>: 1`` (so the
     bundle Demand plans for a type launches that type and no other), ``min_workers`` and
     ``max_workers`` (0 <= min <= max);
-  * a low-priority (spot) type carries both ``raybatch_low_priority: 1`` and the label
-    ``raybatch.io/low-priority: "true"``;
+  * a low-priority (spot) type (``fit.is_spot_type``: Spot priority or either mark) carries
+    both ``raybatch_low_priority: 1`` and the label ``raybatch.io/low-priority: "true"``;
   * the cluster sets ``max_workers`` and ``idle_timeout_minutes``;
 only on Azure (``type: azure`` or raybatch's provider subclass):
   * ``provider``: raybatch's provider subclass, a real ``subscription_id`` (not the
@@ -39,7 +39,7 @@ from typing import Any
 
 import yaml
 
-from raybatch.scheduler.fit import LOW_PRIORITY_LABEL, LOW_PRIORITY_RESOURCE
+from raybatch.scheduler.fit import LOW_PRIORITY_LABEL, LOW_PRIORITY_RESOURCE, is_spot_type
 
 RAY_VERSION = "2.60.0"
 TRIAL_RESOURCE = "raybatch_trial"
@@ -90,15 +90,6 @@ def is_azure(config: dict) -> bool:
         return True
     return provider.get("type") == "external" and str(provider.get("module", "")).startswith(
         "raybatch.cluster.azure_provider.")
-
-
-def is_spot(node_type: dict) -> bool:
-    """Whether a node type is low-priority: an Azure Spot VM or marked as such."""
-    arm = ((node_type.get("node_config") or {}).get("azure_arm_parameters") or {})
-    labels = node_type.get("labels") or {}
-    resources = node_type.get("resources") or {}
-    return (arm.get("priority") == SPOT_PRIORITY or LOW_PRIORITY_RESOURCE in resources
-            or LOW_PRIORITY_LABEL in labels)
 
 
 def lint(config: dict, source: str = "cluster config") -> list[str]:
@@ -205,7 +196,7 @@ def _lint_worker(name: str, t: dict, bad) -> None:
 
 
 def _lint_spot_marks(name: str, t: dict, bad) -> None:
-    if not is_spot(t):
+    if not is_spot_type(t):
         return
     res = t.get("resources") or {}
     labels = t.get("labels") or {}
@@ -289,7 +280,7 @@ def _lint_azure_type(name: str, t: dict, bad) -> None:
             bad(name, "node_config.azure_arm_parameters.billingProfile.maxPrice", f"a Spot type needs a "
                 f"maximum price: -1 (up to the pay-as-you-go price, never evicted for price) or a "
                 f"price > 0 in USD per hour, got {price!r}")
-    elif is_spot(t):
+    elif priority == "Regular" and is_spot_type(t):  # another priority: said above
         bad(name, "node_config.azure_arm_parameters.priority", f"the type is marked low-priority but its "
             f"VMs are {priority!r}: set priority: Spot (or drop the low-priority marks)")
 
@@ -339,7 +330,7 @@ def _lint_azure_commands(config: dict, types: dict, bad) -> None:
                     "server's systemd unit)")
             elif setup_at < starts[0]:
                 bad("cluster", key, "runs raybatch cluster head-setup before `ray start --head`")
-        if not head and any(is_spot(t) for t in types.values() if isinstance(t, dict)):
+        if not head and any(is_spot_type(t) for t in types.values() if isinstance(t, dict)):
             watch = next((i for i, c in enumerate(cmds) if SPOT_WATCH in c), None)
             if watch is None:
                 bad("cluster", key, f"spot types need `{SPOT_WATCH}` after `ray start` (evictions "

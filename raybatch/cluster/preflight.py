@@ -15,7 +15,8 @@ How the Ray cluster YAML maps to the checks:
   without a ``NotAvailableForSubscription`` restriction — of type ``Location`` (the size
   cannot be used in the region) or ``Zone`` (the zones Ray would spread the VMs over, i.e.
   ``availability_zone`` or, without it, every zone of the size, include a restricted one);
-  ``priority: Spot`` (or the older ``Low``) needs the SKU's ``LowPriorityCapable``;
+  a spot type (``fit.is_spot_type``: ``priority: Spot``, the older ``Low``, or the
+  low-priority marks) needs the SKU's ``LowPriorityCapable``;
   ``<t>.resources`` ``CPU``/``GPU`` are compared with the SKU's ``vCPUs``/``GPUs``: more than
   the VM has is an error (the scheduler would place work that cannot run), fewer is a
   warning (capacity left idle), except ``CPU: 0``, raybatch's way of keeping work off the head.
@@ -44,6 +45,9 @@ import json
 import subprocess
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterable, Optional, Union
+
+from raybatch.cluster.azure import arm_error_line
+from raybatch.scheduler.fit import is_spot_type
 
 MANAGEMENT_SCOPE = "https://management.azure.com/.default"
 INSTALL_HINT = "pip install 'raybatch[azure]'"
@@ -137,7 +141,7 @@ def node_types(config: dict) -> tuple[list[NodeType], list[Problem]]:
                      str(params.get("imageVersion") or "latest"))
         zone_value = params.get("availability_zone", provider.get("availability_zone"))
         out.append(NodeType(
-            name=name, vm_size=size, spot=str(params.get("priority", "")).lower() in ("spot", "low"),
+            name=name, vm_size=size, spot=is_spot_type(t),
             cpus=resources.get("CPU"), gpus=resources.get("GPU"),
             min_workers=_int(t.get("min_workers"), 0),
             max_workers=_int(t.get("max_workers"), _int(global_max, 0)),
@@ -164,13 +168,6 @@ def az_cli_logged_in() -> tuple[bool, str]:
         last = (r.stderr.strip().splitlines() or ["no output"])[-1]
         return False, f"`az account show` exited {r.returncode} ({last}); run `az login`"
     return True, ""
-
-
-def _arm_error(e: Exception) -> str:
-    err = getattr(e, "error", None)
-    code = getattr(err, "code", None)
-    msg = getattr(err, "message", None) or str(e).splitlines()[0]
-    return f"{code}: {msg}" if code else msg
 
 
 def _capabilities(sku) -> dict[str, str]:
@@ -251,13 +248,15 @@ def check(config: dict, *, credential=None, transport=None, az_logged_in: AzLogg
                                        f"resource group '{group}' does not exist in subscription {sub} "
                                        f"(create it: az group create -n {group} -l {location})"))
         except HttpResponseError as e:
-            problems.append(_error(None, "provider.resource_group", f"cannot check '{group}': {_arm_error(e)}"))
+            problems.append(_error(None, "provider.resource_group",
+                                   f"cannot check '{group}': {arm_error_line(e)}"))
 
     try:
         skus = [s for s in compute.resource_skus.list(filter=f"location eq '{location}'")
                 if (s.resource_type or "").lower() == "virtualmachines"]
     except HttpResponseError as e:
-        return problems + [_error(None, "provider.location", f"cannot list VM sizes in {location}: {_arm_error(e)}")]
+        return problems + [_error(None, "provider.location",
+                                  f"cannot list VM sizes in {location}: {arm_error_line(e)}")]
     by_name = {s.name.lower(): s for s in skus if s.name}
     found: dict[str, Any] = {}
     for t in types:
@@ -274,7 +273,7 @@ def check(config: dict, *, credential=None, transport=None, az_logged_in: AzLogg
     try:
         usages = {u.name.value.lower(): u for u in compute.usage.list(location) if u.name and u.name.value}
     except HttpResponseError as e:
-        return problems + [_error(None, "quota", f"cannot read the quota of {location}: {_arm_error(e)}")]
+        return problems + [_error(None, "quota", f"cannot read the quota of {location}: {arm_error_line(e)}")]
     problems += _check_quota(config, types, found, usages, location)
     return problems
 
@@ -348,7 +347,7 @@ def _check_images(compute, types: list[NodeType], skus: dict, location: str, htt
                 if getattr(e, "status_code", None) == 404:
                     out.append(_error(t.name, "imageSku", f"image {urn} does not exist in {location}"))
                 else:
-                    out.append(_warning(t.name, "imageSku", f"cannot look up image {urn}: {_arm_error(e)}; "
+                    out.append(_warning(t.name, "imageSku", f"cannot look up image {urn}: {arm_error_line(e)}; "
                                         "its Hyper-V generation is not checked"))
                 continue
         gen = generations[t.image]

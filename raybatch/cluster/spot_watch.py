@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from typing import Any, Callable, Optional
 
+from raybatch.scheduler.cluster import GCS_TIMEOUT_S, node_hex
+
 IMDS_URL = "http://169.254.169.254"
 EVENTS_PATH = "/metadata/scheduledevents?api-version=2020-07-01"
 VM_NAME_PATH = "/metadata/instance/compute/name?api-version=2021-02-01&format=text"
@@ -131,11 +133,11 @@ def own_node_id(gcs: Any, gcs_address: str) -> str:
     host name is this machine's."""
     addresses, hostname = local_addresses(gcs_address), socket.gethostname()
     mine = []
-    for k, info in gcs.get_all_node_info().items():
+    for k, info in gcs.get_all_node_info(timeout=GCS_TIMEOUT_S).items():
         if info.state != 0:  # GcsNodeInfo.ALIVE
             continue
         if info.node_manager_address in addresses or info.node_manager_hostname == hostname:
-            mine.append(k.hex() if hasattr(k, "hex") else str(k))
+            mine.append(node_hex(k))
     if len(mine) != 1:
         found = "none" if not mine else f"{len(mine)} ({', '.join(m[:12] for m in mine)})"
         raise WatchError(f"cannot tell this machine's Ray node: live nodes at {sorted(addresses)} or host "
@@ -150,7 +152,7 @@ def drain_via_gcs(gcs: Any) -> Callable[[str, str, int], tuple[bool, str]]:
     reason = autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION")
 
     def drain(node_id: str, message: str, deadline_ms: int) -> tuple[bool, str]:
-        accepted, why = gcs.drain_node(node_id, reason, message, deadline_ms)
+        accepted, why = gcs.drain_node(node_id, reason, message, deadline_ms, timeout=GCS_TIMEOUT_S)
         return bool(accepted), str(why or "")
 
     return drain

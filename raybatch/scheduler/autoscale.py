@@ -19,7 +19,8 @@ When no waiting job needs a new node, the request is withdrawn (an empty
 request) and Ray's idle timeout removes the nodes that are no longer used.
 A job that does not fit even the largest cluster is rejected at submit.
 
-Spot (low-priority) types, marked like spot nodes (``fit.is_low_priority``): a job with
+Spot (low-priority) types (``fit.is_spot_type``; their new nodes are told apart by their marks,
+``fit.is_low_priority``): a job with
 ``low_priority_nodes: allow`` gets new dedicated nodes when they can hold it, spot ones
 only when they cannot (or the job sets ``prefer_low_priority``: then the other way round).
 A spot type whose launch failed (``launches.launch_failures``: no capacity, quota) is
@@ -38,6 +39,7 @@ from typing import Any, Callable, Optional
 import yaml
 
 from raybatch.scheduler import fit
+from raybatch.scheduler.cluster import GCS_TIMEOUT_S, gcs_client
 from raybatch.scheduler.fit import NodeView
 from raybatch.scheduler.launches import LaunchFailure, launch_failures
 from raybatch.scheduler.policy import Job, place, why_not
@@ -63,6 +65,7 @@ class NodeType:
     resources: dict[str, float]
     labels: dict[str, str] = field(default_factory=dict)
     max_workers: int = 0
+    spot: bool = False  # fit.is_spot_type of its config
 
 
 @dataclass
@@ -91,7 +94,7 @@ class NodeTypes:
                                  "raybatch knows what a new node of this type holds (e.g. {CPU: 4, GPU: 1})")
             types[name] = NodeType(name, {k: float(v) for k, v in resources.items()},
                                    {str(k): str(v) for k, v in ((t.get("labels") or {}).items())},
-                                   int(t.get("max_workers", 0) or 0))
+                                   int(t.get("max_workers", 0) or 0), fit.is_spot_type(t))
         head = data.get("head_node_type")
         return cls(types, head, data.get("max_workers"))
 
@@ -116,10 +119,6 @@ class NodeTypes:
         return live, new, room
 
 
-def _is_spot(t: NodeType) -> bool:
-    return fit.is_low_priority(NodeView(t.name, total=t.resources, labels=t.labels))
-
-
 def preferred_pools(pool: list[NodeView], job: Job) -> list[list[NodeView]]:
     """The node sets to place a waiting job on, in order of preference (they share the
     pool's nodes). Live nodes are always in; of the new nodes, an ``allow`` job tries the
@@ -138,12 +137,7 @@ def preferred_pools(pool: list[NodeView], job: Job) -> list[list[NodeView]]:
 
 def failures_via_gcs(gcs_address: str) -> Callable[[], list[LaunchFailure]]:
     """The autoscaler's launch failures, read from the GCS (``launches.launch_failures``)."""
-    from raybatch.config import ray_client_env  # noqa: PLC0415
-
-    ray_client_env()
-    from ray._raylet import GcsClient  # noqa: PLC0415
-
-    gcs = GcsClient(address=gcs_address)
+    gcs = gcs_client(gcs_address)
     return lambda: launch_failures(gcs, gcs_address)
 
 
@@ -155,18 +149,14 @@ def request_via_gcs(gcs_address: str) -> Callable[[list[dict[str, float]]], None
     ``ray start``) an internal-KV key. Both are written; the request is a single
     slot, so each write replaces the previous one (a user's own
     ``request_resources`` would replace ours too, until our next change)."""
-    from raybatch.config import ray_client_env  # noqa: PLC0415
-
-    ray_client_env()
+    gcs = gcs_client(gcs_address)
     from ray._private.ray_constants import AUTOSCALER_RESOURCE_REQUEST_CHANNEL  # noqa: PLC0415
-    from ray._raylet import GcsClient  # noqa: PLC0415
     from ray.autoscaler.v2.sdk import request_cluster_resources  # noqa: PLC0415
 
-    gcs = GcsClient(address=gcs_address)
-
     def send(bundles: list[dict[str, float]]) -> None:
-        request_cluster_resources(gcs_address, [{"resources": b} for b in bundles])
-        gcs.internal_kv_put(AUTOSCALER_RESOURCE_REQUEST_CHANNEL, json.dumps(bundles).encode(), True, None)
+        request_cluster_resources(gcs_address, [{"resources": b} for b in bundles], timeout=GCS_TIMEOUT_S)
+        gcs.internal_kv_put(AUTOSCALER_RESOURCE_REQUEST_CHANNEL, json.dumps(bundles).encode(), True, None,
+                            timeout=GCS_TIMEOUT_S)
 
     return send
 
@@ -203,7 +193,7 @@ class Demand:
                 failures = []
             for f in failures:
                 t, until = self.types.types.get(f.node_type), f.at + SPOT_BACKOFF_S
-                if t is None or not _is_spot(t) or until <= max(now, self.backed_off.get(t.name, 0.0)):
+                if t is None or not t.spot or until <= max(now, self.backed_off.get(t.name, 0.0)):
                     continue
                 if t.name not in self.backed_off:
                     log.info("spot type %s: a launch failed (%s: %s); not planned for %.0f s", t.name,

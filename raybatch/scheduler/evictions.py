@@ -16,7 +16,9 @@ Each scheduler cycle (a hook of ``loop.Scheduler``):
 3. an array job's or a sweep's slot on such a node is revoked at once (its unit gets the
    same SIGTERM and grace, and reruns free elsewhere, like a preempted one).
 
-Each attempt (each slot) is told once per node. Ray 2.60 does not say why a live node
+Each attempt (each slot) is told once per node; an eviction that failed (the store or the
+driver's control file could not be written) is tried again next cycle, and does not keep
+the cycle's other evictions from being made. Ray 2.60 does not say why a live node
 drains (``get_draining_nodes`` gives node -> deadline only; the reason is recorded in the
 node's ``death_info`` once it is dead). A drain for idle termination (the v2
 autoscaler's) is refused for a node that holds work, so a draining node under a running
@@ -114,6 +116,7 @@ class Evictions:
 
     def __call__(self, sched: "Scheduler") -> None:
         if not sched._active:
+            self.error = None  # nothing to evict: an earlier failure no longer matters
             return
         try:
             draining = self.cluster.draining()
@@ -128,9 +131,19 @@ class Evictions:
         self.seen = {n: t for n, t in self.seen.items() if now - t < SEEN_FOR_S}
         if not draining:
             return
+        failed = []
         for ev in decide(gangs_of(sched._active, sched.spec_of), draining, self.told):
-            self.told.add(ev.key)
-            self.evict(sched, ev, now)
+            try:
+                self.evict(sched, ev, now)
+            except Exception as e:  # noqa: BLE001 - the others are still evicted; this one next cycle
+                failed.append(f"{ev.gang.job_id}: {type(e).__name__}: {e}")
+                log.warning("evicting %s attempt %d%s failed (retried next cycle): %s: %s", ev.gang.job_id,
+                            ev.gang.attempt, "" if ev.gang.slot is None else f" slot {ev.gang.slot}",
+                            type(e).__name__, e)
+                continue
+            self.told.add(ev.key)  # told once it was told: a failed eviction is tried again
+        if failed:
+            self.error = "evicting failed: " + "; ".join(failed)
 
     def evict(self, sched: "Scheduler", ev: Eviction, now: float) -> None:
         g, reason = ev.gang, ev.reason(now)
@@ -139,8 +152,14 @@ class Evictions:
             sched.launcher.request_stop(g.job_id, g.attempt, "evict", reason, deadline=ev.deadline)
         else:
             sched.store.revoke_slot(g.job_id, g.attempt, g.slot, reason, preempted_by="eviction")
-            sched.launcher.revoke_slot(g.job_id, g.attempt, g.slot, reason, preempt=True,
-                                       evict_by=ev.deadline or now + g.grace)
+            try:
+                sched.launcher.revoke_slot(g.job_id, g.attempt, g.slot, reason, preempt=True,
+                                           evict_by=ev.deadline or now + g.grace)
+            except Exception:
+                # the store has it revoked, so this slot is not evicted again: the loop's slot
+                # sync writes the revocation to the driver's control file next cycle instead
+                sched._control_synced.discard((g.job_id, g.attempt))
+                raise
 
     def forget(self, job_id: str, attempt: int) -> None:
         self.told = {k for k in self.told if k[:2] != (job_id, attempt)}

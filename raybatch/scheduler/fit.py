@@ -8,7 +8,7 @@ free — never by summing free resources across nodes.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 EPS = 1e-9
 
@@ -39,10 +39,33 @@ class NodeView:
                         self.alive, dict(self.labels), self.node_type)
 
 
+def _marked(labels: Any, resources: Any) -> bool:
+    """Carries a low-priority mark: the label (true/1/yes) or some of the resource."""
+    label = labels.get(LOW_PRIORITY_LABEL, "") if isinstance(labels, dict) else ""
+    amount = resources.get(LOW_PRIORITY_RESOURCE, 0) if isinstance(resources, dict) else 0
+    try:
+        amount = float(amount or 0)
+    except (TypeError, ValueError):
+        amount = 1.0  # set, but not a number (a config's lint says so): marked
+    return str(label).lower() in ("true", "1", "yes") or amount > 0
+
+
 def is_low_priority(node: NodeView) -> bool:
     """Low-priority/spot nodes can be taken away by the cloud at any time."""
-    return (node.labels.get(LOW_PRIORITY_LABEL, "").lower() in ("true", "1", "yes")
-            or node.total.get(LOW_PRIORITY_RESOURCE, 0.0) > 0)
+    return _marked(node.labels, node.total)
+
+
+def is_spot_type(node_type: Any) -> bool:
+    """Whether a node type of a Ray cluster config (an ``available_node_types`` entry) is
+    low-priority (spot): its Azure VMs are ``priority: Spot`` (or the older ``Low``; any
+    case), or it carries the marks its nodes are told apart by (``is_low_priority``). The
+    one rule for the config's lint, the node records, Demand's back-off and the pre-flight."""
+    if not isinstance(node_type, dict):
+        return False
+    node_config = node_type.get("node_config")
+    arm = node_config.get("azure_arm_parameters") if isinstance(node_config, dict) else None
+    priority = str(arm.get("priority") or "") if isinstance(arm, dict) else ""
+    return priority.lower() in ("spot", "low") or _marked(node_type.get("labels"), node_type.get("resources"))
 
 
 def fits(available: dict[str, float], bundle: dict[str, float]) -> bool:

@@ -20,7 +20,9 @@ the ARM error code as the category); the record is kept for 30 minutes
 succeeds. Ray's v2 autoscaler keeps failed launches in its cluster status instead
 (``ClusterStatus.failed_launches``): read when the KV key has no v1 report.
 
-``raybatch cluster status`` lists these; ``Demand`` skips a spot type for a while after one."""
+``raybatch cluster status`` lists these; ``Demand`` skips a spot type for a while after one.
+The report is read here for the node records too (``autoscaler_report``: machines being set
+up, failed ones, pending launches)."""
 
 from __future__ import annotations
 
@@ -28,6 +30,8 @@ import json
 import logging
 from dataclasses import dataclass
 from typing import Any, Optional
+
+from raybatch.scheduler.cluster import GCS_TIMEOUT_S
 
 log = logging.getLogger("raybatch.launches")
 
@@ -45,17 +49,34 @@ class LaunchFailure:
         return f"{self.node_type}: {self.category}: {self.message}"
 
 
-def parse_status(raw: Optional[bytes | str]) -> list[LaunchFailure]:
-    """The launch failures in a v1 ``__autoscaling_status`` value, oldest first. A value
-    that is missing, not JSON or without an autoscaler report gives none."""
+def report_of(raw: Optional[bytes | str]) -> Optional[dict[str, Any]]:
+    """The ``autoscaler_report`` of a ``__autoscaling_status`` value; None when the value is
+    missing, not JSON or has no autoscaler report."""
     if not raw:
-        return []
+        return None
     try:
         status = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         log.warning("the autoscaler's status (%s) is not JSON", STATUS_KEY.decode())
-        return []
+        return None
     report = status.get("autoscaler_report") if isinstance(status, dict) else None
+    return report if isinstance(report, dict) else None
+
+
+def read_report(gcs_client: Any, timeout: float = GCS_TIMEOUT_S) -> Optional[dict[str, Any]]:
+    """The v1 autoscaler's last report, read from the GCS internal KV (``gcs_client``: a
+    ``ray._raylet.GcsClient``); None when there is none. Raises what the GCS raises."""
+    return report_of(gcs_client.internal_kv_get(STATUS_KEY, None, timeout=timeout))
+
+
+def autoscaler_report(gcs_client: Any) -> dict[str, Any]:
+    """The v1 autoscaler's last report (machines being set up, failed ones, pending
+    launches, launch failures), or {} when there is none."""
+    return read_report(gcs_client) or {}
+
+
+def failures_in(report: Optional[dict[str, Any]]) -> list[LaunchFailure]:
+    """The launch failures of a v1 autoscaler report, oldest first."""
     summary = (report or {}).get("node_availability_summary") or {}
     records = summary.get("node_availabilities") or {}
     out = []
@@ -70,11 +91,10 @@ def parse_status(raw: Optional[bytes | str]) -> list[LaunchFailure]:
     return sorted(out, key=lambda f: f.at)
 
 
-def has_v1_report(raw: Optional[bytes | str]) -> bool:
-    try:
-        return bool(raw) and "autoscaler_report" in json.loads(raw)
-    except (ValueError, UnicodeDecodeError, TypeError):
-        return False
+def parse_status(raw: Optional[bytes | str]) -> list[LaunchFailure]:
+    """The launch failures in a v1 ``__autoscaling_status`` value, oldest first. A value
+    that is missing, not JSON or without an autoscaler report gives none."""
+    return failures_in(report_of(raw))
 
 
 def from_cluster_status(status: Any) -> list[LaunchFailure]:
@@ -94,13 +114,13 @@ def launch_failures(gcs_client: Any, gcs_address: Optional[str] = None) -> list[
     ``ray._raylet.GcsClient``). v2's cluster status is read only when ``gcs_address`` is
     given and the KV holds no v1 report. Raises what the GCS raises when it cannot be
     reached."""
-    raw = gcs_client.internal_kv_get(STATUS_KEY, None)
-    if has_v1_report(raw) or gcs_address is None:
-        return parse_status(raw)
+    report = read_report(gcs_client)
+    if report is not None or gcs_address is None:
+        return failures_in(report)
     from ray.autoscaler.v2.sdk import get_cluster_status  # noqa: PLC0415
 
     try:
-        return from_cluster_status(get_cluster_status(gcs_address))
+        return from_cluster_status(get_cluster_status(gcs_address, timeout=GCS_TIMEOUT_S))
     except Exception as e:  # noqa: BLE001 - a v1 cluster before its first report has no v2 state
         log.debug("no v2 cluster status: %s", e)
         return []

@@ -84,8 +84,9 @@ class Scheduler:
         self.waiting: dict[str, str] = {}  # job id -> why it (an array job: its next slot) is still queued
         self.slot_counts: dict[str, tuple[int, int]] = {}  # active array job -> (slots held, wanted)
         self._unplaced: list[dict[str, Any]] = []
-        self.last_cycle_error: Optional[str] = None
+        self.last_cycle_error: Optional[str] = None   # the cycle's, else its hooks' (hooks_error)
         self.cycle_hooks: list[Any] = []  # called with the scheduler after each cycle (nodes.NodeRecorder)
+        self.hook_errors: dict[str, str] = {}  # hook -> what it raised in its last call (each runs apart)
         # gangs on nodes drained for preemption are stopped at once (a cluster view that can tell)
         self.evictions = Evictions(cluster) if hasattr(cluster, "draining") else None
         if self.evictions is not None:
@@ -104,7 +105,7 @@ class Scheduler:
             started = time.monotonic()
             try:
                 self.cycle()
-                self.last_cycle_error = None
+                self.last_cycle_error = self.hooks_error()
             except Exception as e:  # noqa: BLE001 - the loop must survive a bad cycle
                 self.last_cycle_error = f"{type(e).__name__}: {e}"
                 log.exception("scheduler cycle failed")
@@ -119,10 +120,42 @@ class Scheduler:
         t0 = time.perf_counter()
         self.reconcile()
         self.admit()
-        for hook in self.cycle_hooks:
-            hook(self)
+        for hook in list(self.cycle_hooks):
+            self._run_hook(hook)
         self.stats["cycles"] += 1
         self.stats["last_cycle_ms"] = (time.perf_counter() - t0) * 1000
+
+    @staticmethod
+    def _hook_name(hook: Any) -> str:
+        return getattr(hook, "__name__", None) or type(hook).__name__
+
+    def _run_hook(self, hook: Any) -> None:
+        """One cycle hook: what it raises is recorded (logged once per distinct error) and
+        keeps neither the other hooks nor the cycle's stats from running."""
+        name = self._hook_name(hook)
+        try:
+            hook(self)
+        except Exception as e:  # noqa: BLE001 - a hook's failure must not stop the cycle
+            error = f"{type(e).__name__}: {e}"
+            if self.hook_errors.get(name) != error:
+                log.exception("scheduler cycle hook %s failed (the cycle goes on)", name)
+            self.hook_errors[name] = error
+        else:
+            if self.hook_errors.pop(name, None) is not None:
+                log.info("scheduler cycle hook %s runs again", name)
+
+    def hooks_error(self) -> Optional[str]:
+        """The cycle hooks' current problems, one string (None: none): what a hook raised,
+        or what it reports itself in its ``error`` (a GCS read that failed, an eviction
+        that could not be made)."""
+        errors = {}
+        for hook in list(self.cycle_hooks):
+            name = self._hook_name(hook)
+            reported = getattr(hook, "error", None)
+            error = self.hook_errors.get(name) or (reported if isinstance(reported, str) else None)
+            if error:
+                errors[name] = error
+        return "; ".join(f"cycle hook {k}: {v}" for k, v in errors.items()) or None
 
     def spec_of(self, job: dict[str, Any]) -> JobSpec:
         spec = self._specs.get(job["id"])

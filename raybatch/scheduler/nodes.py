@@ -7,9 +7,10 @@ Each scheduler cycle (at most every ``READ_EVERY_S``) the recorder reads, from t
   death reason),
 - the autoscaler's view (``get_cluster_resource_state``: RUNNING / IDLE / DRAINING),
 - the nodes being drained and their deadlines (``GcsClient.get_draining_nodes``),
-- the v1 autoscaler's report in the ``__autoscaling_status`` internal-KV key: machines it
-  is still setting up (they have no Ray node id yet: recorded as ``ip:<address>``) and
-  those whose set-up failed (Ray's ``update-failed`` status),
+- the v1 autoscaler's report in the ``__autoscaling_status`` internal-KV key
+  (``launches.autoscaler_report``): machines it is still setting up (they have no Ray node
+  id yet: recorded as ``ip:<address>``) and those whose set-up failed (Ray's
+  ``update-failed`` status),
 
 and turns them into one state per node:
 
@@ -30,7 +31,6 @@ Writes are cheap: a row changes only when its state, reason or type changes, and
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -38,6 +38,10 @@ from typing import Any, Callable, Optional
 
 from pydantic import BaseModel
 
+from raybatch.scheduler.cluster import (GCS_TIMEOUT_S, death_reason, draining_nodes, gcs_client, node_hex,
+                                        resource_state)
+from raybatch.scheduler.fit import is_spot_type
+from raybatch.scheduler.launches import autoscaler_report
 from raybatch.state.states import JobState
 from raybatch.state.store import Store
 
@@ -49,11 +53,9 @@ LIVE_STATES = ("preparing", "idle", "running", "unusable", "leaving")
 ENDED_STATES = ("preempted", "terminated", "lost")
 IP_PREFIX = "ip:"  # a machine the autoscaler manages that has not joined Ray (yet)
 
-# NodeStatus (autoscaler.proto) and NodeDeathInfo.Reason (common.proto), by number: the
-# generated modules are only imported where the GCS is read
+# NodeStatus (autoscaler.proto), by number: the generated modules are only imported where
+# the GCS is read (death reasons' names: raybatch.scheduler.cluster.death_reason)
 _RUNNING, _DEAD, _IDLE, _DRAINING = 1, 2, 3, 4
-_DEATH = {1: "EXPECTED_TERMINATION", 2: "UNEXPECTED_TERMINATION", 3: "AUTOSCALER_DRAIN_PREEMPTED",
-          4: "AUTOSCALER_DRAIN_IDLE"}
 
 
 class NodeInfo(BaseModel):
@@ -161,18 +163,15 @@ def classify(view: GcsView) -> list[Observed]:
 
 
 def type_facts(config: Optional[dict[str, Any]]) -> dict[str, tuple[Optional[str], bool]]:
-    """node type -> (VM size, spot?) from a Ray cluster config (Azure's ``vmSize`` and
-    ``priority: Spot``, raybatch's ``raybatch_low_priority`` resource or label)."""
+    """node type -> (VM size, spot?) from a Ray cluster config (Azure's ``vmSize``; spot as
+    ``fit.is_spot_type`` decides)."""
     out: dict[str, tuple[Optional[str], bool]] = {}
     for name, t in ((config or {}).get("available_node_types") or {}).items():
-        t = t or {}
+        t = t if isinstance(t, dict) else {}
         nc = t.get("node_config") or {}
         params = (nc.get("azure_arm_parameters") or nc) if isinstance(nc, dict) else {}
         size = params.get("vmSize") or nc.get("vmSize") or nc.get("InstanceType") or None
-        spot = bool((t.get("resources") or {}).get("raybatch_low_priority")) \
-            or str((t.get("labels") or {}).get("raybatch.io/low-priority", "")).lower() == "true" \
-            or str(params.get("priority", "")).lower() == "spot"
-        out[str(name)] = (size, spot)
+        out[str(name)] = (size, is_spot_type(t))
     return out
 
 
@@ -339,22 +338,9 @@ def _info_dict(node_id: str, info: Any) -> dict[str, Any]:
         "instance_type": info.instance_type_name or None,
         "start_s": info.start_time_ms / 1000 if info.start_time_ms else None,
         "end_s": info.end_time_ms / 1000 if info.end_time_ms else None,
-        "death_reason": _DEATH.get(death.reason, "UNSPECIFIED") if death is not None else None,
+        "death_reason": death_reason(death.reason) if death is not None else None,
         "death_message": death.reason_message if death is not None else None,
     }
-
-
-def autoscaler_report(gcs: Any) -> dict[str, Any]:
-    """The v1 autoscaler's last report (``__autoscaling_status`` internal KV), or {}."""
-    from ray._private.ray_constants import DEBUG_AUTOSCALING_STATUS  # noqa: PLC0415
-
-    raw = gcs.internal_kv_get(DEBUG_AUTOSCALING_STATUS.encode(), None)
-    if not raw:
-        return {}
-    try:
-        return json.loads(raw).get("autoscaler_report") or {}
-    except (ValueError, AttributeError):
-        return {}
 
 
 def gcs_reader(gcs_address: str) -> Callable[[], GcsView]:
@@ -363,20 +349,12 @@ def gcs_reader(gcs_address: str) -> Callable[[], GcsView]:
 
     def read() -> GcsView:
         if "gcs" not in state:
-            from raybatch.config import ray_client_env  # noqa: PLC0415
-
-            ray_client_env()
-            from ray._raylet import GcsClient  # noqa: PLC0415
-
-            state["gcs"] = GcsClient(address=gcs_address)
-        from ray.autoscaler.v2.sdk import get_cluster_resource_state  # noqa: PLC0415
-
+            state["gcs"] = gcs_client(gcs_address)
         gcs = state["gcs"]
-        infos = [_info_dict(nid.hex(), info) for nid, info in gcs.get_all_node_info(timeout=10).items()]
-        resource_state = get_cluster_resource_state(gcs)
-        status = {n.node_id.hex(): int(n.status) for n in resource_state.node_states}
-        draining = {str(k): int(v) for k, v in gcs.get_draining_nodes(timeout=10).items()}
-        return GcsView(infos, status, draining, autoscaler_report(gcs))
+        infos = [_info_dict(node_hex(nid), info)
+                 for nid, info in gcs.get_all_node_info(timeout=GCS_TIMEOUT_S).items()]
+        status = {n.node_id.hex(): int(n.status) for n in resource_state(gcs).node_states}
+        return GcsView(infos, status, draining_nodes(gcs), autoscaler_report(gcs))
 
     return read
 
