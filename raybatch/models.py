@@ -84,7 +84,37 @@ class AttemptInfo(BaseModel):
     exit_code: Optional[int] = None
     reason: Optional[str] = None
     lost_nodes: list[str] = Field(default_factory=list, description="Nodes where a rank was lost.")
+    deadline_rule: Optional[int] = Field(None, description="A job with a deadline: the rule that chose spot or "
+                                         "dedicated nodes for this attempt (see DeadlineInfo).")
     ranks: list[RankInfo] = []
+
+
+class DeadlineInfo(BaseModel):
+    """A job with a deadline: its numbers and the scheduler's choice of node class
+    (docs/scheduling.md, "Deadlines on spot nodes")."""
+
+    deadline_at: float = Field(description="The deadline (epoch seconds).")
+    runtime_estimate_s: float = Field(description="C: the compute time the job needs on one gang.")
+    progress_s: float = Field(description="p: compute time up to its newest checkpoint.")
+    restart_overhead_s: float = Field(description="d: mean start-up plus work lost per restart (a default "
+                                      "until it has restarted once).")
+    restarts_measured: int = Field(0, description="How many restarts d was measured on (0: the default).")
+    slack_s: Optional[float] = Field(None, description="D - t - (C - p): time to spare if it ran from now "
+                                     "without a stop (not over yet).")
+    rule: Optional[int] = Field(None, description="The rule in force: 4 deadline close (dedicated to the end), "
+                                "3 on dedicated until ahead of the uniform-progress line, 2 spot available "
+                                "(spot until evicted), 1 behind the line and no spot (dedicated), 0 ahead of "
+                                "the line (waiting for spot).")
+    words: Optional[str] = Field(None, description="The rule in words.")
+    nodes: Optional[str] = Field(None, description="spot | dedicated: the class it chooses.")
+    low_priority_nodes: Optional[str] = Field(None, description="The job's effective low_priority_nodes: "
+                                              "require (spot) or avoid (dedicated); for a running job, at its "
+                                              "next start (a running job is not moved).")
+    where: Optional[str] = Field(None, description="queued | spot | dedicated: where the job is.")
+    spot_available: Optional[bool] = Field(None, description="A free spot node fits its gang, or a spot node "
+                                           "type can still launch (not at max_workers, not in back-off).")
+    decided_at: Optional[float] = None
+    met: Optional[bool] = Field(None, description="Succeeded: whether it ended by its deadline.")
 
 
 class SlotInfo(BaseModel):
@@ -152,6 +182,7 @@ class JobDetail(JobSummary):
     waiting_reason: Optional[str] = None
     cancel_requested: bool = False
     preempt_requested: bool = Field(False, description="Being stopped for a higher-priority job.")
+    deadline: Optional[DeadlineInfo] = Field(None, description="Its deadline and the node class chosen for it.")
     outputs: dict[str, str] = Field(default_factory=dict, description="Output id -> its location.")
     checkpoint_dir: str
     logs_dir: str
@@ -210,6 +241,7 @@ class QueueEntry(BaseModel):
         "on the current nodes; None when that gives no bound (e.g. the nodes are too few).")
     preemptions: int = 0
     slots: Optional[str] = Field(None, description="An array job's slots held and wanted, e.g. '2/4 slots'.")
+    deadline: Optional[DeadlineInfo] = Field(None, description="Its deadline and the node class chosen for it.")
 
 
 class SchedulerInfo(BaseModel):

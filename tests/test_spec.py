@@ -17,10 +17,10 @@ from raybatch.spec.loader import apply_overrides
 from raybatch.spec.units import parse_duration, parse_size
 
 TOP_LEVEL_FIELDS = (
-    "array, code, command, custom, environment, experiment, framework, grace_period, image, inputs, "
+    "array, code, command, custom, deadline, environment, experiment, framework, grace_period, image, inputs, "
     "low_priority_nodes, max_wall_clock, metrics, mpi, name, nodes, output_root, outputs, packages, placement, "
-    "preemptible, prefer_low_priority, prepare, priority, processes_per_node, resources, retries, stall_timeout, sweep, "
-    "sync_interval, tensorflow"
+    "preemptible, prefer_low_priority, prepare, priority, processes_per_node, resources, retries, runtime_estimate, "
+    "stall_timeout, sweep, sync_interval, tensorflow"
 )
 
 FULL_JOB = """\

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from raybatch.models import JobDetail, JobSummary
+from raybatch.scheduler.deadline import RULE_WORDS
 from raybatch.spec.units import format_duration
 from raybatch.state.states import preempted_words
 from raybatch.sweep import split_trial_id
@@ -87,6 +88,9 @@ def show_job(j: JobDetail) -> None:
         limit = j.spec.retries.evictions
         c.print(f"  evicted:     {j.evictions} time(s) from spot nodes"
                 + (f" (retries.evictions {limit})" if limit is not None else ""))
+    if j.deadline is not None:
+        for line in deadline_lines(j.deadline, j.state):
+            c.print(line, highlight=False)
     s = j.spec
     c.print(f"  framework:   {s.framework}   nodes: {s.nodes} x {s.processes_per_node} process(es)"
             f"   per node: {s.resources.as_ray_bundle()}   priority: {j.priority}")
@@ -123,6 +127,9 @@ def show_job(j: JobDetail) -> None:
         c.print()
         c.print(f"[bold]Attempt {a.n}[/]  ray job {a.ray_job_id}  {a.outcome or 'in progress'}"
                 f"  {ts(a.started_at)} -> {ts(a.ended_at)}" + (f"  ({a.reason})" if a.reason else ""))
+        if a.deadline_rule is not None:
+            c.print(f"  node class chosen by deadline rule {a.deadline_rule}: {RULE_WORDS[a.deadline_rule]}",
+                    highlight=False)
         if a.lost_nodes:
             c.print(f"  lost rank(s) on node(s): {', '.join(n[:12] for n in a.lost_nodes)}")
         if a.ranks:
@@ -134,6 +141,41 @@ def show_job(j: JobDetail) -> None:
                           r.node_ip or "-", r.hostname or "-", str(r.pid or "-"),
                           "-" if r.exit_code is None else str(r.exit_code), r.stdout)
             c.print(t)
+
+
+def deadline_lines(d, job_state: Any = None) -> list[str]:
+    """A job's deadline for ``show``: the deadline and slack, the rule in force, p, C and d."""
+    when = ts(d.deadline_at)
+    if d.met is not None:
+        first = f"  deadline:    {when}  ({'met' if d.met else 'missed'})"
+    elif d.slack_s is not None:
+        first = f"  deadline:    {when}  (slack {_signed(d.slack_s)}: D - t - (C - p))"
+    else:
+        first = f"  deadline:    {when}"
+    overhead = (f"measured on {d.restarts_measured} restart(s)" if d.restarts_measured
+                else "the default until it has restarted once")
+    out = [first, f"  progress:    p {format_duration(d.progress_s)} of C {format_duration(d.runtime_estimate_s)}"
+                  f" (to its newest checkpoint); restart overhead d {format_duration(d.restart_overhead_s)}"
+                  f" ({overhead})"]
+    if d.rule is not None:
+        state_value = getattr(job_state, "value", job_state)
+        act = ("its next start" if state_value in ("STARTING", "RUNNING") else "now")
+        out.append(f"  nodes:       {d.words}; low_priority_nodes {d.low_priority_nodes} at {act}"
+                   f" (where: {d.where}, spot available: {'yes' if d.spot_available else 'no'})")
+    return out
+
+
+def _signed(seconds: float) -> str:
+    return ("-" if seconds < 0 else "") + format_duration(abs(seconds))
+
+
+def deadline_cell(d) -> str:
+    """A job's deadline in the queue table: the rule in force, the class, the slack."""
+    if d is None:
+        return "-"
+    if d.rule is None:
+        return f"slack {_signed(d.slack_s)}" if d.slack_s is not None else "-"
+    return f"rule {d.rule} ({d.nodes}), slack {_signed(d.slack_s)}, p {format_duration(d.progress_s)}"
 
 
 def _bundle(b: dict[str, float]) -> str:
@@ -219,14 +261,15 @@ def items_table(items) -> Table:
 def queue_table(entries) -> Table:
     now = dt.datetime.now().timestamp()
     t = Table(box=None, header_style="bold")
-    for col in ("POS", "ID", "NAME", "EXPERIMENT", "PRIO", "NODES", "PER NODE", "WAITING", "START BY", "WHY"):
+    for col in ("POS", "ID", "NAME", "EXPERIMENT", "PRIO", "NODES", "PER NODE", "WAITING", "START BY", "DEADLINE",
+                "WHY"):
         t.add_column(col, overflow="fold")
     for e in entries:
         start = "-"
         if e.estimated_start is not None:
             start = "now" if e.estimated_start <= now + 1 else ts(e.estimated_start)
         t.add_row(str(e.position), e.id, e.name, e.experiment, str(e.priority), str(e.nodes),
-                  _bundle(e.per_node), format_duration(e.waiting_s), start,
+                  _bundle(e.per_node), format_duration(e.waiting_s), start, deadline_cell(e.deadline),
                   f"{e.slots}, next waits: {e.reason or '-'}" if e.slots else e.reason or "-")
     return t
 

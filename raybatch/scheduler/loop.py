@@ -27,6 +27,7 @@ from raybatch.runtime.launcher import AttemptSetupError, RayJobLauncher
 from raybatch.runtime.protocol import Phase, Report, ray_job_id
 from raybatch.scheduler import fit, policy
 from raybatch.scheduler.cluster import RayClusterView
+from raybatch.scheduler.deadline_jobs import DeadlineJobs
 from raybatch.scheduler.evictions import Evictions
 from raybatch.scheduler.queue import QueueFollower
 from raybatch.scheduler.simulate import SimJob, simulate
@@ -91,6 +92,10 @@ class Scheduler:
         self.evictions = Evictions(cluster) if hasattr(cluster, "draining") else None
         if self.evictions is not None:
             self.cycle_hooks.append(self.evictions)
+        # jobs with a deadline: spot or dedicated nodes each cycle (apply, in admit), and their
+        # progress and restart overhead (a hook)
+        self.deadlines = DeadlineJobs(store, getattr(launcher, "datastores", None))
+        self.cycle_hooks.append(self.deadlines)
 
     # ---- driving the loop -------------------------------------------------
     def wake(self) -> None:
@@ -527,6 +532,7 @@ class Scheduler:
         if wanted:  # an active array job's next slots wait in the queue at the job's place
             queued = policy.Queue([*self.queue.views(), *wanted])
         now = time.time()
+        self.deadlines.apply(self, now, nodes)  # queued jobs with a deadline: their node class
         t0 = time.perf_counter()
         self._settling = {h: t for h, t in self._settling.items() if now - t < SETTLE_S}
         plan = policy.plan(now, nodes, running, queued, self.policy, settling=frozenset(self._settling))

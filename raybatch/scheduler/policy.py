@@ -102,6 +102,15 @@ class Job:
                                 self.low_priority_nodes, self.avoid))
         self.order_key = (-self.priority, self.seq, self.slot)
 
+    def set_node_class(self, low_priority_nodes: str) -> None:
+        """Set the effective ``low_priority_nodes`` in place, its shape with it: a queued job
+        with a deadline gets it from the deadline policy each cycle (deadline_jobs)."""
+        if low_priority_nodes not in ("allow", "require", "avoid"):
+            raise ValueError(f"low_priority_nodes: {low_priority_nodes!r}; allowed: allow, require, avoid")
+        if low_priority_nodes != self.low_priority_nodes:
+            self.low_priority_nodes = low_priority_nodes
+            self.__post_init__()
+
     @property
     def hold(self) -> float:
         """How long it may hold its nodes: max_wall_clock, then SIGTERM and the grace period."""

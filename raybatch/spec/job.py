@@ -24,6 +24,7 @@ environment                 environmentVariables
 inputs / outputs            inputDirectories / outputDirectories
 output_root                 stdOutErrPathPrefix
 max_wall_clock              constraints.maxWallClockTime
+deadline, runtime_estimate  (none: spot or dedicated nodes chosen per job to meet a deadline)
 retries                     (none: Batch AI had no configurable retries)
 array                       (none: a "job factory" script; Azure ML's parallel job)
 ==========================  ==============================================
@@ -43,6 +44,7 @@ Example::
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 from typing import Any, Literal, NamedTuple, Optional, Union
 
@@ -307,6 +309,24 @@ class SlotShape(NamedTuple):
 
 Priority = Union[Literal["low", "normal", "high"], int]
 
+DEADLINE_HELP = "an ISO 8601 time with its time zone ('2030-05-01T18:00:00Z'), or a duration after submit ('6h')"
+
+
+def parse_deadline(text: str) -> "float | dt.datetime":
+    """A job's ``deadline``: seconds after submit (a duration), or an aware datetime."""
+    try:
+        return parse_duration(text)
+    except ValueError:
+        pass
+    try:
+        when = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"'{text}' is neither a time nor a duration ({DEADLINE_HELP})") from None
+    if when.tzinfo is None:
+        raise ValueError(f"'{text}' has no time zone: add one (Z, +02:00), or give a duration after submit "
+                         "such as '6h'")
+    return when
+
 
 class JobSpec(_Strict):
     """A raybatch job: what to run, on how many nodes, with what, and where results go."""
@@ -370,6 +390,14 @@ class JobSpec(_Strict):
         description=f"Time between SIGTERM and SIGKILL on cancel or preemption ({DURATION_HELP}); "
         "default 30 s (at most max_wall_clock).",
     )
+    deadline: Optional[str] = Field(
+        None, description="Finish by this time: an ISO 8601 time with its time zone ('2030-05-01T18:00:00Z', "
+        f"'...+02:00'), or a duration after submit ({DURATION_HELP}). With runtime_estimate, the scheduler picks "
+        "spot or dedicated nodes for the job at each start to meet it at the lowest cost (docs/scheduling.md).",
+    )
+    runtime_estimate: Optional[float] = Field(
+        None, description=f"With deadline: the compute time the job needs on one gang ({DURATION_HELP}).",
+    )
     retries: RetryPolicy = Field(default_factory=RetryPolicy)
     array: Optional[ArraySpec] = Field(
         None, description="Run the command once per item (file, index or value) on up to max_concurrent "
@@ -428,6 +456,27 @@ class JobSpec(_Strict):
     @field_validator("max_wall_clock", "stall_timeout", mode="before")
     @classmethod
     def _duration(cls, v: Any) -> Optional[float]:
+        return None if v is None else parse_duration(v)
+
+    @field_validator("deadline", mode="before")
+    @classmethod
+    def _deadline(cls, v: Any) -> Optional[str]:
+        if v is None:
+            return None
+        if isinstance(v, dt.datetime):  # YAML reads an unquoted ISO time as a datetime
+            if v.tzinfo is None:
+                raise ValueError(f"{v.isoformat()} has no time zone: add one (Z, +02:00), or give a duration "
+                                 "after submit such as '6h'")
+            return v.isoformat()
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return f"{parse_duration(v):g}s"
+        text = str(v).strip()
+        parse_deadline(text)  # raises with the reason
+        return text
+
+    @field_validator("runtime_estimate", mode="before")
+    @classmethod
+    def _runtime_estimate(cls, v: Any) -> Optional[float]:
         return None if v is None else parse_duration(v)
 
     @field_validator("grace_period", mode="before")
@@ -559,7 +608,47 @@ class JobSpec(_Strict):
                              f"({', '.join(self.sweep.search_space)})")
         if ITEM_PLACEHOLDER in self.command and self.array is None:
             raise ValueError(f"command: {ITEM_PLACEHOLDER} is the item of an array job; this job has no `array` block")
+        self._deadline_settings()
         return self
+
+    def _deadline_settings(self) -> None:
+        """deadline and runtime_estimate come together, on a job of one gang whose node class
+        the scheduler may choose; a relative deadline must leave room for the estimate."""
+        if self.deadline is None and self.runtime_estimate is None:
+            return
+        if self.runtime_estimate is None:
+            raise ValueError("deadline: needs runtime_estimate too (the compute time the job needs on one gang, "
+                             "e.g. '2h'): set both or neither")
+        if self.deadline is None:
+            raise ValueError("runtime_estimate: needs deadline too (a time with its time zone, or a duration "
+                             "after submit such as '6h'): set both or neither")
+        if self.array is not None or self.sweep is not None:
+            raise ValueError("deadline: applies to a job of one gang, not to an array job or a sweep")
+        if self.low_priority_nodes != "allow" or self.prefer_low_priority:
+            what = (f"low_priority_nodes: {self.low_priority_nodes}" if self.low_priority_nodes != "allow"
+                    else "prefer_low_priority: true")
+            raise ValueError(f"deadline: the scheduler chooses spot or dedicated nodes for a job with a deadline; "
+                             f"remove {what}")
+        after = parse_deadline(self.deadline)
+        if isinstance(after, float) and after < self.runtime_estimate:
+            raise ValueError(f"deadline: {self.deadline} after submit ({after:g} s) is shorter than "
+                             f"runtime_estimate ({self.runtime_estimate:g} s)")
+
+    def deadline_at(self, submitted_at: float) -> Optional[float]:
+        """The absolute deadline (epoch s) of this job submitted at ``submitted_at``; None
+        without one. ValueError, naming the field and the numbers, when it is already past or
+        leaves less than runtime_estimate."""
+        if self.deadline is None:
+            return None
+        parsed = parse_deadline(self.deadline)
+        at = submitted_at + parsed if isinstance(parsed, float) else parsed.timestamp()
+        left = at - submitted_at
+        if left <= 0:
+            raise ValueError(f"deadline: {self.deadline} is already past ({-left:.0f} s ago)")
+        if self.runtime_estimate is not None and left < self.runtime_estimate:
+            raise ValueError(f"deadline: {self.deadline} is {left:.0f} s from now, less than runtime_estimate "
+                             f"({self.runtime_estimate:g} s)")
+        return at
 
     # ---- derived values -------------------------------------------------
     @property

@@ -41,11 +41,15 @@ CREATE TABLE IF NOT EXISTS jobs (
     preempt_requested REAL,                -- a higher-priority job needs its nodes
     preempted_by   TEXT,                   -- ... this one
     preemptions    INTEGER NOT NULL DEFAULT 0,
-    evictions      INTEGER NOT NULL DEFAULT 0   -- attempts ended by a spot eviction with notice
+    evictions      INTEGER NOT NULL DEFAULT 0,  -- attempts ended by a spot eviction with notice
+    deadline_at    REAL,                   -- the job's deadline (epoch s), if it has one
+    progress_s     REAL NOT NULL DEFAULT 0 -- a deadline job's compute time up to its newest checkpoint
 );
 CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (state, priority DESC, seq);
 -- covers the scheduler's per-cycle read of the queue (no table lookups at 10k queued)
 CREATE INDEX IF NOT EXISTS jobs_queue_keys ON jobs (state, priority DESC, seq, id, attempt);
+-- the scheduler's per-cycle read of the jobs with a deadline (few, among many)
+CREATE INDEX IF NOT EXISTS jobs_deadline ON jobs (seq) WHERE deadline_at IS NOT NULL;
 CREATE TABLE IF NOT EXISTS transitions (
     id         INTEGER PRIMARY KEY AUTOINCREMENT,
     job_id     TEXT NOT NULL,
@@ -67,6 +71,9 @@ CREATE TABLE IF NOT EXISTS attempts (
     reason      TEXT,
     lost_nodes  TEXT,            -- JSON list of node ids where a rank was lost
     nodes       TEXT,            -- JSON list: the node the scheduler gave each bundle
+    progress_start REAL,         -- a deadline job's progress when this attempt started running
+    checkpoint_at  REAL,         -- ... the newest checkpoint file's time seen while it ran
+    deadline_rule  INTEGER,      -- ... the rule that chose its node class (raybatch.scheduler.deadline)
     PRIMARY KEY (job_id, n)
 );
 CREATE TABLE IF NOT EXISTS ranks (
@@ -124,7 +131,7 @@ _JOB_COLUMNS = (
     "seq", "id", "name", "experiment", "priority", "state", "spec", "code_package", "job_dir",
     "submitted_at", "updated_at", "started_at", "ended_at", "exit_code", "reason", "attempt",
     "user_retries", "infra_retries", "cancel_requested", "preempt_requested", "preempted_by",
-    "preemptions", "evictions",
+    "preemptions", "evictions", "deadline_at", "progress_s",
 )
 # Columns added after the first release: (table, column, declaration), added to older files.
 _ADDED_COLUMNS = (
@@ -134,6 +141,13 @@ _ADDED_COLUMNS = (
     ("jobs", "evictions", "INTEGER NOT NULL DEFAULT 0"),
     ("attempts", "nodes", "TEXT"),
     ("ranks", "role", "TEXT"),
+    ("jobs", "deadline_at", "REAL"),
+    ("jobs", "progress_s", "REAL NOT NULL DEFAULT 0"),
+    ("attempts", "progress_start", "REAL"),
+    ("attempts", "checkpoint_at", "REAL"),
+    ("attempts", "deadline_rule", "INTEGER"),
+    ("nodes", "idle_s", "REAL NOT NULL DEFAULT 0"),
+    ("nodes", "running_s", "REAL NOT NULL DEFAULT 0"),
 )
 _MUTABLE_JOB_FIELDS = frozenset(_JOB_COLUMNS) - {"seq", "id", "spec", "submitted_at"}
 
@@ -206,10 +220,13 @@ class Store:
     def create_job(
         self, *, name: str, experiment: str, priority: int, spec: dict[str, Any],
         job_dir_for: Any, code_package: Optional[str] = None, reason: str = "submitted",
+        deadline_at: Optional[float] = None,
     ) -> dict[str, Any]:
-        """Insert a QUEUED job. ``job_dir_for(job_id)`` gives its directory."""
+        """Insert a QUEUED job. ``job_dir_for(job_id)`` gives its directory; ``deadline_at``:
+        its absolute deadline (epoch s), if it has one."""
         return self.create_jobs([dict(name=name, experiment=experiment, priority=priority, spec=spec,
-                                      job_dir_for=job_dir_for, code_package=code_package)], reason)[0]
+                                      job_dir_for=job_dir_for, code_package=code_package,
+                                      deadline_at=deadline_at)], reason)[0]
 
     def create_jobs(self, jobs: list[dict[str, Any]], reason: str = "submitted") -> list[dict[str, Any]]:
         """Insert QUEUED jobs in one transaction (all or none), in order. Each item has
@@ -224,9 +241,10 @@ class Store:
                         break
                 db.execute(
                     "INSERT INTO jobs (id, name, experiment, priority, state, spec, code_package, job_dir,"
-                    " submitted_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                    " submitted_at, updated_at, deadline_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                     (job_id, j["name"], j["experiment"], j["priority"], JobState.QUEUED.value,
-                     json.dumps(j["spec"]), j.get("code_package"), str(j["job_dir_for"](job_id)), now, now),
+                     json.dumps(j["spec"]), j.get("code_package"), str(j["job_dir_for"](job_id)), now, now,
+                     j.get("deadline_at")),
                 )
                 db.execute(
                     "INSERT INTO transitions (job_id, at, from_state, to_state, reason) VALUES (?,?,?,?,?)",
@@ -295,6 +313,13 @@ class Store:
             (JobState.STARTING.value, JobState.RUNNING.value),
         )
 
+    def deadline_jobs(self) -> list[dict[str, Any]]:
+        """The jobs with a deadline that are not over (raybatch.scheduler.deadline_jobs), in
+        submission order."""
+        final = [s.value for s in FINAL_STATES]
+        return self._all(f"SELECT * FROM jobs WHERE deadline_at IS NOT NULL AND state NOT IN "
+                         f"({','.join('?' * len(final))}) ORDER BY seq", final)
+
     def count_by_state(self) -> dict[str, int]:
         rows = self._all("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state")
         return {r["state"]: r["n"] for r in rows}
@@ -353,7 +378,8 @@ class Store:
             )
 
     def update_attempt(self, job_id: str, n: int, **fields: Any) -> None:
-        allowed = {"running_at", "ended_at", "outcome", "exit_code", "reason", "lost_nodes", "nodes"}
+        allowed = {"running_at", "ended_at", "outcome", "exit_code", "reason", "lost_nodes", "nodes",
+                   "progress_start", "checkpoint_at", "deadline_rule"}
         if "lost_nodes" in fields:
             fields["lost_nodes"] = json.dumps(sorted(fields["lost_nodes"] or []))
         if "nodes" in fields:

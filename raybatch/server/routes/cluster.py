@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Query
 
-from raybatch.models import QueueEntry, SchedulerInfo
+from raybatch.models import DeadlineInfo, QueueEntry, SchedulerInfo
 from raybatch.spec.policy import DEFAULT_GROUP
 
 if TYPE_CHECKING:
@@ -64,12 +64,14 @@ def router(ctx: ServerContext) -> APIRouter:
             if spec.slots is not None:
                 held, wanted = slot_counts.get(job_id) or (0, spec.slots.wanted_at_start)
                 slots = f"{held}/{wanted} slots"
+            deadline = ctx.scheduler.deadlines.info(row, spec, now)
             out.append(QueueEntry(
                 position=pos, id=job_id, name=row["name"], experiment=row["experiment"],
                 priority=row["priority"], nodes=spec.nodes, per_node=spec.resources.as_ray_bundle(),
                 attempt=row["attempt"], submitted_at=row["submitted_at"],
                 waiting_s=now - row["submitted_at"], reason=waiting.get(job_id, "not considered yet"),
                 estimated_start=starts.get(job_id), preemptions=row["preemptions"], slots=slots,
+                deadline=DeadlineInfo(**deadline) if deadline else None,
             ))
         return out
 

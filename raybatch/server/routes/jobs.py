@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, Optional
 from fastapi import APIRouter, HTTPException, Query, status
 
 from raybatch.models import (
-    AttemptInfo, BatchSubmitRequest, JobDetail, JobSummary, LogChunk, RankInfo, SlotInfo, SubmitRequest,
+    AttemptInfo, BatchSubmitRequest, DeadlineInfo, JobDetail, JobSummary, LogChunk, RankInfo, SlotInfo, SubmitRequest,
     Transition,
 )
 from raybatch.runtime.code import has_package
@@ -54,8 +54,10 @@ def job_detail(ctx: ServerContext, job: dict[str, Any]) -> JobDetail:
             slots.append(SlotInfo(attempt=r["attempt"], slot=r["slot"], nodes=r["nodes"], state=r["state"],
                                   activity=a.state if a else None, task=a.task if a else None,
                                   granted_at=r["granted_at"], released_at=r["released_at"], reason=r["reason"]))
+    deadline = ctx.scheduler.deadlines.info(job, spec)
     return JobDetail(
         **JobSummary.from_row(job).model_dump(),
+        deadline=DeadlineInfo(**deadline) if deadline else None,
         phase=report.phase if report else None,
         staging=report.staging if report and report.phase is Phase.STAGING else None,
         items=report.items if report else None, slots=slots,
@@ -89,11 +91,15 @@ def admission(ctx: ServerContext, req: SubmitRequest, where: str = "") -> dict[s
     problems = storage_plan.check_locations(spec, spec.output_root, ctx.datastores())
     if spec.array is not None and spec.array.resume_from:
         problems += resume_problems(ctx, spec.array.resume_from)
+    try:  # a deadline already past, or too close for runtime_estimate
+        deadline_at = spec.deadline_at(time.time())
+    except ValueError as e:
+        problems.append(str(e))
     if problems:
         raise HTTPException(status.HTTP_400_BAD_REQUEST, f"{where}" + "; ".join(problems))
     root = spec.output_root or ctx.jobs_root
     return dict(name=spec.name, experiment=spec.experiment, priority=spec.priority_value,
-                spec=spec.model_dump(mode="json"), code_package=req.code_package,
+                spec=spec.model_dump(mode="json"), code_package=req.code_package, deadline_at=deadline_at,
                 job_dir_for=lambda job_id: storage_plan.job_dir_for(root, spec.experiment, job_id))
 
 
