@@ -27,6 +27,8 @@ from raybatch.models import (
     TrialInfo,
 )
 from raybatch.runtime.code import package_code
+from raybatch.scheduler.cost import CostReport, Prices, load_prices
+from raybatch.scheduler.cost import price as price_report
 from raybatch.spec.job import JobSpec
 from raybatch.spec.loader import apply_overrides, load_job_file, parse_job
 from raybatch.state.states import JobState
@@ -175,6 +177,21 @@ class Client:
     def node_status(self) -> dict[str, Any]:
         """steady/resizing, worker nodes per state, autoscaling demand, launch failures."""
         return self._request("GET", "/nodes/status")
+
+    def cost(self, by: str = "type", since: Optional[float] = None,
+             prices: Union[None, str, Path, Prices] = None) -> CostReport:
+        """Node-hours, idle hours and hours lost to evictions over [since, now], grouped by node
+        ``type``, ``experiment`` or ``job``; with ``prices`` (a ``prices.yaml`` path or
+        ``Prices``), money too. Definitions: raybatch.scheduler.cost."""
+        params: dict[str, Any] = {"by": by}
+        if since is not None:
+            params["since"] = since
+        rep = CostReport.model_validate(self._request("GET", "/cost", params=params))
+        if prices is None:
+            return rep
+        if isinstance(prices, Prices):
+            return price_report(rep, prices, "<prices>")
+        return price_report(rep, load_prices(prices), Path(prices).expanduser())
 
     def items(self, job_id: str, state: Optional[Iterable[str]] = None) -> list[ItemInfo]:
         """An array job's tasks (``state``: only pending, running, done, failed, skipped)."""

@@ -9,8 +9,8 @@ from __future__ import annotations
 import typer
 
 cluster_app = typer.Typer(
-    help="Ray clusters for raybatch: up, check, status, nodes, scale, logs, down.",
+    help="Ray clusters for raybatch: up, check, status, nodes, scale, logs, down; prices for `raybatch cost`.",
     no_args_is_help=True)
 
 # the command modules register on cluster_app when imported
-from raybatch.cli import cluster_check, cluster_lifecycle  # noqa: E402,F401
+from raybatch.cli import cluster_check, cluster_lifecycle, cluster_prices  # noqa: E402,F401

@@ -4,6 +4,7 @@
     raybatch list | show ID | logs ID --follow | cancel ID | wait ID | queue
     raybatch files ID [--path P] | download ID DEST [--path P] | datastores
     raybatch up [--nodes 2] | down | status
+    raybatch cost --by type|experiment|job [--since 7d]
 
 With no ``--address`` (or RAYBATCH_ADDRESS), commands talk to the embedded local
 default under RAYBATCH_HOME (~/.raybatch); ``submit`` starts it when needed.
@@ -491,10 +492,12 @@ def score(
 from raybatch.cli.cluster import cluster_app  # noqa: E402
 from raybatch.cli import node_setup  # noqa: E402
 from raybatch.cli import spot_watch  # noqa: E402
+from raybatch.cli import cost as cost_cli  # noqa: E402
 
 app.add_typer(cluster_app, name="cluster")
 app.command("node-setup")(node_setup.node_setup)
 app.command("spot-watch")(spot_watch.spot_watch)
+app.command("cost")(cost_cli.cost)
 
 sweep_app = typer.Typer(help="Sweeps: their trials ranked, and a picture of them.", no_args_is_help=True)
 app.add_typer(sweep_app, name="sweep")

@@ -26,7 +26,9 @@ lost        gone without notice (raylet died, VM vanished)
 =========== ================================================================================
 
 Writes are cheap: a row changes only when its state, reason or type changes, and
-``last_seen`` is refreshed at most every ``TOUCH_EVERY_S``.
+``last_seen`` is refreshed at most every ``TOUCH_EVERY_S``. When a node leaves the idle or
+running state (or ends), the time it spent there is added to its ``idle_s`` / ``running_s``
+in the same write: the cost report (``raybatch.scheduler.cost``) reads idle hours from them.
 """
 
 from __future__ import annotations
@@ -74,6 +76,8 @@ class NodeInfo(BaseModel):
     last_seen: float
     ended_at: Optional[float] = None
     end_reason: Optional[str] = None
+    idle_s: float = 0.0                 # seconds idle / running before state_since (cost)
+    running_s: float = 0.0
     jobs: list[str] = []
 
 
@@ -246,6 +250,7 @@ class NodeRecorder:
                 if changed:
                     if "state" in changed:
                         changed["state_since"] = obs.ended_at if obs.ended else now
+                        changed.update(time_in_state(row, changed["state_since"]))
                     changed["last_seen"] = now
                     row.update(changed)
                     self.store.put_node(obs.node_id, **changed)
@@ -264,13 +269,23 @@ class NodeRecorder:
             else:
                 state, why = "lost", "no longer known to Ray's GCS"
             self.store.put_node(node_id, state=state, state_since=now, ended_at=now, end_reason=why,
-                                last_seen=row["last_seen"])
+                                last_seen=row["last_seen"], **time_in_state(row, now))
             self._ended.add(node_id)
         if now - self._last_touch >= self.touch_every and self._rows:
             self._last_touch = now
             self.store.touch_nodes(list(self._rows), now)
             for row in self._rows.values():
                 row["last_seen"] = now
+
+
+def time_in_state(row: dict[str, Any], until: float) -> dict[str, float]:
+    """The row's seconds-by-state counter (``idle_s`` / ``running_s``) with the state it
+    leaves at ``until`` added: what the cost report's idle hours are made of. Empty when
+    the state left is neither idle nor running."""
+    column = {"idle": "idle_s", "running": "running_s"}.get(row.get("state") or "")
+    if column is None:
+        return {}
+    return {column: (row.get(column) or 0.0) + max(0.0, until - row["state_since"])}
 
 
 def jobs_on_nodes(store: Store) -> dict[str, list[str]]:

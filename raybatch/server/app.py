@@ -19,6 +19,7 @@
     GET  /api/v1/jobs/{id}/files/content   one file's bytes (?path=), streamed
     GET  /api/v1/datastores                the server's datastores (never a secret)
     GET  /api/v1/nodes[/status]            the cluster's nodes: state since when, reason, jobs; counts
+    GET  /api/v1/cost                      node-hours, idle hours, hours lost to evictions (?by=&since=)
 
 The routes live in raybatch/server/routes/, one module per group of this table:
 health, cluster (cluster, scheduler, queue), code, jobs (submit to logs), items, trials (and
@@ -41,7 +42,7 @@ from raybatch import __version__
 from raybatch.config import API_PREFIX
 from raybatch.scheduler.loop import Scheduler
 from raybatch.server.auth import bearer_dependency
-from raybatch.server.routes import cluster, code, files, health, items, jobs, nodes, trials
+from raybatch.server.routes import cluster, code, cost, files, health, items, jobs, nodes, trials
 from raybatch.state.store import Store
 from raybatch.storage.datastores import Datastores
 
@@ -59,6 +60,6 @@ def create_app(ctx: ServerContext, token: str) -> FastAPI:
     app = FastAPI(title="raybatch", version=__version__)
     auth = [Depends(bearer_dependency(token))]
     app.include_router(health.router(ctx), prefix=API_PREFIX)  # the one route without auth
-    for routes in (cluster, code, jobs, items, trials, files, nodes):
+    for routes in (cluster, code, jobs, items, trials, files, nodes, cost):
         app.include_router(routes.router(ctx), prefix=API_PREFIX, dependencies=auth)
     return app

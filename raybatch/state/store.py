@@ -120,7 +120,9 @@ CREATE TABLE IF NOT EXISTS nodes (
     first_seen  REAL NOT NULL,
     last_seen   REAL NOT NULL,
     ended_at    REAL,
-    end_reason  TEXT
+    end_reason  TEXT,
+    idle_s      REAL NOT NULL DEFAULT 0,  -- seconds spent idle before state_since (cost: idle hours)
+    running_s   REAL NOT NULL DEFAULT 0   -- seconds spent running before state_since
 );
 CREATE INDEX IF NOT EXISTS nodes_live ON nodes (ended_at, node_id);
 """
@@ -464,7 +466,7 @@ class Store:
 
     # ---- the cluster's nodes (raybatch.scheduler.nodes writes them) ------------------
     NODE_FIELDS = ("node_type", "vm_size", "spot", "head", "ip", "state", "state_since", "reason",
-                   "first_seen", "last_seen", "ended_at", "end_reason")
+                   "first_seen", "last_seen", "ended_at", "end_reason", "idle_s", "running_s")
 
     def put_node(self, node_id: str, **fields: Any) -> None:
         """Insert or update one node's row (only the fields given change)."""
@@ -496,6 +498,28 @@ class Store:
             return self._all("SELECT * FROM nodes ORDER BY ended_at IS NOT NULL, first_seen, node_id")
         return self._all("SELECT * FROM nodes WHERE ended_at IS NULL OR ended_at >= ? "
                          "ORDER BY ended_at IS NOT NULL, first_seen, node_id", (since,))
+
+    # ---- what the cost report reads (raybatch.scheduler.cost) -------------------------
+    def cost_attempts(self, since: Optional[float] = None) -> list[dict[str, Any]]:
+        """Every attempt not over before ``since``, with its job's name, experiment, spec'd
+        node count and state (``job_*``), oldest first."""
+        rows = self._all(
+            "SELECT a.*, j.name AS job_name, j.experiment AS job_experiment, j.state AS job_state, "
+            "j.attempt AS job_attempt, j.ended_at AS job_ended_at, j.updated_at AS job_updated_at, "
+            "json_extract(j.spec, '$.nodes') AS job_nodes "
+            "FROM attempts a JOIN jobs j ON j.id = a.job_id "
+            "WHERE a.ended_at IS NULL OR a.ended_at >= ? ORDER BY a.started_at, a.job_id, a.n",
+            (since if since is not None else float("-inf"),))
+        return [_decode_attempt(r) for r in rows]
+
+    def cost_slots(self, since: Optional[float] = None) -> list[dict[str, Any]]:
+        """Array jobs' slots not given back before ``since``."""
+        rows = self._all("SELECT job_id, attempt, slot, nodes, granted_at, released_at FROM slots "
+                         "WHERE released_at IS NULL OR released_at >= ? ORDER BY granted_at",
+                         (since if since is not None else float("-inf"),))
+        for r in rows:
+            r["nodes"] = json.loads(r["nodes"])
+        return rows
 
 
 def _decode_attempt(row: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
