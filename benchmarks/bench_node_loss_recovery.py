@@ -67,7 +67,9 @@ def wait(check, timeout: float, what: str):
     raise TimeoutError(what)
 
 
-def one_run(client: Client, cluster, rng: random.Random) -> dict[str, float]:
+def start_and_pick(client: Client, cluster, rng: random.Random):
+    """The recipe running past epoch 4 with a checkpoint; a node holding one of its ranks;
+    then a wait until a random moment of an epoch. (job, checkpoint file, that node)"""
     job = client.submit(RECIPE / "job.yaml", overrides=[
         f"command=python train.py --epochs 20 --sleep-per-epoch {EPOCH_SLEEP}"])
     wait(lambda: re.search(r"epoch [4-9]/20", client.logs(job.id)), 180, "epoch 4")
@@ -76,7 +78,12 @@ def one_run(client: Client, cluster, rng: random.Random) -> dict[str, float]:
     nodes = {r.node_id for r in detail.attempts[0].ranks}
     victim = next(n for n in cluster.worker_nodes if n.node_id in nodes)
     wait(lambda: ckpt.exists(), 30, "a checkpoint")
-    time.sleep(rng.uniform(0, EPOCH_SLEEP))  # a node dies at any moment of an epoch
+    time.sleep(rng.uniform(0, EPOCH_SLEEP))  # the loss (or the notice) comes at any moment of an epoch
+    return job, ckpt, victim
+
+
+def one_run(client: Client, cluster, rng: random.Random) -> dict[str, float]:
+    job, ckpt, victim = start_and_pick(client, cluster, rng)
     t_kill = time.time()
     last_ckpt = ckpt.stat().st_mtime
     cluster.remove_node(victim)
@@ -102,15 +109,7 @@ def eviction_run(client: Client, cluster, rng: random.Random, notice: bool) -> d
     from ray._raylet import GcsClient
     from ray.core.generated import autoscaler_pb2
 
-    job = client.submit(RECIPE / "job.yaml", overrides=[
-        f"command=python train.py --epochs 20 --sleep-per-epoch {EPOCH_SLEEP}"])
-    wait(lambda: re.search(r"epoch [4-9]/20", client.logs(job.id)), 180, "epoch 4")
-    detail = client.get(job.id)
-    ckpt = Path(detail.checkpoint_dir) / "checkpoint.pt"
-    nodes = {r.node_id for r in detail.attempts[0].ranks}
-    victim = next(n for n in cluster.worker_nodes if n.node_id in nodes)
-    wait(lambda: ckpt.exists(), 30, "a checkpoint")
-    time.sleep(rng.uniform(0, EPOCH_SLEEP))  # the notice (or the loss) comes at any moment of an epoch
+    job, ckpt, victim = start_and_pick(client, cluster, rng)
     t0 = time.time()
     if notice:
         gcs = GcsClient(address=cluster.address)

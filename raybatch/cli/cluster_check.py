@@ -5,7 +5,6 @@ in yellow; exit 1 if any error. ``cluster up`` runs the same checks first."""
 
 from __future__ import annotations
 
-import enum
 from pathlib import Path
 
 import typer
@@ -16,11 +15,6 @@ from raybatch.cli.cluster import cluster_app
 
 
 LINT = "lint"  # the field of raybatch's rules' problems in -o json (their message says the rest)
-
-
-class CheckOutput(str, enum.Enum):
-    table = "table"
-    json = "json"
 
 
 def _bad_file(path: Path, why: str) -> None:
@@ -46,7 +40,7 @@ def read_config(path: Path) -> dict:
 @cluster_app.command("check")
 def check(
     config_file: Path = typer.Argument(..., metavar="FILE", help="A Ray cluster YAML for Azure."),
-    output: CheckOutput = typer.Option(CheckOutput.table, "--output", "-o", help="table or json"),
+    output: render.Output = render.OutputOpt,
 ) -> None:
     """raybatch's rules for the config (command lists, resources, spot marks, file_mounts),
     then the pre-flight: credentials, az login, resource group, VM sizes (availability,
@@ -58,7 +52,7 @@ def check(
     # a lint line names the file and the field itself: "<file>: <type> <field>: <what>"
     problems = [preflight.Problem("error", None, LINT, line) for line in configs.lint(config, str(config_file))]
     problems += preflight.check(config)
-    if output == CheckOutput.json:
+    if output == render.Output.json:
         print(preflight.to_json(problems))
     else:
         for p in problems:

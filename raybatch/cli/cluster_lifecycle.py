@@ -17,17 +17,11 @@ from raybatch.cli.cluster import cluster_app
 from raybatch.client import Client, RaybatchError
 
 
-class _Output(str, enum.Enum):
-    table = "table"
-    json = "json"
-
-
 class OnShrink(str, enum.Enum):
     requeue = "requeue"
     wait = "wait"
 
 
-_OutputOpt = typer.Option(_Output.table, "--output", "-o", help="table or json")
 _NameOpt = typer.Argument(..., help="The cluster's name (its cluster_name; see ~/.raybatch/clusters/).")
 
 
@@ -151,12 +145,12 @@ def down(
 
 
 @cluster_app.command("status")
-def status(name: str = _NameOpt, output: _Output = _OutputOpt) -> None:
+def status(name: str = _NameOpt, output: render.Output = render.OutputOpt) -> None:
     """steady or resizing; worker nodes idle/running/preparing/unusable/leaving/preempted;
     what the queue asks of the autoscaler; failed launches."""
     with _client(name) as client:
         info = _call(client.node_status)
-    if output == _Output.json:
+    if output == render.Output.json:
         render.print_json(info)
         return
     c = info["counts"]
@@ -182,12 +176,12 @@ def status(name: str = _NameOpt, output: _Output = _OutputOpt) -> None:
 def nodes(
     name: str = _NameOpt,
     ended: bool = typer.Option(False, "--all", "-a", help="Also the nodes that are gone."),
-    output: _Output = _OutputOpt,
+    output: render.Output = render.OutputOpt,
 ) -> None:
     """Every node: type, spot, state since when, jobs on it, reason."""
     with _client(name) as client:
         rows = _call(client.nodes, ended=ended)
-    if output == _Output.json:
+    if output == render.Output.json:
         render.print_json(rows)
         return
     t = Table(box=None, header_style="bold")

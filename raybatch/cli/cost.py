@@ -26,11 +26,6 @@ class By(str, enum.Enum):
     job = "job"
 
 
-class CostOutput(str, enum.Enum):
-    table = "table"
-    json = "json"
-
-
 HOW_TO_PRICE = ("no prices: `raybatch cluster prices --region <region>` writes {path} "
                 "(or pass --prices FILE); the money columns appear then")
 
@@ -123,7 +118,7 @@ def cost(
                                         "(7d, 12h) or a time (2025-01-31, 2025-01-31T08:00). Default: all."),
     prices: Optional[Path] = typer.Option(None, "--prices", help="A prices file (default: "
                                           "<RAYBATCH_HOME>/prices.yaml when it exists)."),
-    output: CostOutput = typer.Option(CostOutput.table, "--output", "-o", help="table or json"),
+    output: render.Output = render.OutputOpt,
 ) -> None:
     """What the cluster cost: node-hours, idle hours and hours lost to spot evictions per node
     type, experiment or job; money when a prices file exists (`raybatch cluster prices`).
@@ -150,7 +145,7 @@ def cost(
     rep = _call(_client().cost, by.value, start)
     if table is not None:
         rep = price_report(rep, table, path)
-    if output == CostOutput.json:
+    if output == render.Output.json:
         render.print_json(rep)
     else:
         show(rep, path)

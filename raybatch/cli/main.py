@@ -23,6 +23,7 @@ import typer
 from rich.text import Text
 
 from raybatch.cli import render
+from raybatch.cli.render import Output, OutputOpt
 from raybatch.client import Client, RaybatchError, exit_code_for
 from raybatch.runtime.protocol import Phase
 from raybatch.sweep import split_trial_id
@@ -33,11 +34,6 @@ app = typer.Typer(
     help="raybatch: queue, gang-schedule and run training jobs on Ray from one job file.",
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
 )
-
-
-class Output(str, enum.Enum):
-    table = "table"
-    json = "json"
 
 
 class Stream(str, enum.Enum):
@@ -51,7 +47,6 @@ class _Opts:
 
 
 OPTS = _Opts()
-OutputOpt = typer.Option(Output.table, "--output", "-o", help="table or json")
 
 
 @app.callback()

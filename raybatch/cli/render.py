@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import datetime as dt
+import enum
 import json
 from typing import Any, Iterable, Optional
 
+import typer
 from pydantic import BaseModel
 from rich.console import Console
 from rich.table import Table
@@ -15,6 +17,16 @@ from raybatch.scheduler.deadline import RULE_WORDS
 from raybatch.spec.units import format_duration
 from raybatch.state.states import preempted_words
 from raybatch.sweep import split_trial_id
+
+class Output(str, enum.Enum):
+    """``-o``: every list/show command prints a table or JSON."""
+
+    table = "table"
+    json = "json"
+
+
+OutputOpt = typer.Option(Output.table, "--output", "-o", help="table or json")
+
 
 def _console(stderr: bool = False) -> Console:
     c = Console(stderr=stderr)
