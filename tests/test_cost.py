@@ -289,7 +289,9 @@ def test_route_and_cli_on_a_real_store(served, tmp_path, monkeypatch):
     assert data["prices"]["file"].endswith("prices.yaml") and data["total"]["cost"] > 0
     assert {g["key"] for g in data["groups"]} == {"e1", "e2", NO_JOB}
     out = runner.invoke(app, base + ["--since", "yesterday"])
-    assert out.exit_code == 2 and "--since 'yesterday': neither a duration" in out.output
+    assert out.exit_code == 2 and "--since: 'yesterday' is neither a time nor a duration" in out.output
+    out = runner.invoke(app, base + ["--since", "2023-11-14T22:13"])  # no time zone: an error, not a guess
+    assert out.exit_code == 2 and "--since: '2023-11-14T22:13' has no time zone" in out.output
     (tmp_path / "bad.yaml").write_text("region: x\ncurrency: USD\nfetched_at: t\nprices: {V: {spot: -1}}\n")
     out = runner.invoke(app, base + ["--prices", str(tmp_path / "bad.yaml")])
     assert out.exit_code == 2 and "prices.V.spot" in out.output
@@ -300,5 +302,52 @@ def test_parse_since():
 
     assert parse_since("2h", now=NOW) == NOW - 2 * H
     assert parse_since("2023-11-14T22:13:20+00:00", now=NOW) == T0
+    assert parse_since("2023-11-14T23:13:20+01:00", now=NOW) == T0
     with pytest.raises(ValueError, match="in the future"):
-        parse_since("2999-01-01", now=NOW)
+        parse_since("2999-01-01T00:00Z", now=NOW)
+    # a time without a zone is an error naming the option, as a job's deadline is (one parser:
+    # raybatch.spec.units.parse_duration_or_time), never a guess of local time
+    with pytest.raises(ValueError, match="^--since: '2023-11-14' has no time zone"):
+        parse_since("2023-11-14", now=NOW)
+    with pytest.raises(ValueError, match="^--since: 'last week' is neither a time nor a duration"):
+        parse_since("last week", now=NOW)
+
+
+def test_a_packed_gang_counts_each_node_once(recorded):
+    """``pack`` puts several bundles of one gang on one node: the attempt names it once per
+    bundle, and the node's hours count once for the job."""
+    store, ids = recorded
+    packed = store.create_job(name="packed", experiment="e3", priority=0,
+                              spec={"name": "packed", "command": "true", "nodes": 2},
+                              job_dir_for=lambda i: f"/tmp/{i}")
+    add_attempt(store, packed, 1, ["n3", "n3"], 6, 6.1)  # both bundles on n3, 6 h to now (10 h)
+    j = groups(make(store, by="job"))
+    assert j[packed["id"]].node_hours == pytest.approx(4) and j[packed["id"]].nodes == 1
+    # n3's other 6 hours are nobody's: (no job) had the head (10), n1 outside job A (2) and n3 (10)
+    assert j[NO_JOB].node_hours == pytest.approx(10 + 2 + 6)
+    rep = make(store, by="job")
+    assert rep.total.node_hours == pytest.approx(32)  # the cluster's hours, as by type
+    e = groups(make(store, by="experiment"))
+    assert e["e3"].node_hours == pytest.approx(4)
+
+
+def test_one_group_by_and_totals_that_are_the_sum_of_their_groups(recorded):
+    from raybatch.cli import cost as cli_cost
+    from raybatch.server.routes import cost as route
+
+    assert not hasattr(route, "GroupBy") or route.GroupBy is cost.GroupBy
+    assert not hasattr(cli_cost, "By") and cli_cost.GroupBy is cost.GroupBy
+    assert not hasattr(cost, "GROUP_BY") and not hasattr(cost, "_merge_rates")
+    store, _ = recorded
+    for by in cost.GroupBy:
+        rep = make(store, by=by.value)
+        assert rep.by == by.value
+        for field in ("node_hours", "eviction_loss_hours"):
+            assert getattr(rep.total, field) == pytest.approx(sum(getattr(g, field) for g in rep.groups))
+            by_rate: dict = {}
+            for g in rep.groups:
+                for r in g.rates:
+                    by_rate[(r.vm_size, r.spot)] = by_rate.get((r.vm_size, r.spot), 0.0) + getattr(r, field)
+            assert {(r.vm_size, r.spot): getattr(r, field) for r in rep.total.rates} == pytest.approx(by_rate)
+    with pytest.raises(ValueError, match="by: 'node' is not one of type, experiment, job"):
+        make(store, by="node")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import sqlite3
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -25,6 +26,7 @@ from raybatch.scheduler.deadline_jobs import restart_overhead, spot_available
 from raybatch.scheduler.fit import NodeView
 from raybatch.scheduler.loop import Scheduler
 from raybatch.spec.job import JobSpec
+from raybatch.state.states import JobState
 from raybatch.state.store import Store
 from tests.test_scheduler_loop import FakeLauncher
 
@@ -83,21 +85,24 @@ def test_a_deadline_past_or_too_close_at_submit_is_an_error():
 
 # ---- restart overhead ---------------------------------------------------------------------------
 
-def _attempt(n, running_at, ended_at, checkpoint_at=None):
-    return {"n": n, "running_at": running_at, "ended_at": ended_at, "checkpoint_at": checkpoint_at}
+def _attempt(n, started_at, running_at, ended_at, checkpoint_at=None):
+    return {"n": n, "started_at": started_at, "running_at": running_at, "ended_at": ended_at,
+            "checkpoint_at": checkpoint_at}
 
 
 def test_restart_overhead_is_start_up_plus_work_lost_averaged_over_restarts():
     assert restart_overhead([]) == (DEFAULT_RESTART_OVERHEAD_S, 0)
-    assert restart_overhead([_attempt(1, 100, 500, 480)]) == (DEFAULT_RESTART_OVERHEAD_S, 0)
+    assert restart_overhead([_attempt(1, 90, 100, 500, 480)]) == (DEFAULT_RESTART_OVERHEAD_S, 0)
     # attempt 2 not running yet: no restart measured
-    assert restart_overhead([_attempt(1, 100, 500, 480), _attempt(2, None, None)])[1] == 0
-    a = [_attempt(1, 100, 500, 480),   # lost 20 s after its last checkpoint
-         _attempt(2, 530, 900, None),  # start-up 30 s; then ran 370 s without a checkpoint: all lost
-         _attempt(3, 910, None)]       # start-up 10 s
-    assert restart_overhead(a) == ((30 + 20 + 10 + 370) / 2, 2)
+    assert restart_overhead([_attempt(1, 90, 100, 500, 480), _attempt(2, 510, None, None)])[1] == 0
+    a = [_attempt(1, 90, 100, 500, 480),     # lost 20 s after its last checkpoint
+         _attempt(2, 520, 530, 900, None),   # start-up 10 s; then ran 370 s without a checkpoint: all lost
+         _attempt(3, 1000, 1010, None)]      # start-up 10 s
+    # the time back in the queue (500 -> 520, 900 -> 1000) is not overhead: start-up is the
+    # restarted attempt's own, from its admission (started_at) to its start of running
+    assert restart_overhead(a) == ((10 + 20 + 10 + 370) / 2, 2)
     # an attempt that never ran (start failed) loses no work; its successor's start-up counts
-    assert restart_overhead([_attempt(1, None, 200), _attempt(2, 260, None)]) == (60.0, 1)
+    assert restart_overhead([_attempt(1, 100, None, 200), _attempt(2, 250, 260, None)]) == (10.0, 1)
 
 
 # ---- the scheduler's bookkeeping and decisions -------------------------------------------------------
@@ -201,7 +206,10 @@ def test_progress_and_overhead_follow_the_checkpoint_files(tmp_path):
     assert second["progress_start"] == pytest.approx(90.0) and second["deadline_rule"] == 1
     info = sched.deadlines.info(store.get_job(job["id"]), spec_of(deadline="4h", runtime_estimate="2h"))
     assert info["restarts_measured"] == 1
-    assert info["restart_overhead_s"] == pytest.approx(5 + (ended - (t0 - 10)))
+    # start-up: attempt 2's own (admitted at started_at, running at ended + 5); work lost:
+    # attempt 1's end - its newest checkpoint
+    start_up = ended + 5 - second["started_at"]
+    assert info["restart_overhead_s"] == pytest.approx(start_up + (ended - (t0 - 10)))
     checkpoint(tmp_path, job, "ck-2", ended + 25)
     settle(sched, lambda: store.get_job(job["id"])["progress_s"] == pytest.approx(110.0))
     assert sched.deadlines.decisions[job["id"]].where.value == "dedicated"
@@ -335,7 +343,7 @@ def test_an_older_store_gets_the_new_columns(tmp_path):
     path = tmp_path / "old.sqlite"
     Store(path).close()
     db = sqlite3.connect(path)
-    db.execute("DROP INDEX jobs_deadline")
+    db.execute("DROP INDEX jobs_deadline_open")
     for table, col in (("jobs", "deadline_at"), ("jobs", "progress_s"), ("attempts", "progress_start"),
                        ("attempts", "checkpoint_at"), ("attempts", "deadline_rule")):
         db.execute(f"ALTER TABLE {table} DROP COLUMN {col}")
@@ -416,3 +424,203 @@ def test_a_finished_job_says_whether_it_met_its_deadline(tmp_path):
     assert info["met"] is True and "slack_s" not in info and "rule" not in info
     assert job["id"] not in sched.deadlines.decisions  # forgotten once over
     assert Path(row["job_dir"]).name == job["id"]
+
+
+# ---- review fixes: rule 3 at a restart, per-cycle cost, hung listings, apply's failures --------------
+
+def test_rule_3_keeps_a_job_restarted_from_dedicated_nodes_on_dedicated(tmp_path):
+    """raybatch does not migrate a running job, so rule 3 acts at its next start: a queued job
+    whose previous attempt ran on dedicated nodes is evaluated as on dedicated nodes."""
+    store, launcher, cluster, sched = make(tmp_path, ded=1, spot=1)
+    cluster.take("spot0")
+    job = submit(store, tmp_path, submitted_ago=100, deadline="10h", runtime_estimate="1h")
+    sched.cycle()
+    assert launcher.submitted == [(job["id"], 1, ("ded0",))]  # rule 1: no spot, behind the line
+    assert store.get_attempt(job["id"], 1)["deadline_rule"] == 1
+    run(launcher, sched, job, 1, "ded0", at=time.time())
+    # p = 15 s: ahead of the line at t (C*t/D ~ 10 s), not at t + 2d (~ 22 s, d = 60 s)
+    store.update_job(job["id"], progress_s=15.0)
+    next(n for n in cluster.nodes if n.node_id == "spot0").available["CPU"] = 1.0  # spot is back
+    end(launcher, sched, job, 1, "ded0", outcome="NODE_LOST")
+    # requeued and started again in the same cycle: rule 3 keeps it on the dedicated node
+    assert launcher.submitted[-1] == (job["id"], 2, ("ded0",))
+    assert store.get_attempt(job["id"], 2)["deadline_rule"] == 3
+
+
+def test_a_job_restarted_from_spot_is_not_held_by_rule_3(tmp_path):
+    store, launcher, cluster, sched = make(tmp_path, ded=1, spot=1)
+    job = submit(store, tmp_path, submitted_ago=100, deadline="10h", runtime_estimate="1h")
+    sched.cycle()
+    assert launcher.submitted == [(job["id"], 1, ("spot0",))]  # rule 2
+    run(launcher, sched, job, 1, "spot0", at=time.time())
+    store.update_job(job["id"], progress_s=15.0)
+    end(launcher, sched, job, 1, "spot0", outcome="NODE_LOST")
+    assert launcher.submitted[-1] == (job["id"], 2, ("spot0",))
+    assert store.get_attempt(job["id"], 2)["deadline_rule"] == 2
+
+
+def _many(store, tmp_path, n):
+    spec = spec_of(deadline="10h", runtime_estimate="1h")
+    at = spec.deadline_at(time.time())
+    store.create_jobs([dict(name=spec.name, experiment=spec.experiment, priority=spec.priority_value,
+                            spec=spec.model_dump(mode="json"), job_dir_for=lambda i: str(tmp_path / "jobs" / i),
+                            deadline_at=at) for _ in range(n)])
+
+
+def test_the_cost_of_a_cycle_does_not_grow_with_the_queued_deadline_jobs(tmp_path, monkeypatch):
+    """One store read of the deadline jobs per cycle (few columns, no spec), shared by apply
+    and the hook; "spot available" once per job shape; nothing per job in SQL."""
+    from raybatch.scheduler import deadline_jobs
+
+    store, launcher, cluster, sched = make(tmp_path, ded=1, spot=1)
+    for n in ("ded0", "spot0"):
+        cluster.take(n)  # nothing free: every job stays queued
+    calls = []
+    real = deadline_jobs.spot_available
+    monkeypatch.setattr(deadline_jobs, "spot_available", lambda *a: calls.append(a[0].shape) or real(*a))
+    statements: list[str] = []
+    store._db.set_trace_callback(statements.append)
+
+    def measure():
+        for _ in range(2):  # new submissions read (specs, views), then a steady cycle
+            sched.cycle()
+        statements.clear()
+        calls.clear()
+        sched.cycle()
+        return list(statements), list(calls)
+
+    _many(store, tmp_path, 150)
+    few, few_calls = measure()
+    _many(store, tmp_path, 450)
+    many, many_calls = measure()
+    assert len(sched.deadlines.decisions) == 600
+    assert {s.decision.rule for s in sched.deadlines.decisions.values()} == {1}
+    assert all(pj.low_priority_nodes == "avoid" for pj in sched.queue.views())
+    assert len(many) == len(few), (few, many)  # the same statements, whatever the queue's length
+    reads = [s for s in many if "deadline_at IS NOT NULL" in s]
+    assert len(reads) == 1 and "SELECT *" not in reads[0] and "spec" not in reads[0].split("FROM")[0]
+    assert not any("deadline" in s and "SELECT *" in s for s in many)
+    assert len(few_calls) == len(many_calls) == 1  # one shape: spot_available once
+    plan = store._all("EXPLAIN QUERY PLAN " + reads[0])
+    assert any("jobs_deadline_open" in r["detail"] for r in plan), plan
+
+
+def test_the_deadline_index_leaves_out_finished_jobs_and_replaces_the_old_one(tmp_path):
+    path = tmp_path / "old.sqlite"
+    Store(path).close()
+    db = sqlite3.connect(path)  # a file of the previous release: its index kept finished jobs too
+    db.execute("DROP INDEX jobs_deadline_open")
+    db.execute("CREATE INDEX jobs_deadline ON jobs (seq) WHERE deadline_at IS NOT NULL")
+    db.commit()
+    db.close()
+    store = Store(path)
+    indexes = {r["name"]: r["sql"] for r in store._all("SELECT name, sql FROM sqlite_master WHERE type='index'")}
+    assert "jobs_deadline" not in indexes
+    assert "state NOT IN ('SUCCEEDED', 'FAILED', 'CANCELLED')" in indexes["jobs_deadline_open"]
+    job = submit(store, tmp_path, deadline="10h", runtime_estimate="1h")
+    assert [r["id"] for r in store.deadline_jobs()] == [job["id"]]
+    store.transition(job["id"], JobState.CANCELLED, "test")
+    assert store.deadline_jobs() == []
+
+
+def test_a_hung_listing_is_abandoned_reported_and_its_threads_capped(tmp_path):
+    from raybatch.storage.datastores import Datastores
+
+    store, launcher, cluster, sched = make(tmp_path)
+    release = threading.Event()
+    started = []
+
+    def hung():
+        started.append(time.monotonic())
+        release.wait(20)
+        return Datastores()
+
+    dl = sched.deadlines
+    dl.datastores = hung
+    dl.listing_timeout_s = 0.2
+    dl.max_abandoned = 2
+    job = submit(store, tmp_path, deadline="10h", runtime_estimate="2h")
+    sched.cycle()
+    t0 = time.time()
+    run(launcher, sched, job, 1, "spot0", at=t0 - 10)
+    checkpoint(tmp_path, job, "ck", t0 - 5)
+    assert len(started) == 1
+    time.sleep(0.3)
+    sched.cycle()  # the first listing is abandoned, its slot freed: a second one starts
+    assert f"{job['id']}: listing its checkpoints took over 0.2 s: abandoned" in sched.hooks_error()
+    assert len(started) == 2
+    time.sleep(0.3)
+    sched.cycle()  # two abandoned threads still running: the cap, no third one
+    for _ in range(3):
+        sched.cycle()
+    assert len(started) == 2
+    assert "2 abandoned listing(s) still running: no new listing starts" in sched.hooks_error()
+    release.set()  # the storage answers again: listings resume, the progress moves, the errors go
+    settle(sched, lambda: store.get_job(job["id"])["progress_s"] == pytest.approx(5.0, abs=0.01)
+           and sched.hooks_error() is None)
+
+
+def test_forgotten_jobs_free_their_listing_slots(tmp_path):
+    store, launcher, cluster, sched = make(tmp_path)
+    release = threading.Event()
+    sched.deadlines.datastores = lambda: release.wait(20) or None
+    job = submit(store, tmp_path, deadline="10h", runtime_estimate="2h")
+    sched.cycle()
+    run(launcher, sched, job, 1, "spot0", at=time.time() - 10)
+    assert list(sched.deadlines._listing) == [(job["id"], 1)]
+    store.transition(job["id"], JobState.CANCELLED, "test", expect=JobState.RUNNING)
+    sched.cycle()
+    assert sched.deadlines._listing == {} and len(sched.deadlines._abandoned) == 1
+    release.set()
+
+
+@pytest.mark.parametrize("broken", ["store", "spec"])
+def test_a_failure_in_apply_skips_the_adjustment_not_the_plan(tmp_path, monkeypatch, broken):
+    store, launcher, cluster, sched = make(tmp_path, ded=1, spot=1)
+    cluster.take("spot0")
+    dl = submit(store, tmp_path, deadline="10h", runtime_estimate="1h")
+    plain = submit(store, tmp_path)
+
+    def fail(*a, **k):
+        raise sqlite3.OperationalError("database disk image is malformed")
+
+    if broken == "store":
+        monkeypatch.setattr(store, "deadline_jobs", fail)
+    else:
+        monkeypatch.setattr(sched, "spec_of", fail)
+    sched.cycle()  # does not raise
+    assert [j for j, _, _ in launcher.submitted] == [dl["id"]]  # the plan ran (the queue's head on ded0)
+    error = sched.hooks_error()  # the hook, reading the same, fails too: either is shown
+    assert error.startswith("cycle hook DeadlineJobs: ") and "database disk image is malformed" in error, error
+    assert sched.deadlines.error.startswith("apply: deadline adjustment skipped: OperationalError: database disk")
+    monkeypatch.undo()
+    sched.cycle()
+    assert sched.hooks_error() is None
+    assert store.get_job(plain["id"])["state"] == "QUEUED"
+
+
+def test_a_numeric_deadline_of_a_million_seconds_or_more(tmp_path):
+    for seconds, text in ((1e6, "1000000s"), (1234567.5, "1234567.5s"), (2e22, "20000000000000000000000s"),
+                          (90, "90s"), (0.25, "0.25s")):
+        spec = spec_of(deadline=seconds, runtime_estimate=0.1)
+        assert spec.deadline == text
+        assert spec.deadline_at(1000.0) == 1000.0 + seconds
+    assert spec_of(deadline=10**6, runtime_estimate="1h").deadline == "1000000s"
+    # the same text read back: a stored spec validates again
+    assert JobSpec.model_validate_json(spec_of(deadline=1e6, runtime_estimate="1h").model_dump_json()).deadline \
+        == "1000000s"
+
+
+def test_one_work_lost_and_one_time_parser():
+    from raybatch.scheduler import cost, deadline_jobs
+    from raybatch.spec import job as job_spec
+    from raybatch.spec.units import parse_duration_or_time
+
+    assert deadline_jobs.work_lost is cost.work_lost
+    assert cost.work_lost({"running_at": 100, "checkpoint_at": 160, "ended_at": 200}) == 40
+    assert cost.work_lost({"running_at": 100, "checkpoint_at": None, "ended_at": 200}) == 100
+    assert cost.work_lost({"running_at": 100, "checkpoint_at": 50, "ended_at": 200}) == 100  # restored
+    assert cost.work_lost({"running_at": None, "checkpoint_at": None, "ended_at": 200}) == 0
+    assert job_spec.parse_deadline("6h") == parse_duration_or_time("6h", "x") == 21600.0
+    with pytest.raises(ValueError, match="^deadline: '2030-01-01T00:00' has no time zone"):
+        job_spec.parse_deadline("2030-01-01T00:00")

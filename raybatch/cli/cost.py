@@ -5,8 +5,6 @@ The definitions are raybatch.scheduler.cost's; docs/azure.md ("Cost") says them 
 
 from __future__ import annotations
 
-import datetime as dt
-import enum
 import time
 from pathlib import Path
 from typing import Optional
@@ -16,14 +14,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from raybatch.cli import render
-from raybatch.scheduler.cost import NO_JOB, CostGroup, CostReport
-from raybatch.spec.units import DURATION_HELP, parse_duration
-
-
-class By(str, enum.Enum):
-    type = "type"
-    experiment = "experiment"
-    job = "job"
+from raybatch.scheduler.cost import NO_JOB, CostGroup, CostReport, GroupBy
+from raybatch.spec.units import parse_duration_or_time
 
 
 HOW_TO_PRICE = ("no prices: `raybatch cluster prices --region <region>` writes {path} "
@@ -31,19 +23,12 @@ HOW_TO_PRICE = ("no prices: `raybatch cluster prices --region <region>` writes {
 
 
 def parse_since(text: str, now: Optional[float] = None) -> float:
-    """The window's start: a duration back from now ('7d', '12h', '90m') or a time
-    ('2025-01-31', '2025-01-31T08:00', with an offset or local)."""
+    """The window's start: a duration back from now ('7d', '12h', '90m') or a time with its
+    time zone ('2025-01-31T00:00Z', '2025-01-31T08:00+01:00'); a time without one is an
+    error (raybatch.spec.units.parse_duration_or_time, as a job's deadline)."""
     now = time.time() if now is None else now
-    try:
-        return now - parse_duration(text)
-    except ValueError:
-        pass
-    try:
-        when = dt.datetime.fromisoformat(text.strip())
-    except ValueError:
-        raise ValueError(f"--since '{text}': neither a duration ({DURATION_HELP}) nor a time "
-                         "(2025-01-31, 2025-01-31T08:00, 2025-01-31T08:00+01:00)") from None
-    since = when.timestamp()  # a naive time is local time
+    parsed = parse_duration_or_time(text, "--since")
+    since = now - parsed if isinstance(parsed, float) else parsed.timestamp()
     if since > now:
         raise ValueError(f"--since '{text}': in the future")
     return since
@@ -113,9 +98,11 @@ def show(rep: CostReport, prices_path: Path) -> None:
 
 
 def cost(
-    by: By = typer.Option(By.type, "--by", help="Group by node type, experiment or job."),
+    by: GroupBy = typer.Option(GroupBy.type, "--by", help="Group by node type, experiment or job."),
     since: Optional[str] = typer.Option(None, "--since", help="Only from then on: a duration back from now "
-                                        "(7d, 12h) or a time (2025-01-31, 2025-01-31T08:00). Default: all."),
+                                        "(7d, 12h) or a time with its time zone (2025-01-31T00:00Z, "
+                                        "2025-01-31T08:00+01:00; a time without one is an error). "
+                                        "Default: all."),
     prices: Optional[Path] = typer.Option(None, "--prices", help="A prices file (default: "
                                           "<RAYBATCH_HOME>/prices.yaml when it exists)."),
     output: render.Output = render.OutputOpt,

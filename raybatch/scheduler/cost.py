@@ -14,7 +14,12 @@ node-hours
     ``ended_at`` (or now), times the nodes of its gang, each on its own node type; an array
     job's gangs are its slots (granted to released). What no job holds (idle nodes, the
     head, nodes being set up or drained) is the row ``(no job)``: the recorded nodes'
-    hours minus the jobs' hours, per VM size.
+    hours minus the jobs' hours, per VM size. A gang counts each of its nodes once, however
+    many of its bundles share it (``placement_strategy: pack``). Jobs of different gangs
+    sharing one node at the same time each count that node's hours in full (the report does
+    not split a node between jobs): their rows, and the by-experiment and by-job totals, can
+    then add up to more than the node's own hours (the by-type report, from the nodes'
+    lives, does not).
 idle hours
     time a worker node spent in the ``idle`` state (nothing placed on it) inside the
     window. The NodeRecorder keeps, per node, the seconds spent idle or running before its
@@ -40,6 +45,7 @@ money
 
 from __future__ import annotations
 
+import enum
 import math
 from collections import defaultdict
 from pathlib import Path
@@ -47,7 +53,16 @@ from typing import Any, Iterable, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-GROUP_BY = ("type", "experiment", "job")
+
+
+class GroupBy(str, enum.Enum):
+    """What a cost report groups by (``raybatch cost --by``, ``GET /api/v1/cost?by=``)."""
+
+    type = "type"
+    experiment = "experiment"
+    job = "job"
+
+
 NO_JOB = "(no job)"
 UNKNOWN_TYPE = "(unknown)"
 RETAIL_PRICES_URL = "https://prices.azure.com/api/retail/prices"
@@ -176,6 +191,16 @@ class _Acc:
         if loss:
             self.loss[rate] += loss
 
+    def merge(self, other: "_Acc") -> "_Acc":
+        """Add another group's nodes and hours to this one (the only place sums of groups
+        are made: an experiment's jobs, a report's total)."""
+        self.nodes |= other.nodes
+        for r, h in other.hours.items():
+            self.hours[r] += h
+        for r, h in other.loss.items():
+            self.loss[r] += h
+        return self
+
     def group(self, key: str) -> CostGroup:
         rates = [RateHours(vm_size=r[0], spot=r[1], node_hours=self.hours.get(r, 0.0) / 3600,
                            eviction_loss_hours=self.loss.get(r, 0.0) / 3600)
@@ -188,6 +213,28 @@ class _Acc:
 
 def _overlap(a: float, b: float, lo: float, hi: float) -> float:
     return max(0.0, min(b, hi) - max(a, lo))
+
+
+def work_lost_from(attempt: dict[str, Any]) -> Optional[float]:
+    """From when an interruption of this attempt loses work: its newest checkpoint
+    (``checkpoint_at``, never before its start of running), or its start of running
+    (``running_at``) without one; None when it never ran. The work lost when it ends at
+    ``end`` is ``end`` minus this (``work_lost``). Used by the cost report (hours lost to
+    evictions) and by the deadline scheduler's restart overhead d."""
+    ran_from = attempt.get("running_at")
+    if ran_from is None:
+        return None
+    return max(ran_from, attempt.get("checkpoint_at") or ran_from)
+
+
+def work_lost(attempt: dict[str, Any], end: Optional[float] = None) -> float:
+    """Seconds of work an attempt lost by ending at ``end`` (default: its ``ended_at``):
+    end − (its newest checkpoint, or its start of running); 0 when it never ran."""
+    start = work_lost_from(attempt)
+    end = attempt.get("ended_at") if end is None else end
+    if start is None or end is None:
+        return 0.0
+    return max(0.0, end - start)
 
 
 def node_seconds(node: dict[str, Any], since: float, now: float) -> tuple[float, float, float, bool]:
@@ -236,8 +283,10 @@ def report(nodes: Iterable[dict[str, Any]], attempts: Iterable[dict[str, Any]],
     ``nodes``: ``nodes`` table rows; ``attempts``: ``Store.cost_attempts`` rows (an attempt
     with its job's ``job_name``, ``job_experiment``, ``job_nodes``...); ``slots``:
     ``Store.cost_slots`` rows."""
-    if by not in GROUP_BY:
-        raise ValueError(f"by: '{by}' is not one of {', '.join(GROUP_BY)}")
+    try:
+        by = GroupBy(by)
+    except ValueError:
+        raise ValueError(f"by: '{by}' is not one of {', '.join(g.value for g in GroupBy)}") from None
     if since is not None and not math.isfinite(since):
         raise ValueError("since: not a finite time")
     lo = since if since is not None else -math.inf
@@ -289,14 +338,16 @@ def report(nodes: Iterable[dict[str, Any]], attempts: Iterable[dict[str, Any]],
             members = list(a.get("nodes") or []) or [f"{job}#{a['n']}.{i}" for i in range(count)]
             gangs = [(members, a["started_at"], end)]
             if _lost_to_eviction(a, spot):
-                loss_from = a.get("running_at") or a["started_at"]
-                if a.get("checkpoint_at"):
-                    loss_from = max(loss_from, a["checkpoint_at"])
+                # never ran: all its time held was lost
+                loss_from = work_lost_from(a)
+                if loss_from is None:
+                    loss_from = a["started_at"]
         for members, start, stop in gangs:
             held = _overlap(start, stop, lo, now)
             loss = _overlap(loss_from, stop, lo, now) if loss_from is not None else 0.0
             upper_bound = upper_bound or (loss > 0 and not a.get("checkpoint_at"))
-            for node in members:
+            # a gang packed onto one node (``pack``) names it once per bundle: counted once
+            for node in dict.fromkeys(members):
                 r = rate.get(node, (None, False))
                 if held or loss:
                     acc.add(node, r, held, loss)
@@ -305,54 +356,40 @@ def report(nodes: Iterable[dict[str, Any]], attempts: Iterable[dict[str, Any]],
                     by_type[ntype.get(node, UNKNOWN_TYPE)].add(node, r, 0.0, loss)
 
     groups: list[CostGroup]
-    if by == "type":
+    everything = _Acc()  # the total: the sum of the groups
+    if by == GroupBy.type:
         groups = [acc.group(key) for key, acc in by_type.items()]
-        total = cluster.group("total")
-        total.eviction_loss_hours = sum(g.eviction_loss_hours for g in groups)
-        total.rates = _merge_rates(groups)
-        total.nodes = len(set().union(*(acc.nodes for acc in by_type.values()))) if by_type else 0
+        for acc in by_type.values():
+            everything.merge(acc)
+        everything.idle = cluster.idle
     else:
         accs: dict[str, _Acc] = defaultdict(_Acc)
-        if by == "job":
+        if by == GroupBy.job:
             accs = by_job
         else:
             for job, acc in by_job.items():
-                e = accs[job_experiment[job]]
-                e.nodes |= acc.nodes
-                for r, h in acc.hours.items():
-                    e.hours[r] += h
-                for r, h in acc.loss.items():
-                    e.loss[r] += h
-        groups = [acc.group(key) for key, acc in accs.items() if acc.hours or acc.loss]
+                accs[job_experiment[job]].merge(acc)
+        accs = {key: acc for key, acc in accs.items() if acc.hours or acc.loss}
         rest = _Acc()  # the recorded nodes' hours that no gang held
         rest.idle = cluster.idle
         for node, alive in alive_s.items():
             if alive - held_s.get(node, 0.0) > 1.0:
                 rest.add(node, rate[node], alive - held_s.get(node, 0.0))
+        groups = [acc.group(key) for key, acc in accs.items()]
         if rest.hours or rest.idle:
             groups.append(rest.group(NO_JOB))
-        total = CostGroup(key="total", nodes=len(cluster.nodes | set().union(*(a.nodes for a in accs.values()))
-                                                 if accs else cluster.nodes),
-                          node_hours=sum(g.node_hours for g in groups), idle_hours=cluster.idle / 3600,
-                          eviction_loss_hours=sum(g.eviction_loss_hours for g in groups),
-                          rates=_merge_rates(groups))
+        for acc in [*accs.values(), rest]:
+            everything.merge(acc)
+        everything.nodes |= cluster.nodes
+        everything.idle = cluster.idle
+    total = everything.group("total")
     groups.sort(key=lambda g: (g.key == NO_JOB, -g.node_hours, g.key))
     notes = [LOSS_NOTE] if upper_bound else []
     if prorated:
         notes.append(f"the window starts inside the life of {prorated} node(s): their idle hours before "
                      "their current state are pro-rated")
-    return CostReport(by=by, since=since, until=now, groups=groups, total=total, prorated_nodes=prorated,
+    return CostReport(by=by.value, since=since, until=now, groups=groups, total=total, prorated_nodes=prorated,
                       notes=notes)
-
-
-def _merge_rates(groups: list[CostGroup]) -> list[RateHours]:
-    out: dict[Rate, RateHours] = {}
-    for g in groups:
-        for r in g.rates:
-            m = out.setdefault((r.vm_size, r.spot), RateHours(vm_size=r.vm_size, spot=r.spot))
-            m.node_hours += r.node_hours
-            m.eviction_loss_hours += r.eviction_loss_hours
-    return [out[k] for k in sorted(out, key=lambda r: (r[0] or "", r[1]))]
 
 
 def price(rep: CostReport, prices: Prices, file: str | Path) -> CostReport:

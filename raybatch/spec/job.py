@@ -53,7 +53,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from raybatch.spec.array import DEFAULT_OUTPUT, ArraySpec
 from raybatch.spec.sweep import PARAM_PLACEHOLDER, SweepSpec
 from raybatch.spec.location import parse as parse_location
-from raybatch.spec.units import DURATION_HELP, SIZE_HELP, parse_duration, parse_size
+from raybatch.spec.units import (DURATION_HELP, SIZE_HELP, duration_text, parse_duration, parse_duration_or_time,
+                                 parse_size)
 
 NAME_PATTERN = r"[-\w]{1,64}"  # matched with re.fullmatch
 ID_PATTERN = r"[A-Za-z_][A-Za-z0-9_]{0,63}"
@@ -313,19 +314,9 @@ DEADLINE_HELP = "an ISO 8601 time with its time zone ('2030-05-01T18:00:00Z'), o
 
 
 def parse_deadline(text: str) -> "float | dt.datetime":
-    """A job's ``deadline``: seconds after submit (a duration), or an aware datetime."""
-    try:
-        return parse_duration(text)
-    except ValueError:
-        pass
-    try:
-        when = dt.datetime.fromisoformat(text)
-    except ValueError:
-        raise ValueError(f"'{text}' is neither a time nor a duration ({DEADLINE_HELP})") from None
-    if when.tzinfo is None:
-        raise ValueError(f"'{text}' has no time zone: add one (Z, +02:00), or give a duration after submit "
-                         "such as '6h'")
-    return when
+    """A job's ``deadline``: seconds after submit (a duration), or an aware datetime (a time
+    without a time zone is an error: raybatch.spec.units.parse_duration_or_time)."""
+    return parse_duration_or_time(text, "deadline")
 
 
 class JobSpec(_Strict):
@@ -463,16 +454,15 @@ class JobSpec(_Strict):
     def _deadline(cls, v: Any) -> Optional[str]:
         if v is None:
             return None
-        if isinstance(v, dt.datetime):  # YAML reads an unquoted ISO time as a datetime
-            if v.tzinfo is None:
-                raise ValueError(f"{v.isoformat()} has no time zone: add one (Z, +02:00), or give a duration "
-                                 "after submit such as '6h'")
-            return v.isoformat()
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            return f"{parse_duration(v):g}s"
-        text = str(v).strip()
-        parse_deadline(text)  # raises with the reason
-        return text
+        if isinstance(v, bool):
+            raise ValueError(f"deadline: expected a time or a duration ({DEADLINE_HELP})")
+        if isinstance(v, (int, float)):
+            return duration_text(parse_duration(v))
+        parsed = parse_duration_or_time(v, "deadline")  # raises with the reason
+        if isinstance(v, (dt.datetime, dt.date)):  # YAML reads an unquoted ISO time as a datetime
+            assert isinstance(parsed, dt.datetime)
+            return parsed.isoformat()
+        return str(v).strip()
 
     @field_validator("runtime_estimate", mode="before")
     @classmethod

@@ -1,9 +1,11 @@
-"""Parsing of the human units a job file uses: durations and memory sizes."""
+"""Parsing of the human units a job file uses: durations, times and memory sizes."""
 
 from __future__ import annotations
 
+import datetime as dt
 import math
 import re
+from decimal import Decimal
 
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _SIMPLE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
@@ -35,6 +37,45 @@ def parse_duration(value: object) -> float:
     if not math.isfinite(seconds) or seconds <= 0:
         raise ValueError(f"a duration must be positive and finite ({DURATION_HELP})")
     return seconds
+
+
+def duration_text(seconds: float) -> str:
+    """A duration in seconds as text ``parse_duration`` reads back exactly: ``'1234567s'``,
+    ``'1.5s'`` (never an exponent: ``f"{1234567.0:g}"`` is ``'1.23457e+06'``)."""
+    text = format(Decimal(repr(float(seconds))), "f")
+    if "." in text:
+        text = text.rstrip("0").rstrip(".")
+    return f"{text}s"
+
+
+TIME_HELP = "an ISO 8601 time with its time zone ('2030-05-01T18:00:00Z', '2030-05-01T20:00+02:00')"
+
+
+def parse_duration_or_time(value: object, field: str) -> "float | dt.datetime":
+    """A duration (seconds, as ``parse_duration``) or an ISO 8601 time with its time zone (an
+    aware datetime; a ``datetime`` is taken as it is). A time without a time zone is an
+    error that names ``field``: raybatch never guesses a zone (the server's local time is
+    not the user's). ValueError, naming ``field``, for anything else."""
+    if isinstance(value, dt.datetime):
+        when = value
+        text = value.isoformat()
+    else:
+        if isinstance(value, dt.date):
+            value = value.isoformat()
+        try:
+            return parse_duration(value)
+        except ValueError:
+            pass
+        text = str(value).strip()
+        try:
+            when = dt.datetime.fromisoformat(text)
+        except ValueError:
+            raise ValueError(f"{field}: '{text}' is neither a time nor a duration ({TIME_HELP}; or a duration: "
+                             f"{DURATION_HELP})") from None
+    if when.tzinfo is None:
+        raise ValueError(f"{field}: '{text}' has no time zone: add one (Z, +02:00), or give a duration such "
+                         "as '6h'")
+    return when
 
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)

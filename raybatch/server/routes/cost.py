@@ -8,23 +8,16 @@ machine, written by ``raybatch cluster prices``); the client multiplies."""
 
 from __future__ import annotations
 
-import enum
 import time
 from typing import TYPE_CHECKING, Optional
 
 from fastapi import APIRouter, HTTPException, Query
 
 from raybatch.scheduler import cost
-from raybatch.scheduler.cost import CostReport
+from raybatch.scheduler.cost import CostReport, GroupBy
 
 if TYPE_CHECKING:
     from raybatch.server.app import ServerContext
-
-
-class GroupBy(str, enum.Enum):
-    type = "type"
-    experiment = "experiment"
-    job = "job"
 
 
 def router(ctx: ServerContext) -> APIRouter:
