@@ -14,6 +14,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from raybatch.cli import render
+from raybatch.cli.session import call as _call
+from raybatch.cli.session import client as _client
+from raybatch.cli.session import fail as _fail
 from raybatch.scheduler.cost import NO_JOB, CostGroup, CostReport, GroupBy
 from raybatch.spec.units import parse_duration_or_time
 
@@ -111,7 +114,6 @@ def cost(
     type, experiment or job; money when a prices file exists (`raybatch cluster prices`).
     Definitions: docs/azure.md, "Cost"."""
     from raybatch import config  # noqa: PLC0415
-    from raybatch.cli.main import _call, _client, _fail  # noqa: PLC0415
     from raybatch.scheduler.cost import PRICES_FILE, PricesError, load_prices  # noqa: PLC0415
     from raybatch.scheduler.cost import price as price_report  # noqa: PLC0415
 

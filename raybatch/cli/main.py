@@ -24,6 +24,10 @@ from rich.text import Text
 
 from raybatch.cli import render
 from raybatch.cli.render import Output, OutputOpt
+from raybatch.cli.session import OPTS
+from raybatch.cli.session import call as _call
+from raybatch.cli.session import client as _client
+from raybatch.cli.session import fail as _fail
 from raybatch.client import Client, RaybatchError, exit_code_for
 from raybatch.runtime.protocol import Phase
 from raybatch.sweep import split_trial_id
@@ -39,14 +43,6 @@ app = typer.Typer(
 class Stream(str, enum.Enum):
     stdout = "stdout"
     stderr = "stderr"
-
-
-class _Opts:
-    address: Optional[str] = None
-    token: Optional[str] = None
-
-
-OPTS = _Opts()
 
 
 @app.callback()
@@ -69,27 +65,6 @@ def main(
         except ClusterError as e:
             _fail(str(e))
         OPTS.token = token or cluster_token
-
-
-def _client(auto_start: bool = False) -> Client:
-    try:
-        return Client(OPTS.address, OPTS.token, auto_start=auto_start)
-    except RaybatchError as e:
-        _fail(str(e))
-    except Exception as e:  # noqa: BLE001 - starting the local default can fail many ways
-        _fail(f"could not start the local raybatch: {e}")
-
-
-def _fail(message: str, code: int = 1) -> None:
-    render.err_console.print(f"[red]error:[/] {message}", highlight=False)
-    raise typer.Exit(code)
-
-
-def _call(fn, *args, **kwargs):
-    try:
-        return fn(*args, **kwargs)
-    except RaybatchError as e:
-        _fail(str(e))
 
 
 MountRootOpt = typer.Option(

@@ -1,0 +1,43 @@
+"""What every command that talks to a server shares: the server the global options chose
+(``--address``/``--token``/``--cluster``, set by the app's callback), a client for it, and
+one way to fail (a red ``error:`` line and an exit code)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from raybatch.cli import render
+from raybatch.client import Client, RaybatchError
+
+
+class _Opts:
+    address: Optional[str] = None
+    token: Optional[str] = None
+
+
+OPTS = _Opts()
+
+
+def client(auto_start: bool = False) -> Client:
+    """A client of the chosen server (``auto_start``: start the local default if needed)."""
+    try:
+        return Client(OPTS.address, OPTS.token, auto_start=auto_start)
+    except RaybatchError as e:
+        fail(str(e))
+    except Exception as e:  # noqa: BLE001 - starting the local default can fail many ways
+        fail(f"could not start the local raybatch: {e}")
+
+
+def fail(message: str, code: int = 1) -> None:
+    render.err_console.print(f"[red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def call(fn, *args, **kwargs):
+    """``fn(...)``; a server's refusal becomes an ``error:`` line and exit 1."""
+    try:
+        return fn(*args, **kwargs)
+    except RaybatchError as e:
+        fail(str(e))
