@@ -26,11 +26,11 @@ from raybatch.models import (
     FileEntry, ItemInfo, JobDetail, JobSummary, LogChunk, MetricEvent, QueueEntry, SchedulerInfo, SubmitRequest,
     TrialInfo,
 )
-from raybatch.runtime.code import package_code
+from raybatch.runtime.code import package_code, package_input
 from raybatch.scheduler.cost import CostReport, Prices, load_prices
 from raybatch.scheduler.cost import price as price_report
 from raybatch.spec.job import JobSpec
-from raybatch.spec.loader import apply_overrides, load_job_file, parse_job
+from raybatch.spec.loader import apply_overrides, load_job_file, parse_job, upload_problem
 from raybatch.state.states import JobState
 from raybatch.sweep import split_trial_id
 
@@ -130,14 +130,38 @@ class Client:
         sha = None
         if spec.code:
             sha, data = package_code(spec.code)
-            try:
-                self._request("GET", f"/code/{sha}")
-            except RaybatchError as e:
-                if e.status_code != 404:
-                    raise
-                self._request("PUT", f"/code/{sha}", content=data,
-                              headers={"Content-Type": "application/zip"})
+            self._upload("code", sha, data)
+        self._upload_inputs(spec)
         return SubmitRequest(spec=spec, code_package=sha)
+
+    def _upload(self, kind: str, sha: str, data: bytes) -> None:
+        """PUT /code/{sha} or /inputs/{sha}, unless the server has that content already."""
+        try:
+            self._request("GET", f"/{kind}/{sha}")
+        except RaybatchError as e:
+            if e.status_code != 404:
+                raise
+            self._request("PUT", f"/{kind}/{sha}", content=data, headers={"Content-Type": "application/zip"})
+
+    def _upload_inputs(self, spec: JobSpec) -> None:
+        """Each ``mode: upload`` input (a file or folder here, Azure ML's local input) as a
+        zip the server keeps by its sha256 (the same content is sent once); the spec then
+        names it in ``package``."""
+        for ident, inp in spec.inputs.items():
+            if inp.mode != "upload":
+                continue
+            try:
+                problem = upload_problem(Path(inp.path), config.max_upload_input_bytes())
+                if problem:
+                    raise ValueError(problem)
+                sha, data, file_name = package_input(inp.path)
+            except (ValueError, OSError) as e:
+                raise RaybatchError(f"inputs.{ident}.path: '{inp.path}' {e}") from None
+            try:
+                self._upload("inputs", sha, data)
+            except RaybatchError as e:
+                raise RaybatchError(f"inputs.{ident}: uploading '{inp.path}': {e}", e.status_code) from None
+            inp.package = f"{sha}/{file_name}" if file_name else sha
 
     def list(self, state: Optional[Iterable[str]] = None, experiment: Optional[str] = None,
              limit: int = 200) -> list[JobSummary]:

@@ -29,6 +29,25 @@ def default_cache_dir() -> str:
     return os.environ.get("RAYBATCH_CACHE_DIR") or str(Path.home() / ".cache" / "raybatch")
 
 
+MAX_UPLOAD_INPUT_BYTES = 200 * 2**20   # one input uploaded with the job (`mode: upload`), unpacked
+ENV_MAX_UPLOAD_INPUT_MB = "RAYBATCH_MAX_UPLOAD_INPUT_MB"
+
+
+def max_upload_input_bytes() -> int:
+    """The most bytes one input uploaded with a job may hold: ``$RAYBATCH_MAX_UPLOAD_INPUT_MB``
+    MiB, else 200 MiB. The client checks it before uploading, the server on upload."""
+    raw = os.environ.get(ENV_MAX_UPLOAD_INPUT_MB, "").strip()
+    if not raw:
+        return MAX_UPLOAD_INPUT_BYTES
+    try:
+        mib = float(raw)
+    except ValueError:
+        raise ValueError(f"{ENV_MAX_UPLOAD_INPUT_MB}: '{raw}' is not a number of MiB") from None
+    if not mib > 0:
+        raise ValueError(f"{ENV_MAX_UPLOAD_INPUT_MB}: must be > 0 (got {raw})")
+    return int(mib * 2**20)
+
+
 @dataclass(frozen=True)
 class ServerSettings:
     """The server's tunables, read once from its environment (``RAYBATCH_*``) and handed

@@ -67,7 +67,7 @@ def test_batchai_problems_are_all_reported_with_their_fields():
     with pytest.raises(ConversionError) as err:
         convert(doc)
     text = "\n".join(err.value.problems)
-    assert "properties.caffeSettings: no wheel exists for modern Python" in text
+    assert "caffeSettings" not in text  # Caffe with an image runs in it (framework mpi)
     assert "properties.secrets: job secrets are not supported yet" in text
     assert "properties.containerSettings.imageSourceRegistry.credentials: registry credentials" in text
     assert "properties.inputDirectories[0].path: '$AZ_BATCHAI_MOUNT_ROOT/d' is under a Batch AI mount" in text
@@ -85,7 +85,8 @@ def test_batchai_problems_are_all_reported_with_their_fields():
     ({"horovodSettings": {"commandLineArgs": "x"}}, "horovodSettings.pythonScriptFilePath: required"),
     ({"pyTorchSettings": PYTORCH, "containerSettings": {"imageSourceRegistry": {}}},
      "containerSettings.imageSourceRegistry.image: required"),
-    ({"cntkSettings": {"pythonScriptFilePath": "x"}}, "no wheel exists for modern Python"),
+    ({"cntkSettings": {"pythonScriptFilePath": "x"}}, "cntkSettings: CNTK has no wheel for today's Python: give "
+     "the image it runs in (containerSettings.imageSourceRegistry.image"),
     ({"nodeCount": 0, "pyTorchSettings": PYTORCH}, "nodeCount: must be an integer >= 1"),
 ])
 def test_batchai_rejections(props, problem):
@@ -169,7 +170,7 @@ def test_cli_convert_and_submit_errors(tmp_path):
     p = subprocess.run([RAYBATCH, "submit", str(bad)], capture_output=True, text=True,
                        env={"RAYBATCH_ADDRESS": "http://127.0.0.1:9", "RAYBATCH_TOKEN": "x", "PATH": "/usr/bin"})
     assert p.returncode == 2, p.stdout + p.stderr
-    assert "invalid Batch AI job file" in p.stderr and "caffe2Settings: no wheel exists" in p.stderr
+    assert "invalid Batch AI job file" in p.stderr and "caffe2Settings: Caffe2 has no wheel" in p.stderr
 
 
 def test_batchai_mpi_horovod_custom_and_container_toolkits():
@@ -230,9 +231,8 @@ def test_batchai_tensorflow_all_reduce_and_parameter_servers():
 
 
 @pytest.mark.parametrize("settings, problem", [
-    ({"workerCount": 3, "parameterServerCount": 0}, "tensorFlowSettings.workerCount: workerCount (3) + "
-     "parameterServerCount (0) = 3 processes cannot be laid out evenly on nodeCount (2) nodes"),
-    ({}, "workerCount (2) + parameterServerCount (1) = 3 processes"),
+    ({"workerCount": 1, "parameterServerCount": 0}, "tensorFlowSettings.workerCount: workerCount (1) + "
+     "parameterServerCount (0) = 1 processes leave some of nodeCount (2) nodes without a process"),
     ({"workerCount": 1, "parameterServerCount": 1}, "tensorFlowSettings.workerCount: with parameterServerCount 1, "
      "at least 2 workers are needed"),
     ({"workerCount": 0}, "tensorFlowSettings.workerCount: must be an integer >= 1"),
@@ -294,3 +294,144 @@ def test_batchai_chainer_mount_path_needs_mount_root():
     with pytest.raises(ConversionError, match=re.escape("chainerSettings.pythonScriptFilePath: "
                                                         "'$AZ_BATCHAI_JOB_MOUNT_ROOT/chainer/train.py' is under")):
         convert(batchai(chainerSettings=CHAINER))
+
+
+# ---- Microsoft's published recipes' patterns (tests/fixtures/batchai; issue 21) ------------
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "batchai"
+
+
+def fixture(name, mount_root="/mnt/rb", **kw):
+    return load_job_document(FIXTURES / name, mount_root=mount_root, **kw)
+
+
+def test_cntk_brainscript_with_an_image_runs_cntk_under_mpirun():
+    spec, notes = fixture("cntk-brainscript.json")
+    assert (spec.framework, spec.nodes, spec.processes_per_node) == ("mpi", 2, 1)
+    assert spec.image == "example/cntk:2.1-gpu-python3.5"
+    assert spec.command == ('cntk configFile="$AZ_BATCHAI_INPUT_CONFIG/ConvNet.cntk" rootDir=. '
+                            "dataDir=$AZ_BATCHAI_INPUT_DATASET outputDir=$AZ_BATCHAI_OUTPUT_MODEL parallelTrain=true")
+    assert {k: v.path for k, v in spec.inputs.items()} == {"DATASET": "/mnt/rb/data", "CONFIG": "/mnt/rb/scripts"}
+    assert spec.output_root == "/mnt/rb/logs"
+    assert any("cntkSettings: runs in image example/cntk:2.1-gpu-python3.5 as framework mpi" in n and "BrainScript" in n
+               for n in notes)
+
+
+def test_cntk_python_under_mpirun_with_job_temp_arguments():
+    spec, notes = fixture("cntk-python-mpi.json")
+    assert (spec.framework, spec.nodes, spec.processes_per_node) == ("mpi", 2, 2)
+    assert spec.command == "python /mnt/rb/scripts/standin.py --tag cntk --datadir $AZ_BATCHAI_JOB_TEMP"
+    assert spec.prepare == "echo prepared > $AZ_BATCHAI_JOB_TEMP/prepared.txt"
+    assert spec.environment == {"AZ_BATCHAI_MOUNT_ROOT": "/mnt/rb", "AZ_BATCHAI_JOB_MOUNT_ROOT": "/mnt/rb"}
+    assert spec.image and spec.output_root == "/mnt/rb/logs"
+    assert any("azureFileShares[1]" in n and "read at /mnt/rb/scripts" in n and "node-setup" in n for n in notes)
+
+
+def test_caffe2_with_an_image_runs_its_script_on_every_node():
+    spec, notes = fixture("caffe2-image.json")
+    assert (spec.framework, spec.nodes, spec.processes_per_node, spec.custom) == ("custom", 2, 1, None)
+    assert spec.image == "example/caffe2"
+    assert spec.command == ("python /mnt/rb/scripts/standin.py --tag caffe2 --num-shards 2 --shard-id "
+                            "$AZ_BATCHAI_TASK_INDEX --file-store $AZ_BATCHAI_SHARED_JOB_TEMP")
+
+
+def test_job_temp_script_path_is_resolved_on_the_node():
+    spec, _ = fixture("jobtemp-script.json")
+    assert (spec.framework, spec.processes_per_node) == ("horovod", 1)
+    assert spec.command == 'python "$AZ_BATCHAI_JOB_TEMP/benchmarks/standin.py" --tag bench'
+    assert spec.prepare.startswith("mkdir -p $AZ_BATCHAI_JOB_TEMP/benchmarks && cp $AZ_BATCHAI_JOB_MOUNT_ROOT/")
+    assert spec.code is None  # not a relative path: nothing shipped
+
+
+def test_uneven_parameter_server_layout_as_batch_ai_placed_it():
+    from raybatch.frameworks.tensorflow import TensorFlowFramework, cluster_of, task_of
+
+    spec, notes = fixture("tf-uneven-ps.json")
+    assert (spec.framework, spec.nodes, spec.processes_per_node) == ("tensorflow", 2, 2)
+    assert (spec.tensorflow.parameter_servers, spec.tensorflow.workers) == (1, 2)
+    assert [task_of(spec, r) for r in range(4)] == [("chief", 0), ("ps", 0), ("worker", 0), ("idle", -1)]
+    assert cluster_of(spec, ["a:1", "a:2", "b:1", "b:2"]) == {"chief": ["a:1"], "ps": ["a:2"], "worker": ["b:1"]}
+    fw = TensorFlowFramework()
+    assert fw.role(spec, 3) == "idle" and fw.ends_with_rank0(spec)
+    assert any("3 processes on 2 nodes: 2 slots per node, the last 1 idle" in n for n in notes)
+    assert spec.tensorflow.parameter_server_command.endswith("--tag ps --task_index=$AZ_BATCHAI_TASK_INDEX")
+
+
+def test_job_mount_volumes_blob_is_the_jobs_storage_and_shares_are_node_mounts(monkeypatch):
+    monkeypatch.setenv("AZURE_BATCHAI_STORAGE_ACCOUNT", "mystorage")
+    spec, notes = fixture("mount-volumes.json")
+    blob = "az://data@mystorage"
+    assert spec.output_root == "abfs://data@mystorage.dfs.core.windows.net/logs"
+    assert {k: (v.path, v.mode) for k, v in spec.inputs.items()} == {
+        "SCRIPT": ("/mnt/rb/scripts", "direct"),
+        "MODEL": ("abfs://data@mystorage.dfs.core.windows.net/models", "download"),
+        "mount_data": ("abfs://data@mystorage.dfs.core.windows.net", "download")}
+    from raybatch.spec.location import parse
+
+    assert parse(spec.inputs["mount_data"].path).uri == blob
+    assert spec.command == ("python -u $AZ_BATCHAI_INPUT_SCRIPT/standin.py --tag score --datadir "
+                            "${AZ_BATCHAI_INPUT_mount_data}/images --model $AZ_BATCHAI_INPUT_MODEL/model.ckpt")
+    assert any("azureBlobFileSystems[0] (mystorage/data)" in n and "input cache" in n for n in notes)
+    assert any("azureFileShares[0]" in n and "/mnt/rb/scripts" in n for n in notes)
+
+
+@pytest.mark.parametrize("props, mount_root, problem", [
+    ({"mountVolumes": {"azureFileShares": [{"azureFileUrl": "https://a.file.core.windows.net/s",
+                                            "relativeMountPath": "s"}]}}, None,
+     "properties.mountVolumes.azureFileShares[0] (https://a.file.core.windows.net/s): raybatch does not mount "
+     "an Azure Files share per job; mount it on every node with `raybatch node-setup`"),
+    ({"mountVolumes": {"azureBlobFileSystems": [{"accountName": "<AZURE_BATCHAI_STORAGE_ACCOUNT>",
+                                                 "containerName": "data", "relativeMountPath": "data"}]}}, "/m",
+     "properties.mountVolumes.azureBlobFileSystems[0]: '<AZURE_BATCHAI_STORAGE_ACCOUNT>'/'data' is a placeholder"),
+    ({"mountVolumes": {"azureBlobFileSystems": [{"accountName": "acct", "containerName": "data",
+                                                 "relativeMountPath": "data",
+                                                 "credentials": {"accountKey": "k"}}]}}, "/m",
+     "properties.mountVolumes.azureBlobFileSystems[0].credentials: account keys are not taken from job files"),
+    ({"mountVolumes": {"azureBlobFileSystems": [{"accountName": "acct", "relativeMountPath": "data"}]}}, "/m",
+     "properties.mountVolumes.azureBlobFileSystems[0].containerName: required"),
+    ({"customMpiSettings": {"commandLine": "python $AZ_BATCHAI_JOB_MOUNT_ROOT/s/x.py"}}, None,
+     "properties.customMpiSettings.commandLine: 'python $AZ_BATCHAI_JOB_MOUNT_ROOT/s/x.py' is under a Batch AI "
+     "mount (AZ_BATCHAI_JOB_MOUNT_ROOT); give --mount-root DIR"),
+    ({"caffe2Settings": {"pythonScriptFilePath": "/s/x.py"}, "customMpiSettings": None}, None,
+     "properties.caffe2Settings: Caffe2 has no wheel for today's Python: give the image it runs in"),
+    ({"cntkSettings": {"configFilePath": "/c.cntk", "pythonScriptFilePath": "/x.py"}, "customMpiSettings": None,
+      "containerSettings": {"imageSourceRegistry": {"image": "i"}}}, None,
+     "properties.cntkSettings: give configFilePath or pythonScriptFilePath, not both"),
+    ({"cntkSettings": {"configFilePath": "/c.cntk", "languageType": "Python"}, "customMpiSettings": None,
+      "containerSettings": {"imageSourceRegistry": {"image": "i"}}}, None,
+     "properties.cntkSettings.languageType: 'Python' does not match the settings given (configFilePath)"),
+    ({"inputDirectories": [{"id": "X", "path": "$AZ_BATCHAI_JOB_TEMP/x"}]}, None,
+     "properties.inputDirectories[0].path: '$AZ_BATCHAI_JOB_TEMP/x': variables other than the mount roots"),
+])
+def test_what_cannot_be_honoured_names_its_field(props, mount_root, problem, monkeypatch):
+    monkeypatch.delenv("AZURE_BATCHAI_STORAGE_ACCOUNT", raising=False)
+    doc = batchai(customMpiSettings={"commandLine": "true"})
+    doc["properties"].update(props)
+    doc["properties"] = {k: v for k, v in doc["properties"].items() if v is not None}
+    with pytest.raises(ConversionError) as err:
+        convert(doc, mount_root=mount_root)
+    assert any(problem in p for p in err.value.problems), err.value.problems
+
+
+def test_relative_script_ships_the_job_files_directory(tmp_path):
+    spec, notes = load_job_document(FIXTURES / "relative" / "job.json")
+    assert spec.code == str((FIXTURES / "relative").resolve())
+    assert spec.command == "python train.py --steps 3" and spec.framework == "pytorch"
+    assert any("pyTorchSettings.pythonScriptFilePath: 'train.py' is relative: the job file's directory is shipped"
+               in n for n in notes)
+    job, _ = convert(batchai(pyTorchSettings={"pythonScriptFilePath": "src/train.py"}))
+    assert job["code"] == "." and job["command"] == "python src/train.py"
+    # an absolute or job-time path ships nothing
+    assert "code" not in convert(batchai(pyTorchSettings={"pythonScriptFilePath": "/c/t.py"}))[0]
+    assert "code" not in convert(batchai(pyTorchSettings={"pythonScriptFilePath": "$AZ_BATCHAI_JOB_TEMP/t.py"}))[0]
+
+
+def test_tensorflow_workers_must_fill_the_nodes():
+    from raybatch.spec.loader import parse_job
+
+    base = {"name": "t", "framework": "tensorflow", "nodes": 2, "processes_per_node": 2, "command": "x"}
+    assert parse_job({**base, "tensorflow": {"parameter_servers": 1, "workers": 2}}).tensorflow.workers == 2
+    for tf, problem in (({"parameter_servers": 0, "workers": 2}, "2 ranks must fill the job's nodes"),
+                        ({"parameter_servers": 1, "workers": 4}, "5 ranks must fill"),
+                        ({"parameter_servers": 2, "workers": 1}, "parameter server(s) need at least")):
+        with pytest.raises(SpecError, match=re.escape(problem)):
+            parse_job({**base, "tensorflow": tf})

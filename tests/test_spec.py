@@ -178,7 +178,7 @@ def test_unknown_top_level_field_lists_the_allowed_ones():
     ({"retries": {"infra": 1}}, "retries.infra: unknown field; allowed: evictions, infrastructure, user, user_exit_codes"),
     ({"placement": {"strat": "pack"}}, "placement.strat: unknown field; allowed: strategy"),
     ({"inputs": {"data": {"path": "/d", "bogus": 1}}},
-     "inputs.data.bogus: unknown field; allowed: mode, path"),
+     "inputs.data.bogus: unknown field; allowed: mode, package, path"),
     ({"outputs": {"model": {"dir": "/o"}}}, "outputs.model.dir: unknown field; allowed: path"),
 ])
 def test_unknown_nested_field_names_its_path_and_the_allowed_ones(data, expected):
@@ -187,7 +187,7 @@ def test_unknown_nested_field_names_its_path_and_the_allowed_ones(data, expected
 
 def test_unknown_field_under_an_id_starting_with_int_keeps_the_id():
     assert one_problem(job(inputs={"interim": {"path": "/d", "bogus": 1}})) == (
-        "inputs.interim.bogus: unknown field; allowed: mode, path")
+        "inputs.interim.bogus: unknown field; allowed: mode, package, path")
 
 
 # ---- types and values -----------------------------------------------------------

@@ -120,3 +120,22 @@ def test_recipe_job_files():
     s = load_job_file(RECIPES / "tensorflow-digits-ps" / "job.yaml")
     assert (s.framework, s.nodes, s.processes_per_node, s.tensorflow.parameter_servers) == ("tensorflow", 2, 2, 1)
     assert [TF.role(s, r) for r in range(s.world_size)] == ["chief", "ps", "worker", "worker"]
+
+
+def test_uneven_layout_leaves_the_last_slots_idle():
+    """Batch AI's 1 ps + 2 workers on 2 nodes: chief and ps on node 0, the worker and an
+    idle slot on node 1; the idle rank runs nothing and is not in TF_CONFIG."""
+    s = spec(processes_per_node=2, tensorflow={"parameter_servers": 1, "workers": 2, "worker_command": "w"})
+    fw = TF
+    assert [fw.role(s, r) for r in range(4)] == ["chief", "ps", "worker", "idle"]
+    assert fw.command(s, ctx(3, ppn=2)) is None and fw.environment(s, ctx(3, ppn=2)) == {}
+    assert fw.command(s, ctx(2, ppn=2)) == ["/bin/bash", "-c", "w"]
+    env = fw.environment(s, ctx(2, ppn=2))
+    config = json.loads(env["TF_CONFIG"])
+    assert config["task"] == {"type": "worker", "index": 0}
+    assert {k: len(v) for k, v in config["cluster"].items()} == {"chief": 1, "ps": 1, "worker": 1}
+    assert env["AZ_BATCHAI_TASK_INDEX"] == "1" and len(env["AZ_BATCHAI_WORKER_HOSTS"].split(",")) == 2
+    # all-reduce with an odd worker count: the idle rank does not hold the job open
+    s = spec(processes_per_node=2, tensorflow={"parameter_servers": 0, "workers": 3})
+    assert [fw.role(s, r) for r in range(4)] == ["worker", "worker", "worker", "idle"]
+    assert not fw.ends_with_rank0(s)

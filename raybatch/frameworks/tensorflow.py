@@ -21,7 +21,13 @@ Batch AI's variables: AZ_BATCHAI_PS_HOSTS and AZ_BATCHAI_WORKER_HOSTS (comma-sep
 host:port) and AZ_BATCHAI_TASK_INDEX. Batch AI had two task kinds: its master was
 worker 0, so the chief is listed first in AZ_BATCHAI_WORKER_HOSTS with task index 0 and
 worker i has task index i + 1; a parameter server's task index is its index among them.
-RAYBATCH_TF_ROLE and RAYBATCH_TF_TASK_INDEX are TF_CONFIG's task type and index."""
+RAYBATCH_TF_ROLE and RAYBATCH_TF_TASK_INDEX are TF_CONFIG's task type and index.
+
+Uneven layouts (``tensorflow.workers``, Batch AI's workerCount): every node has
+processes_per_node slots and the ranks after the chief, the parameter servers and the
+workers are ``idle``: they hold their share of the node and run nothing, and TF_CONFIG
+leaves them out (1 ps + 2 workers on 2 nodes: chief and ps on node 0, the worker on
+node 1, as Batch AI placed them)."""
 
 from __future__ import annotations
 
@@ -36,9 +42,18 @@ def parameter_servers(spec: JobSpec) -> int:
     return spec.tensorflow.parameter_servers if spec.tensorflow else 0
 
 
+def active_ranks(spec: JobSpec) -> int:
+    """The ranks that run something: the chief, the parameter servers and the workers."""
+    tf = spec.tensorflow
+    return spec.world_size if tf is None or tf.workers is None else tf.parameter_servers + tf.workers
+
+
 def task_of(spec: JobSpec, rank: int) -> tuple[str, int]:
-    """(TF_CONFIG task type, index within that type) of a rank."""
+    """(TF_CONFIG task type, index within that type) of a rank; ("idle", -1) for a rank
+    of an uneven layout's unused slots."""
     p = parameter_servers(spec)
+    if rank >= active_ranks(spec):
+        return "idle", -1
     if not p:
         return "worker", rank
     if rank == 0:
@@ -51,6 +66,7 @@ def task_of(spec: JobSpec, rank: int) -> tuple[str, int]:
 def cluster_of(spec: JobSpec, peers: list[str]) -> dict[str, list[str]]:
     """TF_CONFIG's cluster: job name -> the tasks' host:port, in task index order."""
     p = parameter_servers(spec)
+    peers = peers[:active_ranks(spec)]
     if not p:
         return {"worker": list(peers)}
     return {"chief": peers[:1], "ps": peers[1:1 + p], "worker": peers[1 + p:]}
@@ -72,6 +88,8 @@ class TensorFlowFramework(Framework):
 
     def command(self, spec: JobSpec, ctx: RankContext) -> Optional[list[str]]:
         role = task_of(spec, ctx.rank)[0]
+        if role == "idle":
+            return None  # holds its share of the node
         tf = spec.tensorflow
         line = spec.command
         if ctx.rank != 0 and tf is not None:
@@ -82,6 +100,8 @@ class TensorFlowFramework(Framework):
         return ["/bin/bash", "-c", line]
 
     def environment(self, spec: JobSpec, ctx: RankContext) -> dict[str, str]:
+        if task_of(spec, ctx.rank)[0] == "idle":
+            return {}
         config = tf_config(spec, ctx)
         task_type, index = config["task"]["type"], config["task"]["index"]
         cluster = config["cluster"]

@@ -26,6 +26,8 @@ import zipfile
 from pathlib import Path
 from typing import Callable, Optional
 
+from raybatch.spec.loader import upload_files
+
 MAX_CODE_BYTES = 500 * 2**20  # unpacked, like Ray's working_dir limit
 KEEP_PACKAGES = 32            # a node keeps at least this many of its newest packages ...
 KEEP_SECONDS = 24 * 3600      # ... and every package used within this time
@@ -37,22 +39,38 @@ _SKIP_DIRS = {".git", "__pycache__", ".venv", "node_modules", ".mypy_cache", ".p
 def package_code(directory: str | Path) -> tuple[str, bytes]:
     """A deterministic zip of ``directory`` (same content -> same sha256)."""
     root = Path(directory)
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS)
+        files += [(str(Path(dirpath, n).relative_to(root)), Path(dirpath, n))
+                  for n in sorted(filenames) if not n.endswith(".pyc")]
+    return _zip(files)
+
+
+def _zip(files: list[tuple[str, Path]]) -> tuple[str, bytes]:
+    """(sha256, bytes) of a zip of these (name, file) pairs, in order: no time stamps, so
+    the same content always makes the same bytes; the permission bits are kept."""
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
-        for dirpath, dirnames, filenames in os.walk(root):
-            dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS)
-            for name in sorted(filenames):
-                if name.endswith(".pyc"):
-                    continue
-                path = Path(dirpath) / name
-                if not path.is_file():
-                    continue
-                info = zipfile.ZipInfo(str(path.relative_to(root)), date_time=(1980, 1, 1, 0, 0, 0))
-                info.external_attr = (path.stat().st_mode & 0o777) << 16
-                info.compress_type = zipfile.ZIP_DEFLATED
-                zf.writestr(info, path.read_bytes())
+        for name, path in files:
+            if not path.is_file():
+                continue
+            info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+            info.external_attr = (path.stat().st_mode & 0o777) << 16
+            info.compress_type = zipfile.ZIP_DEFLATED
+            zf.writestr(info, path.read_bytes())
     data = buf.getvalue()
     return hashlib.sha256(data).hexdigest(), data
+
+
+def package_input(path: str | Path) -> tuple[str, bytes, Optional[str]]:
+    """A file or folder to upload with the job (an input's ``mode: upload``) as a
+    deterministic zip: (sha256, zip, the file's name when ``path`` is one file, else None).
+    A folder's files keep their paths below it; none is skipped (it is data). Check its
+    size first: ``raybatch.spec.loader.upload_problem``."""
+    p = Path(path)
+    sha, data = _zip(upload_files(p))
+    return sha, data, (p.name if p.is_file() else None)
 
 
 class CodePackageError(ValueError):

@@ -112,7 +112,7 @@ def plan_ranks(spec: JobSpec, framework: Framework, storage: AttemptStorage, dir
                    for i, a in st.outputs.items()}
         inputs = {}
         for i, a in st.inputs.items():
-            if st.input_modes.get(i) == "download":
+            if st.input_modes.get(i) in ("download", "upload"):
                 inputs[i] = staged_inputs[node_rank][i]
             else:  # direct: the path, or the blob's URL for the script's own credential
                 inputs[i] = a.path if a.kind == "local" else f"{a.endpoint}/{a.container}/{a.path}".rstrip("/")

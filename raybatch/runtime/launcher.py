@@ -71,7 +71,8 @@ class RayJobLauncher:
         ctl = ControlDir.of(self.state_dir, job["id"], attempt)
         ctl.status.unlink(missing_ok=True)
         try:
-            storage = resolve_attempt(spec, job["job_dir"], self.datastores(), resume_dir)
+            storage = resolve_attempt(spec, job["job_dir"], self.datastores(), resume_dir,
+                                      lambda sha: package_zip(self.code_root, sha))
         except (CredentialError, LocationError) as e:
             raise AttemptSetupError(f"storage: {e}") from None
         sha = job.get("code_package")

@@ -190,10 +190,12 @@ class RankActor:
         return pid
 
     # ---- storage: runs on this rank's node ------------------------------------------------
-    def prepare(self, storage: dict, cache_dir: str, checkpoint_dir: Optional[str]) -> dict:
-        """Stage this node's ``download`` inputs through the node's cache and, when the
-        checkpoints are in blob storage, restore them into ``checkpoint_dir``. Returns
-        each input's local path and what was moved."""
+    def prepare(self, storage: dict, cache_dir: str, checkpoint_dir: Optional[str],
+                uploads: Optional[dict] = None) -> dict:
+        """Stage this node's ``download`` and ``upload`` inputs through the node's cache
+        and, when the checkpoints are in blob storage, restore them into ``checkpoint_dir``.
+        ``uploads``: input id -> a list holding the object reference of its zip, read only
+        when the node's cache lacks it. Returns each input's local path and what was moved."""
         plan = AttemptStorage.from_dict(storage)
         cache = InputCache(cache_dir)
         done: dict[str, int] = {}
@@ -207,9 +209,17 @@ class RankActor:
 
         out: dict = {"inputs": {}, "staged": {}, "checkpoint_files": 0}
         for ident, access in plan.inputs.items():
-            if plan.input_modes.get(ident) != "download":
+            mode = plan.input_modes.get(ident)
+            if mode == "upload":
+                box = (uploads or {}).get(ident)
+                res = cache.stage_upload(access.uri, (lambda b=box: ray.get(b[0])) if box else None,
+                                         progress(f"in:{ident}"))
+                if res is None:
+                    raise RuntimeError(f"input '{ident}': this node lacks the uploaded input and none was sent")
+            elif mode == "download":
+                res = cache.stage(open_backend(access), progress(f"in:{ident}"))
+            else:
                 continue
-            res = cache.stage(open_backend(access), progress(f"in:{ident}"))
             out["inputs"][ident] = res.path
             out["staged"][ident] = {"files": res.files, "bytes": res.bytes_total,
                                     "downloaded": res.bytes_downloaded, "seconds": round(res.seconds, 3)}

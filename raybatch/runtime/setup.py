@@ -3,7 +3,8 @@
 1. ``check_storage``: every location reachable (inputs read, the rest written), before
    anything is reserved: a bad location fails in seconds, not a gang's worth of time;
 2. ``build_environment``: the job's ``packages``/``image`` built by Ray on every node;
-3. ``stage_inputs``: ``download`` inputs and blob checkpoints on every node (phase STAGING);
+3. ``stage_inputs``: ``download`` and ``upload`` inputs and blob checkpoints on every node
+   (phase STAGING);
 4. ``ship_code``: the job's code package in every node's cache;
 5. ``run_prepare``: the job's ``prepare`` command once per node (phase PREPARING);
 6. ``start_mpi_agent``: for mpirun frameworks, rank 0's agent server.
@@ -61,6 +62,11 @@ def check_storage(storage: AttemptStorage, timeout_s: float, stopped: Stopped, l
             checks.append((name, access, True))
     seen: set[tuple] = set()
     for name, access, write in checks:
+        if access.kind == "upload":  # uploaded with the job: the zip the driver sends from here
+            if not Path(access.path).is_file():
+                return _failed(f"{name}: the input uploaded with the job ({access.uri}) is not in the server's "
+                               f"store ({access.path}); submit the job again")
+            continue
         if access.kind == "local" and not write:
             if not Path(access.path).exists():
                 return _failed(f"{name}: path {access.path} does not exist on the head node")
@@ -163,13 +169,22 @@ def stage_inputs(gang: Gang, storage: AttemptStorage, dirs: AttemptDirs, cache_d
     path, or why it failed (STORAGE_UNAVAILABLE when a blip outlasted the retries).
     ``checkpoints=False``: a slot's gang, which restores each unit's own before it runs."""
     st = storage
-    downloads = [i for i, m in st.input_modes.items() if m == "download"]
+    downloads = [i for i, m in st.input_modes.items() if m in ("download", "upload")]
     restore = checkpoints and st.checkpoints.kind != "local"
     if not downloads and not restore:
         return {}
     firsts = gang.first_actors()
+    uploads = {}  # inputs uploaded with the job: their zips, read by the nodes that lack them
+    for ident in downloads:
+        access = st.inputs[ident]
+        if st.input_modes[ident] == "upload":
+            try:
+                uploads[ident] = [ray.put(Path(access.path).read_bytes())]
+            except OSError as e:
+                return _failed(f"input '{ident}': the input uploaded with the job cannot be read on the "
+                               f"driver's node: {e}")
     refs = {a.prepare.remote(st.to_dict(secrets=True), cache_dir,
-                             str(dirs.node_mirror(k) / "checkpoints") if restore else None): k
+                             str(dirs.node_mirror(k) / "checkpoints") if restore else None, uploads): k
             for k, a in firsts.items()}
     log(f"staging {len(downloads)} input(s){' and checkpoints' if restore else ''} on {len(firsts)} node(s)")
     staged: dict[int, dict[str, str]] = {}

@@ -6,6 +6,8 @@
     GET  /api/v1/queue                     waiting jobs in order, why they wait, estimated starts
     GET  /api/v1/code/{sha}                is this code package stored?
     PUT  /api/v1/code/{sha}                upload a code package (zip, sha256 of the bytes)
+    GET  /api/v1/inputs/{sha}              is this uploaded input stored?
+    PUT  /api/v1/inputs/{sha}              upload an input (`mode: upload`: a zip, its own size limit)
     POST /api/v1/jobs                      submit (SubmitRequest) -> JobSummary
     POST /api/v1/jobs/batch                submit up to 1000 jobs at once, all or none
     GET  /api/v1/jobs                      list, newest first (?state=&experiment=&limit=)

@@ -131,25 +131,46 @@ def _location(v: Optional[str]) -> Optional[str]:
 class InputSpec(_Strict):
     """A declared input; the process sees its local path (or URI) as RAYBATCH_INPUT_<ID>."""
 
-    path: str = Field(..., min_length=1, description=f"Where the input is: {LOCATION_HELP}.")
-    mode: Optional[Literal["direct", "download"]] = Field(
-        None, validate_default=True,
+    mode: Optional[Literal["direct", "download", "upload"]] = Field(
+        None,
         description="'download': staged onto each node (a cache shared by later jobs) before the "
-        "process starts; 'direct': the path or URI is handed to the script as is. Default: direct for "
-        "paths, download for blob storage.",
+        "process starts; 'direct': the path or URI is handed to the script as is; 'upload': `path` is a "
+        "file or folder on the submitting machine (relative to the job file), uploaded with the job "
+        "(content-addressed, like `code`; at most 200 MiB, RAYBATCH_MAX_UPLOAD_INPUT_MB) and staged onto "
+        "each node like a download (Azure ML's local inputs). Default: direct for paths, download for "
+        "blob storage.",
+    )
+    path: str = Field(..., min_length=1, description=f"Where the input is: {LOCATION_HELP}; "
+                      "with mode upload, a file or folder on the submitting machine.")
+    package: Optional[str] = Field(
+        None, pattern=r"^[0-9a-f]{64}(/[^/]+)?$",
+        description="Set by the client when it uploads a `mode: upload` input: the sha256 of the zip it "
+        "uploaded, and /<file name> when the input is one file.",
     )
 
     @field_validator("path")
     @classmethod
-    def _path(cls, v: str) -> str:
-        return _location(v)  # type: ignore[return-value]
+    def _path(cls, v: str, info: ValidationInfo) -> str:
+        if info.data.get("mode") == "upload":
+            if "://" in v:
+                raise ValueError(f"'{v}' is a URI; mode upload takes a file or folder on the submitting "
+                                 "machine (the job file's directory is the base of a relative one)")
+            return v
+        try:
+            return _location(v)  # type: ignore[return-value]
+        except ValueError as e:
+            if "is a relative path" in str(e):
+                raise ValueError(f"{e}; or, to upload a file or folder of the submitting machine with "
+                                 "the job, add `mode: upload`") from None
+            raise
 
-    @field_validator("mode")
-    @classmethod
-    def _mode(cls, v: Optional[str], info: ValidationInfo) -> Optional[str]:
-        if v is None and "path" in info.data:
-            return "direct" if parse_location(info.data["path"]).is_local else "download"
-        return v
+    @model_validator(mode="after")
+    def _default_mode(self) -> "InputSpec":
+        if self.mode is None:
+            self.mode = "direct" if parse_location(self.path).is_local else "download"
+        if self.package is not None and self.mode != "upload":
+            raise ValueError(f"package: only an input with mode upload has one (this one is {self.mode})")
+        return self
 
 
 class OutputSpec(_Strict):
@@ -182,6 +203,11 @@ class TensorFlowSettings(_Strict):
     parameter_server_command: Optional[str] = Field(
         None, description="What parameter-server ranks run instead of `command` "
         "(Batch AI's parameterServerCommandLineArgs)."
+    )
+    workers: Optional[int] = Field(
+        None, ge=1, description="Worker ranks, the chief included (Batch AI's workerCount); default: every "
+        "rank that is not a parameter server. Fewer leave the job's last ranks idle: an uneven layout, as "
+        "Batch AI placed 1 parameter server + 2 workers on 2 nodes (the ps beside the chief)."
     )
 
 
@@ -566,9 +592,16 @@ class JobSpec(_Strict):
                     f"the '{block}' block applies to framework {' / '.join(allowed)}, not '{fw}'"
                 )
         tf = self.tensorflow
+        if fw == "tensorflow" and tf is not None and tf.workers is not None:
+            active = tf.parameter_servers + tf.workers
+            if not self.world_size - self.processes_per_node < active <= self.world_size:
+                raise ValueError(
+                    f"tensorflow.workers: {tf.workers} worker(s) + {tf.parameter_servers} parameter server(s) = "
+                    f"{active} ranks must fill the job's nodes, the last one at least partly (nodes x "
+                    f"processes_per_node = {self.world_size})")
         if fw == "tensorflow" and tf is not None and tf.parameter_servers:
             need = tf.parameter_servers + 2
-            if self.world_size < need:
+            if self.world_size < need or (tf.workers is not None and tf.workers < 2):
                 raise ValueError(
                     f"tensorflow.parameter_servers: {tf.parameter_servers} parameter server(s) need at "
                     f"least {need} ranks (a chief, the parameter servers and one worker); the job has "

@@ -4,11 +4,12 @@ name the field, say what was wrong and what is allowed."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Optional
 
 import yaml
 from pydantic import ValidationError
 
+from raybatch.config import ENV_MAX_UPLOAD_INPUT_MB, max_upload_input_bytes
 from raybatch.errors import SpecError, format_validation_error
 from raybatch.spec.job import JobSpec
 from raybatch.spec.sweep import SWEEP_FIELDS
@@ -63,7 +64,69 @@ def parse_job(
         spec.code = str(code)
     if spec.packages is not None and check_paths:
         _inline_requirements(spec, base_dir, source)
+    if check_paths:
+        _resolve_uploads(spec, base_dir, source)
     return spec
+
+
+def upload_files(path: Path) -> list[tuple[str, Path]]:
+    """What uploading a file or folder sends, in order: (name in the zip, file). A file is
+    itself; a folder, every file below it (none skipped: it is data)."""
+    import os  # noqa: PLC0415
+
+    if path.is_file():
+        return [(path.name, path)]
+    files = []
+    for dirpath, dirnames, filenames in os.walk(path):
+        dirnames.sort()
+        files += [(str(Path(dirpath, n).relative_to(path)), Path(dirpath, n)) for n in sorted(filenames)]
+    return files
+
+
+def upload_problem(path: Path, limit: int) -> Optional[str]:
+    """Why a file or folder cannot be uploaded with the job (None: it can): it holds no
+    file, or more than ``limit`` bytes (counting stops there)."""
+    files, total = 0, 0
+    for _name, p in upload_files(path):
+        try:
+            total += p.stat().st_size
+        except OSError:
+            continue
+        files += 1
+        if total > limit:
+            return (f"holds more than {limit / 2**20:.4g} MiB, the limit for an input uploaded with the job "
+                    f"({ENV_MAX_UPLOAD_INPUT_MB}); put the data in blob storage or a datastore and give "
+                    "that location instead")
+    return None if files else "holds no file"
+
+
+def _resolve_uploads(spec: JobSpec, base_dir: Path | None, source: str) -> None:
+    """``mode: upload`` inputs: each path resolved against the job file's directory; it
+    must be a file or a folder holding files, within the upload limit (checked here, so a
+    bad one fails before anything is sent)."""
+    problems = []
+    try:
+        limit = max_upload_input_bytes()
+    except ValueError as e:
+        raise SpecError(source, [str(e)]) from None
+    for ident, inp in spec.inputs.items():
+        if inp.mode != "upload":
+            continue
+        path = Path(inp.path).expanduser()
+        if not path.is_absolute() and base_dir is not None:
+            path = base_dir / path
+        path = path.resolve()
+        if not path.exists():
+            problems.append(f"inputs.{ident}.path: '{inp.path}' does not exist (resolved to {path}); an input "
+                            "with mode upload is a file or folder on this machine, relative to the job file")
+            continue
+        problem = upload_problem(path, limit)
+        if problem:
+            problems.append(f"inputs.{ident}.path: '{inp.path}' ({path}) {problem}")
+            continue
+        inp.path = str(path)
+    if problems:
+        raise SpecError(source, problems)
 
 
 # pip options a requirements line may carry that need nothing local (Ray writes the list
@@ -205,7 +268,7 @@ def read_document(path: str | Path, mount_root: str | None = None) -> tuple[Any,
         return data, kind, []
     label = {"batchai": "Batch AI job file", "azureml": "Azure ML job file"}[kind]
     try:
-        converted, notes = convert(data, name_hint=p.stem, mount_root=mount_root)
+        converted, notes = convert(data, name_hint=p.stem, mount_root=mount_root, base_dir=p.parent.resolve())
     except ConversionError as e:
         raise SpecError(source, e.problems, label) from None
     return converted, kind, notes
@@ -255,6 +318,9 @@ def sweep_document(data: dict[str, Any], base_dir: Path, source: str, mount_root
 
     if doc.get("code"):
         doc["code"] = rebased(str(doc["code"]))
+    if isinstance(doc.get("inputs"), dict):  # files uploaded with the job: next to the trial's file
+        doc["inputs"] = {k: ({**v, "path": rebased(v["path"])} if isinstance(v, dict) and v.get("mode") == "upload"
+                             and isinstance(v.get("path"), str) else v) for k, v in doc["inputs"].items()}
     pkgs = doc.get("packages")
     if isinstance(pkgs, dict):
         pkgs = doc["packages"] = dict(pkgs)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import posixpath
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from raybatch.spec.job import JobSpec
 from raybatch.spec.location import parse
@@ -145,7 +145,9 @@ class AttemptStorage:
 
     @property
     def remote(self) -> bool:
-        return any(a.kind != "local" for a in self.all())
+        """Is any location outside the nodes' file systems? (An uploaded input is not: the
+        driver sends it, and nothing is written back to it.)"""
+        return any(a.kind not in ("local", "upload") for a in self.all())
 
     def all(self) -> list[Access]:
         extra = [a for a in (getattr(self, k) for k in _OPTIONAL) if a is not None]
@@ -171,16 +173,30 @@ class AttemptStorage:
                    dict(d.get("input_modes", {})), **opt)
 
 
+def upload_access(ident: str, package: Optional[str], package_zip: Optional[Callable[[str], Any]]) -> Access:
+    """An input uploaded with the job (``mode: upload``): kind 'upload', ``path`` the zip
+    on the server's machine (the driver reads it), ``uri`` ``upload://<sha>[/<file name>]``."""
+    from raybatch.spec.location import LocationError  # noqa: PLC0415
+
+    if not package or package_zip is None:
+        raise LocationError(f"input '{ident}': mode upload, but no uploaded package is named "
+                            "(submit the job with `raybatch submit` or raybatch.Client, which upload it)")
+    return Access("upload", str(package_zip(package.split("/", 1)[0])), uri=f"upload://{package}")
+
+
 def resolve_attempt(spec: JobSpec, job_dir: str, datastores: Datastores,
-                    resume_dir: Optional[str] = None) -> AttemptStorage:
+                    resume_dir: Optional[str] = None, package_zip: Optional[Callable[[str], Any]] = None
+                    ) -> AttemptStorage:
     """Resolve every location of the job (reads credential references: server side).
-    ``resume_dir``: the job directory of the array job this one resumes."""
+    ``resume_dir``: the job directory of the array job this one resumes; ``package_zip``:
+    sha256 -> where the server keeps that uploaded zip (``mode: upload`` inputs)."""
     array = spec.array
     return AttemptStorage(
         logs=datastores.resolve(join(job_dir, "stdouterr")),
         checkpoints=datastores.resolve(join(job_dir, "checkpoints")),
         outputs={i: datastores.resolve(output_location(spec, job_dir, i)) for i in spec.outputs},
-        inputs={i: datastores.resolve(inp.path) for i, inp in spec.inputs.items()},
+        inputs={i: upload_access(i, inp.package, package_zip) if inp.mode == "upload" else datastores.resolve(inp.path)
+                for i, inp in spec.inputs.items()},
         input_modes={i: inp.mode for i, inp in spec.inputs.items()},
         items=datastores.resolve(join(job_dir, "items")) if array else None,
         over=datastores.resolve(array.base) if array and array.over else None,
@@ -193,7 +209,7 @@ def check_locations(spec: JobSpec, output_root: Optional[str], datastores: Datas
     """Problems with the job's locations, one per field, at submit (no credential is read)."""
     problems = []
     fields = [("output_root", output_root)] if output_root else []
-    fields += [(f"inputs.{i}.path", inp.path) for i, inp in spec.inputs.items()]
+    fields += [(f"inputs.{i}.path", inp.path) for i, inp in spec.inputs.items() if inp.mode != "upload"]
     fields += [(f"outputs.{i}.path", o.path) for i, o in spec.outputs.items() if o.path]
     if spec.array is not None and spec.array.over:
         fields.append(("array.over", spec.array.base))

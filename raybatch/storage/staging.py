@@ -11,22 +11,31 @@ on that node::
 
 The fingerprint hashes the location and every file's path and object key, so a
 changed dataset is a new tree, and only its changed files are downloaded again. A
-warm tree costs one listing. Staged files are read-only."""
+warm tree costs one listing. Staged files are read-only.
+
+An input uploaded with the job (``mode: upload``) is a zip the server keeps by its
+sha256; its tree is ``trees/upload-<sha>[-f]``, and its ``.done`` file lists the files, so a
+node that has it needs no byte of the zip (``stage_upload``); one that lacks it unpacks
+the zip the driver sends (``UploadedInput``) into the same objects and trees."""
 
 from __future__ import annotations
 
 import fcntl
 import hashlib
+import io
+import json
 import os
 import shutil
 import threading
 import time
+import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional, TypeVar
 
-from raybatch.storage.backends import Backend, Entry, StorageError, parallel
+from raybatch.storage.backends import Backend, Entry, Progress, StorageError, parallel
+from raybatch.storage.datastores import Access
 
 T = TypeVar("T")
 ProgressFn = Callable[[int, int], None]  # (bytes done, bytes total)
@@ -92,13 +101,17 @@ class InputCache:
     def __init__(self, root: str | Path):
         self.root = Path(root).expanduser() / "inputs"
 
-    def stage(self, backend: Backend, progress: Optional[ProgressFn] = None) -> StageResult:
+    def stage(self, backend: Backend, progress: Optional[ProgressFn] = None,
+              fingerprint: Optional[str] = None) -> StageResult:
+        """The location's tree on this node, fetching only the objects the node lacks.
+        ``fingerprint``: the tree's name, when the caller knows the content by another
+        name (an uploaded input's sha256); its ``.done`` file then lists the files."""
         t0 = time.monotonic()
         entries = retried(backend.list)
         if not entries:
             raise StorageError(backend.uri, "no such file or directory (nothing is stored under this path)")
         keys = {e.path: object_key(backend, e) for e in entries}
-        fp = hashlib.sha256(
+        fp = fingerprint or hashlib.sha256(
             "\n".join([backend.uri, *(f"{p}\0{k}" for p, k in sorted(keys.items()))]).encode()
         ).hexdigest()[:32]
         tree = self.root / "trees" / fp
@@ -123,8 +136,42 @@ class InputCache:
                 _link_or_copy(self._object(keys[e.path]), dest)
             shutil.rmtree(tree, ignore_errors=True)
             os.replace(partial, tree)
-            done.touch()
+            if fingerprint:
+                done.write_text(json.dumps({"name": name, "files": [[e.path, e.size] for e in entries]}))
+            else:
+                done.touch()
         return StageResult(target, len(entries), total, fetched, time.monotonic() - t0)
+
+    def stage_upload(self, uri: str, fetch: Optional[Callable[[], bytes]],
+                     progress: Optional[ProgressFn] = None) -> Optional[StageResult]:
+        """An input uploaded with the job (``upload://<sha>[/<file name>]``): its tree on
+        this node, unpacked from ``fetch()`` (the zip) only when the node lacks it; None
+        when it lacks it and there is no ``fetch``."""
+        t0 = time.monotonic()
+        sha = upload_sha(uri)
+        # a folder holding one file zips like that file: the tree of the file is another one
+        fp = f"upload-{sha[:40]}" + ("-f" if "/" in uri[len("upload://"):] else "")
+        tree = self.root / "trees" / fp
+        done = tree.with_name(fp + ".done")
+        warm = self._listed(done)
+        if warm is not None:
+            name, entries = warm
+            if self._intact(tree, entries, name):
+                done.touch()
+                single = len(entries) == 1 and entries[0].path == ""
+                return StageResult(str(tree / name) if single else str(tree), len(entries),
+                                   sum(e.size for e in entries), 0, time.monotonic() - t0)
+        if fetch is None:
+            return None
+        return self.stage(UploadedInput(uri, fetch()), progress, fingerprint=fp)
+
+    @staticmethod
+    def _listed(done: Path) -> Optional[tuple[str, list[Entry]]]:
+        try:
+            info = json.loads(done.read_text())
+            return info["name"], [Entry(p, int(n), 0.0) for p, n in info["files"]]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
 
     def _intact(self, tree: Path, entries: list[Entry], name: str) -> bool:
         """Is every file of the tree there with its size? A job may have deleted or
@@ -172,6 +219,46 @@ class InputCache:
         if progress and need == 0:
             progress(0, 0)
         return need
+
+
+def upload_sha(uri: str) -> str:
+    """The sha256 in ``upload://<sha>[/<file name>]``."""
+    return uri[len("upload://"):].split("/", 1)[0]
+
+
+class UploadedInput(Backend):
+    """An uploaded input's zip (as the client made it: ``raybatch.runtime.code.package_input``)
+    as a location the cache stages from: a folder's files, or, when the URI names a file,
+    that one file. Objects are keyed by each file's MD5, like blobs that have one."""
+
+    def __init__(self, uri: str, data: bytes):
+        self.access = Access("upload", "", uri=uri)
+        self.zip = zipfile.ZipFile(io.BytesIO(data))
+        for name in self.zip.namelist():  # the server checked them (and the size) on upload
+            if os.path.isabs(name) or os.path.normpath(name).split(os.sep)[0] == "..":
+                raise StorageError(uri, f"unsafe path in the uploaded input: {name}")
+        rest = uri[len("upload://"):].split("/", 1)
+        self.file_name = rest[1] if len(rest) > 1 else None
+
+    def _member(self, rel: str) -> str:
+        return self.file_name if rel == "" and self.file_name else rel
+
+    def list(self, rel: str = "") -> list[Entry]:
+        out = []
+        for info in self.zip.infolist():
+            if info.is_dir():
+                continue
+            md5 = hashlib.md5(self.zip.read(info)).hexdigest()
+            path = "" if self.file_name else info.filename
+            out.append(Entry(path, info.file_size, 0.0, md5=md5))
+        return out
+
+    def download(self, rel: str, dest: Path, progress: Progress = None) -> None:
+        with self.zip.open(self._member(rel)) as src, open(dest, "wb") as out:
+            while chunk := src.read(2**20):
+                out.write(chunk)
+                if progress:
+                    progress(len(chunk))
 
 
 def _link_or_copy(src: Path, dest: Path) -> None:

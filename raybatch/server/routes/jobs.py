@@ -85,6 +85,14 @@ def admission(ctx: ServerContext, req: SubmitRequest, where: str = "") -> dict[s
     if spec.code and not req.code_package:
         raise HTTPException(status.HTTP_400_BAD_REQUEST,
                             f"{where}code: the job names a code directory but no code package was uploaded")
+    for ident, inp in spec.inputs.items():  # mode upload: the client uploaded it (PUT /inputs/{sha})
+        if inp.mode == "upload" and not inp.package:
+            raise HTTPException(status.HTTP_400_BAD_REQUEST,
+                                f"{where}inputs.{ident}: mode upload, but no package was uploaded for it (submit "
+                                "with `raybatch submit` or raybatch.Client, which upload it)")
+        if inp.mode == "upload" and not has_package(ctx.code_root, inp.package.split("/", 1)[0]):
+            raise HTTPException(status.HTTP_400_BAD_REQUEST,
+                                f"{where}inputs.{ident}.package: {inp.package} was not uploaded (PUT /inputs/<sha>)")
     never = ctx.scheduler.never_runs(spec)
     if never:
         raise HTTPException(status.HTTP_400_BAD_REQUEST, f"{where}this job can never run: {never}")

@@ -12,6 +12,7 @@ One module per source: ``batchai`` (job.json), ``azureml`` (command and sweep YA
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Optional
 
 from raybatch.spec.convert.azureml import _AzureML, _AzureMLSweep
@@ -29,26 +30,29 @@ def detect(doc: Any) -> str:
     if any(k in props for k in BATCHAI_TOOLKITS) or "stdOutErrPathPrefix" in props or "nodeCount" in props:
         return "batchai"
     schema = str(doc.get("$schema", ""))
-    if doc.get("type") == "sweep" and isinstance(doc.get("trial"), dict):  # also the SDK's dump: no $schema
+    # `type:` alone marks Azure ML (a raybatch job has no such field): azure-ai-ml's dump()
+    # writes no $schema, and a command job's command may sit under `component:`
+    if doc.get("type") in ("command", "sweep"):
         return "azureml"
-    if "azureml" in schema or (doc.get("type") == "command" and "command" in doc) or (
+    if "azureml" in schema or (
             "command" in doc and any(k in doc for k in ("distribution", "environment_variables", "limits",
                                                           "compute", "display_name", "experiment_name"))):
         return "azureml"
     return "raybatch"
 
 
-def convert(doc: dict[str, Any], *, name_hint: str = "job", mount_root: Optional[str] = None
-            ) -> tuple[dict[str, Any], list[str]]:
+def convert(doc: dict[str, Any], *, name_hint: str = "job", mount_root: Optional[str] = None,
+            base_dir: Optional[Path] = None) -> tuple[dict[str, Any], list[str]]:
     """(raybatch job document, warnings) for a Batch AI or Azure ML document;
-    ConversionError lists every field that cannot be honoured."""
+    ConversionError lists every field that cannot be honoured. ``base_dir``: the job
+    file's directory (what its relative paths are relative to), when there is a file."""
     kind = detect(doc)
     if kind == "batchai":
         return _BatchAI(doc, name_hint, mount_root).run()
     if kind == "azureml" and doc.get("type") == "sweep":
         if not isinstance(doc.get("trial"), dict):
             raise ConversionError(["trial: required: a sweep job's trial is a command job (code, command, ...)"])
-        return _AzureMLSweep(doc, name_hint).run()
+        return _AzureMLSweep(doc, name_hint, base_dir).run()
     if kind == "azureml":
-        return _AzureML(doc, name_hint).run()
+        return _AzureML(doc, name_hint, base_dir).run()
     return doc, []

@@ -1,12 +1,31 @@
 """An Azure Batch AI job.json (2018-05-01 schema) as a raybatch job.
 
-Mount roots: Batch AI paths under ``$AZ_BATCHAI_MOUNT_ROOT`` or
-``$AZ_BATCHAI_JOB_MOUNT_ROOT`` name file systems Batch AI mounted. Pass
-``mount_root`` (``--mount-root``) with the directory where the same file systems
-are mounted on every raybatch node."""
+How each Batch AI field becomes a raybatch one is tabled in docs/foreign-job-files.md.
+
+Paths. Batch AI paths under ``$AZ_BATCHAI_MOUNT_ROOT`` or ``$AZ_BATCHAI_JOB_MOUNT_ROOT``
+name file systems Batch AI mounted:
+
+- a job-level ``mountVolumes.azureBlobFileSystems`` entry is the job's own storage: an
+  ``abfs://container@account`` location (credentials from the server's datastore for the
+  account, else the nodes' managed identity). Inputs below it are staged onto each node
+  through the input cache; a command line that names ``$AZ_BATCHAI_JOB_MOUNT_ROOT/<rel>``
+  gets the whole container staged as input ``mount_<rel>`` and reads it there;
+- everything else (Azure Files shares, file servers, NFS, cluster mounts) must be mounted
+  on every node by ``raybatch node-setup``: pass ``mount_root`` (``--mount-root``), where
+  those mounts are (``/mnt/raybatch`` by default); the job's processes get it as
+  ``AZ_BATCHAI_MOUNT_ROOT`` / ``AZ_BATCHAI_JOB_MOUNT_ROOT``.
+
+``$AZ_BATCHAI_JOB_TEMP`` and ``$AZ_BATCHAI_SHARED_JOB_TEMP`` (and any other variable) in a
+script path or command line are left to the node's shell: raybatch sets them for every
+rank and for the job's ``prepare`` (Batch AI's jobPreparation), so a script a preparation
+command fetched into the job's temp directory runs as it did.
+
+A relative ``pythonScriptFilePath`` names a script next to the job file: the job file's
+directory is shipped as the job's code (``code: .``), with a warning saying so."""
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 from typing import Any, Optional
@@ -20,7 +39,21 @@ BATCHAI_TOOLKITS = ("pyTorchSettings", "tensorFlowSettings", "chainerSettings", 
 NOT_YET = "is not supported yet: its framework adapter comes with the frameworks issue (#6)"
 MOUNT_VARS = ("$AZ_BATCHAI_JOB_MOUNT_ROOT", "${AZ_BATCHAI_JOB_MOUNT_ROOT}", "$AZ_BATCHAI_MOUNT_ROOT",
               "${AZ_BATCHAI_MOUNT_ROOT}")
+# a mount-root variable and the path after it, in a command line
+_MOUNT_REF = re.compile(r"\$(\{AZ_BATCHAI_(?:JOB_)?MOUNT_ROOT\}|AZ_BATCHAI_(?:JOB_)?MOUNT_ROOT(?![A-Za-z0-9_]))"
+                        r"((?:/[^\s/\"';|&<>()]*)*)")
+# toolkits without a wheel for today's Python: they run in the image the job names
+IMAGE_TOOLKITS = {"cntkSettings": "CNTK", "caffeSettings": "Caffe", "caffe2Settings": "Caffe2"}
+_PLACEHOLDER = re.compile(r"<[^<>]*>")
+# Microsoft's recipes name the storage account so; `az batchai job create` replaced it with
+# --storage-account-name or this environment variable of the submitting machine
+ACCOUNT_PLACEHOLDER = "<AZURE_BATCHAI_STORAGE_ACCOUNT>"
+ACCOUNT_ENV = "AZURE_BATCHAI_STORAGE_ACCOUNT"
 
+
+def _blob_uri(account: str, container: str, sub: str = "") -> str:
+    sub = sub.strip("/")
+    return f"abfs://{container}@{account}.dfs.core.windows.net" + (f"/{sub}" if sub else "")
 
 
 class _BatchAI(_Converter):
@@ -31,23 +64,80 @@ class _BatchAI(_Converter):
         self.prefix = "properties." if self.p is not doc else ""
         self.name_hint = name_hint
         self.mount_root = mount_root.rstrip("/") if mount_root else None
+        self.blobs: dict[str, str] = {}          # relativeMountPath -> the blob file system's location
+        self.blob_inputs: dict[str, str] = {}    # input id -> location: blob file systems command lines read
+        self.relative_script = False             # a script next to the job file: ship its directory
+
+    # ---- paths ----------------------------------------------------------------------------
+    def _no_root(self, field: str, value: str, var: str) -> None:
+        self.errors.append(
+            f"{self.prefix}{field}: '{value}' is under a Batch AI mount ({var.strip('${}')}); "
+            "give --mount-root DIR, where the same file systems are mounted on every node "
+            f"({NODE_MOUNT_ROOT} on a `raybatch cluster` with a mounts file: `raybatch node-setup`)")
+
+    def _blob_of(self, rest: str) -> Optional[tuple[str, str]]:
+        """(relativeMountPath, path below it) when ``rest`` (after a mount-root variable)
+        is in one of the job's blob file systems."""
+        parts = rest.strip("/").split("/", 1)
+        if parts[0] in self.blobs:
+            return parts[0], parts[1] if len(parts) > 1 else ""
+        return None
 
     def path(self, field: str, value: str) -> Optional[str]:
-        """A Batch AI path with its mount-root variable replaced, or None (error recorded)."""
+        """A Batch AI path (an input, the logs' prefix) as a raybatch location: under a job
+        blob file system, its blob location; under another mount, below --mount-root; or
+        None (error recorded)."""
         for var in MOUNT_VARS:
-            if var in value:
+            if value.startswith(var):
+                rest = value[len(var):]
+                if var.strip("${}") == "AZ_BATCHAI_JOB_MOUNT_ROOT":
+                    blob = self._blob_of(rest)
+                    if blob:
+                        return self.blobs[blob[0]] + (f"/{blob[1]}" if blob[1] else "")
                 if self.mount_root is None:
-                    self.errors.append(
-                        f"{self.prefix}{field}: '{value}' is under a Batch AI mount ({var.strip('${}')}); "
-                        "give --mount-root DIR, where the same file systems are mounted on every node "
-                        f"({NODE_MOUNT_ROOT} on a `raybatch cluster` with a mounts file)")
+                    self._no_root(field, value, var)
                     return None
-                value = value.replace(var, self.mount_root)
+                value = self.mount_root + rest
+                break
+        if any(var in value for var in MOUNT_VARS):
+            self.errors.append(f"{self.prefix}{field}: '{value}': a mount root is only understood at the start "
+                               "of a path")
+            return None
+        if "$" in value:
+            self.errors.append(f"{self.prefix}{field}: '{value}': variables other than the mount roots are not "
+                               "known when the job is submitted; give a path")
+            return None
         if not value.startswith(("/", "~")) and "://" not in value:
             self.errors.append(f"{self.prefix}{field}: '{value}' is not an absolute path")
             return None
         return value
 
+    def line(self, field: str, text: Optional[str]) -> Optional[str]:
+        """A command line (script path, arguments, preparation) for the node's shell:
+        ``$AZ_BATCHAI_JOB_MOUNT_ROOT/<blob>/...`` reads the blob file system's staged copy
+        (``$AZ_BATCHAI_INPUT_mount_<rel>``); other mount-root references need --mount-root
+        (the variable is then set on the nodes). Every other variable is the node's."""
+        if not text:
+            return text
+
+        def sub(m: re.Match) -> str:
+            var, rest = m.group(1).strip("{}"), m.group(2)
+            blob = self._blob_of(rest) if var == "AZ_BATCHAI_JOB_MOUNT_ROOT" and rest else None
+            if blob:
+                ident = _ident(f"mount_{blob[0]}")
+                self.blob_inputs[ident] = self.blobs[blob[0]]
+                return f"${{AZ_BATCHAI_INPUT_{ident}}}" + (f"/{blob[1]}" if blob[1] else "")
+            if self.mount_root is None and not missing:
+                missing.append(var)
+            return m.group(0)
+
+        missing: list[str] = []
+        out = _MOUNT_REF.sub(sub, text)
+        if missing:
+            self._no_root(field, text, missing[0])
+        return out
+
+    # ---- the job --------------------------------------------------------------------------
     def run(self) -> tuple[dict[str, Any], list[str]]:
         p, pre = self.p, self.prefix
         out: dict[str, Any] = {"name": _name(self.doc.get("name") or p.get("name") or self.name_hint)}
@@ -65,6 +155,8 @@ class _BatchAI(_Converter):
         wall = (p.get("constraints") or {}).get("maxWallClockTime")
         if wall:
             out["max_wall_clock"] = wall
+        if p.get("mountVolumes"):  # first: paths and command lines below resolve into them
+            self.mount_volumes(p["mountVolumes"])
         toolkits = [k for k in BATCHAI_TOOLKITS if p.get(k)]
         if len(toolkits) != 1:
             self.errors.append(f"{pre}: exactly one toolkit setting is required (got {toolkits or 'none'}); "
@@ -87,7 +179,7 @@ class _BatchAI(_Converter):
             env.setdefault("AZ_BATCHAI_JOB_MOUNT_ROOT", self.mount_root)
         if env:
             out["environment"] = env
-        inputs = {}
+        inputs: dict[str, Any] = {}
         for i, item in enumerate(p.get("inputDirectories") or []):
             ident, path = item.get("id"), item.get("path")
             if not ident or not path:
@@ -96,8 +188,6 @@ class _BatchAI(_Converter):
             resolved = self.path(f"inputDirectories[{i}].path", path)
             if resolved:
                 inputs[_ident(ident)] = resolved
-        if inputs:
-            out["inputs"] = inputs
         outputs = {}
         for i, item in enumerate(p.get("outputDirectories") or []):
             ident = item.get("id")
@@ -115,19 +205,87 @@ class _BatchAI(_Converter):
             resolved = self.path("stdOutErrPathPrefix", prefix)
             if resolved:
                 out["output_root"] = resolved
-        if p.get("mountVolumes"):
-            self.warnings.append(f"{pre}mountVolumes: raybatch does not mount file systems per job; mount "
-                                 "them on every node (cluster setup commands) and use --mount-root")
         if p.get("containerSettings"):
             self.container(p["containerSettings"], out)
         prep = (p.get("jobPreparation") or {}).get("commandLine")
         if prep:
-            out["prepare"] = prep
+            out["prepare"] = self.line("jobPreparation.commandLine", prep)
+        for ident, uri in self.blob_inputs.items():
+            inputs.setdefault(ident, {"path": uri, "mode": "download"})
+        if inputs:
+            out["inputs"] = inputs
+        if self.relative_script:
+            out["code"] = "."
         for k in ("performanceCountersSettings", "inputDirectoriesMountOptions"):
             if p.get(k):
                 self.warnings.append(f"{pre}{k}: ignored")
         return self.finish(out)
 
+    def mount_volumes(self, mv: Any) -> None:
+        """Job-level mountVolumes: blob file systems become the job's storage; the other file
+        systems are the nodes' own mounts (`raybatch node-setup`), found under --mount-root."""
+        pre = f"{self.prefix}mountVolumes"
+        if not isinstance(mv, dict):
+            self.errors.append(f"{pre}: expected {{azureFileShares, azureBlobFileSystems, ...}}")
+            return
+        for i, b in enumerate(mv.get("azureBlobFileSystems") or []):
+            field = f"{pre}.azureBlobFileSystems[{i}]"
+            if not isinstance(b, dict):
+                self.errors.append(f"{field}: expected {{accountName, containerName, relativeMountPath}}")
+                continue
+            missing = [k for k in ("accountName", "containerName", "relativeMountPath") if not b.get(k)]
+            if missing:
+                self.errors.append(f"{field}.{missing[0]}: required")
+                continue
+            account, container, rel = str(b["accountName"]), str(b["containerName"]), str(b["relativeMountPath"])
+            if account == ACCOUNT_PLACEHOLDER and os.environ.get(ACCOUNT_ENV):
+                account = os.environ[ACCOUNT_ENV].strip()  # as `az batchai job create` filled it in
+            if _PLACEHOLDER.search(account) or _PLACEHOLDER.search(container):
+                self.errors.append(f"{field}: '{account}'/'{container}' is a placeholder; put your storage "
+                                   f"account's and container's names (or set {ACCOUNT_ENV}, which replaces "
+                                   f"{ACCOUNT_PLACEHOLDER} as the az CLI did)")
+                continue
+            if not re.fullmatch(r"[a-z0-9]{3,24}", account):
+                self.errors.append(f"{field}.accountName: '{account}' is not a storage account name (3-24 "
+                                   "lower-case letters and digits)")
+                continue
+            if b.get("credentials"):
+                self.errors.append(f"{field}.credentials: account keys are not taken from job files (they would "
+                                   "be stored with the job); define a datastore for account "
+                                   f"'{account}' on the server (datastores.yaml: account: {account}, credential: "
+                                   "{account_key: {env: ...}}) and remove the credentials")
+            self.blobs[rel.strip("/")] = _blob_uri(account, container)
+            self.warnings.append(
+                f"{field} ({account}/{container}): not mounted with blobfuse; it is the job's storage at "
+                f"{_blob_uri(account, container)} (credentials: the server's datastore for account '{account}', "
+                f"else the nodes' managed identity): inputs below $AZ_BATCHAI_JOB_MOUNT_ROOT/{rel} are staged "
+                "onto each node through the input cache, and outputs written there are uploaded"
+                + ("; mountOptions ignored" if b.get("mountOptions") else "")
+                + ". A container the nodes mount themselves belongs in the cluster's mounts file "
+                "(`raybatch node-setup`), not in the job's mountVolumes")
+        for kind, what in (("azureFileShares", "an Azure Files share"), ("fileServers", "a file server"),
+                           ("unmanagedFileSystems", "a file system")):
+            for i, v in enumerate(mv.get(kind) or []):
+                field = f"{pre}.{kind}[{i}]"
+                rel = (v or {}).get("relativeMountPath") if isinstance(v, dict) else None
+                if not rel:
+                    self.errors.append(f"{field}.relativeMountPath: required")
+                    continue
+                source = v.get("azureFileUrl") or v.get("mountCommand") or (v.get("fileServer") or {}).get("id") or ""
+                if self.mount_root is None:
+                    self.errors.append(
+                        f"{field} ({source or rel}): raybatch does not mount {what} per job; mount it on every node "
+                        f"with `raybatch node-setup` (the cluster's mounts file, relativeMountPath: {rel}) and give "
+                        f"--mount-root DIR, where node-setup mounts ({NODE_MOUNT_ROOT} unless its `root:` says "
+                        "otherwise)")
+                    continue
+                if v.get("credentials"):
+                    self.warnings.append(f"{field}.credentials: ignored; the node mount has its own")
+                self.warnings.append(
+                    f"{field} ({source or rel}): not mounted per job; read at {self.mount_root}/{rel}, the node "
+                    f"mount `raybatch node-setup` makes from the cluster's mounts file (relativeMountPath: {rel})")
+
+    # ---- toolkits -------------------------------------------------------------------------
     def toolkit(self, kind: str, s: dict[str, Any], out: dict[str, Any], nodes: int) -> None:
         pre = f"{self.prefix}{kind}"
         if kind in ("pyTorchSettings", "chainerSettings", "horovodSettings"):
@@ -138,7 +296,7 @@ class _BatchAI(_Converter):
                 return
             out["framework"] = {"pyTorchSettings": "pytorch", "chainerSettings": "chainer",
                                 "horovodSettings": "horovod"}[kind]
-            out["command"] = _join(python, s.get("commandLineArgs"))
+            out["command"] = _join(python, self.line(f"{kind}.commandLineArgs", s.get("commandLineArgs")))
             self.process_count(pre, s, out, nodes)
             backend = s.get("communicationBackend") if kind == "pyTorchSettings" else None
             if backend:
@@ -155,7 +313,7 @@ class _BatchAI(_Converter):
             if not line:
                 self.errors.append(f"{pre}.commandLine: required")
                 return
-            out["command"] = line
+            out["command"] = self.line(f"{kind}.commandLine", line)
             if kind == "customMpiSettings":
                 out["framework"] = "mpi"
                 self.process_count(pre, s, out, nodes)
@@ -165,12 +323,67 @@ class _BatchAI(_Converter):
                     out["custom"] = {"run_on": "first_node"}
         elif kind == "tensorFlowSettings":
             self.tensorflow(pre, s, out, nodes)
-        elif kind in ("cntkSettings", "caffeSettings", "caffe2Settings"):
-            self.errors.append(f"{pre}: no wheel exists for modern Python; run the job as framework mpi (or "
-                               "custom) with an image that has it (image:)")
+        elif kind in IMAGE_TOOLKITS:
+            self.image_toolkit(pre, kind, s, out, nodes)
         else:
             self.errors.append(f"{pre} {NOT_YET}")
 
+    def image_toolkit(self, pre: str, kind: str, s: dict[str, Any], out: dict[str, Any], nodes: int) -> None:
+        """CNTK, Caffe, Caffe2: no wheel for today's Python, so they run as Batch AI ran them,
+        in the job's container image. CNTK and Caffe: mpirun starts processCount processes
+        (default one per node) of BrainScript's ``cntk configFile=<config> <args>`` / Caffe's
+        ``caffe train --solver=<config> <args>`` or ``<python> <script> <args>`` (framework
+        mpi). Caffe2: every node runs ``<python> <script> <args>`` (framework custom, one
+        rank per node); its processes meet through AZ_BATCHAI_TASK_INDEX and a file store in
+        AZ_BATCHAI_SHARED_JOB_TEMP, as the Batch AI recipe did."""
+        toolkit = IMAGE_TOOLKITS[kind]
+        reg = (self.p.get("containerSettings") or {}).get("imageSourceRegistry") or {}
+        image = reg.get("image") if isinstance(reg, dict) else None
+        if not image:
+            self.errors.append(f"{pre}: {toolkit} has no wheel for today's Python: give the image it runs in "
+                               f"(containerSettings.imageSourceRegistry.image, with {toolkit} and Open MPI), as "
+                               f"Batch AI ran it; raybatch then runs the job as framework "
+                               f"{'custom' if kind == 'caffe2Settings' else 'mpi'} with image:")
+            return
+        config, script = s.get("configFilePath"), s.get("pythonScriptFilePath")
+        if config and script:
+            self.errors.append(f"{pre}: give configFilePath or pythonScriptFilePath, not both")
+            return
+        if config and kind != "caffe2Settings":
+            binary = "cntk configFile=" if kind == "cntkSettings" else "caffe train --solver="
+            config_line = self.line(f"{kind}.configFilePath", config)
+            if not config.startswith(("/", "$", "~")):
+                self.relative_script = True
+                self.note_relative(pre + ".configFilePath", config)
+            quoted = f'"{config_line}"' if "$" in config_line else shlex.quote(config_line)
+            command = _join(binary + quoted, self.line(f"{kind}.commandLineArgs", s.get("commandLineArgs")))
+            language = "BrainScript" if kind == "cntkSettings" else "Caffe"
+        else:
+            python = self.python(pre, kind, s)
+            if python is None:
+                return
+            command = _join(python, self.line(f"{kind}.commandLineArgs", s.get("commandLineArgs")))
+            language = "Python"
+        lang = s.get("languageType")
+        if kind == "cntkSettings" and lang and str(lang).lower() != language.lower():
+            self.errors.append(f"{pre}.languageType: '{lang}' does not match the settings given "
+                               f"({'configFilePath' if language == 'BrainScript' else 'pythonScriptFilePath'})")
+        out["command"] = command
+        if kind == "caffe2Settings":
+            out["framework"] = "custom"
+            how = "every node runs the script (one process per node)"
+        else:
+            out["framework"] = "mpi"
+            self.process_count(pre, s, out, nodes)
+            how = "mpirun starts the processes across the nodes"
+        self.warnings.append(f"{pre}: runs in image {image} as framework {out['framework']} ({how}), as Batch "
+                             f"AI ran {toolkit} {language}; the image needs Ray (of the cluster's version) "
+                             "besides the toolkit, since Ray starts the ranks in it (image_uri)")
+
+    def note_relative(self, field: str, value: str) -> None:
+        self.warnings.append(
+            f"{self.prefix}{field}: '{value}' is relative: the job file's directory is shipped with the job as "
+            "its code (like `code: .`), and the job runs there on every node")
 
     def python(self, pre: str, kind: str, s: dict[str, Any]) -> Optional[str]:
         """``<pythonInterpreterPath> <pythonScriptFilePath>``, or None with the error noted."""
@@ -178,8 +391,24 @@ class _BatchAI(_Converter):
         if not script:
             self.errors.append(f"{pre}.pythonScriptFilePath: required")
             return None
-        script = self.path(f"{kind}.pythonScriptFilePath", script) if "AZ_BATCHAI" in script else script
-        return _join(s.get("pythonInterpreterPath") or "python", shlex.quote(script or ""))
+        field = f"{kind}.pythonScriptFilePath"
+        for var in MOUNT_VARS:  # under a cluster mount: the path below --mount-root
+            rest = script[len(var):] if script.startswith(var) else None
+            if rest is not None and not (var.strip("${}") == "AZ_BATCHAI_JOB_MOUNT_ROOT" and self._blob_of(rest)):
+                if self.mount_root is None:
+                    self._no_root(field, script, var)
+                    return None
+                script = self.mount_root + rest
+                break
+        script = self.line(field, script) or ""
+        if "$" in script:  # a job-time variable (AZ_BATCHAI_JOB_TEMP, ...): the node's shell expands it
+            quoted = '"' + script.replace('"', '\\"') + '"'
+        else:
+            if not script.startswith(("/", "~")):
+                self.relative_script = True
+                self.note_relative(f"{kind}.pythonScriptFilePath", script)
+            quoted = shlex.quote(script)
+        return _join(s.get("pythonInterpreterPath") or "python", quoted)
 
     def process_count(self, pre: str, s: dict[str, Any], out: dict[str, Any], nodes: int) -> None:
         count = s.get("processCount")
@@ -196,13 +425,17 @@ class _BatchAI(_Converter):
         becomes rank 0 (the chief with parameter servers, worker 0 without), so the job has
         workerCount + parameterServerCount ranks; masterCommandLineArgs is rank 0's command.
         workerCount defaults to nodeCount and parameterServerCount, for a distributed job,
-        to 1 (Batch AI's defaults); parameterServerCount 0 is the all-reduce layout."""
+        to 1 (Batch AI's defaults); parameterServerCount 0 is the all-reduce layout. When
+        the processes do not divide evenly among the nodes, every node gets as many slots
+        as the fullest one and the last slots stay idle, so a parameter server shares a
+        node with a worker as on Batch AI (1 ps + 2 workers on 2 nodes: chief and ps on
+        the first node, the worker on the second)."""
         python = self.python(pre, "tensorFlowSettings", s)
         if python is None:
             return
 
         def line(args_field: str) -> str:
-            return _join(python, s.get(args_field))
+            return _join(python, self.line(f"tensorFlowSettings.{args_field}", s.get(args_field)))
 
         workers = s.get("workerCount", nodes)
         if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
@@ -224,15 +457,20 @@ class _BatchAI(_Converter):
                                "coordinates, and ParameterServerStrategy needs a worker besides it")
             return
         total = workers + ps
-        if total % nodes:
+        if total < nodes:
             self.errors.append(f"{pre}.workerCount: workerCount ({workers}) + parameterServerCount ({ps}) = {total} "
-                               f"processes cannot be laid out evenly on nodeCount ({nodes}) nodes; make the sum a "
-                               f"multiple of {nodes}")
+                               f"processes leave some of nodeCount ({nodes}) nodes without a process")
             return
+        per_node = -(-total // nodes)
         out["framework"] = "tensorflow"
         out["command"] = line("masterCommandLineArgs")
-        out["processes_per_node"] = total // nodes
+        out["processes_per_node"] = per_node
         tf: dict[str, Any] = {"parameter_servers": ps}
+        if total % nodes:
+            tf["workers"] = workers
+            self.warnings.append(f"{pre}: {total} processes on {nodes} nodes: {per_node} slots per node, the last "
+                                 f"{per_node * nodes - total} idle (a parameter server shares a node with a worker, "
+                                 "as on Batch AI)")
         if workers > 1:
             tf["worker_command"] = line("workerCommandLineArgs")
         if ps:
