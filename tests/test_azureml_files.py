@@ -163,7 +163,14 @@ def test_the_server_keeps_uploaded_inputs_under_their_own_limit(tmp_path, monkey
     r = client.put(f"/api/v1/inputs/{sha}", content=data, headers={"Content-Type": "application/zip"})
     assert r.status_code == 413 and "uploaded input" in r.text and "0.02 MiB" in r.text, r.text
     assert client.get(f"/api/v1/inputs/{sha}").status_code == 404
+    # sent in chunks without a Content-Length: the server stops reading at the limit
+    r = client.put(f"/api/v1/inputs/{sha}", content=(data[i:i + 4096] for i in range(0, len(data), 4096)),
+                   headers={"Content-Type": "application/zip"})
+    assert r.status_code == 413 and "0.02 MiB" in r.text, r.text
+    assert not list((tmp_path / "code").glob(".upload-*"))  # nothing half-received is left
     monkeypatch.delenv("RAYBATCH_MAX_UPLOAD_INPUT_MB")
+    r = client.put(f"/api/v1/inputs/{'1' * 64}", content=data, headers={"Content-Type": "application/zip"})
+    assert r.status_code == 400 and "sha256 of the body does not match" in r.text
     r = client.put(f"/api/v1/inputs/{sha}", content=data, headers={"Content-Type": "application/zip"})
     assert r.status_code == 201, r.text
     assert client.get(f"/api/v1/inputs/{sha}").status_code == 200
@@ -333,3 +340,13 @@ def test_the_sdk_dump_with_local_and_typed_inputs_converts(tmp_path):
                             "${RAYBATCH_INPUT_LABELS} --epochs 6 --lr 0.05 --tag 'two words'  "
                             "--out ${RAYBATCH_OUTPUT_MODEL}")
     assert any(n.startswith("environment:") for n in notes)
+
+
+@pytest.mark.parametrize("package", ["a" * 64 + "/..", "a" * 64 + "/.", "a" * 64 + "/a/b", "../x"])
+def test_a_crafted_package_name_is_refused(package):
+    from pydantic import ValidationError
+
+    from raybatch.spec.job import InputSpec
+
+    with pytest.raises(ValidationError, match="package"):
+        InputSpec(path="/x", mode="upload", package=package)

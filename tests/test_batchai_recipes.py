@@ -122,7 +122,7 @@ def test_relative_script_next_to_the_job_file_through_the_cli(server, tmp_path):
     assert p.returncode == 0, p.stdout + p.stderr
     assert "'train.py' is relative: the job file's directory is shipped with the job" in p.stderr
     client = server.client()
-    done = [j for j in client.list() if j.name == "job"][-1]
+    done = client.get(p.stdout.split()[0])  # submit prints the job's id first
     assert done.state == "SUCCEEDED"
     logs = client.logs(done.id, rank=0) + client.logs(done.id, rank=1)
     assert "relative script rank 0 of 2" in logs and "relative script rank 1 of 2" in logs

@@ -401,6 +401,11 @@ def test_job_mount_volumes_blob_is_the_jobs_storage_and_shares_are_node_mounts(m
      "properties.cntkSettings.languageType: 'Python' does not match the settings given (configFilePath)"),
     ({"inputDirectories": [{"id": "X", "path": "$AZ_BATCHAI_JOB_TEMP/x"}]}, None,
      "properties.inputDirectories[0].path: '$AZ_BATCHAI_JOB_TEMP/x': variables other than the mount roots"),
+    # a key in the job file would travel with it (a relative script ships the job file's directory)
+    ({"mountVolumes": {"azureFileShares": [{"azureFileUrl": "https://a.file.core.windows.net/s",
+                                            "relativeMountPath": "s",
+                                            "credentials": {"accountKey": "k"}}]}}, "/m",
+     "properties.mountVolumes.azureFileShares[0].credentials: account keys are not taken from job files"),
 ])
 def test_what_cannot_be_honoured_names_its_field(props, mount_root, problem, monkeypatch):
     monkeypatch.delenv("AZURE_BATCHAI_STORAGE_ACCOUNT", raising=False)
@@ -435,3 +440,14 @@ def test_tensorflow_workers_must_fill_the_nodes():
                         ({"parameter_servers": 2, "workers": 1}, "parameter server(s) need at least")):
         with pytest.raises(SpecError, match=re.escape(problem)):
             parse_job({**base, "tensorflow": tf})
+
+
+def test_a_mount_command_is_never_echoed(capsys):
+    """An unmanaged file system's mountCommand may hold a password: the conversion's notes
+    name the field, never the command."""
+    doc = batchai(customMpiSettings={"commandLine": "true"})
+    doc["properties"]["mountVolumes"] = {"unmanagedFileSystems": [
+        {"mountCommand": "mount -t cifs //srv/s -o username=u,password=SECRET123", "relativeMountPath": "s"}]}
+    _spec, notes = convert(doc, mount_root="/m")
+    assert notes and not any("SECRET123" in n for n in notes)
+    assert any("unmanagedFileSystems[0] (its mountCommand)" in n for n in notes)

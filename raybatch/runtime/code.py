@@ -42,7 +42,7 @@ def package_code(directory: str | Path) -> tuple[str, bytes]:
     files = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS)
-        files += [(str(Path(dirpath, n).relative_to(root)), Path(dirpath, n))
+        files += [(Path(dirpath, n).relative_to(root).as_posix(), Path(dirpath, n))
                   for n in sorted(filenames) if not n.endswith(".pyc")]
     return _zip(files)
 

@@ -143,7 +143,7 @@ class InputSpec(_Strict):
     path: str = Field(..., min_length=1, description=f"Where the input is: {LOCATION_HELP}; "
                       "with mode upload, a file or folder on the submitting machine.")
     package: Optional[str] = Field(
-        None, pattern=r"^[0-9a-f]{64}(/[^/]+)?$",
+        None, pattern=r"^[0-9a-f]{64}(/[^/\x00]+)?$",
         description="Set by the client when it uploads a `mode: upload` input: the sha256 of the zip it "
         "uploaded, and /<file name> when the input is one file.",
     )
@@ -170,6 +170,8 @@ class InputSpec(_Strict):
             self.mode = "direct" if parse_location(self.path).is_local else "download"
         if self.package is not None and self.mode != "upload":
             raise ValueError(f"package: only an input with mode upload has one (this one is {self.mode})")
+        if self.package is not None and self.package.partition("/")[2] in (".", ".."):
+            raise ValueError(f"package: {self.package!r}: the file name after the sha256 cannot be '.' or '..'")
         return self
 
 

@@ -79,7 +79,7 @@ def upload_files(path: Path) -> list[tuple[str, Path]]:
     files = []
     for dirpath, dirnames, filenames in os.walk(path):
         dirnames.sort()
-        files += [(str(Path(dirpath, n).relative_to(path)), Path(dirpath, n)) for n in sorted(filenames)]
+        files += [(Path(dirpath, n).relative_to(path).as_posix(), Path(dirpath, n)) for n in sorted(filenames)]
     return files
 
 

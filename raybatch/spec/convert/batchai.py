@@ -271,7 +271,9 @@ class _BatchAI(_Converter):
                 if not rel:
                     self.errors.append(f"{field}.relativeMountPath: required")
                     continue
-                source = v.get("azureFileUrl") or v.get("mountCommand") or (v.get("fileServer") or {}).get("id") or ""
+                # never the mount command itself: it may hold a password (-o password=...)
+                source = (v.get("azureFileUrl") or (v.get("fileServer") or {}).get("id")
+                          or ("its mountCommand" if v.get("mountCommand") else ""))
                 if self.mount_root is None:
                     self.errors.append(
                         f"{field} ({source or rel}): raybatch does not mount {what} per job; mount it on every node "
@@ -279,8 +281,10 @@ class _BatchAI(_Converter):
                         f"--mount-root DIR, where node-setup mounts ({NODE_MOUNT_ROOT} unless its `root:` says "
                         "otherwise)")
                     continue
-                if v.get("credentials"):
-                    self.warnings.append(f"{field}.credentials: ignored; the node mount has its own")
+                if v.get("credentials"):  # a key in the job file would travel with it (e.g. shipped as code)
+                    self.errors.append(f"{field}.credentials: account keys are not taken from job files; the node "
+                                       "mount has its own (the cluster's mounts file): remove the credentials")
+                    continue
                 self.warnings.append(
                     f"{field} ({source or rel}): not mounted per job; read at {self.mount_root}/{rel}, the node "
                     f"mount `raybatch node-setup` makes from the cluster's mounts file (relativeMountPath: {rel})")
