@@ -193,3 +193,29 @@ class FakeAutoscalingCluster:
         assert not left, f"leftover pids {left}"
         if os.environ.get("KEEP_TEMP") is None:
             shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+# Ray notices a dead raylet within ~3 s instead of the default ~30 s
+FAST_HEALTH = {"RAY_health_check_initial_delay_ms": "1000", "RAY_health_check_period_ms": "1000",
+               "RAY_health_check_timeout_ms": "1000", "RAY_health_check_failure_threshold": "3"}
+LOW_PRIORITY_LABEL = {"raybatch.io/low-priority": "true"}
+_REPO = Path(__file__).resolve().parents[1]
+
+
+def spot_cloud(worker_node_types: dict, **kwargs) -> FakeAutoscalingCluster:
+    """A started fake_multinode cluster for spot scenarios: Ray notices dead raylets fast,
+    and tests.fake_cloud_provider drops a node whose raylet died from the cloud's list (as
+    Azure deletes an evicted Spot VM), so the autoscaler replaces it."""
+    c = FakeAutoscalingCluster({"CPU": 0}, json.loads(json.dumps(worker_node_types)), dashboard=True,
+                               extra_env={**FAST_HEALTH, "PYTHONPATH": str(_REPO)}, **kwargs)
+    c.config["provider"]["module"] = "tests.fake_cloud_provider.FakeCloudProvider"
+    return c.start()
+
+
+def raylet_pid(cluster: FakeAutoscalingCluster, node_id: str) -> int | None:
+    """The raylet of that node, if this cluster started it (its temp dir in the command line)."""
+    for pid in pids_mentioning(f"--node_id={node_id}"):
+        cmd = _cmdline(pid)
+        if "raylet" in cmd.split(" ")[0] and cluster.temp_dir in cmd:
+            return pid
+    return None

@@ -15,12 +15,10 @@ Nothing leaves loopback. Only pids this test's cluster started are signalled."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -28,19 +26,16 @@ from raybatch.cluster.spot_watch import drain_via_gcs
 from raybatch.config import ray_client_env
 from raybatch.scheduler.cluster import gcs_client
 from tests.conftest import ServerProcess, run_cli, wait_for
-from tests.fake_autoscaling import FakeAutoscalingCluster, _pids_mentioning
+from tests.fake_autoscaling import LOW_PRIORITY_LABEL, raylet_pid, spot_cloud
 
 pytestmark = pytest.mark.timeout(240)
 
-LOW = {"raybatch.io/low-priority": "true"}
+LOW = LOW_PRIORITY_LABEL
 TYPES = {
     "ded": {"resources": {"CPU": 1, "rb_type_ded": 1}, "node_config": {}, "min_workers": 1, "max_workers": 1},
     "spot": {"resources": {"CPU": 1, "rb_type_spot": 1, "raybatch_low_priority": 1}, "labels": LOW,
              "node_config": {}, "min_workers": 1, "max_workers": 1},
 }
-REPO = Path(__file__).resolve().parents[1]
-FAST_HEALTH = {"RAY_health_check_initial_delay_ms": "1000", "RAY_health_check_period_ms": "1000",
-               "RAY_health_check_timeout_ms": "1000", "RAY_health_check_failure_threshold": "3"}
 
 # one step of work a second, a checkpoint after each, and one more on SIGTERM
 CHECKPOINTING = r'''
@@ -65,11 +60,7 @@ print(f"done at step {step}", flush=True)
 @pytest.fixture(scope="module")
 def cluster():
     ray_client_env()
-    c = FakeAutoscalingCluster({"CPU": 0}, json.loads(json.dumps(TYPES)), idle_timeout_minutes=5,
-                               max_workers=2, dashboard=True,
-                               extra_env={**FAST_HEALTH, "PYTHONPATH": str(REPO)})
-    c.config["provider"]["module"] = "tests.fake_cloud_provider.FakeCloudProvider"  # dead raylet: VM gone
-    c.start()
+    c = spot_cloud(TYPES, idle_timeout_minutes=5, max_workers=2)  # a dead raylet: the VM is gone
     yield c
     c.stop()
 
@@ -88,13 +79,6 @@ def _nodes(cluster) -> dict[str, str]:
             if n.ray_node_type_name in TYPES}
 
 
-def _raylet_pid(cluster, node_id: str) -> int | None:
-    """The raylet of that node: started by this cluster (its temp dir in the command line)."""
-    for pid in _pids_mentioning(f"--node_id={node_id}"):
-        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        if "raylet" in cmd.split(" ")[0] and cluster.temp_dir in cmd:
-            return pid
-    return None
 
 
 def _both_types_up(cluster):
@@ -126,7 +110,7 @@ def test_deadlines_on_spot_nodes(cluster, server, tmp_path):
     assert accepted, why
     evicted = wait_for(lambda: (d := client.get(tight.id)).attempts[0].outcome and d, 60, "the eviction")
     assert evicted.attempts[0].outcome == "EVICTED", evicted.attempts[0].reason
-    pid = _raylet_pid(cluster, spot_node)  # the cloud takes the VM
+    pid = raylet_pid(cluster, spot_node)  # the cloud takes the VM
     if pid is not None:
         os.kill(pid, signal.SIGKILL)
 

@@ -34,12 +34,12 @@ from raybatch.config import ray_client_env
 from raybatch.scheduler.cluster import RayClusterView
 from raybatch.scheduler.launches import launch_failures
 from tests.conftest import ServerProcess, wait_for
-from tests.fake_autoscaling import FakeAutoscalingCluster, _pids_mentioning
+from tests.fake_autoscaling import LOW_PRIORITY_LABEL, raylet_pid, spot_cloud
 
 pytestmark = pytest.mark.timeout(240)
 
 RAYBATCH = str(Path(sys.executable).with_name("raybatch"))
-LOW = {"raybatch.io/low-priority": "true"}
+LOW = LOW_PRIORITY_LABEL
 TYPES = {
     "ded": {"resources": {"CPU": 1, "rb_type_ded": 1}, "node_config": {}, "min_workers": 0, "max_workers": 2},
     "spot": {"resources": {"CPU": 1, "rb_type_spot": 1, "raybatch_low_priority": 1}, "labels": LOW,
@@ -48,10 +48,7 @@ TYPES = {
     "spotx": {"resources": {"CPU": 1, "rb_type_spotx": 1, "raybatch_low_priority": 1}, "labels": LOW,
               "node_config": {"fail_launch": "SkuNotAvailable"}, "min_workers": 0, "max_workers": 1},
 }
-REPO = Path(__file__).resolve().parents[1]
 # a lost raylet is noticed in ~3 s instead of ~30 s
-FAST_HEALTH = {"RAY_health_check_initial_delay_ms": "1000", "RAY_health_check_period_ms": "1000",
-               "RAY_health_check_timeout_ms": "1000", "RAY_health_check_failure_threshold": "3"}
 
 CHECKPOINTING = r'''
 import os, pathlib, signal, sys, time
@@ -123,12 +120,7 @@ class _ImdsHandler(BaseHTTPRequestHandler):
 @pytest.fixture(scope="module")
 def spot_cluster():
     ray_client_env()
-    c = FakeAutoscalingCluster({"CPU": 0}, json.loads(json.dumps(TYPES)), idle_timeout_minutes=0.1,
-                               max_workers=4, dashboard=True,
-                               extra_env={**FAST_HEALTH, "PYTHONPATH": str(REPO)})
-    # nodes whose raylet died leave the cloud's list; "spotx" cannot launch
-    c.config["provider"]["module"] = "tests.fake_cloud_provider.FakeCloudProvider"
-    c.start()
+    c = spot_cloud(TYPES, idle_timeout_minutes=0.1, max_workers=4)  # dead raylets leave; "spotx" cannot launch
     yield c
     c.stop()
 
@@ -141,13 +133,6 @@ def spot_server(spot_cluster, tmp_path_factory):
     s.stop()
 
 
-def _raylet_pid(cluster, node_id: str) -> int | None:
-    """The raylet of that node: started by this cluster (its temp dir in the command line)."""
-    for pid in _pids_mentioning(f"--node_id={node_id}"):
-        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        if "raylet" in cmd.split(" ")[0] and cluster.temp_dir in cmd:
-            return pid
-    return None
 
 
 def _node_type(cluster, node_id: str) -> str | None:
@@ -191,7 +176,7 @@ def test_spot_evictions(spot_cluster, spot_server, tmp_path):
     assert _node_type(spot_cluster, spot_node) == "spot" and _node_type(spot_cluster, ded_node) == "ded"
 
     # (b) a dedicated node lost without notice
-    ded_raylet = _raylet_pid(spot_cluster, ded_node)
+    ded_raylet = raylet_pid(spot_cluster, ded_node)
     assert ded_raylet is not None
     os.kill(ded_raylet, signal.SIGKILL)
 
@@ -205,7 +190,7 @@ def test_spot_evictions(spot_cluster, spot_server, tmp_path):
     try:
         wait_for(lambda: any(r[1].startswith("/metadata/scheduledevents") for r in imds.requests), 30,
                  "the watcher's first poll")
-        assert _raylet_pid(spot_cluster, spot_node) is not None  # nothing drained without an event
+        assert raylet_pid(spot_cluster, spot_node) is not None  # nothing drained without an event
         notice_at = time.time()
         imds.preempt(not_before=notice_at + 30)
         wait_for(lambda: "drained Ray node" in watch_log.read_text(), 15, "the watcher to drain the node")
@@ -225,7 +210,7 @@ def test_spot_evictions(spot_cluster, spot_server, tmp_path):
     assert watch_log.read_text().count("drained Ray node") == 1
     assert all(method == "GET" and header == "true" for method, _, header in imds.requests), imds.requests
     # the cloud takes the VM (the drained raylet may already have exited: idle after the drain)
-    pid = _raylet_pid(spot_cluster, spot_node)
+    pid = raylet_pid(spot_cluster, spot_node)
     if pid is not None:
         os.kill(pid, signal.SIGKILL)
 
