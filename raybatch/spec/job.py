@@ -128,6 +128,12 @@ def _location(v: Optional[str]) -> Optional[str]:
     return v
 
 
+def split_package(package: str) -> tuple[str, Optional[str]]:
+    """An uploaded input's ``package``, ``<sha256>[/<file name>]``: (sha256, file name or None)."""
+    sha, _, name = package.partition("/")
+    return sha, name or None
+
+
 class InputSpec(_Strict):
     """A declared input; the process sees its local path (or URI) as RAYBATCH_INPUT_<ID>."""
 
@@ -170,7 +176,7 @@ class InputSpec(_Strict):
             self.mode = "direct" if parse_location(self.path).is_local else "download"
         if self.package is not None and self.mode != "upload":
             raise ValueError(f"package: only an input with mode upload has one (this one is {self.mode})")
-        if self.package is not None and self.package.partition("/")[2] in (".", ".."):
+        if self.package is not None and split_package(self.package)[1] in (".", ".."):
             raise ValueError(f"package: {self.package!r}: the file name after the sha256 cannot be '.' or '..'")
         return self
 

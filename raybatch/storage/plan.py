@@ -26,7 +26,7 @@ import posixpath
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
-from raybatch.spec.job import JobSpec
+from raybatch.spec.job import JobSpec, split_package
 from raybatch.spec.location import parse
 from raybatch.storage.datastores import Access, Datastores
 
@@ -181,7 +181,7 @@ def upload_access(ident: str, package: Optional[str], package_zip: Optional[Call
     if not package or package_zip is None:
         raise LocationError(f"input '{ident}': mode upload, but no uploaded package is named "
                             "(submit the job with `raybatch submit` or raybatch.Client, which upload it)")
-    return Access("upload", str(package_zip(package.split("/", 1)[0])), uri=f"upload://{package}")
+    return Access("upload", str(package_zip(split_package(package)[0])), uri=f"upload://{package}")
 
 
 def resolve_attempt(spec: JobSpec, job_dir: str, datastores: Datastores,

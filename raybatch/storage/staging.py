@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional, TypeVar
 
+from raybatch.spec.job import split_package
 from raybatch.storage.backends import Backend, Entry, Progress, StorageError, parallel
 from raybatch.storage.datastores import Access
 
@@ -223,7 +224,7 @@ class InputCache:
 
 def upload_sha(uri: str) -> str:
     """The sha256 in ``upload://<sha>[/<file name>]``."""
-    return uri[len("upload://"):].split("/", 1)[0]
+    return split_package(uri.removeprefix("upload://"))[0]
 
 
 class UploadedInput(Backend):
@@ -237,8 +238,7 @@ class UploadedInput(Backend):
         for name in self.zip.namelist():  # the server checked them (and the size) on upload
             if os.path.isabs(name) or os.path.normpath(name).split(os.sep)[0] == "..":
                 raise StorageError(uri, f"unsafe path in the uploaded input: {name}")
-        rest = uri[len("upload://"):].split("/", 1)
-        self.file_name = rest[1] if len(rest) > 1 else None
+        self.file_name = split_package(uri.removeprefix("upload://"))[1]
 
     def _member(self, rel: str) -> str:
         return self.file_name if rel == "" and self.file_name else rel

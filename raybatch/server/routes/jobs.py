@@ -15,7 +15,7 @@ from raybatch.runtime.code import has_package
 from raybatch.runtime.protocol import Phase
 from raybatch.runtime.items import ItemStore
 from raybatch.server.common import array_spec, backend_for, job_or_404, sweep_spec
-from raybatch.spec.job import JobSpec
+from raybatch.spec.job import JobSpec, split_package
 from raybatch.state.states import InvalidTransition, JobState
 from raybatch.storage import plan as storage_plan
 from raybatch.storage.backends import StorageError
@@ -90,7 +90,7 @@ def admission(ctx: ServerContext, req: SubmitRequest, where: str = "") -> dict[s
             raise HTTPException(status.HTTP_400_BAD_REQUEST,
                                 f"{where}inputs.{ident}: mode upload, but no package was uploaded for it (submit "
                                 "with `raybatch submit` or raybatch.Client, which upload it)")
-        if inp.mode == "upload" and not has_package(ctx.code_root, inp.package.split("/", 1)[0]):
+        if inp.mode == "upload" and not has_package(ctx.code_root, split_package(inp.package)[0]):
             raise HTTPException(status.HTTP_400_BAD_REQUEST,
                                 f"{where}inputs.{ident}.package: {inp.package} was not uploaded (PUT /inputs/<sha>)")
     never = ctx.scheduler.never_runs(spec)
