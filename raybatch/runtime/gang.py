@@ -161,9 +161,10 @@ class Gang:
                                                     self.spec.grace_period, x.files, x.metrics)
         return dict(zip(starts, ray.get(list(starts.values()))))
 
-    def terminate(self, grace: float, only: Optional[set[int]] = None) -> dict[int, Optional[int]]:
+    def terminate(self, grace: float, only: Optional[set[int]] = None) -> dict[int, tuple[Optional[int], bool]]:
         """SIGTERM -> ``grace`` -> SIGKILL to the ranks' process groups (``only`` these
-        ranks); rank -> the exit code of what it stopped, for those that answered."""
+        ranks); rank -> (the exit code of what it stopped, whether it still ran when
+        signalled), for those that answered."""
         refs = {a.terminate.remote(grace): i for i, a in enumerate(self.actors) if only is None or i in only}
         codes = {}
         for ref, i in refs.items():

@@ -370,9 +370,11 @@ class RankActor:
         if handle in self._execs:
             _stop_group(self._execs[handle][0], grace)
 
-    def terminate(self, grace: float) -> Optional[int]:
+    def terminate(self, grace: float) -> tuple[Optional[int], bool]:
         """SIGTERM the whole process group, wait ``grace`` seconds, then SIGKILL (and the
-        same for processes started for mpirun); a held rank is released."""
+        same for processes started for mpirun); a held rank is released. Returns the
+        command's exit code and whether it was still running when it was signalled (one that
+        had already exited ended on its own, whatever stopped the others)."""
         for proc, _ended in list(self._execs.values()):
             _stop_group(proc, grace)
         if self._agent_server is not None:
@@ -380,28 +382,30 @@ class RankActor:
         self._released.set()
         proc = self.proc
         if proc is None:
-            return None
-        code = _stop_group(proc, grace)
+            return None, False
+        code, signalled = _stop_group(proc, grace)
         for t in self.threads:
             t.join(timeout=5)
         self._finish_metrics()
         if self.watchdog is not None and self.watchdog.poll() is None:
             self.watchdog.kill()
             self.watchdog.wait()
-        return exit_code_of(code)
+        return exit_code_of(code), signalled
 
 
-def _stop_group(proc: subprocess.Popen, grace: float) -> int:
+def _stop_group(proc: subprocess.Popen, grace: float) -> tuple[int, bool]:
     """SIGTERM the process's group, wait ``grace`` seconds, SIGKILL the group (it may hold
-    children after the leader exited); the leader's return code."""
-    if proc.poll() is None:
+    children after the leader exited); the leader's return code, and whether the leader
+    was still running when it got the SIGTERM."""
+    signalled = proc.poll() is None
+    if signalled:
         _killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(grace)
         except subprocess.TimeoutExpired:
             pass
     _killpg(proc.pid, signal.SIGKILL)
-    return proc.wait()
+    return proc.wait(), signalled
 
 
 def _killpg(pgid: int, sig: int) -> None:

@@ -48,6 +48,7 @@ def watch(gang: Gang, ranks: list[RankReport], framework: Framework, deadline: f
     waiting = set(range(len(gang.actors)))
     leader_ends = framework.ends_with_rank0(spec)
     outcome: Optional[Outcome] = None
+    stopped = False  # the outcome is a stop from outside the ranks: a request, a stall, the clock
     grace = spec.grace_period
     next_stall_check = time.monotonic() + STALL_CHECK_S
     for done in as_completed(waits, WAIT_TICK_S):
@@ -87,7 +88,7 @@ def watch(gang: Gang, ranks: list[RankReport], framework: Framework, deadline: f
             outcome = Outcome(AttemptOutcome.SUCCEEDED, 0, f"all {len(gang.actors) - len(idle)} "
                               f"running rank(s) exited 0")
         if outcome is None and (stop := stop_request()) is not None:
-            outcome = stop
+            outcome, stopped = stop, True
             grace = stop.grace(grace)  # an eviction's notice may be shorter than the grace period
             if stop.kind is AttemptOutcome.DRIVER_LOST:
                 # `ray job stop` SIGKILLs this driver 3 s after its SIGTERM: be quick, and
@@ -96,20 +97,38 @@ def watch(gang: Gang, ranks: list[RankReport], framework: Framework, deadline: f
         if outcome is None and spec.stall_timeout and time.monotonic() > next_stall_check:
             next_stall_check = time.monotonic() + STALL_CHECK_S
             outcome = check_stall(gang, running, spec.stall_timeout)
+            stopped = outcome is not None
         if outcome is None and time.monotonic() > deadline:
-            outcome = Outcome(AttemptOutcome.TIMEOUT, None,
-                              timeout_reason or f"exceeded max_wall_clock ({spec.max_wall_clock:.0f} s)")
+            outcome, stopped = Outcome(AttemptOutcome.TIMEOUT, None, timeout_reason or
+                                       f"exceeded max_wall_clock ({spec.max_wall_clock:.0f} s)"), True
         if outcome is not None and waiting:
             if running:
                 log(f"{outcome.message}; stopping {len(running)} other rank(s), grace {grace:.0f} s")
                 report(Phase.STOPPING, reason=outcome.message)
-            for j, code in gang.terminate(grace, only=waiting).items():
+            ended_alone = set()  # ranks that had exited before the signal
+            for j, (code, signalled) in gang.terminate(grace, only=waiting).items():
                 if code is not None:
                     ranks[j].exit_code = code
+                if not signalled:
+                    ended_alone.add(j)
+            if stopped:
+                outcome = finished_first(outcome, running, ended_alone, ranks, leader_ends)
             break
     if outcome is None:  # every rank's wait ended without a verdict: only idle ranks
         outcome = Outcome(AttemptOutcome.SUCCEEDED, 0, f"all {len(gang.actors)} ranks exited 0")
     return outcome
+
+
+def finished_first(stop: Outcome, running: set[int], ended_alone: set[int], ranks: list[RankReport],
+                   leader_ends: bool) -> Outcome:
+    """The outcome of an attempt stopped from outside whose ranks had all exited 0 before
+    the stop reached them (their exits were not yet seen): it succeeded, it was not stopped.
+    Otherwise a task whose work was done and whose outputs are written would run again."""
+    def clean(j: int) -> bool:
+        return j in ended_alone and ranks[j].exit_code == 0
+    if (leader_ends and 0 in running and clean(0)) or (running and all(clean(j) for j in running)):
+        return Outcome(AttemptOutcome.SUCCEEDED, 0, f"the ranks had exited 0 before the stop ({stop.message})")
+    return stop
 
 
 def lost_outcome(error: RayActorError, who: str, node_id: Optional[str]) -> Outcome:
