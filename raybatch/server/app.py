@@ -22,6 +22,7 @@
     GET  /api/v1/datastores                the server's datastores (never a secret)
     GET  /api/v1/nodes[/status]            the cluster's nodes: state since when, reason, jobs; counts
     GET  /api/v1/cost                      node-hours, idle hours, hours lost to evictions (?by=&since=)
+    POST /api/v1/login-codes               a one-time code that logs a browser in (server/login.py)
 
 The routes live in raybatch/server/routes/, one module per group of this table:
 health, cluster (cluster, scheduler, queue), code, jobs (submit to logs), items, trials (and
@@ -34,7 +35,7 @@ server's datastore credentials: clients never need storage keys.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,8 @@ from raybatch import __version__
 from raybatch.config import API_PREFIX
 from raybatch.scheduler.loop import Scheduler
 from raybatch.server.auth import bearer_dependency
-from raybatch.server.routes import cluster, code, cost, files, health, items, jobs, nodes, trials
+from raybatch.server.login import LoginCodes
+from raybatch.server.routes import cluster, code, cost, files, health, items, jobs, login, nodes, trials
 from raybatch.state.store import Store
 from raybatch.storage.datastores import Datastores
 
@@ -56,12 +58,13 @@ class ServerContext:
     jobs_root: str              # a path or a blob location
     code_root: Path
     datastores: Any = Datastores  # () -> the current Datastores (re-read when its file changes)
+    login_codes: LoginCodes = field(default_factory=LoginCodes)  # one-time browser logins
 
 
 def create_app(ctx: ServerContext, token: str) -> FastAPI:
     app = FastAPI(title="raybatch", version=__version__)
     auth = [Depends(bearer_dependency(token))]
     app.include_router(health.router(ctx), prefix=API_PREFIX)  # the one route without auth
-    for routes in (cluster, code, jobs, items, trials, files, nodes, cost):
+    for routes in (cluster, code, jobs, items, trials, files, nodes, cost, login):
         app.include_router(routes.router(ctx), prefix=API_PREFIX, dependencies=auth)
     return app

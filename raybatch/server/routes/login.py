@@ -1,0 +1,34 @@
+"""POST /api/v1/login-codes: a one-time code for a browser (raybatch/server/login.py)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from fastapi import APIRouter, HTTPException
+from pydantic import BaseModel, Field
+
+from raybatch.server.login import CODE_TTL_S
+
+
+class LoginCodeRequest(BaseModel):
+    next: str = Field("/web/", max_length=2000, description="where the browser lands: a path on this server "
+                      "(web) or on the Ray dashboard (ray-dashboard)")
+    kind: Literal["web", "ray-dashboard"] = "web"
+
+
+class LoginCode(BaseModel):
+    url: str = Field(description="the path to open on this server; it works once")
+    expires_in: float
+
+
+def router(ctx) -> APIRouter:
+    r = APIRouter()
+
+    @r.post("/login-codes", response_model=LoginCode)
+    async def create_login_code(req: LoginCodeRequest) -> LoginCode:
+        if not req.next.startswith("/") or req.next.startswith("//") or "\\" in req.next:
+            raise HTTPException(400, f"next: {req.next!r} is not a path on this server (it must start with one '/')")
+        code = ctx.login_codes.issue(req.next, req.kind)
+        return LoginCode(url=f"/login/{code}", expires_in=CODE_TTL_S)
+
+    return r
