@@ -92,6 +92,21 @@ def test_failing_rank_fails_job_with_its_exit_code(client):
     assert done.ended_at - done.started_at < 60
 
 
+def test_a_rank_that_cannot_be_spawned_is_the_jobs_error_in_one_plain_line(client):
+    # the kernel refuses any one argument or environment string over 128 KiB (E2BIG): the
+    # exec fails in the rank actor. It was recorded as NODE_LOST, retried 4 times on the
+    # infrastructure budget, with a coloured traceback for a reason.
+    sub = job(client, name="e2big", nodes=2, command="echo never", environment={"HUGE": "x" * 200_000},
+              retries={"user": 1})
+    done = client.wait(sub.id, timeout=120)
+    assert done.state == "FAILED", done.reason
+    assert [a.outcome for a in done.attempts] == ["USER_ERROR", "USER_ERROR"]  # the user budget, not infra
+    for reason in [done.reason, *(a.reason for a in done.attempts)]:
+        assert "\n" not in reason and "\x1b" not in reason and "Traceback" not in reason, reason
+    assert "could not be started" in done.reason and "Argument list too long" in done.reason
+    assert "the environment variable HUGE, 200005 bytes" in done.reason
+
+
 def test_cancel_stops_every_process_and_frees_the_gang(client, ray_cluster):
     # rank 1 ignores SIGTERM: it must be SIGKILLed after the grace period
     cmd = ('if [ "$RANK" = 1 ]; then trap "" TERM; fi; echo started; '

@@ -36,10 +36,11 @@ from ray.exceptions import RayActorError, RayError
 
 from raybatch import frameworks
 from raybatch.runtime import setup, watch
-from raybatch.runtime.gang import Gang
+from raybatch.runtime.gang import Gang, cause_of
 from raybatch.runtime.launch import AttemptDirs, RankLaunch, plan_ranks
 from raybatch.runtime.protocol import (
-    AttemptFile, ControlDir, Outcome, Phase, RankReport, Report, ray_job_id, read_json,
+    AttemptFile, ControlDir, Outcome, Phase, RankReport, Report, SpawnError, plain_reason, ray_job_id,
+    read_json,
 )
 from raybatch.state.states import AttemptOutcome
 from raybatch.storage.plan import AttemptStorage
@@ -111,6 +112,7 @@ class Attempt:
 
     def ended(self, outcome: Outcome, **extra: Any) -> int:
         """The last words of every driver: log and report how the attempt ended; its exit status."""
+        outcome = Outcome(outcome.kind, outcome.exit_code, plain_reason(outcome.message), outcome.deadline)
         self.log(f"attempt {self.n} ended: {outcome.kind.value}: {outcome.message}")
         self.report(Phase.DONE, outcome=outcome.kind, exit_code=outcome.exit_code, message=outcome.message,
                     lost_nodes=sorted(self.lost_nodes), **extra)
@@ -227,14 +229,17 @@ class Attempt:
                     break
             else:
                 outcome = self.watch()
+        except SpawnError as e:  # the job's own error (its command or environment), not its nodes'
+            outcome = Outcome(AttemptOutcome.USER_ERROR, None, str(e))
         except RayActorError as e:
             traceback.print_exc()
             lost = watch.lost_outcome(e, "a rank", None)
-            outcome = Outcome(lost.kind, None, f"{lost.message}, while starting: {e}")
+            outcome = Outcome(lost.kind, None, f"{lost.message}, while starting: {type(e).__name__}")
         except Exception as e:  # noqa: BLE001
-            traceback.print_exc()
+            traceback.print_exc()  # the whole story goes to the driver log; the reason is one line
+            cause = cause_of(e) if isinstance(e, RayError) else e
             outcome = Outcome(AttemptOutcome.START_FAILED if not self.ranks else AttemptOutcome.NODE_LOST,
-                              None, f"driver error: {type(e).__name__}: {e}")
+                              None, f"driver error: {type(cause).__name__}: {cause} (the driver log has the traceback)")
         finally:
             try:
                 if self.ranks and self.synced is None:

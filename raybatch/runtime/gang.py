@@ -13,11 +13,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Generic, Iterator, Optional, TypeVar
 
 import ray
-from ray.exceptions import RayActorError, RayError
+from ray.exceptions import RayActorError, RayError, RayTaskError
 from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from raybatch.runtime import environment
+from raybatch.runtime.protocol import SpawnError
 from raybatch.runtime.rank import RankActor
 from raybatch.spec.job import JobSpec
 
@@ -151,7 +152,7 @@ class Gang:
     def start(self, launches: list["RankLaunch"]) -> dict[int, Optional[int]]:
         """Every rank's process (a rank with nothing to run holds its share of the node);
         rank -> its pid."""
-        starts = {}
+        starts, spawn = {}, None
         for x in launches:
             actor = self.actors[x.rank]
             if x.argv is None:
@@ -159,7 +160,17 @@ class Gang:
             else:
                 starts[x.rank] = actor.start.remote(x.argv, x.env, x.cwd, x.log_dir, x.make_dirs,
                                                     self.spec.grace_period, x.files, x.metrics)
-        return dict(zip(starts, ray.get(list(starts.values()))))
+        pids = {}
+        for rank, ref in starts.items():  # every start answers, so none is left half done
+            try:
+                pids[rank] = ray.get(ref)
+            except RayTaskError as e:
+                if not isinstance(cause_of(e), SpawnError):
+                    raise
+                spawn = spawn or SpawnError(f"rank {rank}: {cause_of(e)}")
+        if spawn is not None:
+            raise spawn
+        return pids
 
     def terminate(self, grace: float, only: Optional[set[int]] = None) -> dict[int, tuple[Optional[int], bool]]:
         """SIGTERM -> ``grace`` -> SIGKILL to the ranks' process groups (``only`` these

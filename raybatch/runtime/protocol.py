@@ -15,6 +15,7 @@ from __future__ import annotations
 import enum
 import json
 import os
+import re
 import tempfile
 import time
 from dataclasses import dataclass
@@ -105,6 +106,24 @@ class Outcome:
         if self.deadline is None:
             return grace_period
         return max(0.0, min(grace_period, self.deadline - time.time()))
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07")
+REASON_MAX = 1000
+
+
+def plain_reason(text: str) -> str:
+    """A reason as the job's history shows it: one plain line (no terminal colours, no
+    traceback lines), at most ``REASON_MAX`` characters. Tracebacks go to the driver log."""
+    text = _ANSI.sub("", text or "")
+    text = " ".join(part.strip() for part in text.splitlines() if part.strip())
+    return text if len(text) <= REASON_MAX else text[:REASON_MAX - 1] + "…"
+
+
+class SpawnError(RuntimeError):
+    """A rank's process could not be started (the kernel refused the exec: an argument or
+    environment past its limit, a missing interpreter, no permission): the job's own error,
+    not its node's. Raised in the rank actor, re-raised by ``Gang.start`` unwrapped."""
 
 
 class SlotGrant(BaseModel):

@@ -9,7 +9,9 @@ the user's process group, so no user process outlives its attempt."""
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -24,6 +26,7 @@ import ray
 
 from raybatch.runtime.code import CodeCache
 from raybatch.runtime.metrics import MetricCollector
+from raybatch.runtime.protocol import SpawnError
 from raybatch.storage.backends import open_backend
 from raybatch.storage.datastores import Access
 from raybatch.storage.plan import AttemptStorage
@@ -163,11 +166,15 @@ class RankActor:
         self.metrics = MetricCollector(metrics["store"], metrics["file"], metrics.get("mlflow_db"),
                                        metrics.get("regex")).start() if metrics else None
         with self._lock:
-            self.proc = subprocess.Popen(
-                argv, env=child_env, cwd=cwd or os.getcwd(), stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-                preexec_fn=_in_child,
-            )
+            try:
+                self.proc = subprocess.Popen(
+                    argv, env=child_env, cwd=cwd or os.getcwd(), stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                    preexec_fn=_in_child,
+                )
+            except (OSError, subprocess.SubprocessError) as e:
+                self._finish_metrics()
+                raise SpawnError(spawn_words(e, argv, child_env)) from None
         pid = self.proc.pid
         self._activity[0] = time.monotonic()
         for src, name, mirror in ((self.proc.stdout, "stdout", sys.stdout.buffer),
@@ -391,6 +398,19 @@ class RankActor:
             self.watchdog.kill()
             self.watchdog.wait()
         return exit_code_of(code), signalled
+
+
+def spawn_words(error: BaseException, argv: list[str], env: dict[str, str]) -> str:
+    """Why the kernel refused to start a rank, in words a user can act on."""
+    what = f"{type(error).__name__}: {getattr(error, 'strerror', None) or error}"
+    if isinstance(error, OSError) and error.errno == errno.E2BIG:
+        largest = max([*((len(a), "an argument of the command") for a in argv),
+                       *((len(k) + len(v) + 1, f"the environment variable {k}") for k, v in env.items())])
+        total = sum(len(a) + 1 for a in argv) + sum(len(k) + len(v) + 2 for k, v in env.items())
+        return (f"the rank's process could not be started: {what} (command + environment {total} bytes; "
+                f"the largest is {largest[1]}, {largest[0]} bytes; Linux refuses any one over 131072 bytes "
+                "and all of them together over its ARG_MAX)")
+    return f"the rank's process could not be started: {what} (command {shlex.join(argv)[:200]!r})"
 
 
 def _stop_group(proc: subprocess.Popen, grace: float) -> tuple[int, bool]:

@@ -23,7 +23,7 @@ from ray.exceptions import RayActorError, RayError
 from raybatch.runtime import setup, watch
 from raybatch.runtime.gang import Gang, cause_of
 from raybatch.runtime.launch import AttemptDirs, RankLaunch
-from raybatch.runtime.protocol import Outcome, RankReport, SlotGrant, SlotReport, ray_job_id
+from raybatch.runtime.protocol import Outcome, RankReport, SlotGrant, SlotReport, SpawnError, ray_job_id
 from raybatch.state.states import AttemptOutcome
 from raybatch.storage.backends import StorageError
 
@@ -199,9 +199,11 @@ class Slot:
                 started = time.time()
                 try:
                     outcome = self.run_unit(task, run)
+                except SpawnError as e:  # the unit's own error (its command or environment)
+                    outcome = Outcome(AttemptOutcome.USER_ERROR, None, str(e))
                 except RayActorError as e:
                     died = watch.lost_outcome(e, "a rank", None)
-                    outcome = Outcome(died.kind, None, f"{died.message}: {e}")
+                    outcome = Outcome(died.kind, None, f"{died.message}: {type(e).__name__}")
                 except RayError as e:  # staging an item, restoring its checkpoints
                     cause = cause_of(e)
                     transient = isinstance(cause, StorageError) and cause.transient
