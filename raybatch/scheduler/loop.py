@@ -24,7 +24,7 @@ from typing import Any, Optional
 
 from raybatch.errors import SpecError
 from raybatch.runtime.launcher import AttemptSetupError, RayJobLauncher
-from raybatch.runtime.protocol import Phase, Report, ray_job_id
+from raybatch.runtime.protocol import Phase, Report, plain_reason, ray_job_id
 from raybatch.scheduler import fit, policy
 from raybatch.scheduler.cluster import RayClusterView
 from raybatch.scheduler.deadline_jobs import DeadlineJobs
@@ -34,7 +34,7 @@ from raybatch.scheduler.simulate import SimJob, simulate
 from raybatch.spec.job import JobSpec
 from raybatch.spec.policy import SchedulerPolicy, load_policy
 from raybatch.state.states import AttemptOutcome, InvalidTransition, JobState, preempted_words
-from raybatch.state.store import SLOT_GRANTED, SLOT_REVOKED, Store
+from raybatch.state.store import SLOT_GRANTED, SLOT_REVOKED, Step, Store
 
 log = logging.getLogger("raybatch.scheduler")
 STOP_ESCALATION_S = 30.0  # beyond the job's grace period, before `ray job stop`
@@ -245,16 +245,16 @@ class Scheduler:
                         outcome, message = AttemptOutcome.EVICTED, f"{message} ({notice})"
         elif ray_state.status == "MISSING" and report is None:
             # the server died before the Ray job was submitted: nothing ran, nothing is charged
-            self.store.update_attempt(job_id, n, ended_at=time.time(),
-                                      outcome=AttemptOutcome.START_FAILED.value,
-                                      reason="the Ray job was never submitted")
             self._attempt_over(job_id, n)
+            ended = (n, dict(ended_at=time.time(), outcome=AttemptOutcome.START_FAILED.value,
+                             reason="the Ray job was never submitted"))
             if job["cancel_requested"]:
-                self.store.transition(job_id, JobState.CANCELLED, "cancelled by user before it started")
+                self.store.chain(job_id, [Step(JobState.CANCELLED, "cancelled by user before it started")],
+                                 attempt=ended)
                 return
-            self.store.transition(job_id, JobState.RESTARTING, "attempt's Ray job was never submitted",
-                                  preempt_requested=None)
-            self.store.transition(job_id, JobState.QUEUED, "requeued")
+            self.store.chain(job_id, [Step(JobState.RESTARTING, "attempt's Ray job was never submitted",
+                                           {"preempt_requested": None}),
+                                      Step(JobState.QUEUED, "requeued")], attempt=ended)
             return
         else:
             outcome, code = AttemptOutcome.DRIVER_LOST, None
@@ -306,12 +306,12 @@ class Scheduler:
                     message: str) -> None:
         """One way to end an attempt; the retry policy picks the job's next state."""
         job_id, n = job["id"], job["attempt"]
+        message = plain_reason(message)  # one line: Ray's messages may carry a traceback
         now = time.time()
         self._attempt_over(job_id, n)  # an array job's slots end with its attempt
         if self.evictions is not None:
             self.evictions.forget(job_id, n)
-        self.store.update_attempt(job_id, n, ended_at=now, outcome=outcome.value,
-                                  exit_code=code, reason=message)
+        ended = (n, dict(ended_at=now, outcome=outcome.value, exit_code=code, reason=message))
         spec = self.spec_of(job)
         if outcome == AttemptOutcome.PREEMPTED and job["preempted_by"]:
             # Ray's view shows the victim's nodes busy a moment longer: its head must not
@@ -321,46 +321,41 @@ class Scheduler:
         # a stall is the user's: it draws on the user budget, whatever the exit code filter
         user_failure = outcome in (AttemptOutcome.USER_ERROR, AttemptOutcome.STALLED)
         retryable = outcome == AttemptOutcome.STALLED or spec.retries.retries_user_error(code)
+        # the attempt's end and the job's next states: one transaction (Store.chain)
         if outcome == AttemptOutcome.SUCCEEDED:
-            self.store.transition(job_id, JobState.SUCCEEDED, reason, exit_code=0)
+            steps = [Step(JobState.SUCCEEDED, reason, {"exit_code": 0})]
         elif outcome == AttemptOutcome.CANCELLED:
-            self.store.transition(job_id, JobState.CANCELLED, reason, exit_code=code)
+            steps = [Step(JobState.CANCELLED, reason, {"exit_code": code})]
         elif outcome == AttemptOutcome.PREEMPTED:
-            self.store.transition(job_id, JobState.PREEMPTED, reason, preempt_requested=None,
-                                  preemptions=job["preemptions"] + 1)
-            self.store.transition(job_id, JobState.QUEUED,
-                                  "requeued after preemption: it keeps its place in the queue and "
-                                  "resumes from its checkpoint dir")
+            steps = [Step(JobState.PREEMPTED, reason, {"preempt_requested": None,
+                                                        "preemptions": job["preemptions"] + 1}),
+                     Step(JobState.QUEUED, "requeued after preemption: it keeps its place in the queue and "
+                                           "resumes from its checkpoint dir")]
         elif outcome == AttemptOutcome.EVICTED and not spec.retries.evictions_exhausted(job["evictions"]):
             limit = spec.retries.evictions
             count = f" {job['evictions'] + 1} of {limit}" if limit is not None else f" {job['evictions'] + 1}"
-            self.store.transition(job_id, JobState.PREEMPTED, reason, evictions=job["evictions"] + 1)
-            self.store.transition(job_id, JobState.QUEUED,
-                                  f"requeued after eviction{count}: it keeps its place in the queue and "
-                                  "resumes from its checkpoint dir")
+            steps = [Step(JobState.PREEMPTED, reason, {"evictions": job["evictions"] + 1}),
+                     Step(JobState.QUEUED, f"requeued after eviction{count}: it keeps its place in the queue "
+                                           "and resumes from its checkpoint dir")]
         elif outcome.is_infrastructure and job["infra_retries"] < spec.retries.infrastructure:
             used = job["infra_retries"] + 1
-            self.store.transition(job_id, JobState.RESTARTING, reason, infra_retries=used)
-            self.store.transition(
-                job_id, JobState.QUEUED,
-                f"requeued: infrastructure retry {used} of {spec.retries.infrastructure}",
-            )
+            steps = [Step(JobState.RESTARTING, reason, {"infra_retries": used}),
+                     Step(JobState.QUEUED, f"requeued: infrastructure retry {used} of {spec.retries.infrastructure}")]
         elif user_failure and retryable and job["user_retries"] < spec.retries.user:
             used = job["user_retries"] + 1
-            self.store.transition(job_id, JobState.RESTARTING, reason, user_retries=used)
-            self.store.transition(
-                job_id, JobState.QUEUED, f"requeued: user-error retry {used} of {spec.retries.user}"
-            )
+            steps = [Step(JobState.RESTARTING, reason, {"user_retries": used}),
+                     Step(JobState.QUEUED, f"requeued: user-error retry {used} of {spec.retries.user}")]
         else:
             if user_failure and not retryable:
                 reason += f" (exit code {code} is not in retries.user_exit_codes)"
             elif outcome.is_infrastructure or user_failure:
                 reason += " (no retries left)"
-            elif outcome == AttemptOutcome.EVICTED:
+            failed = {"exit_code": code if code is not None else 1}
+            if outcome == AttemptOutcome.EVICTED:
                 reason += f" (evicted {job['evictions'] + 1} time(s): retries.evictions is {spec.retries.evictions})"
-                self.store.update_job(job_id, evictions=job["evictions"] + 1)
-            self.store.transition(job_id, JobState.FAILED, reason,
-                                  exit_code=code if code is not None else 1)
+                failed["evictions"] = job["evictions"] + 1
+            steps = [Step(JobState.FAILED, reason, failed)]
+        self.store.chain(job_id, steps, attempt=ended)
         self.wake()
 
     # ---- array jobs' slots -------------------------------------------------------
@@ -644,10 +639,9 @@ class Scheduler:
             self._attempt_over(job["id"], n)
             log.warning("submitting %s attempt %d failed: %s", job["id"], n, e)
             message = f"could not submit the Ray job: {type(e).__name__}: {e}"
-            self.store.update_attempt(job["id"], n, ended_at=time.time(),
-                                      outcome=AttemptOutcome.START_FAILED.value, reason=message)
-            self.store.transition(job["id"], JobState.RESTARTING, message)
-            self.store.transition(job["id"], JobState.QUEUED, "requeued")
+            self.store.chain(job["id"], [Step(JobState.RESTARTING, message), Step(JobState.QUEUED, "requeued")],
+                             attempt=(n, dict(ended_at=time.time(), outcome=AttemptOutcome.START_FAILED.value,
+                                              reason=message)))
             self._submit_failures += 1
             self._submit_retry_at = time.monotonic() + min(60.0, 2.0 ** self._submit_failures)
             return False

@@ -119,6 +119,9 @@ def build(state_dir: Path, ray_address: str, dashboard_url: str, jobs_root: str 
     scheduler.load_policy()
     if scheduler.policy_error:
         raise SystemExit(scheduler.policy_error)
+    stranded = store.requeue_stranded()  # a chain a crash left half done goes on to QUEUED
+    if stranded:
+        log.warning("requeued %d job(s) left RESTARTING or PREEMPTED: %s", len(stranded), ", ".join(stranded[:20]))
     from raybatch.scheduler.nodes import NodeRecorder  # noqa: PLC0415
 
     if watcher is not None:

@@ -12,6 +12,8 @@ import secrets
 import sqlite3
 import threading
 import time
+from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
@@ -162,6 +164,14 @@ _ADDED_COLUMNS = (
 _MUTABLE_JOB_FIELDS = frozenset(_JOB_COLUMNS) - {"seq", "id", "spec", "submitted_at"}
 
 
+BUSY_TIMEOUT_MS = 1000
+
+
+class StoreBusy(sqlite3.OperationalError):
+    """The store cannot take a write now (another thread holds it, or another process
+    holds the database): nothing was written. The API answers 503."""
+
+
 def new_job_id() -> str:
     return "rb-" + secrets.token_hex(4)
 
@@ -180,7 +190,9 @@ class Store:
         self._db.row_factory = _row
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")  # durable across process crashes in WAL
-        self._db.execute("PRAGMA busy_timeout=5000")
+        # another process holding the database (a locked file, a backup) fails a write after
+        # this long, not 5 s: the scheduler retries next cycle, the API answers 503
+        self._db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
         self._migrate()
         self._db.executescript(SCHEMA)
 
@@ -196,8 +208,8 @@ class Store:
             self._db.close()
 
     # ---- helpers ----------------------------------------------------------
-    def _tx(self):
-        return _Transaction(self)
+    def _tx(self, wait: Optional[float] = None):
+        return _Transaction(self, wait)
 
     def _one(self, sql: str, args: Iterable[Any] = ()) -> Optional[dict[str, Any]]:
         with self._lock:
@@ -230,20 +242,23 @@ class Store:
     def create_job(
         self, *, name: str, experiment: str, priority: int, spec: dict[str, Any],
         job_dir_for: Any, code_package: Optional[str] = None, reason: str = "submitted",
-        deadline_at: Optional[float] = None,
+        deadline_at: Optional[float] = None, wait: Optional[float] = None,
     ) -> dict[str, Any]:
         """Insert a QUEUED job. ``job_dir_for(job_id)`` gives its directory; ``deadline_at``:
-        its absolute deadline (epoch s), if it has one."""
+        its absolute deadline (epoch s), if it has one; ``wait``: as in ``create_jobs``."""
         return self.create_jobs([dict(name=name, experiment=experiment, priority=priority, spec=spec,
                                       job_dir_for=job_dir_for, code_package=code_package,
-                                      deadline_at=deadline_at)], reason)[0]
+                                      deadline_at=deadline_at)], reason, wait)[0]
 
-    def create_jobs(self, jobs: list[dict[str, Any]], reason: str = "submitted") -> list[dict[str, Any]]:
+    def create_jobs(self, jobs: list[dict[str, Any]], reason: str = "submitted",
+                    wait: Optional[float] = None) -> list[dict[str, Any]]:
         """Insert QUEUED jobs in one transaction (all or none), in order. Each item has
-        the keyword arguments of ``create_job``."""
+        the keyword arguments of ``create_job``. ``wait``: at most this many seconds for the
+        store (0: not at all, for callers on the event loop), else ``StoreBusy``; None: as
+        every other write."""
         now = time.time()
         ids = []
-        with self._tx() as db:
+        with self._tx(wait) as db:
             for j in jobs:
                 for _ in range(10):
                     job_id = new_job_id()
@@ -262,7 +277,10 @@ class Store:
                 )
                 ids.append(job_id)
             self._changed.update(ids)
-        return self.jobs_by_id(ids)
+            rows = {r["id"]: r for r in db.execute(
+                f"SELECT * FROM jobs WHERE id IN ({','.join('?' * len(ids))})", ids).fetchall()} \
+                if len(ids) <= 500 else None
+        return [rows[i] for i in ids] if rows is not None else self.jobs_by_id(ids)
 
     def get_job(self, job_id: str) -> Optional[dict[str, Any]]:
         return self._one("SELECT * FROM jobs WHERE id=?", (job_id,))
@@ -359,9 +377,18 @@ class Store:
     ) -> dict[str, Any]:
         """Move a job to ``to`` and record why, atomically (compare-and-set on the
         current state). Extra ``fields`` update job columns in the same transaction."""
-        bad = set(fields) - _MUTABLE_JOB_FIELDS
-        if bad:
-            raise ValueError(f"not job fields: {sorted(bad)}")
+        return self.chain(job_id, [Step(to, reason, fields)], expect=expect)
+
+    def chain(self, job_id: str, steps: list["Step"], *, expect: Optional[JobState] = None,
+              attempt: Optional[tuple[int, dict[str, Any]]] = None) -> dict[str, Any]:
+        """Several transitions (e.g. RESTARTING -> QUEUED), and the ended attempt's fields
+        (``attempt``: (n, fields)), in ONE transaction: a crash or a failed write leaves
+        the job where it was, never half way (a job left RESTARTING would never run)."""
+        for step in steps:
+            bad = set(step.fields) - _MUTABLE_JOB_FIELDS
+            if bad:
+                raise ValueError(f"not job fields: {sorted(bad)}")
+        attempt_sets = _attempt_sets(attempt[1]) if attempt else None
         now = time.time()
         with self._tx() as db:
             row = db.execute("SELECT state FROM jobs WHERE id=?", (job_id,)).fetchone()
@@ -370,18 +397,39 @@ class Store:
             src = JobState(row["state"])
             if expect is not None and src != expect:
                 raise InvalidTransition(f"{job_id} is {src.value}, expected {expect.value}")
-            check_transition(src, to)
-            fields = {**fields, "state": to.value, "updated_at": now, "reason": reason}
-            if to in FINAL_STATES:
-                fields.setdefault("ended_at", now)
-            sets = ", ".join(f"{k}=?" for k in fields)
-            db.execute(f"UPDATE jobs SET {sets} WHERE id=?", (*fields.values(), job_id))
-            db.execute(
-                "INSERT INTO transitions (job_id, at, from_state, to_state, reason) VALUES (?,?,?,?,?)",
-                (job_id, now, src.value, to.value, reason),
-            )
+            if attempt_sets is not None:
+                sets, values = attempt_sets
+                db.execute(f"UPDATE attempts SET {sets} WHERE job_id=? AND n=?", (*values, job_id, attempt[0]))
+            for step in steps:
+                check_transition(src, step.to)
+                fields = {**step.fields, "state": step.to.value, "updated_at": now, "reason": step.reason}
+                if step.to in FINAL_STATES:
+                    fields.setdefault("ended_at", now)
+                sets = ", ".join(f"{k}=?" for k in fields)
+                db.execute(f"UPDATE jobs SET {sets} WHERE id=?", (*fields.values(), job_id))
+                db.execute(
+                    "INSERT INTO transitions (job_id, at, from_state, to_state, reason) VALUES (?,?,?,?,?)",
+                    (job_id, now, src.value, step.to.value, step.reason),
+                )
+                src = step.to
             self._changed.add(job_id)
         return self.get_job(job_id)  # type: ignore[return-value]
+
+    def requeue_stranded(self) -> list[str]:
+        """The start-up sweep: jobs a crash left between two states of a chain that ends in
+        QUEUED (written before chains were one transaction, or by a store edited by hand)
+        go on to QUEUED. Returns their ids."""
+        rows = self._all("SELECT id, state FROM jobs WHERE state IN (?, ?)",
+                         (JobState.RESTARTING.value, JobState.PREEMPTED.value))
+        done = []
+        for row in rows:
+            try:
+                self.transition(row["id"], JobState.QUEUED, f"requeued at server start (it was left {row['state']})",
+                                expect=JobState(row["state"]))
+                done.append(row["id"])
+            except InvalidTransition:
+                pass  # moved meanwhile
+        return done
 
     def update_job(self, job_id: str, **fields: Any) -> None:
         bad = set(fields) - _MUTABLE_JOB_FIELDS - {"state"}
@@ -407,17 +455,9 @@ class Store:
             )
 
     def update_attempt(self, job_id: str, n: int, **fields: Any) -> None:
-        allowed = {"running_at", "ended_at", "outcome", "exit_code", "reason", "lost_nodes", "nodes",
-                   "progress_start", "checkpoint_at", "deadline_rule"}
-        if "lost_nodes" in fields:
-            fields["lost_nodes"] = json.dumps(sorted(fields["lost_nodes"] or []))
-        if "nodes" in fields:
-            fields["nodes"] = json.dumps(list(fields["nodes"] or []))
-        if set(fields) - allowed:
-            raise ValueError(f"not attempt fields: {sorted(set(fields) - allowed)}")
-        sets = ", ".join(f"{k}=?" for k in fields)
+        sets, values = _attempt_sets(fields)
         with self._tx() as db:
-            db.execute(f"UPDATE attempts SET {sets} WHERE job_id=? AND n=?", (*fields.values(), job_id, n))
+            db.execute(f"UPDATE attempts SET {sets} WHERE job_id=? AND n=?", (*values, job_id, n))
 
     def attempts(self, job_id: str) -> list[dict[str, Any]]:
         rows = self._all("SELECT * FROM attempts WHERE job_id=? ORDER BY n", (job_id,))
@@ -556,17 +596,72 @@ def _decode_attempt(row: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
     return row
 
 
+@dataclass(frozen=True)
+class Step:
+    """One transition of a ``Store.chain``."""
+    to: JobState
+    reason: str
+    fields: dict[str, Any] = dataclass_field(default_factory=dict)
+
+
+_ATTEMPT_FIELDS = {"running_at", "ended_at", "outcome", "exit_code", "reason", "lost_nodes", "nodes",
+                   "progress_start", "checkpoint_at", "deadline_rule"}
+
+
+def _attempt_sets(fields: dict[str, Any]) -> tuple[str, list[Any]]:
+    """``SET`` clause and values for attempt columns (lists stored as JSON)."""
+    fields = dict(fields)
+    if "lost_nodes" in fields:
+        fields["lost_nodes"] = json.dumps(sorted(fields["lost_nodes"] or []))
+    if "nodes" in fields:
+        fields["nodes"] = json.dumps(list(fields["nodes"] or []))
+    if set(fields) - _ATTEMPT_FIELDS:
+        raise ValueError(f"not attempt fields: {sorted(set(fields) - _ATTEMPT_FIELDS)}")
+    return ", ".join(f"{k}=?" for k in fields), list(fields.values())
+
+
 class _Transaction:
-    def __init__(self, store: Store):
+    """``BEGIN IMMEDIATE`` ... ``COMMIT`` under the store's lock. With ``wait`` (seconds),
+    neither the lock nor the database is waited for longer: ``StoreBusy``, nothing written."""
+
+    def __init__(self, store: Store, wait: Optional[float] = None):
         self.store = store
+        self.wait = wait
 
     def __enter__(self) -> sqlite3.Connection:
-        self.store._lock.acquire()
-        self.store._db.execute("BEGIN IMMEDIATE")
-        return self.store._db
+        db, wait = self.store._db, self.wait
+        if wait is None:
+            self.store._lock.acquire()
+            db.execute("BEGIN IMMEDIATE")
+            return db
+        if not self.store._lock.acquire(timeout=wait) if wait > 0 else not self.store._lock.acquire(blocking=False):
+            raise StoreBusy("the job store is busy (another request holds it)")
+        try:
+            db.execute(f"PRAGMA busy_timeout={int(wait * 1000)}")
+            try:
+                db.execute("BEGIN IMMEDIATE")
+            finally:
+                db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        except sqlite3.OperationalError as e:
+            self.store._lock.release()
+            raise StoreBusy(f"the job store is unavailable: {e}") from None
+        except BaseException:
+            self.store._lock.release()
+            raise
+        return db
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        db = self.store._db
         try:
-            self.store._db.execute("ROLLBACK" if exc_type else "COMMIT")
+            if exc_type is None:
+                try:
+                    db.execute("COMMIT")
+                    return
+                except sqlite3.Error:  # a full disk at commit: never leave the transaction open
+                    if db.in_transaction:
+                        db.execute("ROLLBACK")
+                    raise
+            if db.in_transaction:
+                db.execute("ROLLBACK")
         finally:
             self.store._lock.release()
