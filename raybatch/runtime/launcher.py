@@ -1,7 +1,8 @@
 """Server side of an attempt: submit its Ray Job, read its reports, stop it.
 
 Each attempt is one Ray Job (``raybatch-<job id>-<attempt>``), visible in the Ray
-dashboard with the raybatch job id, name, experiment and attempt in its metadata.
+dashboard under the name ``<name> · <job id> · attempt <n>`` (``metadata.job_name``) with
+the raybatch job id, name, experiment and attempt in its ``raybatch_*`` metadata.
 Secrets and environment values are never put in the metadata. Storage credentials
 go to the driver in ``secrets.json`` (mode 0600, next to the attempt file), which
 the driver removes as soon as it has read it."""
@@ -27,6 +28,12 @@ from raybatch.storage.plan import resolve_attempt
 # the attempt's Ray Job entrypoint (a module run with python -m): a plain job's gang, an
 # array's tasks on warm slots, a sweep's trials through Ray Tune
 DRIVERS = {"job": "raybatch.runtime.driver", "array": "raybatch.runtime.array", "sweep": "raybatch.sweep.driver"}
+
+
+def ray_job_name(name: str, job_id: str, attempt: int) -> str:
+    """The Ray job's ``metadata.job_name``: Ray's dashboard names each attempt by it, so a
+    user finds their job there by the name they gave it."""
+    return f"{name} · {job_id} · attempt {attempt}"
 
 
 class AttemptSetupError(RuntimeError):
@@ -102,6 +109,8 @@ class RayJobLauncher:
             entrypoint=f"{sys.executable} -m {driver} {ctl.attempt}",
             submission_id=sid,
             metadata={
+                # what Ray's dashboard shows in its jobs list's Name column (and filters on)
+                "job_name": ray_job_name(spec.name, job["id"], attempt),
                 "raybatch_job_id": job["id"], "raybatch_job_name": spec.name,
                 "raybatch_experiment": spec.experiment, "raybatch_attempt": str(attempt),
             },
