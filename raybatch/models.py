@@ -43,6 +43,8 @@ class JobSummary(BaseModel):
     preempted_by: Optional[str] = Field(None, description="The job that preempted it last.")
     evictions: int = Field(0, description="How many of its attempts ended by a spot eviction with notice "
                            "(retries.evictions).")
+    warnings: Optional[list[str]] = Field(None, description="Submit only: what the user should know although "
+                                          "the job was queued (no live node can ever hold it: the queue's words).")
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> "JobSummary":
@@ -194,6 +196,8 @@ class JobDetail(JobSummary):
     trials: Optional[ItemCounts] = Field(None, description="A sweep's trials (while it runs).")
     best: Optional[dict[str, Any]] = Field(None, description="A sweep's best trial so far: trial, value, params.")
     slots: list[SlotInfo] = Field(default_factory=list, description="An array job's slots, latest attempt.")
+    dashboard_url: Optional[str] = Field(None, description="The latest attempt's Ray job page in the Ray dashboard "
+                                         "(`raybatch dashboard ID` opens it logged in).")
 
 
 class FileEntry(BaseModel):

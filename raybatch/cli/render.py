@@ -112,6 +112,8 @@ def show_job(j: JobDetail) -> None:
     c.print(f"  job dir:     {j.job_dir}")
     c.print(f"  logs:        {j.logs_dir}")
     c.print(f"  checkpoints: {j.checkpoint_dir}")
+    if j.dashboard_url:  # a plain link; `raybatch dashboard ID` opens it with the browser logged in
+        c.print(f"  ray job:     {j.dashboard_url}   (raybatch dashboard {j.id} --open)", highlight=False)
     for ident, path in j.outputs.items():
         c.print(f"  output {ident}: {path}")
     if s.array is not None:

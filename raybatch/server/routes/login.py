@@ -29,6 +29,8 @@ def router(ctx) -> APIRouter:
         if not req.next.startswith("/") or req.next.startswith("//") or "\\" in req.next:
             raise HTTPException(400, f"next: {req.next!r} is not a path on this server (it must start with one '/')")
         code = ctx.login_codes.issue(req.next, req.kind)
-        return LoginCode(url=f"/login/{code}", expires_in=CODE_TTL_S)
+        # each kind is redeemed by its own route: the web view's, or server/routes/dashboard.py's
+        path = "/ray-login" if req.kind == "ray-dashboard" else "/login"
+        return LoginCode(url=f"{path}/{code}", expires_in=CODE_TTL_S)
 
     return r
