@@ -383,3 +383,42 @@ def test_ranks_run_at_normal_priority_although_ray_nices_its_workers(client):
     done = client.wait(sub.id, timeout=60)
     assert done.state == "SUCCEEDED", done.reason
     assert client.logs(sub.id).strip() == "0"
+
+
+def test_a_locked_store_answers_503_within_a_second_and_never_stalls_health(client, server):
+    # another process holds the database's write lock (a backup, a sqlite3 shell): the submit
+    # waited 5 s on the event loop, stalling /health, then answered 500
+    import concurrent.futures
+    import sqlite3
+
+    import httpx
+
+    from raybatch.config import API_PREFIX
+
+    before = len(client.list(limit=100000))
+    headers = {"Authorization": f"Bearer {server.token}"}
+    body = {"spec": {"name": "locked", "experiment": "tests", "command": "true", "resources": {"cpus": 1}}}
+    holder = sqlite3.connect(server.state_dir / "raybatch.db", timeout=5, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            t0 = time.monotonic()
+            fut = pool.submit(httpx.post, server.url + API_PREFIX + "/jobs", json=body, headers=headers, timeout=30)
+            slowest = 0.0
+            while not fut.done():
+                t = time.monotonic()
+                assert httpx.get(server.url + API_PREFIX + "/health", timeout=5).status_code == 200
+                slowest = max(slowest, time.monotonic() - t)
+            r = fut.result()
+            took = time.monotonic() - t0
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert r.status_code == 503, r.text
+    assert "job store is unavailable" in r.json()["detail"] and "locked" in r.json()["detail"]
+    assert took < 3.0, took  # 0.8 s of waiting, on a loaded machine
+    assert slowest < 0.5, slowest
+    assert len(client.list(limit=100000)) == before  # nothing half written
+    r = httpx.post(server.url + API_PREFIX + "/jobs", json=body, headers=headers, timeout=30)
+    assert r.status_code == 201, r.text
+    client.cancel(r.json()["id"])

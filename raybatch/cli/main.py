@@ -154,12 +154,19 @@ def submit(
         spec.array.resume_from = resume_from
     client = _client(auto_start=True)
     job = _call(client.submit, spec)
+    _print_warnings(job)
     if output == Output.json:
         render.print_json(job)
     else:
         print(job.id, flush=True)
     if wait:
         raise typer.Exit(_wait_with_progress(client, job.id, timeout))
+
+
+def _print_warnings(job) -> None:
+    """What the server said about a job it queued (no live node can hold it): stderr, exit 0."""
+    for w in job.warnings or ():
+        render.err_console.print(f"[yellow]warning:[/] {job.id}: {w}", highlight=False, soft_wrap=True)
 
 
 @app.command("list")
@@ -230,9 +237,17 @@ def logs(
     trial: Optional[int] = typer.Option(None, "--trial", "-t", help="A sweep's trial (or give ID as <id>.t<n>)."),
 ) -> None:
     """Print a rank's stdout (or stderr); of one task of an array job with --item, of one
-    trial of a sweep with --trial."""
+    trial of a sweep with --trial. A job with no attempt yet has no log: logs says why on
+    stderr (queued: why it waits, as `raybatch queue` says; or cancelled before it started)
+    and exits 0, since that is no error; with --follow it waits for the first attempt."""
     client = _client()
     stream = "stderr" if stderr else "stdout"
+    if item is None and trial is None and attempt is None and split_trial_id(job_id)[1] is None:
+        job = _call(client.get, job_id)
+        if job.attempt == 0:  # nothing ran: say why there is no log rather than print nothing
+            render.err_console.print(_no_attempt_words(job, follow), highlight=False, soft_wrap=True)
+            if not follow or JobState(job.state).is_final:
+                return
     try:
         for chunk in client.follow_logs(job_id, rank=rank, stream=stream, attempt=attempt, follow=follow,
                                         item=item, trial=trial):
@@ -242,6 +257,19 @@ def logs(
         _fail(str(e))
     except KeyboardInterrupt:
         raise typer.Exit(130)
+
+
+def _no_attempt_words(job, follow: bool) -> str:
+    """Why a job with no attempt has no log, in words (the queue's for a waiting job)."""
+    state = JobState(job.state)
+    if state is JobState.QUEUED:
+        words = (f"job {job.id} has not started yet, so it has no log: it is queued, "
+                 f"{job.waiting_reason or 'not considered yet'}")
+        return words + ("; waiting for its first attempt (Ctrl-C to stop)" if follow else "")
+    if state is JobState.CANCELLED:
+        return f"job {job.id} was cancelled before it started, so it has no log"
+    return f"job {job.id} has no attempt, so it has no log: it is {state.value}" + (
+        f" ({job.reason})" if job.reason else "")
 
 
 @app.command()
@@ -454,6 +482,7 @@ def score(
         return
     client = _client(auto_start=True)
     job = _call(client.submit, spec)
+    _print_warnings(job)
     print(job.id, flush=True)
     if wait:
         raise typer.Exit(_wait_with_progress(client, job.id, None))
@@ -463,11 +492,19 @@ from raybatch.cli.cluster import cluster_app  # noqa: E402
 from raybatch.cli import node_setup  # noqa: E402
 from raybatch.cli import spot_watch  # noqa: E402
 from raybatch.cli import cost as cost_cli  # noqa: E402
+from raybatch.cli import tensorboard as tensorboard_cli  # noqa: E402
+from raybatch.cli import dashboard as dashboard_cli  # noqa: E402
 
 app.add_typer(cluster_app, name="cluster")
 app.command("node-setup")(node_setup.node_setup)
 app.command("spot-watch")(spot_watch.spot_watch)
 app.command("cost")(cost_cli.cost)
+app.command("tensorboard")(tensorboard_cli.tensorboard)
+app.command("dashboard")(dashboard_cli.dashboard)
+app.command("env")(dashboard_cli.env)
+from raybatch.cli import web as web_cli  # noqa: E402
+
+app.command("web")(web_cli.web)
 
 sweep_app = typer.Typer(help="Sweeps: their trials ranked, and a picture of them.", no_args_is_help=True)
 app.add_typer(sweep_app, name="sweep")

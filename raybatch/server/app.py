@@ -23,6 +23,9 @@
     GET  /api/v1/nodes[/status]            the cluster's nodes: state since when, reason, jobs; counts
     GET  /api/v1/cost                      node-hours, idle hours, hours lost to evictions (?by=&since=)
     POST /api/v1/login-codes               a one-time code that logs a browser in (server/login.py)
+    GET  /api/v1/ray                       the cluster's Ray address, dashboard, auth mode (`raybatch env`)
+    GET  /ray-login/{code}                 no auth, one-time code: logs a browser into the Ray dashboard
+    GET  /metrics                          Prometheus metrics, bearer token (server/metrics.py, docs/metrics.md)
 
 The routes live in raybatch/server/routes/, one module per group of this table:
 health, cluster (cluster, scheduler, queue), code, jobs (submit to logs), items, trials (and
@@ -35,20 +38,29 @@ server's datastore credentials: clients never need storage keys.
 
 from __future__ import annotations
 
+import logging
+import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fastapi import Depends, FastAPI
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse
 
 from raybatch import __version__
 from raybatch.config import API_PREFIX
 from raybatch.scheduler.loop import Scheduler
 from raybatch.server.auth import bearer_dependency
 from raybatch.server.login import LoginCodes
+from raybatch.server.metrics import LatencyMiddleware, ServerMetrics
+from raybatch.server.metrics import router as metrics_router
 from raybatch.server.routes import cluster, code, cost, files, health, items, jobs, login, nodes, trials
+from raybatch.server.routes import dashboard
+from raybatch.server import web
 from raybatch.state.store import Store
 from raybatch.storage.datastores import Datastores
+
+log = logging.getLogger("raybatch.server")
 
 
 @dataclass
@@ -61,10 +73,26 @@ class ServerContext:
     login_codes: LoginCodes = field(default_factory=LoginCodes)  # one-time browser logins
 
 
+async def store_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    """A locked or full database (StoreBusy, SQLite's "database is locked", "database or disk
+    is full"): 503 with the reason, never a 500; the request changed nothing."""
+    log.warning("%s %s: the job store is unavailable: %s", request.method, request.url.path, exc)
+    return JSONResponse({"detail": f"the job store is unavailable ({exc}); nothing was changed, retry shortly"},
+                        status_code=503, headers={"Retry-After": "1"})
+
+
 def create_app(ctx: ServerContext, token: str) -> FastAPI:
     app = FastAPI(title="raybatch", version=__version__)
+    app.add_exception_handler(sqlite3.OperationalError, store_unavailable)
     auth = [Depends(bearer_dependency(token))]
     app.include_router(health.router(ctx), prefix=API_PREFIX)  # the one route without auth
     for routes in (cluster, code, jobs, items, trials, files, nodes, cost, login):
         app.include_router(routes.router(ctx), prefix=API_PREFIX, dependencies=auth)
+    app.include_router(dashboard.router(ctx), prefix=API_PREFIX, dependencies=auth)
+    app.include_router(dashboard.login_router(ctx))  # no auth: /ray-login/<code>, the code is the credential
+    app.include_router(web.router(ctx, token))  # /web/ and /login/<code>: its own session cookie (server/web/)
+    # GET /metrics (bearer token) and every request's latency; main.build starts its tailing thread
+    app.state.metrics = ServerMetrics(ctx)
+    app.include_router(metrics_router(ctx, app.state.metrics, auth))
+    app.add_middleware(LatencyMiddleware, histogram=app.state.metrics.histograms.api)
     return app

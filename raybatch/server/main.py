@@ -130,7 +130,9 @@ def build(state_dir: Path, ray_address: str, dashboard_url: str, jobs_root: str 
     ctx = ServerContext(store=store, scheduler=scheduler,
                         jobs_root=str(Path(root_loc.path).resolve()) if root_loc.is_local else root_loc.uri,
                         code_root=code_root, datastores=datastores)
-    return create_app(ctx, token), scheduler
+    app = create_app(ctx, token)
+    app.state.metrics.start()  # /metrics: tail running jobs' metrics, read the store's history once
+    return app, scheduler
 
 
 def main(argv: list[str] | None = None) -> None:

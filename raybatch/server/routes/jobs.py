@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import TYPE_CHECKING, Any, Optional
 
 from fastapi import APIRouter, HTTPException, Query, status
+from starlette.concurrency import run_in_threadpool
 
 from raybatch.models import (
     AttemptInfo, BatchSubmitRequest, DeadlineInfo, JobDetail, JobSummary, LogChunk, RankInfo, SlotInfo, SubmitRequest,
@@ -15,8 +17,11 @@ from raybatch.runtime.code import has_package
 from raybatch.runtime.protocol import Phase
 from raybatch.runtime.items import ItemStore
 from raybatch.server.common import array_spec, backend_for, job_or_404, sweep_spec
+from raybatch.server.routes.dashboard import job_page, ray_of
+from raybatch.server.submit_warnings import SubmitWarnings
 from raybatch.spec.job import JobSpec, split_package
 from raybatch.state.states import InvalidTransition, JobState
+from raybatch.state.store import StoreBusy
 from raybatch.storage import plan as storage_plan
 from raybatch.storage.backends import StorageError
 from raybatch.sweep.trials import FINAL_STATES, TrialJournal
@@ -25,6 +30,8 @@ if TYPE_CHECKING:
     from raybatch.server.app import ServerContext
 
 MAX_LOG_CHUNK = 1 << 20
+STORE_WAIT_S = 0.8  # a submit waits this long for a busy store, then answers 503
+log = logging.getLogger("raybatch.server")
 
 
 def job_detail(ctx: ServerContext, job: dict[str, Any]) -> JobDetail:
@@ -73,6 +80,7 @@ def job_detail(ctx: ServerContext, job: dict[str, Any]) -> JobDetail:
         logs_dir=tree["stdouterr"],
         transitions=[Transition(**t) for t in store.transitions(job["id"])],
         attempts=attempts,
+        dashboard_url=job_page(ray_of(ctx)[1], max(attempts, key=lambda a: a.n).ray_job_id) if attempts else None,
     )
 
 
@@ -129,22 +137,37 @@ def resume_problems(ctx: ServerContext, job_id: str) -> list[str]:
 def router(ctx: ServerContext) -> APIRouter:
     api = APIRouter()
     store = ctx.store
+    submit_warnings = SubmitWarnings()
 
     # async, unlike the other routes: one short SQLite transaction, so it runs on the event
     # loop; the thread pool's hop cost more CPU than the insert itself (benchmarks/bench_admission.py)
     @api.post("/jobs", status_code=201)
     async def submit(req: SubmitRequest) -> JobSummary:
-        row = store.create_job(**admission(ctx, req))
+        fields = admission(ctx, req)
+        try:  # never wait on the event loop: a busy store is waited for in the thread pool
+            row = store.create_job(**fields, wait=0)
+        except StoreBusy:  # up to STORE_WAIT_S, then 503 (app.py), nothing written
+            row = await run_in_threadpool(lambda: store.create_job(**fields, wait=STORE_WAIT_S))
         ctx.scheduler.wake()
-        return JobSummary.from_row(row)
+        try:  # a job no live node can hold is queued all the same, with a warning
+            warnings = await submit_warnings.for_spec_async(ctx.scheduler, req.spec, run_in_threadpool)
+        except Exception:  # noqa: BLE001 - a warning that cannot be worked out must not fail the submit
+            log.warning("could not check %s against the live nodes", row["id"], exc_info=True)
+            warnings = []
+        return JobSummary.from_row(row).model_copy(update={"warnings": warnings or None})
 
     @api.post("/jobs/batch", status_code=201)
     def submit_batch(req: BatchSubmitRequest) -> list[JobSummary]:
         """Many jobs (an array, a sweep) in one request: all queued or none."""
         items = [admission(ctx, r, f"jobs[{i}]: ") for i, r in enumerate(req.jobs)]
-        rows = store.create_jobs(items)
+        rows = store.create_jobs(items, wait=STORE_WAIT_S)
         ctx.scheduler.wake()
-        return [JobSummary.from_row(r) for r in rows]
+        try:
+            warnings = submit_warnings.for_specs(ctx.scheduler, [r.spec for r in req.jobs])
+        except Exception:  # noqa: BLE001 - as in submit
+            log.warning("could not check a batch against the live nodes", exc_info=True)
+            warnings = [[] for _ in rows]
+        return [JobSummary.from_row(r).model_copy(update={"warnings": w or None}) for r, w in zip(rows, warnings)]
 
     @api.get("/jobs")
     def list_jobs(
