@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -19,10 +20,16 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def chromium_path() -> str | None:
+    """A chromium that runs (Ubuntu's ``chromium-browser`` may be a stub that asks for snap)."""
     for name in ("chromium", "chromium-browser"):
         found = shutil.which(name)
         if found:
-            return found
+            try:
+                ok = subprocess.run([found, "--version"], capture_output=True, timeout=30).returncode == 0
+            except (OSError, subprocess.TimeoutExpired):
+                ok = False
+            if ok:
+                return found
     return None
 
 
@@ -42,7 +49,7 @@ def screenshot(page, name: str) -> Path:
 def browser():
     exe = chromium_path()
     if exe is None:
-        pytest.skip("no chromium on PATH: `scripts/setup-env --tests` installs Debian's chromium with apt "
+        pytest.skip("no working chromium on PATH: `scripts/setup-env --tests` installs Debian's chromium with apt "
                     "(it needs root and apt-get); the browser tests cannot run without it")
     from playwright.sync_api import sync_playwright  # noqa: PLC0415
 

@@ -65,18 +65,22 @@ def test_env_exports_name_files_never_tokens(tmp_path):
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     cluster = RayTestCluster(nodes=1, cpus=2)
-    server = ServerProcess(cluster, tmp_path_factory.mktemp("dashboard")).start()
-    client = server.client()
-    job = client.submit({"name": "dash-demo", "experiment": "tests", "resources": {"cpus": 1},
-                         "command": "echo hello from the dashboard test"})
-    done = client.wait(job.id, timeout=120)
-    assert done.state.value == "SUCCEEDED", done
-    box = {"cluster": cluster, "server": server, "client": client, "job": done,
-           "sid": ray_job_id(done.id, 1), "ray_token": (Path.home() / ".ray" / "auth_token").read_text().strip()}
-    yield box
-    client.close()
-    server.stop()
-    cluster.shutdown()
+    server = client = None
+    try:  # whatever fails in the set-up, the cluster and the server are stopped
+        server = ServerProcess(cluster, tmp_path_factory.mktemp("dashboard")).start()
+        client = server.client()
+        job = client.submit({"name": "dash-demo", "experiment": "tests", "resources": {"cpus": 1},
+                             "command": "echo hello from the dashboard test"})
+        done = client.wait(job.id, timeout=120)
+        assert done.state.value == "SUCCEEDED", done
+        yield {"cluster": cluster, "server": server, "client": client, "job": done, "sid": ray_job_id(done.id, 1),
+               "ray_token": (Path.home() / ".ray" / "auth_token").read_text().strip()}
+    finally:
+        if client is not None:
+            client.close()
+        if server is not None:
+            server.stop()
+        cluster.shutdown()
 
 
 def _no_secret(env, *texts: str) -> None:

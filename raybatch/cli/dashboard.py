@@ -43,8 +43,12 @@ def dashboard(
 ) -> None:
     """The Ray dashboard, with the browser logged in: a link (it works once, for a minute)
     to the cluster's overview or to job ID's latest Ray job. The Ray token is never shown."""
+    _refuse_through_a_tunnel("dashboard", "its Ray dashboard listens on the head only; "
+                             "`ray dashboard <the cluster's YAML>` forwards it, then log in with the token dialog")
     client = _client()
     info = _ray_info(client)
+    if not info.get("dashboard_url"):
+        _fail("this raybatch server was started without a Ray dashboard URL (--dashboard-url)")
     dashboard_url = info["dashboard_url"].rstrip("/")
     sid = None
     if job_id:
@@ -72,6 +76,14 @@ def dashboard(
                                      f"Ray dashboard; then: {page}", highlight=False)
     if open_ and not webbrowser.open(url):
         _fail("no browser could be opened here: open the link above yourself (it works once)")
+
+
+def _refuse_through_a_tunnel(command: str, why: str) -> None:
+    """``--cluster``: the CLI reaches the server through an SSH tunnel to the head, so the
+    head's loopback addresses (Ray's GCS, its dashboard) mean nothing here, and a login cookie
+    set on this machine's 127.0.0.1 would go to whatever listens on it."""
+    if OPTS.cluster:
+        _fail(f"`raybatch {command}` is not available through --cluster {OPTS.cluster}: {why}")
 
 
 def _token_file_in_use() -> Optional[Path]:
@@ -123,6 +135,8 @@ def env(output: Output = OutputOpt) -> None:
     """The exports a Ray driver of your own needs for this cluster: eval "$(raybatch env)".
     RAY_ADDRESS, RAY_AUTH_MODE=token and the Ray token's file, RAYBATCH_ADDRESS and where
     the raybatch token is; never a token itself."""
+    _refuse_through_a_tunnel("env", "its Ray address is the head's own; run `raybatch env` on the head "
+                             "(`raybatch cluster ...` gets you there), where Ray drivers of the cluster run")
     client = _client()
     info = _ray_info(client)
     exports, notes = env_exports(info, client.address, _ray_token_file(info), _token_file_in_use())

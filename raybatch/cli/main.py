@@ -57,6 +57,7 @@ def main(
         help="A cluster `raybatch cluster up` made: talk to the server on its head."),
 ) -> None:
     OPTS.address, OPTS.token = address, token
+    OPTS.cluster = cluster
     if cluster:
         from raybatch.cluster.lifecycle import ClusterError, connect  # noqa: PLC0415
 

@@ -15,6 +15,7 @@ from raybatch.client import Client, RaybatchError
 class _Opts:
     address: Optional[str] = None
     token: Optional[str] = None
+    cluster: Optional[str] = None  # --cluster NAME: the server is reached through an SSH tunnel to its head
 
 
 OPTS = _Opts()

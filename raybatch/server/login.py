@@ -48,6 +48,12 @@ class LoginCodes:
             self._codes[code] = Grant(next, kind, now + self.ttl_s)
         return code
 
+    def peek(self, code: str, kind: Optional[str] = None) -> bool:
+        """Whether the code would redeem now (it is not spent by asking)."""
+        with self._lock:
+            grant = self._codes.get(code)
+        return grant is not None and (kind is None or grant.kind == kind) and grant.expires > time.time()
+
     def redeem(self, code: str, kind: Optional[str] = None) -> Optional[Grant]:
         """The code's grant, once; None when it is unknown, used, expired or of another kind."""
         with self._lock:

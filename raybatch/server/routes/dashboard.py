@@ -31,7 +31,7 @@ from typing import Any, Literal, Optional
 from urllib.parse import quote, urlsplit
 
 import httpx
-from fastapi import APIRouter, HTTPException, Request, status
+from fastapi import APIRouter, Request, status
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from pydantic import BaseModel, Field
 
@@ -107,13 +107,16 @@ def router(ctx: Any) -> APIRouter:
 
     @r.get("/ray", response_model=RayInfo)
     async def ray_info() -> RayInfo:
-        address, dashboard = ray_of(ctx)
-        if not dashboard:
-            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "this server was started without a Ray dashboard URL")
-        return RayInfo(ray_address=address, dashboard_url=dashboard, auth_mode=await auth_mode(dashboard),
-                       token_path=ray_token_path())
+        address, dashboard = ray_of(ctx)  # without a dashboard, `raybatch env` still has the address
+        return RayInfo(ray_address=address, dashboard_url=dashboard,
+                       auth_mode=await auth_mode(dashboard) if dashboard else "unknown", token_path=ray_token_path())
 
     return r
+
+
+def _expired() -> HTMLResponse:
+    return _page(404, "This login link has expired",
+                 "Login links work once, for a minute. Run `raybatch dashboard` again for a new one.")
 
 
 def login_router(ctx: Any) -> APIRouter:
@@ -134,31 +137,33 @@ def login_router(ctx: Any) -> APIRouter:
                          f"The browser reached raybatch as '{here}' but the Ray dashboard is at {dashboard}: "
                          "a login cookie only carries between ports of one host name. The same link on the "
                          "dashboard's host name (it works once):", same_link)
+        if not ctx.login_codes.peek(code, KIND):
+            return _expired()
+        mode = await auth_mode(dashboard)
+        cookies: list[str] = []
+        if mode != "disabled":
+            from raybatch.config import ray_http_headers  # noqa: PLC0415
+
+            headers = ray_http_headers()
+            if not headers:
+                return _page(503, "No Ray token", "Token authentication is on for this Ray cluster, but the raybatch "
+                             "server has no Ray token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token).")
+            try:
+                async with httpx.AsyncClient(timeout=DASHBOARD_TIMEOUT_S) as http:
+                    answer = await http.post(dashboard.rstrip("/") + "/api/authenticate", headers=headers)
+            except httpx.HTTPError as e:
+                return _page(502, "The Ray dashboard did not answer", f"{dashboard}: {type(e).__name__}")
+            cookies = answer.headers.get_list("set-cookie")
+            if answer.status_code != 200 or not cookies:
+                return _page(502, "The Ray dashboard refused the login",
+                             f"{dashboard}/api/authenticate answered {answer.status_code}"
+                             + (": the raybatch server's Ray token is not this cluster's" if answer.status_code == 403
+                                else ""))
+        # spent only now: a dashboard that was down or refused leaves the link good for a retry
         grant = ctx.login_codes.redeem(code, KIND)
         if grant is None:
-            return _page(404, "This login link has expired",
-                         "Login links work once, for a minute. Run `raybatch dashboard` again for a new one.")
+            return _expired()
         target = dashboard.rstrip("/") + grant.next
-        mode = await auth_mode(dashboard)
-        if mode == "disabled":
-            return RedirectResponse(target, status.HTTP_303_SEE_OTHER, headers={"Cache-Control": "no-store"})
-        from raybatch.config import ray_http_headers  # noqa: PLC0415
-
-        headers = ray_http_headers()
-        if not headers:
-            return _page(503, "No Ray token", "Token authentication is on for this Ray cluster, but the raybatch "
-                         "server has no Ray token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token).")
-        try:
-            async with httpx.AsyncClient(timeout=DASHBOARD_TIMEOUT_S) as http:
-                answer = await http.post(dashboard.rstrip("/") + "/api/authenticate", headers=headers)
-        except httpx.HTTPError as e:
-            return _page(502, "The Ray dashboard did not answer", f"{dashboard}: {type(e).__name__}")
-        cookies = answer.headers.get_list("set-cookie")
-        if answer.status_code != 200 or not cookies:
-            return _page(502, "The Ray dashboard refused the login",
-                         f"{dashboard}/api/authenticate answered {answer.status_code}"
-                         + (": the raybatch server's Ray token is not this cluster's" if answer.status_code == 403
-                            else ""))
         response = RedirectResponse(target, status.HTTP_303_SEE_OTHER,
                                     headers={"Cache-Control": "no-store", "Referrer-Policy": "no-referrer"})
         for cookie in cookies:  # Ray's own cookie, attributes and all: host-only, so it lands on this host

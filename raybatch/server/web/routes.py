@@ -9,7 +9,7 @@
     GET  /web/jobs/{id}/files/content  one file, as a download
     GET  /web/login, POST /web/login   the token typed once -> the cookie
     GET  /login/{code}                 a one-time code (`raybatch web`) -> the cookie
-    GET  /web/logout
+    POST /web/logout
 
 Nothing here accepts the bearer token and nothing under /api/v1 accepts the cookie: the
 cookie is SameSite=Strict and these routes only read, so they need no CSRF token, while the
@@ -30,6 +30,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from raybatch.models import LogChunk
 from raybatch.server.common import job_or_404
 from raybatch.server.routes import cluster, files, items, jobs, trials
+from raybatch.server.routes.cluster import ESTIMATED_JOBS
 from raybatch.server.web.data import JobList, endpoint, failing_ranks, metric_series
 from raybatch.server.web.session import COOKIE, Sessions, safe_next
 from raybatch.state.states import JobState
@@ -112,11 +113,12 @@ def router(ctx: ServerContext, token: str) -> APIRouter:
         return page("message.html", status, title=title, text=text, logged_in=logged_in)
 
     def to_login(request: Request) -> Optional[Response]:
-        """None when the browser is logged in; else where it must go first."""
+        """None when the browser is logged in; else the login form, as a 401 (no session, no
+        page: nothing of the page is sent), which brings the browser back here once in."""
         if sessions.logged_in(request):
             return None
         here = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-        return RedirectResponse("/web/login?" + urlencode({"next": here}), 303)
+        return page("login.html", 401, next=safe_next(here), error=None, logged_in=False)
 
     def job_for_page(job_id: str) -> dict[str, Any]:
         return job_or_404(ctx.store, job_id)
@@ -151,7 +153,7 @@ def router(ctx: ServerContext, token: str) -> APIRouter:
         sessions.set_cookie(resp, request, sessions.start())
         return resp
 
-    @r.get("/web/logout")
+    @r.post("/web/logout")  # a POST: a link on another site cannot log the user out
     def logout(request: Request) -> Response:
         sessions.end(request.cookies.get(COOKIE))
         resp = RedirectResponse("/web/login", 303)
@@ -163,7 +165,8 @@ def router(ctx: ServerContext, token: str) -> APIRouter:
         if name not in static:
             raise HTTPException(404, f"no static file {name!r}")
         kind = "text/css" if name.endswith(".css") else "text/javascript"
-        return Response(static[name], media_type=kind, headers={"Cache-Control": "max-age=3600"})
+        return Response(static[name], media_type=kind, headers={"Cache-Control": "max-age=3600",
+                                                                 "X-Content-Type-Options": "nosniff"})
 
     @r.get("/web")
     def web_root() -> Response:
@@ -178,6 +181,7 @@ def router(ctx: ServerContext, token: str) -> APIRouter:
         entries = queue_of(limit=start + QUEUE_PAGE + 1, estimate=True)
         shown = entries[start:start + QUEUE_PAGE]
         return page("queue.html", entries=shown, page=page_n, more=len(entries) > start + QUEUE_PAGE,
+                    estimated_jobs=ESTIMATED_JOBS,
                     counts=job_list.counts(), running=ctx.store.active_jobs())
 
     @r.get("/web/jobs")
