@@ -41,9 +41,11 @@ def wait_for(check, timeout: float, what: str, interval: float = 0.2):
 class RayTestCluster:
     """A ray.cluster_utils.Cluster with a dashboard, plus the numbers tests need."""
 
-    def __init__(self, nodes: int, cpus: float = 1):
+    def __init__(self, nodes: int, cpus: float = 1, health: dict | None = None):
         ray_client_env()
         from ray.cluster_utils import Cluster
+
+        from raybatch.node_health import NODE_HEALTH
 
         self.dashboard_port = free_port()
         self.cluster = Cluster(
@@ -55,6 +57,9 @@ class RayTestCluster:
                 # (a developer's `raybatch up`) must not take the job agent's port
                 "dashboard_agent_listen_port": free_port(), "ray_client_server_port": free_port(),
                 "resources": {"raybatch_trial": 1000},  # sweeps' trial proxies, as `raybatch up` declares
+                # Ray declares a silent node dead as fast as on raybatch's own clusters, so the
+                # node-loss tests measure the real path (raybatch.node_health)
+                "_system_config": dict(NODE_HEALTH if health is None else health),
             },
         )
         self.workers = [self.add_node(cpus) for _ in range(nodes - 1)]
@@ -68,6 +73,35 @@ class RayTestCluster:
     def add_node(self, cpus: float = 1, **kw):
         return self.cluster.add_node(num_cpus=cpus, object_store_memory=100 * 2**20,
                                      dashboard_agent_listen_port=free_port(), **kw)
+
+    def raylet_pid(self, node) -> int:
+        """The raylet of one of this cluster's nodes (a ``ray._private.node.Node``)."""
+        from types import SimpleNamespace
+
+        from tests.fake_autoscaling import raylet_pid
+
+        pid = raylet_pid(SimpleNamespace(temp_dir=node.get_session_dir_path()), node.node_id)
+        assert pid is not None, f"no raylet found for node {node.node_id}"
+        return pid
+
+    def node_pids(self, node) -> list[int]:
+        """Every process of that node, as a machine holds them: its raylet and what the raylet
+        started (workers, agents, the ranks' processes), and the node's own helpers."""
+        children: dict[int, list[int]] = {}
+        for p in Path("/proc").iterdir():
+            try:
+                ppid = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1]) if p.name.isdigit() else None
+            except (OSError, IndexError, ValueError):
+                continue
+            if ppid is not None:
+                children.setdefault(ppid, []).append(int(p.name))
+        todo, out = [self.raylet_pid(node), *(proc.pid for _, proc in node.live_processes())], []
+        while todo:
+            pid = todo.pop()
+            if pid not in out:
+                out.append(pid)
+                todo.extend(children.get(pid, []))
+        return out
 
     def shutdown(self) -> None:
         self.cluster.shutdown()

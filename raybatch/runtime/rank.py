@@ -184,9 +184,18 @@ class RankActor:
                                                     self._activity, parse), daemon=True)
             t.start()
             self.threads.append(t)
-        # Kills the process group if this actor's process disappears first.
+        # Kills the process group if this actor's process disappears first, or its node's
+        # raylet: a worker outlives a SIGKILLed raylet (Ray 2.60), and its rank would run on
+        # beside the next attempt's.
+        me, raylet = os.getpid(), _raylet_pid()
+        # a dead raylet may stay a zombie a while (its parent reaps it late): read its state
+        raylet_up = (f"{{ read -r _ _ st _ < /proc/{raylet}/stat && [ \"$st\" != Z ] && [ \"$st\" != X ]; }} "
+                     "2>/dev/null") if raylet else "true"
+        # (the orphaned actor goes first: the driver then sees the rank lost with its node, not
+        # a rank that exited 143)
         script = (
-            f"while kill -0 {os.getpid()} 2>/dev/null && kill -0 -{pid} 2>/dev/null; do sleep 1; done; "
+            f"while kill -0 {me} 2>/dev/null && {raylet_up} && kill -0 -{pid} 2>/dev/null; do sleep 1; done; "
+            f"if ! {raylet_up}; then kill -KILL {me} 2>/dev/null; fi; "
             f"if kill -0 -{pid} 2>/dev/null; then kill -TERM -{pid}; sleep {max(1, int(grace))}; "
             f"kill -KILL -{pid} 2>/dev/null; fi"
         )
@@ -398,6 +407,22 @@ class RankActor:
             self.watchdog.kill()
             self.watchdog.wait()
         return exit_code_of(code), signalled
+
+
+def _raylet_pid() -> Optional[int]:
+    """The raylet this worker process hangs under (its parent, or its parent's parent when a
+    runtime_env's setup process sits between), or None when it cannot be told."""
+    pid = os.getpid()
+    for _ in range(3):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                pid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{pid}/comm") as f:
+                if f.read().strip() == "raylet":
+                    return pid
+        except (OSError, ValueError, IndexError):
+            return None
+    return None
 
 
 def spawn_words(error: BaseException, argv: list[str], env: dict[str, str]) -> str:

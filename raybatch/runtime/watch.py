@@ -15,6 +15,7 @@ from typing import Callable, Optional
 import ray
 from ray.exceptions import RayActorError, RayError
 
+from raybatch.node_health import NODE_HEALTH, detection_bounds_s
 from raybatch.frameworks.base import Framework
 from raybatch.runtime.gang import Gang, as_completed
 from raybatch.runtime.launch import AttemptDirs
@@ -23,12 +24,18 @@ from raybatch.state.states import AttemptOutcome
 
 FAILURE_STOP_GRACE_S = 10.0  # when one rank failed, the others get at most this
 EXTERNAL_STOP_GRACE_S = 1.5  # stopped outside raybatch: Ray kills the driver after 3 s
-NODE_LOST_GRACE_S = 2.0      # the gang is broken: survivors are usually stuck in a collective
+# the gang is broken: survivors are usually stuck in a collective and never see the SIGTERM;
+# one that can (independent ranks) has a second to write its checkpoint. Counted in the
+# time to NODE_LOST (docs/node-loss.md)
+NODE_LOST_GRACE_S = 1.0
 STALL_CHECK_S = 2.0
 # how often a running attempt looks at its control file, signals and wall clock; a rank's
 # exit wakes it at once. Every wake-up takes CPU from ranks on the driver's node.
 WAIT_TICK_S = 0.5
-LOST_RANK_CHECK_S = 20.0     # after a rank failed: how long to wait for Ray's verdict on the others
+# after a rank failed: how much longer than the cluster's health checks take to declare a
+# silent node dead to wait for Ray's verdict on the others (lost_rank_check_s); a GCS slowed
+# by load is late, and the wait costs nothing when every rank answers
+LOST_RANK_MARGIN_S = 5.0
 SYNC_REPORT_S = 5.0          # the final upload reports this often (the server waits while it does)
 
 
@@ -69,12 +76,12 @@ def watch(gang: Gang, ranks: list[RankReport], framework: Framework, deadline: f
                 if code != 0 and outcome is None:
                     # a process whose peer's node died usually fails before Ray reports the
                     # node lost (mpirun at once, collectives on a timeout): ask every rank
-                    errors = gang.find_lost(exclude=i, timeout_s=LOST_RANK_CHECK_S)
-                    lost = sorted(errors)
+                    found = find_lost_ranks(gang, ranks, i)
+                    lost = sorted(found)
                     for j in lost:
                         lost_nodes.add(ranks[j].node_id)
                     if lost:
-                        first = lost_outcome(errors[lost[0]], f"rank {lost[0]}", ranks[lost[0]].node_id)
+                        first = found[lost[0]]
                         outcome = Outcome(first.kind, None, f"{first.message}; rank {i} exited with code {code} "
                                                             "after it")
                         grace = min(grace, NODE_LOST_GRACE_S)
@@ -129,6 +136,45 @@ def finished_first(stop: Outcome, running: set[int], ended_alone: set[int], rank
     if (leader_ends and 0 in running and clean(0)) or (running and all(clean(j) for j in running)):
         return Outcome(AttemptOutcome.SUCCEEDED, 0, f"the ranks had exited 0 before the stop ({stop.message})")
     return stop
+
+
+def lost_rank_check_s() -> float:
+    """How long to wait, after a rank failed, for Ray's verdict on the ranks that do not
+    answer: as long as this cluster's node health checks take to declare a silent node
+    dead, plus a margin (raybatch's settings: 3 s + 5 s; Ray's defaults: 65 s + 5 s).
+    Healthy ranks answer in milliseconds: the wait is this long only while a node is silent.
+    A driver's ``ray._raylet.Config`` holds the cluster's settings (its system config, or
+    the head's environment the driver inherits)."""
+    from ray._raylet import Config
+
+    settings = {name: int(getattr(Config, name)()) for name in NODE_HEALTH}
+    return detection_bounds_s(settings)[1] + LOST_RANK_MARGIN_S
+
+
+def find_lost_ranks(gang: Gang, ranks: list[RankReport], failed: int) -> dict[int, Outcome]:
+    """After rank ``failed`` exited non-zero: the other ranks that are lost, each with how
+    (NODE_LOST, or EVICTED for a node drained for preemption). Lost: its actor died with
+    its node (Ray's verdict, ``Gang.find_lost``), or the GCS has marked its node dead (a
+    verdict whose notice had not reached the actor's call yet)."""
+    errors = gang.find_lost(exclude=failed, timeout_s=lost_rank_check_s())
+    found = {j: lost_outcome(e, f"rank {j}", ranks[j].node_id) for j, e in errors.items()}
+    others = {j: r.node_id for j, r in enumerate(ranks) if j != failed and j not in found and r.node_id}
+    dead = dead_nodes(set(others.values()))
+    for j, node_id in others.items():
+        if node_id in dead:
+            found[j] = Outcome(AttemptOutcome.NODE_LOST, None,
+                               f"rank {j} was lost (node {node_id[:12]}): the GCS marked its node dead")
+    return dict(sorted(found.items()))
+
+
+def dead_nodes(node_ids: set[str]) -> set[str]:
+    """Those of ``node_ids`` the GCS has marked dead; none when it cannot say."""
+    if not node_ids:
+        return set()
+    try:
+        return {n["NodeID"] for n in ray.nodes() if n.get("NodeID") in node_ids and not n.get("Alive", True)}
+    except Exception:  # noqa: BLE001 - the GCS did not answer: no verdict, the rank's exit stands
+        return set()
 
 
 def lost_outcome(error: RayActorError, who: str, node_id: Optional[str]) -> Outcome:
