@@ -391,9 +391,12 @@ def up(
             info = local.up(nodes=nodes, cpus_per_node=cpus_per_node, port=port)
         except Exception as e:  # noqa: BLE001
             _fail(str(e))
-    render.console.print(f"raybatch server: {info['url']}\nRay dashboard:   {info['dashboard_url']}\n"
+    render.console.print(f"raybatch server: {info['url']}\nRay dashboard:   {info['dashboard_url']}"
+                         "   (logged in: raybatch dashboard --open)\n"
                          f"Ray nodes:       {info['nodes']} x {info['cpus_per_node']:g} CPU\n"
                          f"state:           {local.home}", highlight=False)
+    if local.restarted:  # `up` on a running local default restarts only its dead parts
+        render.console.print(f"restarted:       {', '.join(local.restarted)}", highlight=False)
 
 
 @app.command()
@@ -409,13 +412,18 @@ def down() -> None:
 
 @app.command()
 def status(output: Output = OutputOpt) -> None:
-    """The server this CLI talks to, its scheduler, and the live Ray nodes."""
+    """The server this CLI talks to, its scheduler, and the live Ray nodes; for the local
+    default also each of its parts (Ray head, nodes, server, supervisor): pid, alive, restarts."""
+    local = _local_health(output)
     client = _client()
     nodes = _call(client.cluster)
     if output == Output.json:
         render.print_json({"address": client.address, "nodes": nodes,
-                           "scheduler": _call(client.scheduler).model_dump(mode="json")})
+                           "scheduler": _call(client.scheduler).model_dump(mode="json"),
+                           **({"local": local} if local else {})})
         return
+    if local:
+        render.console.print(_local_table(local))
     render.console.print(f"server: {client.address}")
     info = _call(client.scheduler)
     render.console.print(render.scheduler_line(info))
@@ -429,6 +437,41 @@ def status(output: Output = OutputOpt) -> None:
         t.add_row(n["node_id"][:12], n["ip"], str(n["alive"]),
                   f"{a.get('CPU', 0):g}/{tot.get('CPU', 0):g}", f"{a.get('GPU', 0):g}/{tot.get('GPU', 0):g}")
     render.console.print(t)
+
+
+def _local_health(output: Output) -> Optional[dict]:
+    """The local default's parts when this CLI talks to it (no --address/--cluster) and it
+    was started; when its server does not answer, they are printed before the error."""
+    if OPTS.address:
+        return None
+    from raybatch.local.embedded import LocalCluster  # noqa: PLC0415
+
+    local = LocalCluster()
+    health = local.health()
+    if health and not local.running():
+        if output == Output.json:
+            render.print_json({"address": None, "nodes": [], "scheduler": None, "local": health})
+        else:
+            render.console.print(_local_table(health))
+        head = next(p for p in health["parts"] if p["part"] == "ray-head")
+        _fail("the local raybatch server does not answer: run `raybatch up`, which restarts only the dead parts"
+              if head["alive"] else "the local Ray head is gone, and running jobs with it: `raybatch up` "
+              "starts the local default afresh (their attempts are retried)")
+    return health
+
+
+def _local_table(health: dict):
+    from rich.table import Table  # noqa: PLC0415
+
+    t = Table(box=None, header_style="bold", title=f"local default ({health['home']})", title_justify="left")
+    for col in ("PART", "PID", "ALIVE", "RESTARTS", "LAST RESTART"):
+        t.add_column(col)
+    for p in health["parts"]:
+        last = p["last_restart"]
+        when = f"{time.strftime('%H:%M:%S', time.localtime(last['at']))} {last['why']}" if last else ""
+        alive = ("yes" if p.get("answers", True) else "yes, not answering") if p["alive"] else "DEAD"
+        t.add_row(p["part"], str(p["pid"] or "-"), alive, str(p["restarts"]), when)
+    return t
 
 
 def _absolute(location: str) -> str:
