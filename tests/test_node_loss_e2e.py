@@ -97,6 +97,12 @@ def test_a_rank_on_a_node_the_gcs_marked_dead_is_lost(monkeypatch):
     assert "the GCS marked its node dead" in found[1].message
     assert asked == {"exclude": 0, "timeout_s": watch.lost_rank_check_s()}
     assert watch.lost_rank_check_s() >= detection_bounds_s(NODE_HEALTH)[1] + watch.LOST_RANK_MARGIN_S
+    # the failed rank's own node dead (its process exited as its raylet went): lost too
+    monkeypatch.setattr(watch.ray, "nodes", lambda: [{"NodeID": "node0", "Alive": False},
+                                                     {"NodeID": "node1", "Alive": True},
+                                                     {"NodeID": "node2", "Alive": True}])
+    found = watch.find_lost_ranks(FakeGang(), ranks, failed=0)
+    assert list(found) == [0] and found[0].kind is AttemptOutcome.NODE_LOST
     monkeypatch.setattr(watch.ray, "nodes", lambda: (_ for _ in ()).throw(RuntimeError("GCS away")))
     assert watch.find_lost_ranks(FakeGang(), ranks, failed=0) == {}  # no verdict: the exit stands
 

@@ -152,13 +152,15 @@ def lost_rank_check_s() -> float:
 
 
 def find_lost_ranks(gang: Gang, ranks: list[RankReport], failed: int) -> dict[int, Outcome]:
-    """After rank ``failed`` exited non-zero: the other ranks that are lost, each with how
+    """After rank ``failed`` exited non-zero: the ranks that are lost (it too, when the GCS
+    has marked its node dead), each with how
     (NODE_LOST, or EVICTED for a node drained for preemption). Lost: its actor died with
     its node (Ray's verdict, ``Gang.find_lost``), or the GCS has marked its node dead (a
     verdict whose notice had not reached the actor's call yet)."""
     errors = gang.find_lost(exclude=failed, timeout_s=lost_rank_check_s())
     found = {j: lost_outcome(e, f"rank {j}", ranks[j].node_id) for j, e in errors.items()}
-    others = {j: r.node_id for j, r in enumerate(ranks) if j != failed and j not in found and r.node_id}
+    # the failed rank's own node too: a process on a node whose raylet died may exit first
+    others = {j: r.node_id for j, r in enumerate(ranks) if j not in found and r.node_id}
     dead = dead_nodes(set(others.values()))
     for j, node_id in others.items():
         if node_id in dead:
