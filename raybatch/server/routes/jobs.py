@@ -149,12 +149,17 @@ def router(ctx: ServerContext) -> APIRouter:
         except StoreBusy:  # up to STORE_WAIT_S, then 503 (app.py), nothing written
             row = await run_in_threadpool(lambda: store.create_job(**fields, wait=STORE_WAIT_S))
         ctx.scheduler.wake()
+        summary = JobSummary.from_row(row)
         try:  # a job no live node can hold is queued all the same, with a warning
-            warnings = await submit_warnings.for_spec_async(ctx.scheduler, req.spec, run_in_threadpool)
+            nodes = submit_warnings.cached_nodes(ctx.scheduler)  # no await on the common path
+            warnings = (submit_warnings.for_specs(ctx.scheduler, [req.spec], nodes)[0] if nodes is not None else
+                        await submit_warnings.for_spec_async(ctx.scheduler, req.spec, run_in_threadpool))
         except Exception:  # noqa: BLE001 - a warning that cannot be worked out must not fail the submit
             log.warning("could not check %s against the live nodes", row["id"], exc_info=True)
             warnings = []
-        return JobSummary.from_row(row).model_copy(update={"warnings": warnings or None})
+        if warnings:
+            summary.warnings = warnings
+        return summary
 
     @api.post("/jobs/batch", status_code=201)
     def submit_batch(req: BatchSubmitRequest) -> list[JobSummary]:
