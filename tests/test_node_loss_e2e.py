@@ -156,6 +156,14 @@ def replace(cluster: RayTestCluster, node, pids: list[int]) -> None:
     cluster.add_node(1)
 
 
+def succeeded_after_one_loss(client, job_id: str, cluster: RayTestCluster) -> None:
+    """The job succeeded on its second attempt, and no node died that was not killed."""
+    done = client.wait(job_id, timeout=60)
+    assert done.state == "SUCCEEDED", done.reason
+    assert [a.outcome for a in done.attempts] == ["NODE_LOST", "SUCCEEDED"]
+    assert dead_nodes(cluster) == KILLED, "a node died that was not killed: a false alarm"
+
+
 def _gone(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -190,10 +198,7 @@ def test_raylet_sigkill_is_node_lost_and_the_job_runs_again(client, ray_cluster)
         assert back_s < RUNNING_WITHIN_S
         assert node.node_id not in {r.node_id for r in d.attempts[1].ranks}
         wait_for(lambda: _gone(rank.pid), 15, f"attempt 1's rank {rank.rank} (pid {rank.pid}) to be stopped")
-        done = client.wait(sub.id, timeout=60)
-        assert done.state == "SUCCEEDED", done.reason
-        assert [a.outcome for a in done.attempts] == ["NODE_LOST", "SUCCEEDED"]
-        assert dead_nodes(ray_cluster) == KILLED, "a node died that was not killed: a false alarm"
+        succeeded_after_one_loss(client, sub.id, ray_cluster)
     finally:
         replace(ray_cluster, node, pids)
 
@@ -225,9 +230,6 @@ def test_partitioned_node_whose_peer_fails_first_is_node_lost_not_user_error(cli
         print(f"partition: NODE_LOST after {lost_s:.1f} s, all ranks running again after {back_s:.1f} s")
         assert lost_s < LOST_WITHIN_S, f"NODE_LOST {lost_s:.1f} s after the partition: {first.reason}"
         assert back_s < RUNNING_WITHIN_S
-        done = client.wait(sub.id, timeout=60)
-        assert done.state == "SUCCEEDED", done.reason
-        assert [a.outcome for a in done.attempts] == ["NODE_LOST", "SUCCEEDED"]
-        assert dead_nodes(ray_cluster) == KILLED, "a node died that was not killed: a false alarm"
+        succeeded_after_one_loss(client, sub.id, ray_cluster)
     finally:
         replace(ray_cluster, node, pids)
