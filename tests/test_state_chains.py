@@ -94,3 +94,33 @@ def test_a_chain_checks_every_step(tmp_path):
         store.chain(j["id"], [Step(JobState.STARTING, "s"), Step(JobState.QUEUED, "no: not from STARTING")])
     assert store.get_job(j["id"])["state"] == "QUEUED"
     assert [t["to_state"] for t in store.transitions(j["id"])] == ["QUEUED"]
+
+
+def test_a_write_that_finds_the_database_locked_gives_the_store_back(tmp_path):
+    # another process holds the write lock: the scheduler's write fails after the busy
+    # timeout, and must not keep the store's own lock (every later write would hang on it)
+    import threading
+
+    from raybatch.state.store import StoreBusy
+
+    store = Store(tmp_path / "db.sqlite")
+    j = submit(store)
+    holder = sqlite3.connect(tmp_path / "db.sqlite", isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    failed = []
+    t = threading.Thread(target=lambda: failed.append(_raises(lambda: store.update_job(j["id"], reason="x"))))
+    t.start()
+    t.join(10)
+    assert failed and isinstance(failed[0], StoreBusy) and "locked" in str(failed[0])
+    holder.execute("ROLLBACK")
+    holder.close()
+    store.update_job(j["id"], reason="written")  # this thread gets the store at once
+    assert store.get_job(j["id"])["reason"] == "written"
+
+
+def _raises(fn):
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001
+        return e
+    return None

@@ -277,10 +277,7 @@ class Store:
                 )
                 ids.append(job_id)
             self._changed.update(ids)
-            rows = {r["id"]: r for r in db.execute(
-                f"SELECT * FROM jobs WHERE id IN ({','.join('?' * len(ids))})", ids).fetchall()} \
-                if len(ids) <= 500 else None
-        return [rows[i] for i in ids] if rows is not None else self.jobs_by_id(ids)
+            return self.jobs_by_id(ids)  # still holding the (reentrant) lock: no second wait
 
     def get_job(self, job_id: str) -> Optional[dict[str, Any]]:
         return self._one("SELECT * FROM jobs WHERE id=?", (job_id,))
@@ -629,24 +626,23 @@ class _Transaction:
         self.wait = wait
 
     def __enter__(self) -> sqlite3.Connection:
-        db, wait = self.store._db, self.wait
-        if wait is None:
-            self.store._lock.acquire()
-            db.execute("BEGIN IMMEDIATE")
-            return db
-        if not self.store._lock.acquire(timeout=wait) if wait > 0 else not self.store._lock.acquire(blocking=False):
+        db, wait, lock = self.store._db, self.wait, self.store._lock
+        if not lock.acquire(timeout=-1 if wait is None else wait):  # 0: not at all
             raise StoreBusy("the job store is busy (another request holds it)")
-        try:
-            db.execute(f"PRAGMA busy_timeout={int(wait * 1000)}")
-            try:
+        try:  # whatever fails here, the lock goes back: no later write may wait on it forever
+            if wait is None:
                 db.execute("BEGIN IMMEDIATE")
-            finally:
-                db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            else:
+                db.execute(f"PRAGMA busy_timeout={int(wait * 1000)}")
+                try:
+                    db.execute("BEGIN IMMEDIATE")
+                finally:
+                    db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
         except sqlite3.OperationalError as e:
-            self.store._lock.release()
+            lock.release()
             raise StoreBusy(f"the job store is unavailable: {e}") from None
         except BaseException:
-            self.store._lock.release()
+            lock.release()
             raise
         return db
 
