@@ -53,7 +53,7 @@ import httpx
 from raybatch.client import Client, RaybatchError
 from raybatch.state.states import ALLOWED, FINAL_STATES, AttemptOutcome, JobState
 from tests.azurite import Azurite
-from tests.conftest import RECIPES, RayTestCluster, ServerProcess
+from tests.conftest import RECIPES, RayTestCluster, ServerProcess, process_alive
 
 FAULT_KINDS = ("raylet", "rank", "driver", "server", "azurite", "disk")
 JOB_KINDS = ("noop", "fail", "cancel", "blob", "local", "ddp", "mpi")
@@ -281,14 +281,6 @@ def _s(v: Optional[float]) -> str:
     return "-" if v is None else f"{v:.1f}"
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
-        return False
-
-
 def job_of(pid: int) -> Optional[str]:
     """The RAYBATCH_JOB_ID in a live process's environment."""
     try:
@@ -306,7 +298,7 @@ def job_processes(job_ids: set[str]) -> dict[str, list[int]]:
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             j = job_of(int(entry.name))
-            if j in job_ids and _alive(int(entry.name)):
+            if j in job_ids and process_alive(int(entry.name)):
                 out.setdefault(j, []).append(int(entry.name))
     return out
 
@@ -982,7 +974,7 @@ class Chaos:
                     continue
                 for a in d.attempts:
                     for r in a.ranks:
-                        if r.pid and _alive(r.pid) and job_of(r.pid) == d.id:
+                        if r.pid and process_alive(r.pid) and job_of(r.pid) == d.id:
                             out.append(f"{d.id} attempt {a.n} rank {r.rank} pid {r.pid} ({r.role}) alive; the job "
                                        f"ended {d.state.value} at {d.ended_at}")
             for job, pids in job_processes(ended).items():

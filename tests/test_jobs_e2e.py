@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from raybatch.config import ray_http_headers
-from tests.conftest import RECIPES, wait_for
+from tests.conftest import RECIPES, process_alive, wait_for
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -26,14 +26,6 @@ def job(client, **fields):
 
 def state_of(client, job_id):
     return client.get(job_id).state.value
-
-
-def _gone(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] in ("Z", "X")
-    except FileNotFoundError:
-        return True
 
 
 def _live_placement_groups(cluster, name: str) -> list:
@@ -117,11 +109,11 @@ def test_cancel_stops_every_process_and_frees_the_gang(client, ray_cluster):
     detail = client.get(sub.id)
     pids = [r.pid for r in detail.attempts[-1].ranks]
     children = [int(client.logs(sub.id, rank=r).split("child ")[1].split()[0]) for r in (0, 1)]
-    assert all(not _gone(p) for p in pids + children)
+    assert all(process_alive(p) for p in pids + children)
     client.cancel(sub.id)
     done = client.wait(sub.id, timeout=60)
     assert done.state == "CANCELLED"
-    wait_for(lambda: all(_gone(p) for p in pids + children), 15, "user processes to exit")
+    wait_for(lambda: all(not process_alive(p) for p in pids + children), 15, "user processes to exit")
     pg_name = f"raybatch-{sub.id}-1"
     wait_for(lambda: not _live_placement_groups(ray_cluster, pg_name), 15, "placement group removal")
     # the gang's resources are free again: a 2-node job starts at once
@@ -272,7 +264,7 @@ def test_ray_job_stopped_outside_raybatch_is_an_infrastructure_failure(client, r
     first = client.get(sub.id).attempts[0]
     assert first.outcome == "DRIVER_LOST"
     assert "SIGTERM from outside raybatch" in first.reason
-    wait_for(lambda: all(_gone(p) for p in pids), 15, "attempt 1's processes to exit")
+    wait_for(lambda: all(not process_alive(p) for p in pids), 15, "attempt 1's processes to exit")
     client.cancel(sub.id)
     done = client.wait(sub.id, timeout=60)
     assert done.state == "CANCELLED"

@@ -26,7 +26,7 @@ from raybatch.runtime import watch
 from raybatch.runtime.protocol import RankReport
 from raybatch.scheduler.cluster import gcs_client, node_hex
 from raybatch.state.states import AttemptOutcome
-from tests.conftest import ROOT, RayTestCluster, wait_for
+from tests.conftest import ROOT, RayTestCluster, process_alive, wait_for
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -164,14 +164,6 @@ def succeeded_after_one_loss(client, job_id: str, cluster: RayTestCluster) -> No
     assert dead_nodes(cluster) == KILLED, "a node died that was not killed: a false alarm"
 
 
-def _gone(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-    except FileNotFoundError:
-        return True
-
-
 def test_raylet_sigkill_is_node_lost_and_the_job_runs_again(client, ray_cluster):
     sub = client.submit({"name": "raylet-killed", "nodes": 2, "resources": {"cpus": 1},
                          "command": 'echo "attempt $RAYBATCH_ATTEMPT rank $RANK up"; '
@@ -197,7 +189,8 @@ def test_raylet_sigkill_is_node_lost_and_the_job_runs_again(client, ray_cluster)
         assert lost_s < LOST_WITHIN_S, f"NODE_LOST {lost_s:.1f} s after the kill: {first.reason}"
         assert back_s < RUNNING_WITHIN_S
         assert node.node_id not in {r.node_id for r in d.attempts[1].ranks}
-        wait_for(lambda: _gone(rank.pid), 15, f"attempt 1's rank {rank.rank} (pid {rank.pid}) to be stopped")
+        wait_for(lambda: not process_alive(rank.pid), 15,
+                 f"attempt 1's rank {rank.rank} (pid {rank.pid}) to be stopped")
         succeeded_after_one_loss(client, sub.id, ray_cluster)
     finally:
         replace(ray_cluster, node, pids)
