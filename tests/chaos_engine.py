@@ -54,6 +54,7 @@ from raybatch.client import Client, RaybatchError
 from raybatch.state.states import ALLOWED, FINAL_STATES, AttemptOutcome, JobState
 from tests.azurite import Azurite
 from tests.conftest import RECIPES, RayTestCluster, ServerProcess, process_alive
+from tests.fake_autoscaling import cmdline
 
 FAULT_KINDS = ("raylet", "rank", "driver", "server", "azurite", "disk")
 JOB_KINDS = ("noop", "fail", "cancel", "blob", "local", "ddp", "mpi")
@@ -979,7 +980,7 @@ class Chaos:
                                        f"ended {d.state.value} at {d.ended_at}")
             for job, pids in job_processes(ended).items():
                 for pid in pids:
-                    line = f"{job}: process {pid} alive, its command: {_cmdline(pid)[:160]}"
+                    line = f"{job}: process {pid} alive, its command: {cmdline(pid)[:160]}"
                     if not any(str(pid) in o for o in out):
                         out.append(line)
             return out
@@ -1006,13 +1007,6 @@ class Chaos:
                 if not (status == 503 and within(t, self.disk_full)):
                     bad.append(f"{time.strftime('%H:%M:%S', time.localtime(t))} {method} {path}: {status}")
         return bad
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
 
 
 def run_chaos(config: ChaosConfig) -> Report:

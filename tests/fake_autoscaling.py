@@ -40,7 +40,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _cmdline(pid: int) -> str:
+def cmdline(pid: int) -> str:
+    """A process's command line, as one string ('' when it is gone)."""
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
@@ -161,7 +162,7 @@ class FakeAutoscalingCluster:
         return [n for n in state.node_states if n.status in (1, 3)]  # RUNNING, IDLE
 
     def monitor_alive(self) -> bool:
-        return any("monitor.py" in c for c in map(_cmdline, pids_mentioning(self.temp_dir)))
+        return any("monitor.py" in c for c in map(cmdline, pids_mentioning(self.temp_dir)))
 
     def monitor_log(self) -> str:
         out = []
@@ -215,7 +216,7 @@ def spot_cloud(worker_node_types: dict, **kwargs) -> FakeAutoscalingCluster:
 def raylet_pid(cluster: FakeAutoscalingCluster, node_id: str) -> int | None:
     """The raylet of that node, if this cluster started it (its temp dir in the command line)."""
     for pid in pids_mentioning(f"--node_id={node_id}"):
-        cmd = _cmdline(pid)
+        cmd = cmdline(pid)
         if "raylet" in cmd.split(" ")[0] and cluster.temp_dir in cmd:
             return pid
     return None

@@ -23,8 +23,9 @@ from types import SimpleNamespace
 import pytest
 
 from raybatch.local import supervisor as sup
-from raybatch.local.embedded import LocalCluster, _alive, _group_members
-from tests.conftest import wait_for
+from raybatch.local.embedded import LocalCluster, _group_members
+from tests.conftest import process_alive, wait_for
+from tests.fake_autoscaling import cmdline
 
 pytestmark = pytest.mark.timeout(420)
 RAYBATCH = str(Path(sys.executable).with_name("raybatch"))
@@ -66,7 +67,7 @@ def local(tmp_path_factory):
             recorded += [pids["head"], *pids["workers"], pids["server"], pids["supervisor"]]
         down = rb("down")
     assert down.returncode == 0 and "stopped" in down.stdout, down.stdout + down.stderr
-    assert not any(_alive(pid) for pid in recorded)
+    assert not any(process_alive(pid) for pid in recorded)
     assert not (home / "local.json").exists()
 
 
@@ -97,7 +98,7 @@ def _succeeded_with_one_attempt(local, job_id: str) -> None:
 
 def _kill(pid: int) -> None:
     os.kill(pid, signal.SIGKILL)
-    wait_for(lambda: not _alive(pid), 10, f"pid {pid} to die")
+    wait_for(lambda: not process_alive(pid), 10, f"pid {pid} to die")
 
 
 def test_a_killed_server_is_restarted_by_the_supervisor_and_the_job_keeps_its_attempt(local):
@@ -146,7 +147,7 @@ def test_c_up_restarts_a_killed_node_which_rejoins_the_same_head(local):
     assert len(alive_before) == 2
     node = before["workers"][0]  # its `ray start --block`, leader of the node's process group
     group = _group_members(node)
-    raylets = [pid for pid in group if "raylet" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()]
+    raylets = [pid for pid in group if "raylet" in cmdline(pid).split(" ")[0]]
     assert raylets, f"no raylet in process group {node}"
     os.killpg(node, signal.SIGKILL)  # the whole node: ray start, raylet, agents, workers
     wait_for(lambda: not _group_members(node), 15, "the node's processes to die")
@@ -155,7 +156,7 @@ def test_c_up_restarts_a_killed_node_which_rejoins_the_same_head(local):
     assert "restarted:       ray-node-1" in p.stdout, p.stdout
     after = local.info()["pids"]
     assert after["head"] == before["head"] and after["server"] == before["server"]
-    assert after["workers"][0] != node and _alive(after["workers"][0])
+    assert after["workers"][0] != node and process_alive(after["workers"][0])
 
     def rejoined():  # two alive nodes again: the head and the new one (the old one is dead)
         nodes = json.loads(local.rb("status", "-o", "json").stdout)["nodes"]
