@@ -23,6 +23,12 @@ CODE_TTL_S = 60.0
 MAX_OUTSTANDING = 1000  # codes not yet redeemed nor expired; the oldest go first
 
 
+def is_local_path(path: Optional[str]) -> bool:
+    """A path on this server, never another site: ``//evil`` and ``/\\evil`` are other
+    sites to a browser. Where a login may send the browser."""
+    return bool(path) and path.startswith("/") and not path.startswith("//") and "\\" not in path
+
+
 @dataclass(frozen=True)
 class Grant:
     next: str      # where the browser goes once logged in

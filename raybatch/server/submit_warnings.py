@@ -26,10 +26,11 @@ from raybatch.spec.job import JobSpec
 VIEW_FRESH_S = 5.0  # the scheduler's cached view is used when it is at most this old
 
 
-def never_on_live_nodes(spec: JobSpec, nodes: list[NodeView]) -> Optional[str]:
+def never_on_live_nodes(spec: JobSpec, nodes: list[NodeView], job: Optional[policy.Job] = None) -> Optional[str]:
     """Why no live node (set of nodes) can ever hold this job's gang, even all idle, in
-    the queue's words; None when the live nodes could."""
-    job = policy.job_from_spec("new", 0, spec)
+    the queue's words; None when the live nodes could. ``job``: the policy's view of
+    ``spec``, when the caller has it already."""
+    job = job or policy.job_from_spec("new", 0, spec)
     eligible = [n for n in nodes if n.alive and policy.node_class_ok(n, job)]
     if fit.could_ever_fit(eligible, job.bundle, job.count, job.strategy):
         return None
@@ -71,16 +72,17 @@ class SubmitWarnings:
             if nodes is not self._nodes:
                 self._nodes, self._memo = nodes, {}
             for spec in specs:
-                shape = policy.job_from_spec("new", 0, spec).shape
-                if shape not in self._memo:
-                    self._memo[shape] = never_on_live_nodes(spec, nodes)
-                reason = self._memo[shape]
+                job = policy.job_from_spec("new", 0, spec)
+                if job.shape not in self._memo:
+                    self._memo[job.shape] = never_on_live_nodes(spec, nodes, job)
+                reason = self._memo[job.shape]
                 out.append([warning_text(reason)] if reason else [])
         return out
 
     async def for_spec_async(self, scheduler: Any, spec: JobSpec,
                              run_in_thread: Callable[..., Any]) -> list[str]:
-        """One job's warnings from an async route: a stale view is read in a thread."""
+        """One job's warnings from an async route: from the scheduler's view when it is fresh
+        (no thread hop, nothing awaited), else the cluster is read in a thread."""
         if getattr(scheduler, "autoscaler", None) is not None:
             return []
         nodes = self.cached_nodes(scheduler)

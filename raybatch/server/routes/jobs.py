@@ -151,9 +151,7 @@ def router(ctx: ServerContext) -> APIRouter:
         ctx.scheduler.wake()
         summary = JobSummary.from_row(row)
         try:  # a job no live node can hold is queued all the same, with a warning
-            nodes = submit_warnings.cached_nodes(ctx.scheduler)  # no await on the common path
-            warnings = (submit_warnings.for_specs(ctx.scheduler, [req.spec], nodes)[0] if nodes is not None else
-                        await submit_warnings.for_spec_async(ctx.scheduler, req.spec, run_in_threadpool))
+            warnings = await submit_warnings.for_spec_async(ctx.scheduler, req.spec, run_in_threadpool)
         except Exception:  # noqa: BLE001 - a warning that cannot be worked out must not fail the submit
             log.warning("could not check %s against the live nodes", row["id"], exc_info=True)
             warnings = []

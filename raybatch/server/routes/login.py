@@ -7,7 +7,8 @@ from typing import Literal
 from fastapi import APIRouter, HTTPException
 from pydantic import BaseModel, Field
 
-from raybatch.server.login import CODE_TTL_S
+from raybatch.server.login import CODE_TTL_S, is_local_path
+from raybatch.server.routes import dashboard
 
 
 class LoginCodeRequest(BaseModel):
@@ -26,11 +27,11 @@ def router(ctx) -> APIRouter:
 
     @r.post("/login-codes", response_model=LoginCode)
     async def create_login_code(req: LoginCodeRequest) -> LoginCode:
-        if not req.next.startswith("/") or req.next.startswith("//") or "\\" in req.next:
+        if not is_local_path(req.next):
             raise HTTPException(400, f"next: {req.next!r} is not a path on this server (it must start with one '/')")
         code = ctx.login_codes.issue(req.next, req.kind)
         # each kind is redeemed by its own route: the web view's, or server/routes/dashboard.py's
-        path = "/ray-login" if req.kind == "ray-dashboard" else "/login"
+        path = dashboard.LOGIN_PATH if req.kind == dashboard.KIND else "/login"
         return LoginCode(url=f"{path}/{code}", expires_in=CODE_TTL_S)
 
     return r

@@ -16,6 +16,8 @@ from typing import Optional
 
 from fastapi import Request, Response
 
+from raybatch.server.login import is_local_path
+
 COOKIE = "raybatch_session"
 SESSION_TTL_S = 12 * 3600.0   # a working day; then the login form again
 MAX_SESSIONS = 10_000         # the oldest go first (a script logging in in a loop cannot grow memory)
@@ -76,8 +78,6 @@ class Sessions:
 
 
 def safe_next(path: Optional[str], default: str = "/web/") -> str:
-    """Where to go after logging in: a path on this server, never another site
-    (``//evil`` and ``/\\evil`` are other sites to a browser)."""
-    if not path or not path.startswith("/") or path.startswith("//") or "\\" in path:
-        return default
-    return path
+    """Where to go after logging in: a path on this server (``login.is_local_path``), else
+    ``default``."""
+    return path if is_local_path(path) else default
