@@ -181,6 +181,18 @@ class Client:
     def cluster(self) -> list[dict[str, Any]]:
         return self._request("GET", "/cluster")
 
+    def login_link(self, next: str, kind: str = "web") -> tuple[str, float]:
+        """A one-time link that logs a browser in (the web view, or ``kind="ray-dashboard"``
+        the Ray dashboard) and lands on ``next``: (its URL, seconds it works for). The
+        token is never in it."""
+        code = self._request("POST", "/login-codes", json={"kind": kind, "next": next})
+        return self.address + code["url"], code["expires_in"]
+
+    def ray_info(self) -> dict[str, Any]:
+        """The cluster's Ray: its address, dashboard URL, auth mode and the server's Ray token
+        file (never the token)."""
+        return self._request("GET", "/ray")
+
     def queue(self, limit: int = 200, estimate: bool = True) -> list[QueueEntry]:
         """Waiting jobs in the order the scheduler considers them, with why each waits."""
         rows = self._request("GET", "/queue", params={"limit": limit, "estimate": estimate})

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import shlex
-import webbrowser
 from pathlib import Path
 from typing import Any, Optional
 
@@ -28,12 +27,9 @@ from raybatch.cli.session import OPTS
 from raybatch.cli.session import call as _call
 from raybatch.cli.session import client as _client
 from raybatch.cli.session import fail as _fail
+from raybatch.cli.session import open_link, show_link
 from raybatch.server.routes.dashboard import job_page_path
 from raybatch.sweep import split_trial_id
-
-
-def _ray_info(client) -> dict[str, Any]:
-    return _call(client._request, "GET", "/ray")  # RayInfo (raybatch/server/routes/dashboard.py)
 
 
 def dashboard(
@@ -46,7 +42,7 @@ def dashboard(
     _refuse_through_a_tunnel("dashboard", "its Ray dashboard listens on the head only; "
                              "`ray dashboard <the cluster's YAML>` forwards it, then log in with the token dialog")
     client = _client()
-    info = _ray_info(client)
+    info = _call(client.ray_info)
     if not info.get("dashboard_url"):
         _fail("this raybatch server was started without a Ray dashboard URL (--dashboard-url)")
     dashboard_url = info["dashboard_url"].rstrip("/")
@@ -61,21 +57,17 @@ def dashboard(
     next_path = job_page_path(sid) if sid else "/#/overview"
     page = dashboard_url + next_path
     login = info["auth_mode"] != "disabled"
-    if login:
-        code = _call(client._request, "POST", "/login-codes", json={"kind": "ray-dashboard", "next": next_path})
-        url, expires_in = client.address + code["url"], code["expires_in"]
-    else:
-        url, expires_in = page, None
+    url, expires_in = _call(client.login_link, next_path, "ray-dashboard") if login else (page, None)
     if output == Output.json:
         render.print_json({"url": url, "page": page, "dashboard_url": dashboard_url, "ray_job": sid,
                            "login": login, "expires_in": expires_in})
+    elif login:
+        show_link(url, f"a one-time link (valid {expires_in:g} s) that logs the browser into the Ray dashboard; "
+                       f"then: {page}", False)
     else:
         print(url, flush=True)
-        if login:
-            render.err_console.print(f"a one-time link (valid {expires_in:g} s) that logs the browser into the "
-                                     f"Ray dashboard; then: {page}", highlight=False)
-    if open_ and not webbrowser.open(url):
-        _fail("no browser could be opened here: open the link above yourself (it works once)")
+    if open_:
+        open_link(url)
 
 
 def _refuse_through_a_tunnel(command: str, why: str) -> None:
@@ -138,7 +130,7 @@ def env(output: Output = OutputOpt) -> None:
     _refuse_through_a_tunnel("env", "its Ray address is the head's own; run `raybatch env` on the head "
                              "(`raybatch cluster ...` gets you there), where Ray drivers of the cluster run")
     client = _client()
-    info = _ray_info(client)
+    info = _call(client.ray_info)
     exports, notes = env_exports(info, client.address, _ray_token_file(info), _token_file_in_use())
     if output == Output.json:
         render.print_json({"exports": exports, "notes": notes})

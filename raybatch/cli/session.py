@@ -31,6 +31,21 @@ def client(auto_start: bool = False) -> Client:
         fail(f"could not start the local raybatch: {e}")
 
 
+def show_link(url: str, about: str, open_: bool) -> None:
+    """A one-time login link: printed (what it is on stderr), opened with ``--open``."""
+    print(url, flush=True)
+    render.err_console.print(about, highlight=False)
+    if open_:
+        open_link(url)
+
+
+def open_link(url: str) -> None:
+    import webbrowser  # noqa: PLC0415
+
+    if not webbrowser.open(url):
+        fail("no browser could be opened here: open the link above yourself (it works once)")
+
+
 def fail(message: str, code: int = 1) -> None:
     render.err_console.print(f"[red]error:[/] {message}", highlight=False)
     raise typer.Exit(code)

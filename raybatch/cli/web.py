@@ -9,7 +9,6 @@ nor put in a URL."""
 
 from __future__ import annotations
 
-import webbrowser
 from typing import Optional
 from urllib.parse import quote
 
@@ -19,7 +18,7 @@ from raybatch.cli import render
 from raybatch.cli.render import Output, OutputOpt
 from raybatch.cli.session import call as _call
 from raybatch.cli.session import client as _client
-from raybatch.cli.session import fail as _fail
+from raybatch.cli.session import open_link, show_link
 from raybatch.sweep import split_trial_id
 
 
@@ -38,13 +37,11 @@ def web(
         parent, trial = split_trial_id(job_id)
         job = _call(client.get, parent)  # a clear error for an unknown id, before any code is made
         page = f"/web/jobs/{quote(job.id)}" + ("/trials" if trial is not None else "")
-    code = _call(client._request, "POST", "/login-codes", json={"kind": "web", "next": page})
-    url = client.address + code["url"]
+    url, expires_in = _call(client.login_link, page)
     if output == Output.json:
-        render.print_json({"url": url, "page": client.address + page, "expires_in": code["expires_in"]})
+        render.print_json({"url": url, "page": client.address + page, "expires_in": expires_in})
+        if open_:
+            open_link(url)
     else:
-        print(url, flush=True)
-        render.err_console.print(f"a one-time link (valid {code['expires_in']:g} s) that logs the browser into "
-                                 f"the web view; then: {client.address + page}", highlight=False)
-    if open_ and not webbrowser.open(url):
-        _fail("no browser could be opened here: open the link above yourself (it works once)")
+        show_link(url, f"a one-time link (valid {expires_in:g} s) that logs the browser into the web view; "
+                       f"then: {client.address + page}", open_)
