@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import RECIPES, RayTestCluster, ServerProcess, wait_for
-from tests.test_jobs_e2e import _gone
+from tests.conftest import RECIPES, RayTestCluster, ServerProcess, process_alive, wait_for
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -59,7 +58,7 @@ def test_node_killed_mid_training_resumes_from_checkpoint(client, ray_cluster):
         assert "epoch 3/30" in client.logs(sub.id, attempt=1)
         metrics = json.loads((Path(done.outputs["model"]) / "metrics.json").read_text())
         assert metrics["resumed_from_epoch"] == resumed
-        wait_for(lambda: all(_gone(p) for p in old_pids), 15, "attempt 1's processes to exit")
+        wait_for(lambda: all(not process_alive(p) for p in old_pids), 15, "attempt 1's processes to exit")
         states = [t.to_state.value for t in done.transitions]
         assert states == ["QUEUED", "STARTING", "RUNNING", "RESTARTING", "QUEUED", "STARTING", "RUNNING",
                           "SUCCEEDED"]
@@ -77,7 +76,7 @@ def test_killed_driver_is_retried_on_the_infrastructure_budget(client, server):
     done = client.wait(sub.id, timeout=120)
     assert done.state == "SUCCEEDED"
     assert [a.outcome for a in done.attempts] == ["DRIVER_LOST", "SUCCEEDED"]
-    assert all(_gone(p) for p in pids)
+    assert all(not process_alive(p) for p in pids)
     assert "attempt 2" in client.logs(sub.id)
 
 
@@ -154,7 +153,7 @@ def test_lost_rank_retry_avoids_its_node(client):
     first, second = done.attempts
     assert first.outcome == "NODE_LOST" and first.lost_nodes == [rank1.node_id]
     assert rank1.node_id not in {r.node_id for r in second.ranks}
-    assert _gone(rank1.pid)
+    assert not process_alive(rank1.pid)
 
 
 def test_mpi_node_lost_mid_run_is_node_lost_and_retried_with_nothing_left_behind(client, ray_cluster):
