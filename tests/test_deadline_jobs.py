@@ -161,7 +161,7 @@ def checkpoint(tmp_path, job, name, mtime):
     os.utime(d / name, (mtime, mtime))
 
 
-def settle(sched, check, timeout=5.0):
+def settle(sched, check, timeout=20.0):
     """Cycle until ``check()`` holds: checkpoint listings run on worker threads."""
     end_at = time.monotonic() + timeout
     while time.monotonic() < end_at:
