@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "raybatch"
 
 # Lowest first. A unit is a subpackage (raybatch/spec/) or a top-level module (raybatch/errors.py).
 LAYERS: list[set[str]] = [
-    {"errors", "contract", "config", "pylib", "node_health"},  # nothing of raybatch's
+    {"errors", "contract", "config", "pylib", "node_health", "private_dir"},  # nothing of raybatch's
     {"spec", "state"},                 # the job file's format; the store and its state machine
     {"storage", "frameworks"},         # where files live; spec + rank -> command and env
     {"runtime"},                       # one attempt on Ray: launcher, driver, rank actors

@@ -154,7 +154,10 @@ def test_inputs_outputs_and_logs_round_trip_through_blob(env, tmp_path):
     with pytest.raises(RaybatchError, match="not in the job's files"):
         client.files(sub.id, "../etc")
     # the mirrors on the nodes are gone once everything is uploaded
-    assert not list(Path("/tmp/raybatch-mirror").glob(f"{sub.id}/*/*"))
+    from raybatch.private_dir import private_path  # noqa: PLC0415
+
+    assert private_path("mirror").is_dir()  # the mirrors were made there ...
+    assert not list(private_path("mirror").glob(f"{sub.id}/*/*"))  # ... and removed
 
     # a second job with the same input: the node's cache is warm, nothing is downloaded
     again = submit(client, name="round-trip-2", nodes=2, command=cmd,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 import shutil
 import time
 import uuid
@@ -27,8 +28,11 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from raybatch.spec.loader import upload_files
+from raybatch.storage.backends import unsafe_member
 
 MAX_CODE_BYTES = 500 * 2**20  # unpacked, like Ray's working_dir limit
+MAX_ZIP_ENTRIES = 100_000     # entries of one package (code or uploaded input): a real tree has far fewer
+SHA256_RE = re.compile(r"[0-9a-f]{64}")  # how a package is named everywhere (64 lowercase hex digits)
 KEEP_PACKAGES = 32            # a node keeps at least this many of its newest packages ...
 KEEP_SECONDS = 24 * 3600      # ... and every package used within this time
 
@@ -81,23 +85,71 @@ class CodePackageTooLarge(CodePackageError):
     """A code package that unpacks to more than the limit."""
 
 
+def is_sha256(value: object) -> bool:
+    return isinstance(value, str) and SHA256_RE.fullmatch(value) is not None
+
+
+def require_sha256(value: object, what: str = "code_package") -> str:
+    """``value`` if it is a sha256 (64 lowercase hex digits), else CodePackageError. A
+    package is only ever named by its sha256: a path there (``/``, ``../..``) would make
+    the driver zip and ship any directory of the head, or a node unpack outside its cache."""
+    if not is_sha256(value):
+        shown = repr(value)[:80]
+        raise CodePackageError(f"{what} {shown}: not a sha256 (64 lowercase hex digits)")
+    return value  # type: ignore[return-value]
+
+
 def package_zip(code_root: str | Path, sha: str) -> Path:
-    return Path(code_root) / f"{sha}.zip"
+    return Path(code_root) / f"{require_sha256(sha)}.zip"
 
 
 def has_package(code_root: str | Path, sha: str) -> bool:
-    """Was this package uploaded? (Servers before the zip was kept unpacked it instead.)"""
+    """Was this package uploaded? (Servers before the zip was kept unpacked it instead.)
+    False for anything that is not a sha256."""
+    if not is_sha256(sha):
+        return False
     return package_zip(code_root, sha).is_file() or (Path(code_root) / sha).is_dir()
 
 
-def check_package(zf: zipfile.ZipFile, limit: int = MAX_CODE_BYTES) -> None:
-    """Refuse entries that would land outside the directory and trees over ``limit``
-    bytes, before anything is written."""
+def open_package(file: str | Path | io.BufferedIOBase, max_entries: int = MAX_ZIP_ENTRIES) -> zipfile.ZipFile:
+    """The zip, its entry count checked from the end record before ``ZipFile`` reads the
+    central directory (a 500 MiB zip of empty entries would otherwise be millions of
+    ZipInfo objects in memory first). BadZipFile, or CodePackageTooLarge."""
+    with open(file, "rb") if isinstance(file, (str, Path)) else _keep_open(file) as f:
+        end = zipfile._EndRecData(f)  # type: ignore[attr-defined]  # stable since Python 2
+    if end is None:
+        raise zipfile.BadZipFile("File is not a zip file")
+    count = end[zipfile._ECD_ENTRIES_TOTAL]  # type: ignore[attr-defined]
+    if count > max_entries:
+        raise CodePackageTooLarge(f"package has {count} entries, more than the limit of {max_entries}")
+    return zipfile.ZipFile(file)
+
+
+class _keep_open:
+    """``with`` for a caller's file object, without closing it."""
+
+    def __init__(self, f: io.BufferedIOBase):
+        self.f = f
+
+    def __enter__(self) -> io.BufferedIOBase:
+        return self.f
+
+    def __exit__(self, *exc: object) -> None:
+        self.f.seek(0)
+
+
+def check_package(zf: zipfile.ZipFile, limit: int = MAX_CODE_BYTES,
+                  max_entries: int = MAX_ZIP_ENTRIES) -> None:
+    """Refuse entries that would land outside the directory (or are links), more than
+    ``max_entries`` entries, and trees over ``limit`` bytes, before anything is written."""
+    infos = zf.infolist()
+    if len(infos) > max_entries:
+        raise CodePackageTooLarge(f"package has {len(infos)} entries, more than the limit of {max_entries}")
     total = 0
-    for info in zf.infolist():
-        name = info.filename
-        if os.path.isabs(name) or os.path.normpath(name).split(os.sep)[0] == "..":
-            raise CodePackageError(f"unsafe path in package: {name}")
+    for info in infos:
+        why = unsafe_member(info)
+        if why:
+            raise CodePackageError(f"unsafe path in package: {info.filename} ({why})")
         total += info.file_size
         if total > limit:
             raise CodePackageTooLarge(f"code package unpacks to more than {limit // 2**20} MiB")
@@ -110,7 +162,7 @@ def unpack_package(data: bytes, dest: Path, limit: int = MAX_CODE_BYTES) -> None
     tmp = dest.with_name(f"{dest.name}.partial-{uuid.uuid4().hex[:8]}")
     tmp.mkdir(parents=True)
     try:
-        with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        with open_package(io.BytesIO(data)) as zf:
             check_package(zf, limit)
             zf.extractall(tmp)
             for info in zf.infolist():
@@ -134,8 +186,9 @@ class CodeCache:
 
     def ensure(self, sha: str, fetch: Optional[Callable[[], bytes]]) -> Optional[str]:
         """The package's directory on this node; without ``fetch``, None when the node
-        lacks it. A new package makes room by evicting old ones."""
-        dest = self.root / sha
+        lacks it. A new package makes room by evicting old ones. ``sha`` must be a
+        sha256 (CodePackageError otherwise): the directory is named by it."""
+        dest = self.root / require_sha256(sha)
         if dest.is_dir():
             os.utime(dest)  # last use, for the eviction
             return str(dest)

@@ -2,22 +2,25 @@
 gang's nodes and the resolved storage (no Ray calls), so it is tested without a
 cluster. The driver hands each ``RankLaunch`` to its rank's actor.
 
-Node-local directories of an attempt (``AttemptDirs``)::
+Node-local directories of an attempt (``AttemptDirs``), below this user's private 0700
+``<tmp>/raybatch-<uid>/`` (``raybatch.private_dir``: a fixed name in the shared
+``/tmp`` could be created first by another user, who would then read or swap what the
+job writes there)::
 
-    <tmp>/raybatch-mirror/<job id>/attempt-<n>/node-<k>/   local copies of blob outputs,
-                                                           checkpoints and logs (uploaded by the sync)
-    <tmp>/raybatch-jobs/<job id>/node-<k>/                 AZ_BATCHAI_JOB_TEMP, removed at the end
+    <tmp>/raybatch-<uid>/mirror/<job id>/attempt-<n>/node-<k>/   local copies of blob outputs,
+                                                                 checkpoints and logs (uploaded by the sync)
+    <tmp>/raybatch-<uid>/jobs/<job id>/node-<k>/                 AZ_BATCHAI_JOB_TEMP, removed at the end
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 from raybatch.frameworks.base import Framework, RankContext
+from raybatch.private_dir import PrivateDirError, private_path, private_tmp
 from raybatch.runtime.protocol import RankReport
 from raybatch.spec.job import JobSpec
 from raybatch.storage.plan import AttemptStorage, prepare_logs, rank_logs
@@ -33,7 +36,7 @@ class AttemptDirs:
 
     @property
     def mirror(self) -> Path:
-        root = Path(tempfile.gettempdir()) / "raybatch-mirror" / self.job_id / f"attempt-{self.attempt}"
+        root = private_path(MIRROR) / self.job_id / f"attempt-{self.attempt}"
         return root if self.slot is None else root / f"slot-{self.slot}"
 
     def node_mirror(self, node_rank: int) -> Path:
@@ -41,7 +44,22 @@ class AttemptDirs:
 
     def job_temp(self, node_rank: int) -> str:
         node = f"node-{node_rank}" if self.slot is None else f"slot-{self.slot}-node-{node_rank}"
-        return str(Path(tempfile.gettempdir()) / "raybatch-jobs" / self.job_id / node)
+        return str(private_path(JOBS) / self.job_id / node)
+
+
+MIRROR, JOBS = "mirror", "jobs"  # the attempt directories' names below <tmp>/raybatch-<uid>/
+
+
+def check_private_dirs() -> Optional[str]:
+    """Create (0700) or check this node's private scratch roots of ``AttemptDirs``; why
+    they cannot be used, or None. Run where a node first needs them (the driver's node
+    at the start of an attempt; a node before it makes a directory there)."""
+    try:
+        for name in (MIRROR, JOBS):
+            private_tmp(name)
+    except PrivateDirError as e:
+        return f"this node's scratch directory is unsafe: {e}"
+    return None
 
 
 @dataclass

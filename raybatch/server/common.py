@@ -12,7 +12,7 @@ from raybatch.spec.job import JobSpec
 from raybatch.spec.location import LocationError
 from raybatch.spec.location import parse as parse_location
 from raybatch.state.store import Store
-from raybatch.storage.backends import Backend, open_backend
+from raybatch.storage.backends import Backend, LocalBackend, open_backend
 from raybatch.storage.datastores import CredentialError
 
 if TYPE_CHECKING:
@@ -72,3 +72,30 @@ def backend_for(ctx: ServerContext, location: str) -> Backend:
         return open_backend(ctx.datastores().resolve(location))
     except (CredentialError, LocationError) as e:
         raise HTTPException(status.HTTP_502_BAD_GATEWAY, f"storage: {e}") from None
+
+
+def trusted_anchor(ctx: ServerContext, job: dict[str, Any], path: str) -> str:
+    """The trusted directory above a local location's ``path``, from which every part is
+    checked for links: the server's jobs root, else the local datastore that holds it,
+    else the job's directory (else the location itself)."""
+    p = Path(path)
+    candidates = []
+    root = parse_location(ctx.jobs_root)
+    if root.is_local:
+        candidates.append(Path(root.path))
+    candidates += [Path(ds.location.path) for ds in ctx.datastores().spec.datastores.values()
+                   if ds.location.kind == "local"]
+    candidates.append(Path(job["job_dir"]))
+    for base in candidates:
+        if p == base or base in p.parents:
+            return str(base)
+    return path
+
+
+def job_backend(ctx: ServerContext, job: dict[str, Any], location: str) -> Backend:
+    """A backend for one of the job's locations that never follows a link below the
+    trusted anchor (``trusted_anchor``); a plain one for blob storage."""
+    backend = backend_for(ctx, location)
+    if isinstance(backend, LocalBackend):
+        return LocalBackend(backend.access, anchor=trusted_anchor(ctx, job, backend.access.path))
+    return backend

@@ -11,9 +11,12 @@ retrying can help (``transient``)."""
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
+import stat
 import tempfile
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -34,12 +37,33 @@ WRITE_CHECK = ".raybatch-write-check"   # written by check(write=True); not a us
 Progress = Optional[Callable[[int], None]]  # called with bytes just moved
 
 
+def unsafe_member(info: zipfile.ZipInfo) -> str | None:
+    """Why a zip entry must not be unpacked, or None: an absolute name, a '..' part, a
+    NUL, or a symbolic link (the unpacked tree must stay below its directory)."""
+    name = info.filename
+    if "\0" in name:
+        return "a NUL byte in its name"
+    if name.startswith("/") or os.path.isabs(name) or (len(name) > 1 and name[1] == ":"):
+        return "an absolute path"
+    if ".." in name.replace("\\", "/").split("/"):
+        return "a '..' part"
+    if stat.S_ISLNK(info.external_attr >> 16):
+        return "a symbolic link"
+    return None
+
+
 class StorageError(RuntimeError):
     def __init__(self, uri: str, cause: str, transient: bool = False):
         super().__init__(f"{uri}: {cause}")
         self.uri = uri
         self.cause = cause
         self.transient = transient
+
+
+class LinkRefused(StorageError):
+    """A symbolic link on the way to (or at) a file the server was asked to read: never
+    followed, whatever it points at (a job can plant one to ``/`` or to the server's
+    database in its own outputs)."""
 
 
 @dataclass(frozen=True)
@@ -49,6 +73,32 @@ class Entry:
     mtime: float           # seconds since the epoch
     etag: Optional[str] = None
     md5: Optional[str] = None
+    kind: str = "file"     # "link": a symbolic link, listed as such (size 0, never followed)
+
+
+def unsafe_rel(rel: str) -> Optional[str]:
+    """Why a listed path must not be written below a local directory, or None. Names come
+    from storage (blob names, a server's listing) and may be anything: ``a//b``, ``/etc``,
+    ``../x`` or a NUL would land outside the destination or fail oddly."""
+    if "\0" in rel:
+        return "it contains a NUL byte"
+    if rel.startswith("/"):
+        return "it is an absolute path"
+    parts = rel.split("/")
+    if any(p in (".", "..") for p in parts):
+        return "it contains a '.' or '..' part"
+    if any(p == "" for p in parts):
+        return "it contains an empty part ('//' or a trailing '/')"
+    return None
+
+
+def local_target(dest: Path, rel: str, what: str) -> Path:
+    """``dest / rel`` for a listed ``rel`` that is safe to write (``unsafe_rel``); else a
+    StorageError naming ``what`` (the blob or file) and why it is refused."""
+    why = unsafe_rel(rel)
+    if why:
+        raise StorageError(what, f"refused: its name {rel!r} would be written outside {dest} ({why})")
+    return dest / rel
 
 
 class Backend:
@@ -90,24 +140,172 @@ class Backend:
         raise NotImplementedError
 
 
-def open_backend(access: Access) -> Backend:
+def open_backend(access: Access, anchor: Optional[str] = None) -> Backend:
+    """A backend for ``access``; ``anchor`` (local locations only): see LocalBackend."""
     if access.kind == "local":
-        return LocalBackend(access)
+        return LocalBackend(access, anchor)
     if access.kind == "blob":
         return BlobBackend(access)
     raise ValueError(f"unknown location kind {access.kind!r}")
 
 
 # ---- local directories (local disk, NFS, Azure Files mounts) ----------------------------
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+_NOFOLLOW_DIR = _DIR_FLAGS | os.O_NOFOLLOW
+_NOFOLLOW_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # NONBLOCK: a FIFO never hangs
+
+
+def _is_link(name: str, dir_fd: int) -> bool:
+    try:
+        return stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+    except OSError:
+        return False
+
+
 class LocalBackend(Backend):
-    def __init__(self, access: Access):
+    """A local (or mounted) directory.
+
+    Reading (``read``, ``stream``) never follows a symbolic link below the location: every
+    part of the path is opened relative to its parent's descriptor with ``O_NOFOLLOW``, so
+    a link (or a directory swapped for one while we walk) fails with ``LinkRefused``
+    instead of leaving the tree. With ``anchor`` (a trusted directory above the location:
+    the server's jobs root or a datastore's root), the location's own parts below the
+    anchor are walked the same way, and ``list`` reports links as links (``kind="link"``,
+    size 0) without following them: what the server uses to serve a job's files. Without
+    an anchor, ``list`` follows links as before (a node staging a user's own data)."""
+
+    def __init__(self, access: Access, anchor: Optional[str] = None):
         self.access = access
         self.root = Path(access.path)
+        self.anchor = anchor
 
     def _p(self, rel: str) -> Path:
         return self.root / rel if rel else self.root
 
+    # ---- link-safe walking (the server's reads) ------------------------------------------
+    def _walk_parts(self, rel: str) -> tuple[str, list[str]]:
+        """(where the walk starts, opened normally; the parts below it, opened with
+        O_NOFOLLOW one by one). ``rel`` is '/'-separated; '.', '..' and NUL are refused."""
+        rel_parts = [p for p in rel.split("/") if p]
+        if "\0" in rel or any(p in (".", "..") for p in rel_parts):
+            raise StorageError(self.access.child(rel).uri, "path with '.', '..' or a NUL byte; not served")
+        if self.anchor is None:
+            return str(self.root), rel_parts
+        root, anchor = os.path.abspath(self.root), os.path.abspath(self.anchor)
+        try:
+            between = [] if root == anchor else list(Path(root).relative_to(anchor).parts)
+        except ValueError:
+            raise StorageError(self.uri, f"is not below {anchor}; not served") from None
+        if any(p in (".", "..") for p in between):
+            raise StorageError(self.uri, "path with '.' or '..' parts; not served")
+        return anchor, [*between, *rel_parts]
+
+    def _refuse(self, rel: str, err: OSError) -> StorageError:
+        uri = self.access.child(rel).uri if rel else self.uri
+        if err.errno in (errno.ELOOP, errno.EMLINK):
+            return LinkRefused(uri, "a part of this path is a symbolic link (or not a directory); "
+                                    "links in a job's files are never followed: not served")
+        return StorageError(uri, f"cannot read: {err.strerror or err}")
+
+    def _open_dir(self, start: str, parts: list[str]) -> int:
+        """A descriptor of ``start``/``parts``, no part of ``parts`` followed if it is a link."""
+        fd = os.open(start, _DIR_FLAGS)
+        try:
+            for part in parts:
+                try:
+                    nxt = os.open(part, _NOFOLLOW_DIR, dir_fd=fd)
+                except OSError as e:  # a link fails with ENOTDIR or ELOOP: say which it is
+                    if e.errno in (errno.ENOTDIR, errno.ELOOP) and _is_link(part, fd):
+                        raise OSError(errno.ELOOP, "a symbolic link", part) from None
+                    raise
+                os.close(fd)
+                fd = nxt
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _open_file(self, rel: str) -> int:
+        """A read descriptor of the regular file ``rel``, every part walked without
+        following links. FileNotFoundError/IsADirectoryError when there is no such file."""
+        start, parts = self._walk_parts(rel)
+        if not parts:
+            raise IsADirectoryError(rel)
+        try:
+            dfd = self._open_dir(start, parts[:-1])
+            try:
+                fd = os.open(parts[-1], _NOFOLLOW_FILE, dir_fd=dfd)
+            finally:
+                os.close(dfd)
+        except (FileNotFoundError, IsADirectoryError):
+            raise
+        except NotADirectoryError:  # a file on the way: no such file
+            raise FileNotFoundError(rel) from None
+        except OSError as e:
+            raise self._refuse(rel, e) from None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            if stat.S_ISDIR(st.st_mode):
+                raise IsADirectoryError(rel)
+            raise StorageError(self.access.child(rel).uri, "not a regular file; not served")
+        os.set_blocking(fd, True)
+        return fd
+
+    def _list_confined(self, rel: str) -> list[Entry]:
+        start, parts = self._walk_parts(rel)
+        try:
+            if parts:
+                dfd = self._open_dir(start, parts[:-1])
+                try:
+                    st = os.stat(parts[-1], dir_fd=dfd, follow_symlinks=False)
+                    if stat.S_ISLNK(st.st_mode):
+                        return [Entry("", 0, st.st_mtime, kind="link")]
+                    if stat.S_ISREG(st.st_mode):
+                        return [Entry("", st.st_size, st.st_mtime)]  # the location is this one file
+                    if not stat.S_ISDIR(st.st_mode):
+                        return []
+                    fd = os.open(parts[-1], _NOFOLLOW_DIR, dir_fd=dfd)
+                finally:
+                    os.close(dfd)
+            else:
+                fd = os.open(start, _DIR_FLAGS)
+        except (FileNotFoundError, NotADirectoryError):
+            return []  # a missing prefix lists nothing (a file on the way: nothing below it)
+        except OSError as e:
+            raise self._refuse(rel, e) from None
+        out: list[Entry] = []
+        stack = [(fd, "")]
+        try:
+            while stack:
+                dfd, prefix = stack.pop()
+                try:
+                    with os.scandir(dfd) as it:
+                        for entry in it:
+                            try:
+                                st = entry.stat(follow_symlinks=False)
+                            except OSError:
+                                continue  # gone meanwhile
+                            path = prefix + entry.name
+                            if stat.S_ISLNK(st.st_mode):
+                                out.append(Entry(path, 0, st.st_mtime, kind="link"))
+                            elif stat.S_ISREG(st.st_mode):
+                                out.append(Entry(path, st.st_size, st.st_mtime))
+                            elif stat.S_ISDIR(st.st_mode):
+                                try:
+                                    stack.append((os.open(entry.name, _NOFOLLOW_DIR, dir_fd=dfd), path + "/"))
+                                except OSError:
+                                    continue  # gone, or swapped for a link meanwhile: not walked
+                finally:
+                    os.close(dfd)
+        finally:
+            for dfd, _ in stack:
+                os.close(dfd)
+        return sorted(out, key=lambda e: e.path)
+
     def list(self, rel: str = "") -> list[Entry]:
+        if self.anchor is not None:
+            return self._list_confined(rel)
         base = self._p(rel)
         if base.is_file():
             st = base.stat()
@@ -157,28 +355,21 @@ class LocalBackend(Backend):
                 f.flush()
                 os.fsync(f.fileno())
 
-    def _inside(self, rel: str) -> Path:
-        """The file to serve, refusing one that resolves outside the location: a job's
-        symlink to /etc/passwd in its outputs must not be readable through the server."""
-        p = self._p(rel)
-        real, root = p.resolve(), self.root.resolve()
-        if real != root and root not in real.parents:
-            raise StorageError(self.access.child(rel).uri, "is a link to outside the location; not served")
-        return p
-
     def read(self, rel: str, offset: int, length: int) -> tuple[bytes, int]:
-        p = self._inside(rel)
+        """A job's symlink (to /etc/passwd, to the server's database) anywhere on the way
+        is refused (``LinkRefused``), never followed."""
         try:
-            with open(p, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                f.seek(offset)
-                return f.read(length), size
+            fd = self._open_file(rel)
         except (FileNotFoundError, IsADirectoryError):
             return b"", 0
+        with open(fd, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            f.seek(offset)
+            return f.read(length), size
 
     def stream(self, rel: str, length: Optional[int] = None) -> Iterator[bytes]:
         left = float("inf") if length is None else length
-        with open(self._inside(rel), "rb") as f:
+        with open(self._open_file(rel), "rb") as f:
             while left > 0 and (chunk := f.read(int(min(COPY_CHUNK, left)))):
                 left -= len(chunk)
                 yield chunk

@@ -34,8 +34,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional, TypeVar
 
+from raybatch.private_dir import ensure_private_parents
 from raybatch.spec.job import split_package
-from raybatch.storage.backends import Backend, Entry, Progress, StorageError, parallel
+from raybatch.storage.backends import (Backend, Entry, Progress, StorageError, local_target, parallel,
+                                       unsafe_member, unsafe_rel)
 from raybatch.storage.datastores import Access
 
 T = TypeVar("T")
@@ -111,6 +113,7 @@ class InputCache:
         entries = retried(backend.list)
         if not entries:
             raise StorageError(backend.uri, "no such file or directory (nothing is stored under this path)")
+        check_names(backend, entries)
         keys = {e.path: object_key(backend, e) for e in entries}
         fp = fingerprint or hashlib.sha256(
             "\n".join([backend.uri, *(f"{p}\0{k}" for p, k in sorted(keys.items()))]).encode()
@@ -119,6 +122,8 @@ class InputCache:
         done = tree.with_name(fp + ".done")
         single = len(entries) == 1 and entries[0].path == ""
         name = backend.uri.rstrip("/").rsplit("/", 1)[-1] or "input"
+        if unsafe_rel(name):
+            name = "input"  # a location ending in '..' or the like: the one file gets a plain name
         target = str(tree / name) if single else str(tree)
         total = sum(e.size for e in entries)
         if done.exists() and self._intact(tree, entries, name):
@@ -132,7 +137,7 @@ class InputCache:
             partial = tree.with_name(fp + ".partial")
             shutil.rmtree(partial, ignore_errors=True)
             for e in entries:
-                dest = partial / (e.path or name)
+                dest = local_target(partial, e.path, f"{backend.uri}/{e.path}") if e.path else partial / name
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 _link_or_copy(self._object(keys[e.path]), dest)
             shutil.rmtree(tree, ignore_errors=True)
@@ -222,6 +227,15 @@ class InputCache:
         return need
 
 
+def check_names(backend: Backend, entries: list[Entry]) -> None:
+    """Refuse the whole location when any listed name would be written outside the local
+    directory it is copied into (``a//b``, ``../x``, ``/etc/x``, a NUL): a StorageError
+    naming that blob or file, before a byte is written."""
+    for e in entries:
+        if e.path:
+            local_target(Path("."), e.path, f"{backend.uri}/{e.path}")
+
+
 def upload_sha(uri: str) -> str:
     """The sha256 in ``upload://<sha>[/<file name>]``."""
     return split_package(uri.removeprefix("upload://"))[0]
@@ -235,10 +249,13 @@ class UploadedInput(Backend):
     def __init__(self, uri: str, data: bytes):
         self.access = Access("upload", "", uri=uri)
         self.zip = zipfile.ZipFile(io.BytesIO(data))
-        for name in self.zip.namelist():  # the server checked them (and the size) on upload
-            if os.path.isabs(name) or os.path.normpath(name).split(os.sep)[0] == "..":
-                raise StorageError(uri, f"unsafe path in the uploaded input: {name}")
+        for info in self.zip.infolist():  # the server checked them (and the size) on upload
+            why = unsafe_member(info) or (None if info.is_dir() else unsafe_rel(info.filename))
+            if why:
+                raise StorageError(uri, f"unsafe entry {info.filename!r} in the uploaded input: {why}")
         self.file_name = split_package(uri.removeprefix("upload://"))[1]
+        if self.file_name is not None and unsafe_rel(self.file_name):
+            raise StorageError(uri, f"unsafe file name {self.file_name!r} in the uploaded input")
 
     def _member(self, rel: str) -> str:
         return self.file_name if rel == "" and self.file_name else rel
@@ -270,11 +287,13 @@ def _link_or_copy(src: Path, dest: Path) -> None:
 
 def download_tree(backend: Backend, dest: Path, progress: Optional[ProgressFn] = None) -> tuple[int, int]:
     """Everything under a location into ``dest`` (checkpoints before a restart): (files, bytes)."""
+    ensure_private_parents(dest)  # an attempt's mirror (<tmp>/raybatch-<uid>/...): private before use
     entries = [e for e in retried(backend.list) if e.path]
+    check_names(backend, entries)
     counter = _Counter(sum(e.size for e in entries), progress)
 
     def fetch(e: Entry) -> None:
-        target = dest / e.path
+        target = local_target(dest, e.path, f"{backend.uri}/{e.path}")
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.download")
         retried(lambda: backend.download(e.path, tmp, counter.add))

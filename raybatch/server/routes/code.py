@@ -15,11 +15,21 @@ from fastapi import APIRouter, HTTPException, Request, status
 
 from raybatch.config import max_upload_input_bytes
 from raybatch.runtime.code import (
-    MAX_CODE_BYTES, CodePackageError, CodePackageTooLarge, check_package, has_package, package_zip,
+    MAX_CODE_BYTES, CodePackageError, CodePackageTooLarge, check_package, has_package, is_sha256, open_package,
+    package_zip,
 )
 
 if TYPE_CHECKING:
     from raybatch.server.app import ServerContext
+
+
+def checked_sha(sha: str) -> str:
+    """A package is named by its sha256 only (64 lowercase hex digits): 400 otherwise,
+    before the name gets near a path."""
+    if not is_sha256(sha):
+        raise HTTPException(status.HTTP_400_BAD_REQUEST,
+                            f"{sha[:80]!r} is not a sha256 (64 lowercase hex digits): packages are named by it")
+    return sha
 
 
 def router(ctx: ServerContext) -> APIRouter:
@@ -27,17 +37,17 @@ def router(ctx: ServerContext) -> APIRouter:
 
     @api.get("/code/{sha}")
     def code_exists(sha: str) -> dict[str, Any]:
-        if not has_package(ctx.code_root, sha):
+        if not has_package(ctx.code_root, checked_sha(sha)):
             raise HTTPException(status.HTTP_404_NOT_FOUND, "no such code package")
         return {"sha": sha}
 
     @api.put("/code/{sha}", status_code=201)
     async def code_upload(sha: str, request: Request) -> dict[str, Any]:
-        return await _receive(ctx.code_root, sha, request, MAX_CODE_BYTES, "code package")
+        return await _receive(ctx.code_root, checked_sha(sha), request, MAX_CODE_BYTES, "code package")
 
     @api.get("/inputs/{sha}")
     def input_exists(sha: str) -> dict[str, Any]:
-        if not has_package(ctx.code_root, sha):
+        if not has_package(ctx.code_root, checked_sha(sha)):
             raise HTTPException(status.HTTP_404_NOT_FOUND, "no such uploaded input")
         return {"sha": sha}
 
@@ -49,7 +59,7 @@ def router(ctx: ServerContext) -> APIRouter:
             limit = max_upload_input_bytes()
         except ValueError as e:
             raise HTTPException(status.HTTP_500_INTERNAL_SERVER_ERROR, f"the server's {e}") from None
-        return await _receive(ctx.code_root, sha, request, limit, "uploaded input")
+        return await _receive(ctx.code_root, checked_sha(sha), request, limit, "uploaded input")
 
     return api
 
@@ -63,7 +73,8 @@ async def _receive(root: Path, sha: str, request: Request, limit: int, what: str
     except ValueError:
         raise HTTPException(status.HTTP_400_BAD_REQUEST, "Content-Length is not a number") from None
     if declared > limit:
-        raise HTTPException(status.HTTP_413_REQUEST_ENTITY_TOO_LARGE, f"{what} over {mib}")
+        raise HTTPException(status.HTTP_413_REQUEST_ENTITY_TOO_LARGE,
+                            f"{what} of {declared} bytes is over the limit of {mib}")
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".upload-{secrets.token_hex(8)}.partial"
     digest, size = hashlib.sha256(), 0
@@ -71,8 +82,9 @@ async def _receive(root: Path, sha: str, request: Request, limit: int, what: str
         with open(tmp, "wb") as f:
             async for chunk in request.stream():
                 size += len(chunk)
-                if size > limit:
-                    raise HTTPException(status.HTTP_413_REQUEST_ENTITY_TOO_LARGE, f"{what} over {mib}")
+                if size > limit:  # stop reading at the limit (a body without Content-Length)
+                    raise HTTPException(status.HTTP_413_REQUEST_ENTITY_TOO_LARGE,
+                                        f"{what} is over the limit of {mib}")
                 digest.update(chunk)
                 f.write(chunk)
         if digest.hexdigest() != sha:
@@ -89,13 +101,13 @@ def _keep(root: Path, sha: str, received: Path, limit: int, what: str) -> dict[s
     zipped = package_zip(root, sha)
     if not zipped.is_file():
         try:
-            with zipfile.ZipFile(received) as zf:
+            with open_package(received) as zf:
                 check_package(zf, limit)
         except zipfile.BadZipFile:
             raise HTTPException(status.HTTP_400_BAD_REQUEST, "body is not a zip file") from None
-        except CodePackageTooLarge:
-            raise HTTPException(status.HTTP_413_REQUEST_ENTITY_TOO_LARGE,
-                                f"{what} unpacks to more than {mib}") from None
+        except CodePackageTooLarge as e:
+            detail = f"{what}: {e}" if "entries" in str(e) else f"{what} unpacks to more than {mib}"
+            raise HTTPException(status.HTTP_413_REQUEST_ENTITY_TOO_LARGE, detail) from None
         except CodePackageError as e:
             raise HTTPException(status.HTTP_400_BAD_REQUEST, str(e)) from None
         os.replace(received, zipped)

@@ -12,7 +12,7 @@ from fastapi import APIRouter, HTTPException, Query, status
 
 from raybatch.models import ItemInfo
 from raybatch.runtime.items import ItemStore, Record, tasks_of
-from raybatch.server.common import array_spec, backend_for, check_states, job_or_404
+from raybatch.server.common import array_spec, check_states, job_backend, job_or_404
 from raybatch.state.states import JobState
 from raybatch.storage import plan as storage_plan
 from raybatch.storage.backends import StorageError
@@ -25,7 +25,7 @@ ITEM_STATES = ("pending", "running", "done", "failed", "skipped")
 
 def item_records(ctx: ServerContext, job: dict[str, Any]) -> tuple[Optional[list], dict[int, Record]]:
     """The job's frozen listing (None before its driver froze it) and its tasks' records."""
-    store = ItemStore(backend_for(ctx, storage_plan.join(job["job_dir"], "items")))
+    store = ItemStore(job_backend(ctx, job, storage_plan.join(job["job_dir"], "items")))
     try:
         return store.read_manifest(), store.records()
     except StorageError as e:

@@ -17,7 +17,7 @@ from fastapi import APIRouter, HTTPException, Query, status
 
 from raybatch.models import MetricEvent, TrialInfo
 from raybatch.runtime.launch import METRICS_STORE
-from raybatch.server.common import backend_for, check_states, job_or_404, sweep_spec
+from raybatch.server.common import check_states, job_backend, job_or_404, sweep_spec
 from raybatch.spec.job import JobSpec
 from raybatch.state.states import JobState
 from raybatch.storage import plan as storage_plan
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 def trial_records(ctx: ServerContext, job: dict[str, Any]) -> list[TrialRecord]:
     """Every trial known: ended ones from the journal, running ones from the report."""
-    journal = TrialJournal(backend_for(ctx, storage_plan.join(job["job_dir"], "trials")))
+    journal = TrialJournal(job_backend(ctx, job, storage_plan.join(job["job_dir"], "trials")))
     try:
         records = journal.records()
     except StorageError as e:
@@ -88,7 +88,7 @@ def router(ctx: ServerContext) -> APIRouter:
             raise HTTPException(status.HTTP_400_BAD_REQUEST,
                                 f"rank {rank} does not exist: the job has ranks 0-{spec.world_size - 1}")
         logs = storage_plan.job_locations(spec, job["job_dir"])["stdouterr"]
-        backend = backend_for(ctx, logs)
+        backend = job_backend(ctx, job, logs)
         if trial is not None:
             sweep_spec(job, spec)
             try:  # every run of the trial, in order (a run without metrics reads as empty)
