@@ -540,7 +540,9 @@ def router(ctx: "ServerContext", metrics: ServerMetrics, auth: list) -> Any:
 
     api = APIRouter()
 
-    @api.get("/metrics", dependencies=auth, include_in_schema=True,
+    # response_model=None: the return annotation is a string here (postponed annotations) naming
+    # a local import FastAPI cannot resolve; inferring a model from it made /openapi.json a 500
+    @api.get("/metrics", dependencies=auth, include_in_schema=True, response_model=None,
              summary="Prometheus metrics (text format); needs the bearer token")
     def metrics_route() -> Response:
         return Response(metrics.scrape(), media_type=CONTENT_TYPE_LATEST)

@@ -3,6 +3,8 @@ name the field, say what was wrong and what is allowed."""
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
@@ -11,8 +13,152 @@ from pydantic import ValidationError
 
 from raybatch.config import ENV_MAX_UPLOAD_INPUT_MB, max_upload_input_bytes
 from raybatch.errors import SpecError, format_validation_error
+from raybatch.spec.secrets import resolve_local
 from raybatch.spec.job import JobSpec
 from raybatch.spec.sweep import SWEEP_FIELDS
+
+
+# ---- limits of a job file -------------------------------------------------------------
+# A job file is read, parsed and validated on the submitting machine (and its JSON again by
+# the server): a hostile or broken one must be refused in bounded time and memory, with a
+# message that names the limit. Each limit is far above any real job (the recipes' largest
+# file is a few KiB) and far below what would hurt (benchmarks/bench_bad_input.py: every
+# refusal under 1 s and 200 MB). The fields' own limits (the command at most 100 KiB, the
+# command and environment together at most 1 MiB) are in raybatch.spec.job, so that the
+# server applies them to a spec that comes as JSON.
+MAX_JOB_FILE_BYTES = 1 << 20      # a job file, a Batch AI job.json, an Azure ML YAML, a requirements file
+MAX_YAML_ALIASES = 1000           # alias uses (*name) in one document
+MAX_YAML_NODES = 250_000          # nodes of the document with every alias expanded ("billion laughs")
+MAX_YAML_TEXT = 4 << 20           # characters of its scalars with every alias expanded
+MAX_YAML_DEPTH = 64               # nesting of mappings and lists
+MAX_PROBLEM_CHARS = 1000          # a problem line quotes at most this much of a bad value
+
+_LIMIT_HINT = "(raybatch.spec.loader limits: {} MiB, {} aliases, {} values and {} MiB of text expanded, depth {})".format(
+    MAX_JOB_FILE_BYTES >> 20, MAX_YAML_ALIASES, MAX_YAML_NODES, MAX_YAML_TEXT >> 20, MAX_YAML_DEPTH)
+
+
+def read_text_file(path: Path, source: str, what: str = "job file", field: str = "") -> str:
+    """A job file's text, read within ``MAX_JOB_FILE_BYTES``: the size is checked before
+    anything is read (and the read stops one byte past it, for a file that grows), and
+    the bytes must be UTF-8. Every failure, a missing, unreadable or non-regular file
+    included, is a ``SpecError`` naming the file and what was wrong."""
+    where = f"{field}: " if field else ""
+
+    def refuse(problem: str) -> SpecError:
+        return SpecError(source, [f"{where}{problem}"], what)
+
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise refuse(f"no such {what}: {path}") from None
+    except OSError as e:
+        raise refuse(f"cannot read {what} {path}: {e.strerror or e}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise refuse(f"{path} is a directory; give a {what} (YAML or JSON)")
+    if not stat.S_ISREG(st.st_mode):
+        raise refuse(f"{path} is not a regular file; give a {what} (YAML or JSON)")
+    too_big = (f"{path} is larger than {MAX_JOB_FILE_BYTES >> 20} MiB, the limit for a {what} "
+               "(MAX_JOB_FILE_BYTES); put large data in an input, not in the file")
+    if st.st_size > MAX_JOB_FILE_BYTES:
+        raise refuse(f"{too_big} (it has {st.st_size} bytes)")
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_JOB_FILE_BYTES + 1)
+    except OSError as e:
+        raise refuse(f"cannot read {what} {path}: {e.strerror or e}") from None
+    if len(data) > MAX_JOB_FILE_BYTES:
+        raise refuse(too_big)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise refuse(f"{path} is not UTF-8 text: byte 0x{data[e.start]:02x} at offset {e.start} (line {line}); "
+                     "save the file as UTF-8") from None
+
+
+class _YamlLimit(ValueError):
+    """A YAML document over one of the limits above."""
+
+
+def _check_yaml_shape(text: str) -> None:
+    """Walk the document's parse events (libyaml, no objects built) and refuse one whose
+    aliases expand past ``MAX_YAML_NODES`` values or ``MAX_YAML_TEXT`` characters (each
+    anchor's expanded size is counted once, an alias adds it), that uses more than ``MAX_YAML_ALIASES`` aliases or one that refers to
+    a node containing it, or that nests deeper than ``MAX_YAML_DEPTH``. PyYAML would build
+    a billion-laughs document as a small graph of shared lists, but everything after it
+    (validation, JSON, the store) walks it as the tree it stands for."""
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    frames: list[list[Any]] = []  # [values, characters, anchor] so far, per open collection
+    sizes: dict[str, tuple[int, int]] = {}  # anchor: its (values, characters) expanded
+    aliases = 0
+
+    def add(n: int, chars: int) -> None:
+        if frames:
+            top = frames[-1]
+            top[0] += n
+            top[1] += chars
+            if top[0] > MAX_YAML_NODES:
+                raise _YamlLimit(f"the document expands to more than {MAX_YAML_NODES} values "
+                                 f"(aliases expanded) {_LIMIT_HINT}")
+            if top[1] > MAX_YAML_TEXT:
+                raise _YamlLimit(f"the document expands to more than {MAX_YAML_TEXT >> 20} MiB of text "
+                                 f"(aliases expanded) {_LIMIT_HINT}")
+
+    for ev in yaml.parse(text, Loader=loader):
+        if isinstance(ev, yaml.AliasEvent):
+            aliases += 1
+            if aliases > MAX_YAML_ALIASES:
+                raise _YamlLimit(f"more than {MAX_YAML_ALIASES} aliases (*name) {_LIMIT_HINT}")
+            if ev.anchor not in sizes:
+                if any(f[2] == ev.anchor for f in frames):
+                    raise _YamlLimit(f"alias *{ev.anchor} refers to a value that contains it (a cycle)")
+                continue  # undefined: PyYAML says so, with the line
+            add(*sizes[ev.anchor])
+        elif isinstance(ev, yaml.ScalarEvent):
+            if ev.anchor:
+                sizes[ev.anchor] = (1, len(ev.value))
+            add(1, len(ev.value))
+        elif isinstance(ev, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
+            frames.append([1, 0, ev.anchor])
+            if len(frames) > MAX_YAML_DEPTH:
+                mark = ev.start_mark
+                raise _YamlLimit(f"line {mark.line + 1}: nested deeper than {MAX_YAML_DEPTH} levels {_LIMIT_HINT}")
+        elif isinstance(ev, (yaml.SequenceEndEvent, yaml.MappingEndEvent)):
+            n, chars, anchor = frames.pop()
+            if anchor:
+                sizes[anchor] = (n, chars)
+            add(n, chars)
+
+
+def safe_yaml(text: str, source: str, what: str = "job file", field: str = "") -> Any:
+    """``yaml.safe_load`` within the limits above; any failure a ``SpecError`` that says
+    where and what (never a traceback)."""
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    where = f"{field}: " if field else ""
+    try:
+        _check_yaml_shape(text)
+        return yaml.load(text, Loader=loader)  # noqa: S506 - a safe loader (libyaml's when there)
+    except _YamlLimit as e:
+        raise SpecError(source, [f"{where}{e}"], what) from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise SpecError(source, [f"{where}{at}not valid YAML: {getattr(err, 'problem', None) or err}"],
+                        what) from None
+    except (ValueError, RecursionError) as e:  # e.g. an integer of more than 4300 digits
+        raise SpecError(source, [f"{where}a value YAML cannot read: {str(e)[:200]}"], what) from None
+
+
+def _clip(problem: str) -> str:
+    """A problem line that quotes at most ``MAX_PROBLEM_CHARS`` of the bad value (a 50 MB
+    command must not come back in full in its own error); one the whole document's check
+    raised (JobSpec._finite) named by its field, not '(top level)'."""
+    top = "(top level): "
+    if problem.startswith(top) and " " not in problem[len(top):].split(": ", 1)[0]:
+        problem = problem[len(top):]
+    if len(problem) <= MAX_PROBLEM_CHARS:
+        return problem
+    return f"{problem[:MAX_PROBLEM_CHARS]}... ({len(problem) - MAX_PROBLEM_CHARS} more characters)"
 
 
 def apply_overrides(data: dict[str, Any], overrides: Iterable[str], source: str) -> dict[str, Any]:
@@ -26,8 +172,10 @@ def apply_overrides(data: dict[str, Any], overrides: Iterable[str], source: str)
         if not parts:
             raise SpecError(source, [f"--set {item!r}: empty key"])
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
+            value = safe_yaml(raw, source, "--set value", f"--set {key}") if raw.strip() else ""
+        except SpecError as e:
+            if "not valid YAML" not in e.problems[0]:
+                raise  # over a limit: refused, not taken as text
             value = raw
         node = data
         for p in parts[:-1]:
@@ -50,7 +198,7 @@ def parse_job(
     try:
         spec = JobSpec.model_validate(data)
     except ValidationError as err:
-        raise SpecError(source, format_validation_error(err, JobSpec)) from None
+        raise SpecError(source, [_clip(p) for p in format_validation_error(err, JobSpec)]) from None
     if spec.code is not None and check_paths:
         code = Path(spec.code).expanduser()
         if not code.is_absolute() and base_dir is not None:
@@ -66,6 +214,11 @@ def parse_job(
         _inline_requirements(spec, base_dir, source)
     if check_paths:
         _resolve_uploads(spec, base_dir, source)
+    if check_paths and spec.secrets:  # {env:} and {file:} name this machine: read them here (spec.secrets)
+        try:
+            spec.secrets = resolve_local(spec.secrets, base_dir)
+        except ValueError as e:
+            raise SpecError(source, [str(e)]) from None
     return spec
 
 
@@ -145,9 +298,9 @@ def _read_requirements(path: Path, field: str, seen: tuple[Path, ...] = ()) -> l
     if path in seen:
         raise ValueError(f"{field}: '{path}' includes itself (through -r)")
     try:
-        text = path.read_text()
-    except OSError as e:
-        raise ValueError(f"{field}: cannot read '{path}': {e.strerror or e}") from None
+        text = read_text_file(path, str(path), "requirements file", field)
+    except SpecError as e:
+        raise ValueError(e.problems[0]) from None
     out: list[str] = []
     logical, first = "", 0
     lines = text.splitlines()
@@ -253,14 +406,7 @@ def read_document(path: str | Path, mount_root: str | None = None) -> tuple[Any,
 
     p = Path(path)
     source = str(path)
-    if not p.is_file():
-        raise SpecError(source, [f"no such job file: {p}"])
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        raise SpecError(source, [f"{where}not valid YAML: {getattr(err, 'problem', err)}"]) from None
+    data = safe_yaml(read_text_file(p, source), source)  # JSON (Batch AI) is YAML too
     kind = detect(data)
     if kind == "raybatch" and is_sweep_file(data):
         return sweep_document(data, p.parent.resolve(), source, mount_root), "sweep", []

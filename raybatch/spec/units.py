@@ -14,13 +14,21 @@ _CLOCK = re.compile(r"^\s*(?:(\d+)\.)?(\d{1,2}):(\d{2}):(\d{2})\s*$")
 
 DURATION_HELP = "seconds as a number, '90s', '30m', '2h', '7d', or Batch AI's 'd.hh:mm:ss'"
 
+def _float(value: object, what: str, help_: str) -> float:
+    """``float(value)``; a number too large for a float (a 400-digit integer) is a
+    ValueError that says so, not an OverflowError."""
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except OverflowError:
+        raise ValueError(f"{what} is far too large ({help_})") from None
+
 
 def parse_duration(value: object) -> float:
     """Seconds from ``30``, ``'30m'``, ``'2h'``, ``'1d'``, ``'01:30:00'`` or ``'7.00:00:00'``."""
     if isinstance(value, bool):
         raise ValueError(f"expected a duration ({DURATION_HELP})")
     if isinstance(value, (int, float)):
-        seconds = float(value)
+        seconds = _float(value, "the duration", DURATION_HELP)
     else:
         text = str(value)
         m = _SIMPLE.match(text)
@@ -34,8 +42,10 @@ def parse_duration(value: object) -> float:
             if minutes >= 60 or secs >= 60:
                 raise ValueError(f"'{text}': minutes and seconds must be below 60")
             seconds = float(days * 86400 + hours * 3600 + minutes * 60 + secs)
-    if not math.isfinite(seconds) or seconds <= 0:
-        raise ValueError(f"a duration must be positive and finite ({DURATION_HELP})")
+    if math.isnan(seconds) or seconds <= 0:
+        raise ValueError(f"a duration must be positive ({DURATION_HELP})")
+    if math.isinf(seconds):  # '.inf', or a number of 309 digits or more
+        raise ValueError(f"a duration must be finite ({DURATION_HELP})")
     return seconds
 
 
@@ -87,6 +97,9 @@ _SIZE_FACTORS = {
     "t": 1000**4, "tb": 1000**4, "ti": 1024**4, "tib": 1024**4,
 }
 SIZE_HELP = "bytes as a number, or with a unit such as '512MiB', '4GiB', '2GB'"
+# More memory than any node has, and within what Ray's resource quantities hold (fixed
+# point, 1/10000 units in an int64: about 9.2e14).
+MAX_SIZE_BYTES = 1 << 49  # 512 TiB
 
 
 def parse_size(value: object) -> int:
@@ -94,14 +107,16 @@ def parse_size(value: object) -> int:
     if isinstance(value, bool):
         raise ValueError(f"expected a size ({SIZE_HELP})")
     if isinstance(value, (int, float)):
-        size = float(value)
+        size = _float(value, "the size", SIZE_HELP)
     else:
         m = _SIZE.match(str(value))
         if not m:
             raise ValueError(f"'{value}' is not a size ({SIZE_HELP})")
         size = float(m.group(1)) * _SIZE_FACTORS[(m.group(2) or "").lower()]
-    if not math.isfinite(size) or size <= 0:
-        raise ValueError(f"a size must be positive and finite ({SIZE_HELP})")
+    if math.isnan(size) or size <= 0:
+        raise ValueError(f"a size must be positive ({SIZE_HELP})")
+    if size > MAX_SIZE_BYTES:  # infinity included
+        raise ValueError(f"a size can be at most 512 TiB ({MAX_SIZE_BYTES} bytes; {SIZE_HELP})")
     return int(size)
 
 

@@ -26,7 +26,8 @@ def router(ctx: ServerContext) -> APIRouter:
     @api.get("/cost")
     def cost_report(
         by: GroupBy = Query(GroupBy.type, description="Group by node type, experiment or job."),
-        since: Optional[float] = Query(None, description="The window's start (Unix time, s); default: all."),
+        since: Optional[float] = Query(None, allow_inf_nan=False,
+                                       description="The window's start (Unix time, s); default: all."),
     ) -> CostReport:
         now = time.time()
         if since is not None and since > now:
