@@ -194,6 +194,11 @@ BROKEN = [
     ("worker without token auth", "worker_start_ray_commands|1", "ray start --address=$RAY_HEAD_IP:6379", "cluster worker_start_ray_commands[1]: `ray start` without RAY_AUTH_MODE=token"),
     ("head without autoscaler", "head_start_ray_commands|1", "RAY_AUTH_MODE=token ray start --head", "cluster head_start_ray_commands[1]: the head's `ray start --head` needs --autoscaling-config"),
     ("no head-setup", "head_start_ray_commands|2", "true", "cluster head_start_ray_commands: must run `raybatch cluster head-setup"),
+    ("no TLS certificate mount", "file_mounts|~/raybatch-tls", ..., "cluster file_mounts.~/raybatch-tls: must be '{render_dir}/tls'"),
+    ("server without TLS", "head_start_ray_commands|2", "raybatch cluster head-setup --state-dir /mnt/raybatch-state "
+     "--cluster-config ~/ray_bootstrap_config.yaml", "cluster head_start_ray_commands: must run `raybatch cluster "
+     "head-setup --state-dir /mnt/raybatch-state --cluster-config ~/ray_bootstrap_config.yaml --tls-cert "
+     "~/raybatch-tls/server.pem --tls-key ~/raybatch-tls/server.key`"),
     ("no spot-watch", "worker_start_ray_commands|2", "true", "cluster worker_start_ray_commands: spot types need `raybatch spot-watch"),
     ("spot-watch on every node", "worker_start_ray_commands|2", "nohup raybatch spot-watch --gcs-address $RAY_HEAD_IP:6379 &", "cluster worker_start_ray_commands[2]: start spot-watch only on spot nodes"),
 ]

@@ -201,7 +201,7 @@ def azure_up(tmp_path, monkeypatch):
 
     monkeypatch.setenv("RAYBATCH_HOME", str(tmp_path / "home"))
     monkeypatch.setattr(lifecycle, "build_wheel", lambda dist, progress=None: dist)  # (pip wheel: slow)
-    monkeypatch.setattr(lifecycle, "_server_healthy", lambda url: True)
+    monkeypatch.setattr(lifecycle, "_server_healthy", lambda url, ca_cert=None: True)
     fake = FakeOps(token_reads=(b"banner\nRAYBATCH-API-TOKEN::RAYBATCH-API-TOKEN\n", TOKEN_OUT))
     mounts = tmp_path / "mounts.yaml"
     mounts.write_text("azureFileShares: [{accountName: sa, accountKey: SECRET-KEY, shareName: s}]\n")
@@ -229,7 +229,12 @@ def test_azure_up_and_down_steps_in_order(azure_up, tmp_path):
     assert oct((d / "node" / "mounts.yaml").stat().st_mode & 0o777) == "0o600"
     assert "SECRET-KEY" in (d / "node" / "mounts.yaml").read_text()
     assert "{render_dir}" not in (d / "cluster.yaml").read_text()
-    assert state["url"].startswith("http://127.0.0.1:") and state["tunnel"]["head_ip"] == "20.1.2.3"
+    assert state["url"].startswith("https://127.0.0.1:") and state["tunnel"]["head_ip"] == "20.1.2.3"
+    # the server's TLS certificate: made once, shipped by file_mounts, the CLI's CA for this cluster
+    assert state["ca_cert"] == str(d / "tls" / "server.pem") and lifecycle.ca_cert_of(state["name"]) == state["ca_cert"]
+    assert oct((d / "tls" / "server.key").stat().st_mode & 0o777) == "0o600"
+    assert yaml.safe_load((d / "cluster.yaml").read_text())["file_mounts"]["~/raybatch-tls"] == str(d / "tls")
+    assert "--tls-cert ~/raybatch-tls/server.pem --tls-key ~/raybatch-tls/server.key" in fake.calls[4][2]["cmd"]
     assert state["tunnel"]["start"] == lifecycle.proc_start(fake.ssh.pid)
     # up again: Ray is not restarted on the running head
     fake.calls.clear()

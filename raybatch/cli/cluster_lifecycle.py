@@ -80,8 +80,10 @@ def _steps():
 def _client(name: str) -> Client:
     from raybatch.cluster.lifecycle import connect  # noqa: PLC0415
 
+    from raybatch.cluster.lifecycle import ca_cert_of  # noqa: PLC0415
+
     url, token = _attempt(connect, name)
-    return Client(url, token, auto_start=False)
+    return Client(url, token, auto_start=False, ca_cert=ca_cert_of(name))
 
 
 def _call(fn, *args, **kwargs):
@@ -262,13 +264,19 @@ def head_setup(
     cluster_config: Path = typer.Option(..., "--cluster-config", help="The autoscaler's config on the head."),
     disk_lun: Optional[int] = typer.Option(None, "--disk-lun", help="Mount the state disk at this LUN first."),
     port: int = typer.Option(8765, "--port", help="The server's port on 127.0.0.1."),
+    tls_cert: Optional[Path] = typer.Option(None, "--tls-cert", help="The server serves HTTPS with this "
+                                            "certificate (PEM; with --tls-key)."),
+    tls_key: Optional[Path] = typer.Option(None, "--tls-key", help="The certificate's private key (PEM)."),
     print_unit: bool = typer.Option(False, "--print", help="Print the unit; install nothing."),
 ) -> None:
     """On the head node (the cluster YAML runs it): install and start raybatch-server.service."""
     from raybatch.cluster import systemd  # noqa: PLC0415
 
+    if (tls_cert is None) != (tls_key is None):
+        _fail("--tls-cert and --tls-key go together (the certificate and its private key)")
+    tls = {k: str(v.expanduser().resolve()) for k, v in (("tls_cert", tls_cert), ("tls_key", tls_key)) if v}
     unit = systemd.render_unit(state_dir=state_dir, cluster_config=str(cluster_config.expanduser().resolve()),
-                               port=port)
+                               port=port, **tls)
     if print_unit:
         print(unit, end="")
         return

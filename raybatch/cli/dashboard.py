@@ -28,6 +28,7 @@ from raybatch.cli.session import call as _call
 from raybatch.cli.session import client as _client
 from raybatch.cli.session import fail as _fail
 from raybatch.cli.session import open_link, show_link
+from raybatch.client import ENV_CA_CERT, local_token_for
 from raybatch.server.routes.dashboard import job_page_path
 from raybatch.sweep import split_trial_id
 
@@ -78,19 +79,22 @@ def _refuse_through_a_tunnel(command: str, why: str) -> None:
         _fail(f"`raybatch {command}` is not available through --cluster {OPTS.cluster}: {why}")
 
 
-def _token_file_in_use() -> Optional[Path]:
+def _token_file_in_use(client) -> Optional[Path]:
     """The raybatch token file the SDK reads (``$RAYBATCH_HOME/token``) when this CLI's token
-    comes from it, i.e. not from ``--token``, ``RAYBATCH_TOKEN`` or ``--cluster``."""
+    comes from it, i.e. not from ``--token``, ``RAYBATCH_TOKEN`` or ``--cluster``, and the
+    SDK sends it to this server (only the state dir's own server gets it)."""
     if OPTS.token or os.environ.get(config.ENV_TOKEN):
         return None
     path = config.home() / "token"
-    return path if path.is_file() else None
+    return path if path.is_file() and local_token_for(client.address) else None
 
 
 def env_exports(info: dict[str, Any], raybatch_address: str, ray_token_file: Optional[str],
-                raybatch_token_file: Optional[Path]) -> tuple[dict[str, str], list[str]]:
+                raybatch_token_file: Optional[Path],
+                ca_cert: Optional[str] = None) -> tuple[dict[str, str], list[str]]:
     """(variables to export, notes) for a Ray driver next to raybatch. Pure: the caller says
-    where the tokens are; no token value goes in."""
+    where the tokens are; no token value goes in. ``ca_cert``: the CA file this CLI verifies
+    an https server with, exported as RAYBATCH_CA_CERT so the driver's SDK verifies it too."""
     exports: dict[str, str] = {}
     notes: list[str] = []
     if info.get("ray_address"):
@@ -103,6 +107,8 @@ def env_exports(info: dict[str, Any], raybatch_address: str, ray_token_file: Opt
             notes.append("no Ray token file found here (the server's: "
                          f"{info.get('token_path') or 'none'}): set RAY_AUTH_TOKEN_PATH to the cluster's token file")
     exports[config.ENV_ADDRESS] = raybatch_address
+    if ca_cert:
+        exports[ENV_CA_CERT] = str(Path(ca_cert).expanduser().resolve())
     if raybatch_token_file is not None:
         exports[config.ENV_HOME] = str(raybatch_token_file.parent)
         notes.append(f"the raybatch SDK reads its token from ${config.ENV_HOME}/token ({raybatch_token_file})")
@@ -131,7 +137,8 @@ def env(output: Output = OutputOpt) -> None:
                              "(`raybatch cluster ...` gets you there), where Ray drivers of the cluster run")
     client = _client()
     info = _call(client.ray_info)
-    exports, notes = env_exports(info, client.address, _ray_token_file(info), _token_file_in_use())
+    exports, notes = env_exports(info, client.address, _ray_token_file(info), _token_file_in_use(client),
+                                 client.ca_cert)
     if output == Output.json:
         render.print_json({"exports": exports, "notes": notes})
         return

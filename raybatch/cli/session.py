@@ -1,5 +1,5 @@
 """What every command that talks to a server shares: the server the global options chose
-(``--address``/``--token``/``--cluster``, set by the app's callback), a client for it, and
+(``--address``/``--token``/``--cluster``/``--ca-cert``, set by the app's callback), a client for it, and
 one way to fail (a red ``error:`` line and an exit code)."""
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ class _Opts:
     address: Optional[str] = None
     token: Optional[str] = None
     cluster: Optional[str] = None  # --cluster NAME: the server is reached through an SSH tunnel to its head
+    ca_cert: Optional[str] = None  # --ca-cert / RAYBATCH_CA_CERT: verify an https server with this CA
 
 
 OPTS = _Opts()
@@ -24,7 +25,7 @@ OPTS = _Opts()
 def client(auto_start: bool = False) -> Client:
     """A client of the chosen server (``auto_start``: start the local default if needed)."""
     try:
-        return Client(OPTS.address, OPTS.token, auto_start=auto_start)
+        return Client(OPTS.address, OPTS.token, auto_start=auto_start, ca_cert=OPTS.ca_cert)
     except RaybatchError as e:
         fail(str(e))
     except Exception as e:  # noqa: BLE001 - starting the local default can fail many ways
@@ -47,7 +48,8 @@ def open_link(url: str) -> None:
 
 
 def fail(message: str, code: int = 1) -> None:
-    render.err_console.print(f"[red]error:[/] {message}", highlight=False)
+    # the message quotes user text (a job file's values, a server's reason): printed as is
+    render.err_console.print(f"[red]error:[/] {render.esc(message)}", highlight=False)
     raise typer.Exit(code)
 
 

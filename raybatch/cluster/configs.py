@@ -22,10 +22,12 @@ only on Azure (``type: azure`` or raybatch's provider subclass):
   * ``auth``: ``ssh_user`` and both ssh keys;
   * every type: ``vmSize`` and an image; a Spot type ``evictionPolicy: Delete`` and a
     ``billingProfile.maxPrice``;
-  * ``file_mounts`` bring the raybatch wheel and the Ray auth token from ``{render_dir}``;
+  * ``file_mounts`` bring the raybatch wheel, the Ray auth token and the server's TLS
+    certificate and key (``~/raybatch-tls``, made by ``raybatch cluster up``) from ``{render_dir}``;
   * setup commands pin Ray, install the wheel, run ``raybatch node-setup --mounts``;
   * every ``ray start`` runs with ``RAY_AUTH_MODE=token``; the head runs
-    ``raybatch cluster head-setup`` after it; spot workers start ``raybatch spot-watch``.
+    ``raybatch cluster head-setup`` after it, with ``--tls-cert``/``--tls-key`` (the server
+    speaks HTTPS only, also through the SSH tunnel); spot workers start ``raybatch spot-watch``.
 
 A problem is one line: ``<source>: <node type|cluster> <field>: <what is wrong> (<what is
 allowed>)``.
@@ -39,6 +41,7 @@ from typing import Any
 
 import yaml
 
+from raybatch.cluster.tls import CERT_NAME, KEY_NAME
 from raybatch.scheduler.fit import LOW_PRIORITY_LABEL, LOW_PRIORITY_RESOURCE, is_spot_type
 
 RAY_VERSION = "2.60.0"
@@ -51,11 +54,15 @@ COMMAND_LISTS = ("initialization_commands", "setup_commands", "head_setup_comman
                  "worker_setup_commands", "head_start_ray_commands", "worker_start_ray_commands")
 # the file_mounts every Azure config carries ({render_dir}: `raybatch cluster up` fills it in)
 RENDER_DIR = "{render_dir}"
-FILE_MOUNTS = {"~/raybatch-setup": f"{RENDER_DIR}/node", "~/.ray/auth_token": f"{RENDER_DIR}/ray_auth_token"}
+TLS_DIR = "tls"            # in the render dir: the server's certificate and key (raybatch.cluster.tls)
+TLS_ON_NODE = "~/raybatch-tls"
+FILE_MOUNTS = {"~/raybatch-setup": f"{RENDER_DIR}/node", "~/.ray/auth_token": f"{RENDER_DIR}/ray_auth_token",
+               TLS_ON_NODE: f"{RENDER_DIR}/{TLS_DIR}"}
 WHEEL_GLOB = "~/raybatch-setup/dist/raybatch-"
 NODE_SETUP = "raybatch node-setup --mounts ~/raybatch-setup/mounts.yaml"
 HEAD_SETUP = ("raybatch cluster head-setup --state-dir /mnt/raybatch-state "
-              "--cluster-config ~/ray_bootstrap_config.yaml")
+              "--cluster-config ~/ray_bootstrap_config.yaml "
+              f"--tls-cert {TLS_ON_NODE}/{CERT_NAME} --tls-key {TLS_ON_NODE}/{KEY_NAME}")
 SPOT_WATCH = "raybatch spot-watch --gcs-address $RAY_HEAD_IP:6379"
 SPOT_PRIORITY = "Spot"
 _GUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")

@@ -8,6 +8,8 @@ Everything ``up`` knows about a cluster lives in its render directory,
     node/dist/        the raybatch wheel the nodes install (Azure)
     node/mounts.yaml  the file systems every node mounts (``--mounts``, or {}; 0600: storage keys)
     ray_auth_token    the Ray cluster's auth token (0600, made once, never printed)
+    tls/              the server's self-signed TLS certificate and key (Azure; made once,
+                      shipped to the head by file_mounts; the CLI verifies the server with it)
     api_token         the raybatch server's API token (0600, fetched from the head)
     state.json        what ``up`` started: provider kind, server url, pids/tunnel
     logs/             what ``up`` started logs here
@@ -67,7 +69,7 @@ import httpx
 import yaml
 
 from raybatch import config as rb_config
-from raybatch.cluster import configs
+from raybatch.cluster import configs, tls
 from raybatch.local.embedded import _alive, free_port
 
 STATE_DIR_ON_HEAD = "/mnt/raybatch-state"
@@ -257,6 +259,8 @@ def render(source: Path, mounts: Optional[Path] = None, progress: Progress = lam
         os.chmod(node / "mounts.yaml", 0o600)
     if wheel:
         build_wheel(node / "dist", progress)
+    if configs.is_azure(config):  # the server on the head speaks HTTPS (raybatch.cluster.tls)
+        tls.self_signed(cluster.dir / configs.TLS_DIR)
     rendered = _replace_render_dir(copy.deepcopy(config), str(cluster.dir))
     return cluster, rendered
 
@@ -268,9 +272,12 @@ def write_config(cluster: Cluster, config: dict) -> None:
     tmp.replace(cluster.config_path)
 
 
-def _server_healthy(url: str) -> bool:
+def _server_healthy(url: str, ca_cert: Optional[str] = None) -> bool:
+    import ssl  # noqa: PLC0415
+
+    verify = ssl.create_default_context(cafile=ca_cert) if ca_cert else True
     try:
-        return httpx.get(url + rb_config.API_PREFIX + "/health", timeout=3).status_code == 200
+        return httpx.get(url + rb_config.API_PREFIX + "/health", timeout=3, verify=verify).status_code == 200
     except httpx.HTTPError:
         return False
 
@@ -609,7 +616,9 @@ def ensure_tunnel(cluster: Cluster, state: dict[str, Any], ops: Optional[AzureOp
     pid = ops.open_tunnel(config, head_ip, port, SERVER_PORT_ON_HEAD, cluster.logs / "tunnel.log")
     state["tunnel"] = {"pid": pid, "start": proc_start(pid), "local_port": port, "head_ip": head_ip,
                        "remote_port": SERVER_PORT_ON_HEAD}
-    state["url"] = f"http://127.0.0.1:{port}"
+    ca = cluster.dir / configs.TLS_DIR / tls.CERT_NAME  # the head's server speaks HTTPS with it
+    state["url"] = f"{'https' if ca.is_file() else 'http'}://127.0.0.1:{port}"
+    state["ca_cert"] = str(ca) if ca.is_file() else None
     cluster.write_state(state)
     _wait("the SSH tunnel to the head", lambda: _port_open(port), 30, cluster.logs / "tunnel.log", (pid,))
     return state
@@ -638,7 +647,8 @@ def _azure_up(cluster: Cluster, config: dict, progress: Progress, ops: AzureOps,
     _secret_file(cluster.dir / "api_token", _fetch_api_token(ops, path))
     progress("opening the SSH tunnel to the server")
     state = ensure_tunnel(cluster, state, ops)
-    _wait("the raybatch server on the head", lambda: _server_healthy(state["url"]), 120, cluster.logs / "tunnel.log")
+    _wait("the raybatch server on the head", lambda: _server_healthy(state["url"], state.get("ca_cert")), 120,
+          cluster.logs / "tunnel.log")
     return state
 
 
@@ -776,6 +786,15 @@ def connect(name: str) -> tuple[str, Optional[str]]:
     if not state.get("url"):
         raise ClusterError(f"cluster {name} is down: `raybatch cluster up {cluster.config_path}`")
     return state["url"], cluster.api_token()
+
+
+def ca_cert_of(name: str) -> Optional[str]:
+    """The CA certificate to verify cluster ``name``'s server with (its self-signed
+    certificate, when its server speaks HTTPS), or None."""
+    try:
+        return Cluster.named(name).state().get("ca_cert") or None
+    except ClusterError:
+        return None
 
 
 def scale(name: str, node_type: str, min_workers: int, max_workers: int, progress: Progress = lambda _m: None,

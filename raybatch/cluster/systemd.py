@@ -33,16 +33,20 @@ Runner = Callable[[list[str]], None]
 
 def render_unit(*, state_dir: str, cluster_config: str, user: Optional[str] = None, home: Optional[str] = None,
                 python: Optional[str] = None, port: int = SERVER_PORT, ray_address: str = RAY_ADDRESS,
-                dashboard_url: str = DASHBOARD_URL, require_mount: bool = True) -> str:
+                dashboard_url: str = DASHBOARD_URL, require_mount: bool = True,
+                tls_cert: Optional[str] = None, tls_key: Optional[str] = None) -> str:
     """The unit file's text. ``python``: the interpreter raybatch is installed in (the one
     Ray runs from on the head); ``home``: the user's home, where Ray's auth token is
-    (``~/.ray/auth_token``, put there by the YAML's file_mounts)."""
+    (``~/.ray/auth_token``, put there by the YAML's file_mounts). ``tls_cert``/``tls_key``:
+    the server serves HTTPS with them (``~/raybatch-tls``, also from file_mounts)."""
     user = user or getpass.getuser()
     home = home or os.path.expanduser(f"~{user}")
     python = python or sys.executable
     argv = [python, "-m", "raybatch.server", "--state-dir", state_dir, "--ray-address", ray_address,
             "--dashboard-url", dashboard_url, "--cluster-config", cluster_config,
             "--host", "127.0.0.1", "--port", str(port)]
+    if tls_cert or tls_key:
+        argv += ["--tls-cert", str(tls_cert), "--tls-key", str(tls_key)]
     unit = [
         "[Unit]",
         "Description=raybatch server (job queue, scheduler, REST API on 127.0.0.1)",
