@@ -108,11 +108,8 @@ def test_packages_give_the_ranks_their_own_numpy_and_are_built_once(client, ray_
 
 
 def test_a_broken_requirement_fails_at_start_fast_with_pips_words(client, server, ray_cluster):
-    secret = "s3cret-index-token"
-    index = server.url.replace("http://", f"http://raybatch:{secret}@") + "/simple"
     t0 = time.monotonic()
-    sub = job(client, name="broken-env", command="echo never",
-              packages={"pip": [f"--extra-index-url {index}", BROKEN]})
+    sub = job(client, name="broken-env", command="echo never", packages={"pip": [BROKEN]})
     done = client.wait(sub.id, timeout=90)
     took = time.monotonic() - t0
     assert done.state == "FAILED", done.reason
@@ -124,10 +121,51 @@ def test_a_broken_requirement_fails_at_start_fast_with_pips_words(client, server
     assert "No matching distribution" in done.reason or "Could not find a version" in done.reason
     logs = list((Path(done.logs_dir) / "attempt-1" / "environment").glob("*.txt"))
     assert logs, done.reason
-    text = logs[0].read_text()
-    assert "this-package-does-not-exist-raybatch" in text
-    assert secret not in text and secret not in done.reason
+    assert "this-package-does-not-exist-raybatch" in logs[0].read_text()
     assert client.logs(sub.id) == ""  # no rank ran
+    # pip ran on a node of the job's gang (a task in its placement group), not in the driver
+    assert "on node 0 of the gang" in driver_log(ray_cluster, sub.id)
+    from ray.util.state import list_tasks
+
+    checks = list_tasks(address=ray_cluster.dashboard_url, filters=[("name", "=", "raybatch-pip-check")],
+                        detail=True, raise_on_missing_output=False)
+    assert checks and all(t.placement_group_id for t in checks), checks
+
+
+def test_pip_sources_and_credentials_are_refused_at_submit_unless_the_policy_allows_sources(client, server):
+    """A path, URL, VCS entry or pip option would have pip build code from it on the
+    nodes: refused at submit, naming the entry, unless the server's policy allows them;
+    index credentials never get in (nor into Ray's runtime_env, the store or `show`)."""
+    import httpx
+
+    def post(pip: list[str]) -> httpx.Response:  # the raw API, past the SDK's own check
+        # a resource no node has: an accepted job stays QUEUED (nothing built, nothing run)
+        body = {"spec": {"name": "src", "experiment": "tests", "command": "echo x", "packages": {"pip": pip},
+                         "resources": {"cpus": 1, "custom": {"rb_test_nowhere": 1}}}}
+        return httpx.post(f"{server.url}/api/v1/jobs", json=body, timeout=30,
+                          headers={"Authorization": f"Bearer {server.token}"})
+
+    for item in ("-e ./pkg", "git+https://github.com/org/repo", "/abs/pkg", "file:///srv/x.whl",
+                 "--index-url http://127.0.0.1:9/simple"):
+        r = post(["numpy<2", item])
+        assert r.status_code == 400 and f"packages.pip: '{item}'" in r.text and "allow_pip_sources" in r.text, r.text
+    secret = "s3cret-index-token"
+    r = post([f"--extra-index-url http://raybatch:{secret}@127.0.0.1:9/simple", "numpy<2"])
+    assert r.status_code == 400 and "credentials" in r.text and secret not in r.text, r.text
+
+    policy = server.state_dir / "policy.yaml"
+    policy.write_text("allow_pip_sources: true\n")
+    try:
+        accepted = wait_for(lambda: (r := post(["-e ./pkg"])).status_code != 400 and r, 30,
+                            "the server to re-read its policy")
+        assert accepted.status_code == 201 and accepted.json()["state"] == "QUEUED", accepted.text
+        r = post([f"--extra-index-url http://raybatch:{secret}@127.0.0.1:9/simple"])
+        assert r.status_code == 400 and secret not in r.text, r.text  # credentials: never, policy or not
+    finally:
+        policy.unlink()
+        for j in client.list(experiment="tests", state=["QUEUED", "STARTING", "RUNNING"]):
+            if j.name == "src":
+                client.cancel(j.id)
 
 
 @pytest.mark.skipif(shutil.which("podman") is not None, reason="podman is installed here")

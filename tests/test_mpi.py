@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
+import stat
 import socket
 import threading
 
@@ -99,11 +101,13 @@ def test_agent_sends_host_and_command_and_exits_with_the_daemons_code(tmp_path, 
 
     t = threading.Thread(target=serve)
     t.start()
+    (tmp_path / "key").write_text("k3y\n")
     monkeypatch.setenv(mpi_agent.SOCKET_ENV, path)
+    monkeypatch.setenv(mpi_agent.KEY_ENV, str(tmp_path / "key"))
     assert mpi_agent.main(["root@rbh-1", "PRTE_PREFIX=/v;export", "PRTE_PREFIX;", "/v/bin/prted", "--x"]) == 7
     t.join()
     server.close()
-    assert got == {"host": "rbh-1", "command": "PRTE_PREFIX=/v;export PRTE_PREFIX; /v/bin/prted --x"}
+    assert got == {"host": "rbh-1", "command": "PRTE_PREFIX=/v;export PRTE_PREFIX; /v/bin/prted --x", "key": "k3y"}
 
 
 def test_agent_outside_a_job_says_why(monkeypatch, capsys):
@@ -113,3 +117,56 @@ def test_agent_outside_a_job_says_why(monkeypatch, capsys):
     monkeypatch.setenv(mpi_agent.SOCKET_ENV, "/nonexistent/x.sock")
     assert mpi_agent.main(["rbh-1", "prted"]) == 255
     assert "cannot reach rank 0's agent server" in capsys.readouterr().err
+
+
+def ask(path: str, request: dict) -> dict:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
+        c.connect(path)
+        c.sendall(json.dumps(request).encode() + b"\n")
+        return json.loads(c.makefile().readline())
+
+
+def test_the_agent_server_refuses_a_connection_without_the_attempts_key(monkeypatch, capsys):
+    """Any process of the user could connect to the socket; only mpirun's agents, which
+    were handed the attempt's key, get a command run in a rank actor."""
+    s = spec()
+    env0 = frameworks.get("mpi").rank_env(s, ctx(0))
+    path = env0[mpi_agent.SOCKET_ENV]
+    assert env0[mpi_agent.KEY_ENV] == mpi_agent.key_file(path)
+    ran = []
+
+    class Actor:  # a rank actor's exec_start: what a refused request must never reach
+        class exec_start:  # noqa: N801
+            @staticmethod
+            def remote(*a):
+                ran.append(a)
+                raise RuntimeError("ran")
+
+    server = mpi_agent.AgentServer(path, {"rbh-1": {"actor": Actor, "env": {}, "cwd": None, "log_dir": "/x"}},
+                                   own_uts=False)
+    try:
+        root = os.path.dirname(os.path.dirname(path))  # <tmp>/raybatch-<uid>/mpi/<x>.sock
+        assert root.endswith(f"raybatch-{os.getuid()}")
+        for d in (root, os.path.dirname(path)):
+            assert stat.S_IMODE(os.stat(d).st_mode) == 0o700, d
+        assert stat.S_IMODE(os.stat(mpi_agent.key_file(path)).st_mode) == 0o600
+        key = open(mpi_agent.key_file(path)).read().strip()
+        assert len(key) == 64 and key == server.key
+
+        for bad in ({}, {"key": ""}, {"key": "0" * 64}, {"key": key[:-1]}, {"key": 7}):
+            answer = ask(path, {"host": "rbh-1", "command": "touch /tmp/pwned", **bad})
+            assert answer["exit"] == 255 and answer["error"].startswith("refused"), answer
+        assert ran == []
+        # the key gets the request through to the rank actor (here: one that fails on purpose)
+        answer = ask(path, {"host": "rbh-1", "command": "prted", "key": key})
+        assert len(ran) == 1 and "RuntimeError: ran" in answer["error"]
+        # mpirun's agent, with rank 0's environment, carries the key
+        ran.clear()
+        monkeypatch.setenv(mpi_agent.SOCKET_ENV, path)
+        monkeypatch.setenv(mpi_agent.KEY_ENV, env0[mpi_agent.KEY_ENV])
+        assert mpi_agent.main(["rbh-1", "prted"]) == 255 and len(ran) == 1
+        # other nodes' daemons (and the job's MPI processes) do not get the agent's socket or key
+        assert mpi_agent.SOCKET_ENV not in daemon_env(env0) and mpi_agent.KEY_ENV not in daemon_env(env0)
+    finally:
+        server.close()
+    assert not os.path.exists(path) and not os.path.exists(mpi_agent.key_file(path))

@@ -3,7 +3,6 @@ job, a failed build in words (without credentials), and the quick pip check."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -125,15 +124,10 @@ def test_failure_summary_keeps_pips_error_lines():
 
 
 def run_check(s: JobSpec, timeout: float = 120) -> tuple[bool, str | None]:
-    check = environment.RequirementsCheck(s).start()
-    try:
-        deadline = time.monotonic() + timeout
-        while not check.done and time.monotonic() < deadline:
-            check.poll()
-            time.sleep(0.2)
-        return check.done, check.verdict
-    finally:
-        check.stop()
+    """What RequirementsCheck runs on node 0 of the gang, run here."""
+    items, options = environment.check_items(s)
+    code, text = environment.dry_run(items, options, timeout)
+    return code is not None, environment.pip_verdict(code, text)
 
 
 def test_requirements_check_says_no_only_when_pip_is_sure():
@@ -144,3 +138,61 @@ def test_requirements_check_says_no_only_when_pip_is_sure():
     # an index that cannot be reached is no verdict (the nodes may reach it)
     done, verdict = run_check(spec(packages={"pip": ["--index-url http://127.0.0.1:9/simple", "nope==1"]}))
     assert done and verdict is None
+
+
+@pytest.mark.parametrize("item, what", [
+    ("-e ./src", "is a pip option (-e)"),
+    ("--index-url https://pkgs.example.com/simple", "is a pip option (--index-url)"),
+    ("--extra-index-url=https://pkgs.example.com/simple", "is a pip option"),
+    ("-f /wheels", "is a pip option (-f)"),
+    ("git+https://github.com/org/repo@v1", "is a VCS requirement"),
+    ("pkg @ git+https://github.com/org/repo", "names its source (VCS"),
+    ("pkg @ https://files.example.com/pkg-1.0.tar.gz", "names its source (URL"),
+    ("./pkg", "is a local path"),
+    ("/abs/pkg", "is a local path"),
+    ("~/pkg", "is a local path"),
+    ("file:///srv/pkg-1.0-py3-none-any.whl", "is a URL"),
+    ("http://files.example.com/pkg-1.0-py3-none-any.whl", "is a URL"),
+    ("pkg-1.0-py3-none-any.whl", "is a local path or archive"),
+    ("numpy=1.0", "is not a requirement"),
+])
+def test_pip_sources_and_options_are_refused_unless_the_policy_allows_them(item, what):
+    s = spec(packages={"pip": ["numpy<2", item]})
+    problems = environment.pip_problems(s)
+    assert len(problems) == 1 and problems[0].startswith(f"packages.pip: '{item}' {what}"), problems
+    assert "allow_pip_sources: true" in problems[0]
+    assert environment.pip_problems(s, allow_sources=True) == []
+
+
+def test_named_requirements_pass_and_index_credentials_never_do():
+    ok = ["numpy<2", "chainer==7.8.1", "requests[socks]; python_version >= '3.8'", "torch>=2,<3", "a.b-c_d"]
+    assert environment.pip_problems(spec(packages={"pip": ok})) == []
+    for item in ("--extra-index-url https://user:s3cr3t@pkgs.example.com/simple",
+                 "pkg @ https://s3cr3t@files.example.com/pkg.whl",
+                 "--index-url https://pkgs.example.com/simple?token=s3cr3t"):
+        for allow in (False, True):
+            problems = environment.pip_problems(spec(packages={"pip": [item]}), allow_sources=allow)
+            assert len(problems) == 1 and ("credentials" in problems[0] or "token" in problems[0]), problems
+            assert "s3cr3t" not in problems[0] and "***" in problems[0]
+    # variables the nodes expand are no credentials (with the policy's consent to an index option)
+    named = "--extra-index-url https://${PIP_USER}:${PIP_PASSWORD}@pkgs.example.com/simple"
+    assert environment.pip_problems(spec(packages={"pip": [named]}), allow_sources=True) == []
+
+
+def test_the_sdk_never_sends_index_credentials(tmp_path):
+    from raybatch.client import Client, RaybatchError
+
+    c = Client("http://127.0.0.1:9", "tok")  # nothing listens there: a request would say "cannot reach"
+    with pytest.raises(RaybatchError) as err:
+        c.submit({"name": "p", "command": "x",
+                  "packages": {"pip": ["--extra-index-url https://me:s3cr3t@pkgs.example.com/simple"]}})
+    assert "packages.pip" in str(err.value) and "credentials" in str(err.value)
+    assert "s3cr3t" not in str(err.value) and "cannot reach" not in str(err.value)
+
+
+def test_the_policy_file_takes_allow_pip_sources(tmp_path):
+    from raybatch.spec.policy import SchedulerPolicy, load_policy
+
+    assert SchedulerPolicy().allow_pip_sources is False
+    (tmp_path / "policy.yaml").write_text("allow_pip_sources: true\n")
+    assert load_policy(tmp_path / "policy.yaml").allow_pip_sources is True

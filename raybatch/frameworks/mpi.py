@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import hashlib
 import shlex
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 from raybatch.frameworks.base import Framework, RankContext
 from raybatch.contract import MPI_AGENT_SOCKET_ENV as AGENT_SOCKET_ENV
+from raybatch.contract import MPI_AGENT_KEY_ENV as AGENT_KEY_ENV
+from raybatch.contract import mpi_agent_key_file as key_file
+from raybatch.private_dir import private_path
 from raybatch.spec.job import JobSpec
 
 HOSTFILE_ENV = "RAYBATCH_MPI_HOSTFILE"
@@ -39,14 +41,17 @@ def host_name(node_rank: int) -> str:
 
 def daemon_env(env: dict[str, str]) -> dict[str, str]:
     """A node's MPI daemon's environment (its processes inherit it): the node's rank
-    environment without the per-rank variables."""
-    return {k: v for k, v in env.items() if k not in _PER_RANK}
+    environment without the per-rank variables, and without the agent's socket and key
+    (only mpirun, in rank 0, starts daemons)."""
+    return {k: v for k, v in env.items() if k not in _PER_RANK and k not in (AGENT_SOCKET_ENV, AGENT_KEY_ENV)}
 
 
 def agent_socket(job_id: str, attempt: int) -> str:
-    """A Unix socket path on rank 0's node; short, because sun_path holds 107 bytes."""
+    """A Unix socket path on rank 0's node, in this user's 0700 ``<tmp>/raybatch-<uid>/mpi``
+    (rank 0's agent server creates and checks it there); short, because sun_path holds
+    107 bytes."""
     digest = hashlib.sha1(f"{job_id}/{attempt}".encode()).hexdigest()[:16]
-    return str(Path(tempfile.gettempdir()) / "raybatch-mpi" / f"{digest}.sock")
+    return str(private_path("mpi") / f"{digest}.sock")
 
 
 class MpiFramework(Framework):
@@ -94,6 +99,7 @@ class MpiFramework(Framework):
         if ctx.rank == 0:
             env.update({
                 AGENT_SOCKET_ENV: agent_socket(ctx.job_id, ctx.attempt),
+                AGENT_KEY_ENV: key_file(agent_socket(ctx.job_id, ctx.attempt)),
                 "PRTE_MCA_plm_ssh_agent": "python3 -m raybatch.runtime.mpi_agent",
                 "PRTE_MCA_prte_default_hostfile": hostfile,
                 # mpirun starts every daemon itself (no tree spawn): the agent's socket

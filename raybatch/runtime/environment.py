@@ -1,6 +1,18 @@
 """Per-job Python environments: the Ray runtime_env the rank actors get from the job's
-``packages`` or ``image``, a quick check of the requirements on the driver's node while
-Ray builds the env, and a failed build in words.
+``packages`` or ``image``, what a ``packages.pip`` list may hold, a quick check of the
+requirements on a node of the gang while Ray builds the env, and a failed build in words.
+
+What a list may hold (``pip_problems``, checked when the server admits a job): named
+requirements (``numpy<2``, ``requests[socks]; python_version >= '3.8'``). A local path,
+an archive, a URL or VCS requirement (``./pkg``, ``/abs``, ``file:``, ``x.whl``,
+``git+https://...``, ``name @ url``) and pip options (``-e``, ``--index-url``,
+``--extra-index-url``, ``-f``...) make pip fetch and *build* code from wherever they
+point, with the rights of the node's user; the server's policy allows them only with
+``allow_pip_sources: true``. Index credentials are never accepted in a job, policy or
+not (a job's list goes into Ray's runtime_env, the store and ``show``): ``user:pw@``
+in a URL or a token-like query parameter is refused; put them on the nodes (pip.conf,
+``PIP_INDEX_URL``/``PIP_EXTRA_INDEX_URL`` in the nodes' environment, a keyring), or
+name variables the nodes set (``https://${PIP_USER}:${PIP_PASSWORD}@host/simple``).
 
 How Ray (2.60) builds a ``pip`` / ``uv`` env, once per distinct package list per node:
 the node's runtime-env agent creates ``<session>/runtime_resources/pip/<hash>/virtualenv``
@@ -22,7 +34,6 @@ import re
 import subprocess
 import sys
 import tempfile
-import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Optional
@@ -96,6 +107,10 @@ def _pip_has_build_constraints() -> bool:
 
 
 _URL_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^\s/@'\"]+@")
+_USERINFO = re.compile(r"(?i)\b[a-z][a-z0-9+.-]*://([^\s/@'\"]+)@")
+_ENV_REFS = re.compile(r"(?:\$\{[A-Za-z_][A-Za-z0-9_]*\}|:)+")
+_VCS = ("git+", "hg+", "svn+", "bzr+")
+_ARCHIVES = (".whl", ".tar.gz", ".tgz", ".zip", ".tar.bz2", ".tar.xz", ".tar")
 _SECRET_PARAM = re.compile(r"(?i)([?&](?:sig|token|access_token|api_key|key|password|secret)=)[^&\s'\"]+")
 _SECRET_ENV = re.compile(r"(?i)\b([A-Z0-9_]*(?:TOKEN|PASSWORD|SECRET|ACCOUNT_KEY)[A-Z0-9_]*=)\S+")
 
@@ -106,6 +121,67 @@ def redact(text: str) -> str:
     text = _URL_USERINFO.sub(r"\1***@", text)
     text = _SECRET_PARAM.sub(r"\1***", text)
     return _SECRET_ENV.sub(r"\1***", text)
+
+
+def credential_problem(item: str) -> Optional[str]:
+    """Why ``item`` must not be in a job at all: it carries index credentials (shown
+    redacted). Variables the nodes expand (``${NAME}``) are no credentials."""
+    for m in _USERINFO.finditer(item):
+        if not _ENV_REFS.fullmatch(m.group(1)):
+            return (f"'{redact(item)}' carries credentials (user:password@ in a URL): a job's packages go into "
+                    "Ray's runtime_env and the job's record; configure the index credentials on the nodes "
+                    "(pip.conf, PIP_INDEX_URL/PIP_EXTRA_INDEX_URL, a keyring) or write ${NAME} variables the "
+                    "nodes set")
+    if _SECRET_PARAM.search(item):
+        return (f"'{redact(item)}' carries a token in a URL's query: configure the index credentials on the "
+                "nodes (pip.conf, PIP_INDEX_URL/PIP_EXTRA_INDEX_URL, a keyring)")
+    return None
+
+
+def source_problem(item: str) -> Optional[str]:
+    """Why ``item`` is not a plain named requirement (a path, archive, URL, VCS entry or pip
+    option: pip would fetch and build code from it on the node); None for ``name[extras]
+    <specifier>; <marker>``."""
+    from packaging.requirements import InvalidRequirement, Requirement  # noqa: PLC0415
+
+    shown = redact(item)
+    if item.startswith("-"):
+        return f"'{shown}' is a pip option ({item.split()[0]})"
+    if "://" not in item and item.split(";")[0].strip().lower().endswith(_ARCHIVES):  # pip: `x.whl` is a file
+        return f"'{shown}' is a local path or archive"
+    try:
+        req = Requirement(item)
+    except InvalidRequirement:
+        low = item.lower()
+        if low.startswith(_VCS):
+            return f"'{shown}' is a VCS requirement"
+        if "://" in item or low.startswith("file:"):
+            return f"'{shown}' is a URL"
+        if item.startswith((".", "/", "~")) or "/" in item:
+            return f"'{shown}' is a local path or archive"
+        return f"'{shown}' is not a requirement (name[extras] and a version specifier, e.g. 'numpy<2')"
+    if req.url:
+        return f"'{shown}' names its source ({'VCS' if req.url.lower().startswith(_VCS) else 'URL'}: name @ ...)"
+    return None
+
+
+def pip_problems(spec: JobSpec, allow_sources: bool = False) -> list[str]:
+    """What the server refuses in ``packages.pip`` (one line each, naming the entry):
+    credentials always; sources and options unless ``allow_sources`` (the policy's
+    ``allow_pip_sources``)."""
+    items = spec.packages.pip if spec.packages else []
+    out = []
+    for item in items:
+        problem = credential_problem(item)
+        if problem is None and not allow_sources:
+            problem = source_problem(item)
+            if problem is not None:
+                problem += (": only named requirements are allowed here, as pip builds a path, URL or VCS "
+                            "entry by running its code on the node (the server's policy can allow them: "
+                            "allow_pip_sources: true)")
+        if problem is not None:
+            out.append(f"packages.pip: {problem}")
+    return out
 
 
 def failure_summary(text: str, spec: JobSpec, lines: int = 4) -> str:
@@ -119,60 +195,106 @@ def failure_summary(text: str, spec: JobSpec, lines: int = 4) -> str:
     return redact(" | ".join(picked))[:1500]
 
 
-class RequirementsCheck:
-    """``pip install --dry-run`` of the job's list on the driver's node, in the background:
-    a list that cannot be installed (no such package, no matching version, conflicts) is
-    known in seconds, while Ray's build (clone + install, retried 3 times) takes minutes
-    to say so. Only pip's definite answers count; an unreachable index is no verdict."""
+def dry_run(items: list[str], pip_options: list[str], timeout_s: float = CHECK_TIMEOUT_S) -> tuple[Optional[int], str]:
+    """``pip install --dry-run`` of ``items`` with this process's Python, in the layout Ray
+    uses (the build constraint is relative): (pip's exit code or None if it ran past
+    ``timeout_s``, its output). Runs where it is called: a node of the job's gang."""
+    import shutil  # noqa: PLC0415
 
-    def __init__(self, spec: JobSpec):
+    work_dir = Path(tempfile.mkdtemp(prefix="raybatch-pipcheck-"))  # 0700
+    try:
+        (work_dir / RAY_REQUIREMENTS_FILE).write_text("".join(f"{i}\n" for i in items))
+        work = work_dir / "exec_cwd"
+        work.mkdir()
+        output = work_dir / "pip.txt"
+        cmd = [sys.executable, "-m", "pip", "install", "--dry-run", "--no-input",
+               "-r", f"../{RAY_REQUIREMENTS_FILE}", *pip_options]
+        with open(output, "wb") as out:
+            proc = subprocess.Popen(cmd, cwd=work, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True, env={**os.environ, "PIP_NO_INPUT": "1"})
+            try:
+                code: Optional[int] = proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, 9)
+                proc.wait()
+                code = None
+        return code, output.read_text(errors="replace")
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+
+
+def pip_verdict(code: Optional[int], text: str) -> Optional[str]:
+    """pip's output when it is sure the list cannot be installed; None otherwise (it
+    could, or an unreachable index left it unsure: the nodes may reach it)."""
+    if code not in (None, 0) and any(w in text for w in _DEFINITE) and not any(w in text for w in _NETWORK):
+        return text
+    return None
+
+
+def check_items(spec: JobSpec) -> tuple[list[str], list[str]]:
+    """(the items to check, pip's options): ``${VAR}`` items only the nodes can expand."""
+    items = [i for i in spec.packages.pip if "${" not in i]
+    pip_opts = runtime_env(spec)["pip"]["pip_install_options"] if spec.packages.installer == "pip" \
+        else list(PIP_OPTIONS)
+    return items, pip_opts
+
+
+class RequirementsCheck:
+    """``pip install --dry-run`` of the job's list on a node of its gang (a zero-CPU Ray
+    task in the gang's placement group, bundle ``bundle``), in the background: a list
+    that cannot be installed (no such package, no matching version, conflicts) is known
+    in seconds, while Ray's build (clone + install, retried 3 times) takes minutes to say
+    so. It runs where the environment is built, never on the head: what pip does for a
+    list (fetch, build an sdist's metadata) happens on a node that runs the job's code
+    anyway. Only pip's definite answers count; an unreachable index is no verdict."""
+
+    def __init__(self, spec: JobSpec, placement_group: Any, bundle: int = 0):
         self.spec = spec
-        self.proc: Optional[subprocess.Popen] = None
-        self.started = time.monotonic()
-        self.dir = Path(tempfile.mkdtemp(prefix="raybatch-pipcheck-"))
-        self.output = self.dir / "pip.txt"
+        self.placement_group = placement_group
+        self.bundle = bundle
+        self.ref: Any = None
         self.verdict: Optional[str] = None  # the output of a definite failure
         self.done = False
 
     def start(self) -> "RequirementsCheck":
-        items = [i for i in self.spec.packages.pip if "${" not in i]  # only the nodes can expand them
-        (self.dir / RAY_REQUIREMENTS_FILE).write_text("".join(f"{i}\n" for i in items))
-        work = self.dir / "exec_cwd"  # the layout Ray uses (the build constraint is relative)
-        work.mkdir()
-        pip_opts = runtime_env(self.spec)["pip"]["pip_install_options"] if self.spec.packages.installer == "pip" \
-            else list(PIP_OPTIONS)
-        cmd = [sys.executable, "-m", "pip", "install", "--dry-run", "--no-input",
-               "-r", f"../{RAY_REQUIREMENTS_FILE}", *pip_opts]
-        with open(self.output, "wb") as out:
-            self.proc = subprocess.Popen(cmd, cwd=work, stdin=subprocess.DEVNULL, stdout=out,
-                                         stderr=subprocess.STDOUT, start_new_session=True,
-                                         env={**os.environ, "PIP_NO_INPUT": "1"})
+        import ray  # noqa: PLC0415
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy  # noqa: PLC0415
+
+        items, pip_opts = check_items(self.spec)
+        task = ray.remote(num_cpus=0, max_retries=0)(dry_run).options(
+            name="raybatch-pip-check",
+            scheduling_strategy=PlacementGroupSchedulingStrategy(
+                self.placement_group, placement_group_bundle_index=self.bundle))
+        self.ref = task.remote(items, pip_opts)
         return self
 
     def poll(self) -> Optional[str]:
         """pip's output when it says the list cannot be installed; None otherwise (still
         running, fine, or no verdict)."""
-        if self.done or self.proc is None:
+        if self.done or self.ref is None:
             return self.verdict
-        code = self.proc.poll()
-        if code is None:
-            if time.monotonic() - self.started > CHECK_TIMEOUT_S:
-                self.stop()
+        import ray  # noqa: PLC0415
+
+        ready, _ = ray.wait([self.ref], timeout=0)
+        if not ready:
             return None
         self.done = True
-        text = self.output.read_text(errors="replace")
-        if code != 0 and any(w in text for w in _DEFINITE) and not any(w in text for w in _NETWORK):
-            self.verdict = text
+        try:
+            code, text = ray.get(self.ref)
+        except ray.exceptions.RayError:
+            return None  # the check could not run: no verdict, Ray's build still says
+        self.verdict = pip_verdict(code, text)
         return self.verdict
 
     def stop(self) -> None:
-        self.done = True
-        if self.proc is not None and self.proc.poll() is None:
+        if not self.done and self.ref is not None:
+            import ray  # noqa: PLC0415
+
             try:
-                os.killpg(self.proc.pid, 9)
-            except (ProcessLookupError, PermissionError):
+                ray.cancel(self.ref, force=True)
+            except Exception:  # noqa: BLE001 - already finished or gone
                 pass
-            self.proc.wait()
+        self.done = True
 
 
 def write_log(storage: Any, rel: str, text: str) -> str:

@@ -7,12 +7,21 @@ milliseconds) sends HOST and the command over a Unix socket to the ``AgentServer
 that rank 0's actor runs; the server starts the command in HOST's first rank actor
 (``RankActor.exec_start``) and answers with its exit code when it ends. The agent
 lasts as long as the daemon, as an ssh session would; when mpirun kills the agent,
-the server sees the socket close and stops the daemon."""
+the server sees the socket close and stops the daemon.
+
+Who may ask: the socket is in this user's 0700 directory (``<tmp>/raybatch-<uid>/mpi``),
+and every request carries the attempt's key, a random secret the server writes 0600
+beside its socket (``<socket>.key``) and names in rank 0's environment
+(``RAYBATCH_MPI_AGENT_KEY_FILE``, what mpirun's agents inherit); a connection without it
+is refused (``hmac.compare_digest``). Another process of the same user on the node that
+knows neither path cannot start commands in this attempt's rank actors."""
 
 from __future__ import annotations
 
+import hmac
 import json
 import os
+import secrets
 import select
 import signal
 import socket
@@ -22,9 +31,12 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from raybatch.contract import MPI_AGENT_KEY_ENV as KEY_ENV  # the attempt's key file (rank 0's environment)
 from raybatch.contract import MPI_AGENT_SOCKET_ENV as SOCKET_ENV  # set by the mpi framework on rank 0
+from raybatch.contract import mpi_agent_key_file as key_file
 
 POLL_S = 0.5
+MAX_REQUEST = 1 << 20  # a host and a daemon's command line
 
 
 # ---- the agent (in mpirun's process tree) -------------------------------------------------
@@ -49,6 +61,12 @@ def main(argv: list[str]) -> int:
     except OSError as e:
         print(f"raybatch mpi agent: cannot reach rank 0's agent server at {path}: {e}", file=sys.stderr)
         return 255
+    try:
+        key = Path(os.environ.get(KEY_ENV) or key_file(path)).read_text().strip()
+    except OSError as e:
+        print(f"raybatch mpi agent: cannot read the attempt's key ({KEY_ENV}): {e}", file=sys.stderr)
+        conn.close()
+        return 255
 
     def stop(signum: int, _frame: Any) -> None:  # mpirun ends the "ssh session": stop the daemon
         conn.close()
@@ -56,7 +74,7 @@ def main(argv: list[str]) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, stop)
-    conn.sendall(json.dumps({"host": host, "command": command}).encode() + b"\n")
+    conn.sendall(json.dumps({"host": host, "command": command, "key": key}).encode() + b"\n")
     reply = b""
     while not reply.endswith(b"\n"):
         chunk = conn.recv(4096)
@@ -89,14 +107,28 @@ def daemon_argv(host: str, command: str, own_uts: bool) -> list[str]:
     return ["unshare", "--uts", "/bin/sh", "-c", 'hostname "$1" && exec /bin/sh -c "$2"', "sh", host, command]
 
 
+def _write_key(path: str, key: str) -> None:
+    """0600 from the start (never readable by others, not even for a moment)."""
+    Path(path).unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(key + "\n")
+
+
 class AgentServer:
-    """Serves the agents of one attempt: HOST -> that node's first rank actor."""
+    """Serves the agents of one attempt: HOST -> that node's first rank actor; only
+    requests that carry the attempt's key (``self.key``, in ``key_file(path)``)."""
 
     def __init__(self, path: str, nodes: dict[str, dict], own_uts: bool):
+        from raybatch.private_dir import ensure_private_parents  # noqa: PLC0415
+
         self.path = path
         self.nodes = nodes
         self.own_uts = own_uts
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.key = secrets.token_hex(32)  # one per attempt: a new server per attempt
+        ensure_private_parents(path)  # <tmp>/raybatch-<uid>/mpi: created 0700, or checked to be ours
+        Path(path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _write_key(key_file(path), self.key)
         Path(path).unlink(missing_ok=True)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.bind(path)
@@ -111,6 +143,7 @@ class AgentServer:
             self.sock.close()
         finally:
             Path(self.path).unlink(missing_ok=True)
+            Path(key_file(self.path)).unlink(missing_ok=True)
 
     def _accept(self) -> None:
         while not self.closed:
@@ -120,9 +153,12 @@ class AgentServer:
                 return
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
-    def _serve(self, conn: socket.socket) -> None:
-        import ray  # noqa: PLC0415 - the agent side must not import ray
+    def allowed(self, request: Any) -> bool:
+        """Does the request carry this attempt's key? (constant time)"""
+        key = request.get("key") if isinstance(request, dict) else None
+        return isinstance(key, str) and hmac.compare_digest(key.encode(), self.key.encode())
 
+    def _serve(self, conn: socket.socket) -> None:
         with conn:
             try:
                 data = b""
@@ -131,7 +167,19 @@ class AgentServer:
                     if not chunk:
                         return
                     data += chunk
-                request = json.loads(data)
+                    if len(data) > MAX_REQUEST:
+                        conn.sendall(b'{"exit": 255, "error": "request too large"}\n')
+                        return
+                try:
+                    request = json.loads(data)
+                except ValueError:
+                    request = None
+                if not self.allowed(request):
+                    conn.sendall(json.dumps({"exit": 255, "error": "refused: the request does not carry this "
+                                             f"attempt's key ({KEY_ENV})"}).encode() + b"\n")
+                    return
+                import ray  # noqa: PLC0415 - the agent side must not import ray
+
                 host, command = request["host"], request["command"]
                 node = self.nodes.get(host)
                 if node is None:

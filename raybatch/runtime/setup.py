@@ -99,8 +99,9 @@ def build_environment(gang: Gang, storage: AttemptStorage, attempt: int, cache_d
                       stopped: Stopped, log: Log) -> Optional[Outcome]:
     """With ``packages`` or ``image``: wait until Ray has built the job's environment on
     every node and the rank actors run in it (an env already built on a node is reused).
-    A pip list that cannot be installed fails fast (``environment.RequirementsCheck``);
-    a failed build's output goes to stdouterr/attempt-<n>/environment/."""
+    A pip list that cannot be installed fails fast (``environment.RequirementsCheck``, on
+    node 0 of the gang: pip fetches and builds there, never on the head); a failed
+    build's output goes to stdouterr/attempt-<n>/environment/."""
     spec = gang.spec
     if environment.runtime_env(spec) is None:
         return None
@@ -109,7 +110,8 @@ def build_environment(gang: Gang, storage: AttemptStorage, attempt: int, cache_d
     marker = environment.ok_marker(cache_dir, spec)
     check = None
     if spec.packages and spec.packages.pip and not marker.exists():
-        check = environment.RequirementsCheck(spec).start()
+        check = environment.RequirementsCheck(spec, gang.pg, 0).start()
+        log("checking the pip list with `pip install --dry-run` on node 0 of the gang")
     refs = {a.node_info.remote(): i for i, a in enumerate(gang.actors)}
     waiting = set(refs.values())
     t0 = last_note = time.monotonic()
@@ -154,7 +156,7 @@ def _environment_failed(spec: Any, storage: AttemptStorage, attempt: int, node_r
         log(f"could not write {rel}: {e}")
     what = environment.describe(spec)
     on = (f" on node {node_rank}" if node_rank is not None
-          else ": `pip install --dry-run` of the list on the driver's node fails")
+          else ": `pip install --dry-run` of the list on node 0 fails")
     summary = environment.failure_summary(output, spec)
     log(f"the job's environment ({what}) could not be built{on}")
     return _failed(f"the job's environment ({what}) could not be built{on}: {summary}"
@@ -271,7 +273,8 @@ def run_prepare(gang: Gang, launches: list[RankLaunch], storage: AttemptStorage,
         launch = launches[node_rank * gang.P]
         log_dir = prepare_log_dir(storage, dirs, node_rank)
         ray.get(actor.start.remote(["/bin/bash", "-c", spec.prepare], launch.env, launch.cwd, log_dir,
-                                   launch.make_dirs, spec.grace_period, launch.files))
+                                   launch.make_dirs, spec.grace_period, launch.files, None,
+                                   gang.secrets or None))
         firsts[actor.wait.remote()] = (node_rank, actor, log_dir)
     log(f"prepare: running on {len(firsts)} node(s)")
     report(Phase.PREPARING)
@@ -306,7 +309,9 @@ def start_mpi_agent(gang: Gang, launches: list[RankLaunch], infos: list[dict[str
     nodes = {}
     for node_rank in range(spec.nodes):
         launch = launches[node_rank * gang.P]
-        nodes[mpi.host_name(node_rank)] = {"actor": gang.actors[node_rank * gang.P], "env": mpi.daemon_env(launch.env),
+        # the daemon's processes (the job's MPI ranks) inherit its environment, secrets included
+        nodes[mpi.host_name(node_rank)] = {"actor": gang.actors[node_rank * gang.P],
+                                           "env": mpi.daemon_env({**launch.env, **gang.secrets}),
                                            "cwd": launch.cwd, "log_dir": launch.log_dir}
     hostnames = [infos[k * gang.P]["hostname"] for k in range(spec.nodes)]
     # several Ray nodes of one machine (a laptop, the tests' cluster) report one host name,
