@@ -40,7 +40,7 @@ from typing import Iterable, Iterator, Optional
 
 from raybatch.scheduler import fit
 from raybatch.scheduler.fit import NodeView
-from raybatch.spec.policy import DEFAULT_GROUP, QuotaSpec, SchedulerPolicy
+from raybatch.spec.policy import DEFAULT_GROUP, DEFAULT_WORKSPACE, QuotaSpec, SchedulerPolicy, group_label, group_of
 
 # Exact search for the minimal victim set is combinatorial: bound its cost, then
 # fall back to greedy with pruning (still a minimal set, not always the minimum).
@@ -302,10 +302,10 @@ class QueueOrder:
 
 def quota_problem(job: Job, used_nodes: int, used_gpus: float, quota: QuotaSpec) -> Optional[str]:
     if quota.max_nodes is not None and used_nodes + job.count > quota.max_nodes:
-        return (f"experiment '{job.group}' is at its quota: {used_nodes} of {quota.max_nodes} node(s) "
+        return (f"{group_label(job.group)} is at its quota: {used_nodes} of {quota.max_nodes} node(s) "
                 f"in use, this job needs {job.count}")
     if quota.max_gpus is not None and job.gpus and used_gpus + job.gpus > quota.max_gpus + fit.EPS:
-        return (f"experiment '{job.group}' is at its quota: {used_gpus:g} of {quota.max_gpus:g} GPU(s) "
+        return (f"{group_label(job.group)} is at its quota: {used_gpus:g} of {quota.max_gpus:g} GPU(s) "
                 f"in use, this job needs {job.gpus:g}")
     return None
 
@@ -314,9 +314,9 @@ def never_admissible(job: Job, config: SchedulerPolicy) -> Optional[str]:
     """A job its group's quota can never allow (checked at submit)."""
     q = config.quota(job.group)
     if q.max_nodes is not None and job.count > q.max_nodes:
-        return f"nodes: {job.count} is more than experiment '{job.group}''s quota of {q.max_nodes} node(s)"
+        return f"nodes: {job.count} is more than {group_label(job.group)}'s quota of {q.max_nodes} node(s)"
     if q.max_gpus is not None and job.gpus > q.max_gpus + fit.EPS:
-        return f"resources.gpus: {job.gpus:g} GPUs in all is more than experiment '{job.group}''s quota of {q.max_gpus:g}"
+        return f"resources.gpus: {job.gpus:g} GPUs in all is more than {group_label(job.group)}'s quota of {q.max_gpus:g}"
     return None
 
 
@@ -539,7 +539,8 @@ def job_from_spec(job_id: str, seq: int, spec, **running) -> Job:
     """The policy's view of a ``JobSpec`` (``running``: started_at, nodes, stopping_until, avoid)."""
     return Job(
         id=job_id, priority=spec.priority_value, seq=seq, bundle=spec.resources.as_ray_bundle(),
-        count=spec.nodes, strategy=spec.placement.strategy, group=spec.experiment,
+        count=spec.nodes, strategy=spec.placement.strategy,
+        group=group_of(spec.experiment, getattr(spec, "workspace", DEFAULT_WORKSPACE)),
         limit=spec.max_wall_clock, grace=spec.grace_period, preemptible=spec.preemptible,
         low_priority_nodes=spec.low_priority_nodes, prefer_low_priority=spec.prefer_low_priority, **running,
     )

@@ -17,7 +17,7 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 CODE_TTL_S = 60.0
 MAX_OUTSTANDING = 1000  # codes not yet redeemed nor expired; the oldest go first
@@ -34,6 +34,7 @@ class Grant:
     next: str      # where the browser goes once logged in
     kind: str      # "web" (the web view's cookie) or "ray-dashboard"
     expires: float
+    who: Any = None  # the identity that asked for it (server/identity.py): the session's
 
 
 class LoginCodes:
@@ -44,14 +45,14 @@ class LoginCodes:
         self._codes: dict[str, Grant] = {}
         self._lock = threading.Lock()
 
-    def issue(self, next: str, kind: str = "web") -> str:
+    def issue(self, next: str, kind: str = "web", who: Any = None) -> str:
         now = time.time()
         code = secrets.token_urlsafe(24)
         with self._lock:
             self._expire(now)
             while len(self._codes) >= MAX_OUTSTANDING:
                 del self._codes[min(self._codes, key=lambda c: self._codes[c].expires)]
-            self._codes[code] = Grant(next, kind, now + self.ttl_s)
+            self._codes[code] = Grant(next, kind, now + self.ttl_s, who)
         return code
 
     def peek(self, code: str, kind: Optional[str] = None) -> bool:

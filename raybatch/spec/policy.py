@@ -5,9 +5,16 @@ Example::
     backfill: true        # EASY backfill (false: strict priority/FIFO order)
     preemption: true      # higher priority may preempt lower (jobs can opt out)
     fair_share: true      # among equal priority, the experiment using least of its share first
-    quotas:               # per experiment; 'default' applies to every other one
+    quotas:               # per experiment (of the 'default' workspace); 'default' applies to every other one
       vision: {max_nodes: 4, max_gpus: 8, share: 2}
       default: {max_nodes: 8}
+    workspaces:           # per workspace: a job of workspace W counts against W's quota and share
+      nlp: {max_nodes: 2, share: 1}
+
+Workspaces contain experiments contain jobs. A job of a workspace other than 'default' is
+grouped by its workspace (its quota and fair-share weight: ``workspaces``); a job of the
+'default' workspace by its experiment, as before workspaces (``quotas``).
+    allow_pip_sources: false  # packages.pip: only named requirements (no paths, URLs, VCS, options)
 """
 
 from __future__ import annotations
@@ -22,6 +29,20 @@ from raybatch.errors import SpecError, format_validation_error
 from raybatch.spec.job import NAME_PATTERN
 
 DEFAULT_GROUP = "default"
+DEFAULT_WORKSPACE = "default"
+WORKSPACE_GROUP = "workspace:"  # a group name no experiment can have (':' is not in NAME_PATTERN)
+
+
+def group_of(experiment: str, workspace: str = DEFAULT_WORKSPACE) -> str:
+    """The quota and fair-share group of a job: its workspace's, or (in 'default') its experiment's."""
+    return experiment if workspace == DEFAULT_WORKSPACE else WORKSPACE_GROUP + workspace
+
+
+def group_label(group: str) -> str:
+    """A group in words: "workspace 'nlp'" or "experiment 'vision'"."""
+    if group.startswith(WORKSPACE_GROUP):
+        return f"workspace '{group[len(WORKSPACE_GROUP):]}'"
+    return f"experiment '{group}'"
 
 
 class QuotaSpec(BaseModel):
@@ -42,9 +63,29 @@ class SchedulerPolicy(BaseModel):
     backfill: bool = Field(True, description="EASY backfill; false: strict order.")
     preemption: bool = Field(True, description="Higher priority may preempt lower priority.")
     fair_share: bool = Field(True, description="Order equal priorities by share used.")
+    allow_pip_sources: bool = Field(
+        False, description="Let jobs' packages.pip name local paths, archives, URLs, VCS repositories and pip "
+        "options (-e, --index-url, ...): pip builds such entries by running their code on the nodes. Index "
+        "credentials in a job are refused either way (raybatch.runtime.environment.pip_problems).")
     quotas: dict[str, QuotaSpec] = Field(
         default_factory=dict, description="Per experiment; 'default' for every other experiment."
     )
+    workspaces: dict[str, QuotaSpec] = Field(
+        default_factory=dict, description="Per workspace other than 'default' (whose jobs use `quotas`)."
+    )
+
+    @field_validator("workspaces")
+    @classmethod
+    def _workspace_names(cls, v: dict[str, QuotaSpec]) -> dict[str, QuotaSpec]:
+        import re  # noqa: PLC0415
+
+        for name in v:
+            if not re.fullmatch(NAME_PATTERN, name):
+                raise ValueError(f"'{name}' is not a workspace name (1-64 letters, digits, '-', '_')")
+            if name == DEFAULT_WORKSPACE:
+                raise ValueError("'default': the default workspace's jobs are grouped by experiment; set their "
+                                 "limits under `quotas`")
+        return v
 
     @field_validator("quotas")
     @classmethod
@@ -57,13 +98,18 @@ class SchedulerPolicy(BaseModel):
         return v
 
     def quota(self, group: str) -> QuotaSpec:
-        """An experiment's quota: its own, else the 'default' entry, else no limits."""
+        """A group's quota: a workspace's own (else no limits); an experiment's own, else the
+        'default' entry, else no limits."""
+        if group.startswith(WORKSPACE_GROUP):
+            return self.workspaces.get(group[len(WORKSPACE_GROUP):]) or _NO_QUOTA
         return self.quotas.get(group) or self.quotas.get(DEFAULT_GROUP) or _NO_QUOTA
 
     @property
     def limited_groups(self) -> frozenset[str]:
-        """Experiments with a node or GPU limit of their own ('default': every other one)."""
-        return frozenset(g for g, q in self.quotas.items() if q.max_nodes is not None or q.max_gpus is not None)
+        """Groups with a node or GPU limit of their own ('default': every other experiment)."""
+        return frozenset([g for g, q in self.quotas.items() if q.max_nodes is not None or q.max_gpus is not None]
+                         + [WORKSPACE_GROUP + w for w, q in self.workspaces.items()
+                            if q.max_nodes is not None or q.max_gpus is not None])
 
 
 _NO_QUOTA = QuotaSpec()

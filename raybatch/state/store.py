@@ -45,7 +45,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     preemptions    INTEGER NOT NULL DEFAULT 0,
     evictions      INTEGER NOT NULL DEFAULT 0,  -- attempts ended by a spot eviction with notice
     deadline_at    REAL,                   -- the job's deadline (epoch s), if it has one
-    progress_s     REAL NOT NULL DEFAULT 0 -- a deadline job's compute time up to its newest checkpoint
+    progress_s     REAL NOT NULL DEFAULT 0, -- a deadline job's compute time up to its newest checkpoint
+    workspace      TEXT NOT NULL DEFAULT 'default',  -- roles, quotas and datastores belong to it
+    secrets        TEXT                    -- the job's secret values, sealed (raybatch.runtime.secrets)
 );
 CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (state, priority DESC, seq);
 -- covers the scheduler's per-cycle read of the queue (no table lookups at 10k queued)
@@ -131,6 +133,34 @@ CREATE TABLE IF NOT EXISTS nodes (
     running_s   REAL NOT NULL DEFAULT 0   -- seconds spent running before state_since
 );
 CREATE INDEX IF NOT EXISTS nodes_live ON nodes (ended_at, node_id);
+-- a workspace's job list, newest first (the API's list for a non-admin caller)
+CREATE INDEX IF NOT EXISTS jobs_workspace ON jobs (workspace, seq);
+-- API tokens (raybatch.server.identity): only the SHA-256 of each, never the token
+CREATE TABLE IF NOT EXISTS tokens (
+    id          TEXT PRIMARY KEY,
+    token_hash  TEXT NOT NULL UNIQUE,
+    user        TEXT NOT NULL,
+    workspace   TEXT NOT NULL,     -- '*' for an admin token
+    role        TEXT NOT NULL,     -- reader | contributor | owner | admin
+    created_at  REAL NOT NULL,
+    created_by  TEXT NOT NULL,
+    expires_at  REAL,
+    revoked_at  REAL
+);
+-- every state-changing request (raybatch.server.access): who, what, when, from where, result
+CREATE TABLE IF NOT EXISTS audit (
+    id         INTEGER PRIMARY KEY AUTOINCREMENT,
+    at         REAL NOT NULL,
+    user       TEXT,               -- NULL: no valid token
+    token_id   TEXT,               -- NULL: the owner token (or none)
+    workspace  TEXT,               -- the workspace the request acted in, when it names one
+    method     TEXT NOT NULL,
+    path       TEXT NOT NULL,
+    client     TEXT,
+    status     INTEGER NOT NULL,
+    target     TEXT                -- what it made, when the path does not say (a submit's job ids)
+);
+CREATE INDEX IF NOT EXISTS audit_workspace ON audit (workspace, id);
 """
 
 SLOT_GRANTED, SLOT_REVOKED, SLOT_RELEASED = "granted", "revoked", "released"
@@ -143,7 +173,7 @@ _JOB_COLUMNS = (
     "seq", "id", "name", "experiment", "priority", "state", "spec", "code_package", "job_dir",
     "submitted_at", "updated_at", "started_at", "ended_at", "exit_code", "reason", "attempt",
     "user_retries", "infra_retries", "cancel_requested", "preempt_requested", "preempted_by",
-    "preemptions", "evictions", "deadline_at", "progress_s",
+    "preemptions", "evictions", "deadline_at", "progress_s", "workspace",
 )
 # Columns added after the first release: (table, column, declaration), added to older files.
 _ADDED_COLUMNS = (
@@ -160,6 +190,8 @@ _ADDED_COLUMNS = (
     ("attempts", "deadline_rule", "INTEGER"),
     ("nodes", "idle_s", "REAL NOT NULL DEFAULT 0"),
     ("nodes", "running_s", "REAL NOT NULL DEFAULT 0"),
+    ("jobs", "workspace", "TEXT NOT NULL DEFAULT 'default'"),
+    ("jobs", "secrets", "TEXT"),
 )
 _MUTABLE_JOB_FIELDS = frozenset(_JOB_COLUMNS) - {"seq", "id", "spec", "submitted_at"}
 
@@ -233,6 +265,10 @@ class Store:
                                    chunk).fetchall()
         return out
 
+    def workspaces_of(self, job_ids: list[str]) -> dict[str, str]:
+        """job id -> its workspace, for these jobs."""
+        return dict(self._by_ids("id, workspace", job_ids, tuples=True))
+
     def jobs_by_id(self, job_ids: list[str]) -> list[dict[str, Any]]:
         """These jobs' rows, in the order given (unknown ids left out)."""
         rows = {r["id"]: r for r in self._by_ids("*", job_ids)}
@@ -242,13 +278,16 @@ class Store:
     def create_job(
         self, *, name: str, experiment: str, priority: int, spec: dict[str, Any],
         job_dir_for: Any, code_package: Optional[str] = None, reason: str = "submitted",
-        deadline_at: Optional[float] = None, wait: Optional[float] = None,
+        deadline_at: Optional[float] = None, wait: Optional[float] = None, workspace: str = "default",
+        secrets: Optional[str] = None,
     ) -> dict[str, Any]:
         """Insert a QUEUED job. ``job_dir_for(job_id)`` gives its directory; ``deadline_at``:
-        its absolute deadline (epoch s), if it has one; ``wait``: as in ``create_jobs``."""
+        its absolute deadline (epoch s), if it has one; ``wait``: as in ``create_jobs``;
+        ``secrets``: its secret values, already sealed (the store never sees them in clear)."""
         return self.create_jobs([dict(name=name, experiment=experiment, priority=priority, spec=spec,
                                       job_dir_for=job_dir_for, code_package=code_package,
-                                      deadline_at=deadline_at)], reason, wait)[0]
+                                      deadline_at=deadline_at, workspace=workspace, secrets=secrets)],
+                                reason, wait)[0]
 
     def create_jobs(self, jobs: list[dict[str, Any]], reason: str = "submitted",
                     wait: Optional[float] = None) -> list[dict[str, Any]]:
@@ -266,10 +305,11 @@ class Store:
                         break
                 db.execute(
                     "INSERT INTO jobs (id, name, experiment, priority, state, spec, code_package, job_dir,"
-                    " submitted_at, updated_at, deadline_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                    " submitted_at, updated_at, deadline_at, workspace, secrets)"
+                    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                     (job_id, j["name"], j["experiment"], j["priority"], JobState.QUEUED.value,
                      json.dumps(j["spec"]), j.get("code_package"), str(j["job_dir_for"](job_id)), now, now,
-                     j.get("deadline_at")),
+                     j.get("deadline_at"), j.get("workspace") or "default", j.get("secrets")),
                 )
                 db.execute(
                     "INSERT INTO transitions (job_id, at, from_state, to_state, reason) VALUES (?,?,?,?,?)",
@@ -282,11 +322,23 @@ class Store:
     def get_job(self, job_id: str) -> Optional[dict[str, Any]]:
         return self._one("SELECT * FROM jobs WHERE id=?", (job_id,))
 
+    def job_workspace(self, job_id: str) -> Optional[str]:
+        """The workspace of a job (None: no such job): what the API's access check reads."""
+        row = self._one("SELECT workspace FROM jobs WHERE id=?", (job_id,))
+        return row["workspace"] if row else None
+
     def list_jobs(
         self, *, states: Optional[Iterable[JobState]] = None, experiment: Optional[str] = None,
-        limit: int = 1000,
+        limit: int = 1000, workspaces: Optional[Iterable[str]] = None,
     ) -> list[dict[str, Any]]:
+        """Newest first; ``workspaces``: only jobs of these (None: every workspace)."""
         sql, args = "SELECT * FROM jobs WHERE 1=1", []
+        if workspaces is not None:
+            ws = sorted(set(workspaces))
+            if not ws:
+                return []
+            sql += f" AND workspace IN ({','.join('?' * len(ws))})"
+            args += ws
         if states:
             st = [s.value for s in states]
             sql += f" AND state IN ({','.join('?' * len(st))})"
@@ -584,6 +636,52 @@ class Store:
         for r in rows:
             r["nodes"] = json.loads(r["nodes"])
         return rows
+
+    # ---- API tokens and the audit log (raybatch.server.identity, raybatch.server.access) --
+    def add_token(self, token_hash: str, *, user: str, workspace: str, role: str,
+                  expires_at: Optional[float], created_by: str) -> dict[str, Any]:
+        """Store a new token's hash; its row."""
+        token_id = "tok-" + secrets.token_hex(6)
+        with self._tx() as db:
+            db.execute("INSERT INTO tokens (id, token_hash, user, workspace, role, created_at, created_by, "
+                       "expires_at) VALUES (?,?,?,?,?,?,?,?)",
+                       (token_id, token_hash, user, workspace, role, time.time(), created_by, expires_at))
+        return self._one("SELECT * FROM tokens WHERE id=?", (token_id,))  # type: ignore[return-value]
+
+    def tokens(self, workspace: Optional[str] = None) -> list[dict[str, Any]]:
+        """Every token's row (with its hash: for the server's registry), oldest first."""
+        if workspace is None:
+            return self._all("SELECT * FROM tokens ORDER BY created_at, id")
+        return self._all("SELECT * FROM tokens WHERE workspace=? ORDER BY created_at, id", (workspace,))
+
+    def get_token(self, token_id: str) -> Optional[dict[str, Any]]:
+        return self._one("SELECT * FROM tokens WHERE id=?", (token_id,))
+
+    def revoke_token(self, token_id: str) -> Optional[dict[str, Any]]:
+        """Mark a token revoked (kept, for the audit log's sake); its row, None if unknown."""
+        with self._tx() as db:
+            db.execute("UPDATE tokens SET revoked_at=? WHERE id=? AND revoked_at IS NULL", (time.time(), token_id))
+        return self.get_token(token_id)
+
+    AUDIT_FIELDS = ("at", "user", "token_id", "workspace", "method", "path", "client", "status", "target")
+
+    def add_audit(self, records: list[tuple]) -> None:
+        """Append audit records (tuples in ``AUDIT_FIELDS`` order) in one transaction."""
+        with self._tx() as db:
+            db.executemany(f"INSERT INTO audit ({', '.join(self.AUDIT_FIELDS)}) VALUES "
+                           f"({','.join('?' * len(self.AUDIT_FIELDS))})", records)
+
+    def audit(self, workspace: Optional[str] = None, limit: int = 200,
+              before: Optional[int] = None) -> list[dict[str, Any]]:
+        """Audit records, newest first (``workspace``: only that one's; ``before``: ids below)."""
+        sql, args = "SELECT * FROM audit WHERE 1=1", []
+        if workspace is not None:
+            sql += " AND workspace=?"
+            args.append(workspace)
+        if before is not None:
+            sql += " AND id<?"
+            args.append(before)
+        return self._all(sql + " ORDER BY id DESC LIMIT ?", (*args, limit))
 
 
 def _decode_attempt(row: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:

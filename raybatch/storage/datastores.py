@@ -14,6 +14,7 @@
           # sas_token: {file: ...}
           # identity: default      # DefaultAzureCredential: managed identity, az login, ...
           # anonymous: true        # public containers
+        workspace: vision          # only jobs of this workspace may name it (absent: every workspace)
       nfs:
         url: /mnt/nfs/datasets     # a mount present on every node
 
@@ -123,6 +124,9 @@ class DatastoreSpec(BaseModel):
         None, description="Blob endpoint; default https://<account>.blob.core.windows.net."
     )
     credential: Optional[CredentialSpec] = None
+    workspace: Optional[str] = Field(
+        None, pattern=r"^[-\w]{1,64}$",
+        description="The workspace whose jobs may use it; absent: every workspace (shared).")
 
     @field_validator("url")
     @classmethod
@@ -264,8 +268,45 @@ class Datastores:
         for name, ds in sorted(self.spec.datastores.items()):
             out.append({"name": name, "url": ds.url, "account": ds.account, "endpoint": ds.endpoint,
                         "credential": ds.credential.describe() if ds.credential else None,
-                        "default": name == self.spec.default})
+                        "default": name == self.spec.default, "workspace": ds.workspace})
         return out
+
+    def owner_of(self, text: str) -> Optional[tuple[str, str]]:
+        """(datastore, workspace) when the location is a datastore's that belongs to one
+        workspace; None for a shared datastore or no datastore at all."""
+        loc = parse(text)
+        if loc.kind == "local":
+            p = Path(loc.path)
+            for name, ds in sorted(self.spec.datastores.items()):
+                root = ds.location
+                if ds.workspace and root.kind == "local" and (p == Path(root.path) or Path(root.path) in p.parents):
+                    return name, ds.workspace
+            return None
+        try:
+            found = self._datastore_of(loc)
+        except LocationError:
+            return None  # check() reports it
+        return (found[0], found[1].workspace) if found and found[1].workspace else None
+
+    def workspace_problems(self, spec: Any) -> list[str]:
+        """A job may name only its own workspace's datastores (and shared ones): one problem
+        per field that names another workspace's (checked at submit)."""
+        fields = [("output_root", spec.output_root)] if spec.output_root else []
+        fields += [(f"inputs.{i}.path", inp.path) for i, inp in spec.inputs.items() if inp.mode != "upload"]
+        fields += [(f"outputs.{i}.path", o.path) for i, o in spec.outputs.items() if o.path]
+        if spec.array is not None and spec.array.over:
+            fields.append(("array.over", spec.array.base))
+        problems = []
+        for field_name, text in fields:
+            try:
+                owner = self.owner_of(text)
+            except (LocationError, ValueError):
+                continue  # check_locations reports what does not parse
+            if owner is not None and owner[1] != spec.workspace:
+                problems.append(f"{field_name}: datastore '{owner[0]}' belongs to workspace '{owner[1]}'; a job of "
+                                f"workspace '{spec.workspace}' may use only its own workspace's datastores and "
+                                "shared ones (no `workspace:` in the datastores file)")
+        return problems
 
     def check(self, text: str) -> Location:
         """Parse a job-file location and check that what it names exists here (at submit)."""

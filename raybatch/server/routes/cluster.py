@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import APIRouter, Query
 
 from raybatch.models import DeadlineInfo, QueueEntry, SchedulerInfo
+from raybatch.server.access import current, visible_workspaces
 from raybatch.spec.policy import DEFAULT_GROUP
 
 if TYPE_CHECKING:
@@ -30,14 +31,18 @@ def router(ctx: ServerContext) -> APIRouter:
         sched = ctx.scheduler
         res = sched.reservation
         cfg = sched.policy
+        # the scheduler's error and the reserved job may name another workspace's job: an
+        # admin's (a workspace's reader still sees that there is a reservation, and when)
+        who = current()
+        admin = who is None or who.is_admin
         return SchedulerInfo(
             **{k: sched.stats[k] for k in ("cycles", "last_cycle_ms", "last_plan_ms", "queued", "active")},
             policy={"backfill": cfg.backfill, "preemption": cfg.preemption, "fair_share": cfg.fair_share,
                     "quotas": {g: q.model_dump() for g, q in cfg.quotas.items() if g != DEFAULT_GROUP},
                     "default_quota": cfg.quota(DEFAULT_GROUP).model_dump()},
             policy_file=str(sched.policy_file) if sched.policy_file else None,
-            policy_error=sched.policy_error, last_cycle_error=sched.last_cycle_error,
-            reservation=({"job_id": res.job_id, "at": res.at if res.at != float("inf") else None,
+            policy_error=sched.policy_error, last_cycle_error=sched.last_cycle_error if admin else None,
+            reservation=({"job_id": res.job_id if admin else None, "at": res.at if res.at != float("inf") else None,
                           "nodes": res.nodes} if res else None),
             autoscaler=sched.autoscaler.info() if sched.autoscaler is not None else None,
         )
@@ -52,6 +57,10 @@ def router(ctx: ServerContext) -> APIRouter:
         # the order of the last cycle, then anything queued since, in store order
         in_queue = set(queued) | {j for j, (held, wanted) in slot_counts.items() if wanted > held}
         ids = [i for i in waiting if i in in_queue] + [i for i in queued if i not in waiting]
+        shown = visible_workspaces()  # a non-admin sees its workspace's waiting jobs only
+        if shown is not None:
+            of = store.workspaces_of(ids)
+            ids = [i for i in ids if of.get(i) in shown]
         rows = {r["id"]: r for r in store.jobs_by_id(ids[:limit])}  # full rows for those shown
         ids = [i for i in ids[:limit] if i in rows]
         starts = ctx.scheduler.estimate_starts(ids[:ESTIMATED_JOBS]) if estimate else {}

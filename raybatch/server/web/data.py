@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 # a state with more jobs than this is read along the submission order (it fills a page
 # quickly); a rarer one through the state index (few rows to sort)
 COMMON_STATE = 2000
-LIST_COLUMNS = ("seq, id, name, experiment, priority, state, attempt, submitted_at, started_at, ended_at, "
+LIST_COLUMNS = ("seq, id, name, experiment, workspace, priority, state, attempt, submitted_at, started_at, ended_at, "
                 "exit_code, reason, json_extract(spec, '$.nodes') AS nodes")
 
 
@@ -56,7 +56,7 @@ class JobList:
 
     def page(self, *, state: Optional[JobState] = None, experiment: Optional[str] = None,
              search: Optional[str] = None, before: Optional[int] = None,
-             limit: int = 50) -> tuple[list[dict[str, Any]], Optional[int]]:
+             limit: int = 50, workspaces: Optional[frozenset[str]] = None) -> tuple[list[dict[str, Any]], Optional[int]]:
         """Newest first: up to ``limit`` jobs submitted before the job numbered ``before``,
         and the ``before`` of the next page (None on the last page). ``search``: a part of the
         name or id (case-insensitive)."""
@@ -70,6 +70,7 @@ class JobList:
         if experiment:
             sql += " AND experiment=?"
             args.append(experiment)
+        sql, args = _in_workspaces(sql, args, workspaces)
         if search:
             like = "%" + search.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
             sql += " AND (name LIKE ? ESCAPE '\\' OR id LIKE ? ESCAPE '\\')"
@@ -84,17 +85,28 @@ class JobList:
         rows = rows[:limit]
         return rows, (rows[-1]["seq"] if more else None)
 
-    def counts(self) -> dict[str, int]:
-        """Jobs per state (one pass over the state index, not the table)."""
-        rows = self._db().execute("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state").fetchall()
+    def counts(self, workspaces: Optional[frozenset[str]] = None) -> dict[str, int]:
+        """Jobs per state (one pass over the state index, not the table); ``workspaces``:
+        only theirs (None: every workspace)."""
+        sql, args = _in_workspaces("SELECT state, COUNT(*) AS n FROM jobs WHERE 1=1", [], workspaces)
+        rows = self._db().execute(sql + " GROUP BY state", args).fetchall()
         return {r["state"]: r["n"] for r in rows}
 
-    def experiments(self, limit: int = 200) -> list[str]:
+    def experiments(self, limit: int = 200, workspaces: Optional[frozenset[str]] = None) -> list[str]:
         """The experiments of the newest jobs (for the filter's suggestions; bounded)."""
+        sql, args = _in_workspaces("SELECT experiment FROM jobs WHERE 1=1", [], workspaces)
         rows = self._db().execute(
-            "SELECT DISTINCT experiment FROM (SELECT experiment FROM jobs ORDER BY seq DESC LIMIT 2000) "
-            "ORDER BY experiment LIMIT ?", (limit,)).fetchall()
+            f"SELECT DISTINCT experiment FROM ({sql} ORDER BY seq DESC LIMIT 2000) "
+            "ORDER BY experiment LIMIT ?", (*args, limit)).fetchall()
         return [r["experiment"] for r in rows]
+
+
+def _in_workspaces(sql: str, args: list[Any], workspaces: Optional[frozenset[str]]) -> tuple[str, list[Any]]:
+    """``sql`` narrowed to jobs of these workspaces (None: no narrowing; empty: none)."""
+    if workspaces is None:
+        return sql, args
+    ws = sorted(workspaces) or [""]
+    return sql + f" AND workspace IN ({','.join('?' * len(ws))})", [*args, *ws]
 
 
 def failing_ranks(attempt: Any) -> tuple[Optional[int], set[int]]:

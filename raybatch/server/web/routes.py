@@ -13,7 +13,11 @@
 
 Nothing here accepts the bearer token and nothing under /api/v1 accepts the cookie: the
 cookie is SameSite=Strict and these routes only read, so they need no CSRF token, while the
-API (which writes) stays bearer-only."""
+API (which writes) stays bearer-only.
+
+A session carries the identity that logged it in: raybatch/server/access.py's rules (one
+per route here too) refuse a job page of a workspace that identity cannot read (403), and
+the lists show only its workspaces' jobs."""
 
 from __future__ import annotations
 
@@ -28,7 +32,9 @@ from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Resp
 from jinja2 import Environment, PackageLoader, select_autoescape
 
 from raybatch.models import LogChunk
+from raybatch.server.access import current, visible_workspaces
 from raybatch.server.common import job_or_404
+from raybatch.server.identity import Role
 from raybatch.server.routes import cluster, files, items, jobs, trials
 from raybatch.server.routes.cluster import ESTIMATED_JOBS
 from raybatch.server.web.data import JobList, endpoint, failing_ranks, metric_series
@@ -89,10 +95,12 @@ def environment() -> Environment:
     return env
 
 
-def router(ctx: ServerContext, token: str) -> APIRouter:
+def router(ctx: ServerContext, sessions: "Sessions | str") -> APIRouter:
+    """The pages; ``sessions``: the app's (raybatch/server/access.py finds the caller in
+    them), or the server's token for a web view of its own."""
     r = APIRouter(include_in_schema=False)
     env = environment()
-    sessions = Sessions(token)
+    sessions = sessions if isinstance(sessions, Sessions) else Sessions(sessions)
     job_list = JobList(ctx.store)
     static = {name: resources.files("raybatch.server.web").joinpath("static", name).read_bytes() for name in STATIC}
     queue_of = endpoint(cluster, ctx, "/queue")
@@ -123,6 +131,10 @@ def router(ctx: ServerContext, token: str) -> APIRouter:
     def job_for_page(job_id: str) -> dict[str, Any]:
         return job_or_404(ctx.store, job_id)
 
+    def readable(job: dict[str, Any]) -> bool:
+        ident = current()
+        return ident is None or ident.can(Role.reader, job.get("workspace") or "default")
+
     # ---- logging in and out ---------------------------------------------------------
     @r.get("/web/login")
     def login_form(request: Request, next: str = "/web/") -> HTMLResponse:
@@ -132,12 +144,14 @@ def router(ctx: ServerContext, token: str) -> APIRouter:
     async def login(request: Request) -> Response:
         form = parse_qs((await request.body()).decode("utf-8", errors="replace"))
         given, nxt = (form.get("token") or [""])[0], safe_next((form.get("next") or [""])[0])
-        if not sessions.token_ok(given):
+        who = sessions.check_token(given)
+        if who is None:
             return page("login.html", 401, next=nxt, logged_in=False,
-                        error="Wrong token. It is in the server's state directory (`token`), or in "
-                              "RAYBATCH_TOKEN where you run the CLI.")
+                        error="Wrong token (or an expired or revoked one). The server's own is in its state directory "
+                              "(`token`); yours is in RAYBATCH_TOKEN where you run the CLI.")
+        request.state.identity = who  # the audit log's "who" of this login
         resp = RedirectResponse(nxt, 303)
-        sessions.set_cookie(resp, request, sessions.start())
+        sessions.set_cookie(resp, request, sessions.start(who))
         return resp
 
     @r.get("/login/{code}")
@@ -148,9 +162,13 @@ def router(ctx: ServerContext, token: str) -> APIRouter:
                            "It was used already, it expired (a link works once, for a minute) or the server "
                            "restarted. Run `raybatch web` again for a new one, or log in with the token.",
                            logged_in=False)
+        who = getattr(grant, "who", None)  # the identity that asked for the code
+        if who is None or not sessions.registry.still_valid(who):
+            return message(401, "This login link does not work", "The token that asked for it was revoked or "
+                           "expired. Log in with a valid token.", logged_in=False)
         resp = RedirectResponse(safe_next(grant.next), 303)
         resp.headers["Referrer-Policy"] = "no-referrer"
-        sessions.set_cookie(resp, request, sessions.start())
+        sessions.set_cookie(resp, request, sessions.start(who))
         return resp
 
     @r.post("/web/logout")  # a POST: a link on another site cannot log the user out
@@ -181,8 +199,8 @@ def router(ctx: ServerContext, token: str) -> APIRouter:
         entries = queue_of(limit=start + QUEUE_PAGE + 1, estimate=True)
         shown = entries[start:start + QUEUE_PAGE]
         return page("queue.html", entries=shown, page=page_n, more=len(entries) > start + QUEUE_PAGE,
-                    estimated_jobs=ESTIMATED_JOBS,
-                    counts=job_list.counts(), running=ctx.store.active_jobs())
+                    estimated_jobs=ESTIMATED_JOBS, counts=job_list.counts(workspaces=visible_workspaces()),
+                    running=[j for j in ctx.store.active_jobs() if readable(j)])
 
     @r.get("/web/jobs")
     def jobs_page(request: Request, state: str = "", experiment: str = "", q: str = "",
@@ -192,11 +210,12 @@ def router(ctx: ServerContext, token: str) -> APIRouter:
         states = [s.value for s in JobState]
         if state and state not in states:
             return message(400, "Unknown state", f"state: {state!r} is not one of {', '.join(states)}")
+        shown = visible_workspaces()
         rows, next_before = job_list.page(state=JobState(state) if state else None, experiment=experiment or None,
-                                          search=q.strip() or None, before=before, limit=JOBS_PAGE)
+                                          search=q.strip() or None, before=before, limit=JOBS_PAGE, workspaces=shown)
         filters = {k: v for k, v in (("state", state), ("experiment", experiment), ("q", q)) if v}
         return page("jobs.html", rows=rows, states=states, state=state, experiment=experiment, q=q,
-                    experiments=job_list.experiments(), counts=job_list.counts(),
+                    experiments=job_list.experiments(workspaces=shown), counts=job_list.counts(workspaces=shown),
                     next_url=("/web/jobs?" + urlencode({**filters, "before": next_before})) if next_before else None,
                     first_url=("/web/jobs?" + urlencode(filters)) if before is not None else None)
 
