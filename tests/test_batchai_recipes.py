@@ -69,7 +69,7 @@ def test_cntk_python_stand_in_under_mpirun(client, mount_root):
     assert {r["env"]["RAYBATCH_NODE_RANK"] for r in recs.values()} == {"0", "1"}
     assert all(r["script"] == str(mount_root / "scripts" / "standin.py") for r in recs.values())
     for r in recs.values():  # --datadir $AZ_BATCHAI_JOB_TEMP: the node's own, prepared by jobPreparation
-        assert r["datadir"] == r["env"]["AZ_BATCHAI_JOB_TEMP"] and "raybatch-jobs" in r["datadir"]
+        assert r["datadir"] == r["env"]["AZ_BATCHAI_JOB_TEMP"] and f"raybatch-{os.getuid()}/jobs/" in r["datadir"]
     assert str(done.job_dir).startswith(str(mount_root / "logs"))  # stdOutErrPathPrefix on the logs share
 
 

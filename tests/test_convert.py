@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from raybatch.spec.convert import ConversionError, convert, detect
+from raybatch.spec.job import JobSpec
 from raybatch.spec.loader import SpecError, load_job_document
 
 RAYBATCH = str(Path(sys.executable).with_name("raybatch"))
@@ -61,18 +62,34 @@ def test_batchai_pytorch_every_field():
 
 
 def test_batchai_problems_are_all_reported_with_their_fields():
-    doc = batchai(caffeSettings={"pythonScriptFilePath": "x.py"}, secrets=[{"name": "K", "value": "v"}],
+    doc = batchai(caffeSettings={"pythonScriptFilePath": "x.py"}, secrets=[{"name": "K"}],
                   containerSettings={"imageSourceRegistry": {"image": "x", "credentials": {"username": "u"}}},
                   inputDirectories=[{"id": "D", "path": "$AZ_BATCHAI_MOUNT_ROOT/d"}, {"id": "E"}])
     with pytest.raises(ConversionError) as err:
         convert(doc)
     text = "\n".join(err.value.problems)
     assert "caffeSettings" not in text  # Caffe with an image runs in it (framework mpi)
-    assert "properties.secrets: job secrets are not supported yet" in text
+    assert "properties.secrets[0] (K): value or valueSecretReference is required" in text
     assert "properties.containerSettings.imageSourceRegistry.credentials: registry credentials" in text
     assert "properties.inputDirectories[0].path: '$AZ_BATCHAI_MOUNT_ROOT/d' is under a Batch AI mount" in text
     assert "--mount-root" in text
     assert "properties.inputDirectories[1]: expected {id, path}" in text
+
+
+def test_batchai_secrets_are_accepted_as_is():
+    """Batch AI's properties.secrets (EnvironmentVariableWithSecretValue): a value, or a Key
+    Vault reference {sourceVault: {id}, secretUrl}, which the server reads at each start."""
+    url = "https://myvault.vault.azure.net/secrets/db-password/0123abcd"
+    doc = batchai(pyTorchSettings=PYTORCH, secrets=[
+        {"name": "API_KEY", "value": "s3cr3t-value"},
+        {"name": "DB_PASSWORD", "valueSecretReference": {
+            "sourceVault": {"id": "/subscriptions/x/resourceGroups/rg/providers/Microsoft.KeyVault/vaults/myvault"},
+            "secretUrl": url}}])
+    out, _ = convert(doc)
+    assert out["secrets"] == {"API_KEY": "s3cr3t-value", "DB_PASSWORD": {"keyvault": url}}
+    spec = JobSpec.model_validate(out)
+    assert spec.model_dump(mode="json")["secrets"] == {"API_KEY": "***", "DB_PASSWORD": {"keyvault": url}}
+    assert "s3cr3t-value" not in spec.model_dump_json()
 
 
 @pytest.mark.parametrize("props, problem", [

@@ -65,8 +65,10 @@ def cause_of(error: RayError) -> BaseException:
 
 class Gang:
     def __init__(self, spec: JobSpec, name: str, pinned: Optional[list[str]] = None,
-                 log: Callable[[str], None] = print):
+                 log: Callable[[str], None] = print, secrets: Optional[dict[str, str]] = None):
         self.spec = spec
+        # the job's secrets: each process's environment gets them from its actor (never a runtime_env)
+        self.secrets = dict(secrets or {})
         self.name = name
         self.pinned = list(pinned or [])
         self.log = log
@@ -159,7 +161,8 @@ class Gang:
                 starts[x.rank] = actor.hold.remote(x.make_dirs, x.files)
             else:
                 starts[x.rank] = actor.start.remote(x.argv, x.env, x.cwd, x.log_dir, x.make_dirs,
-                                                    self.spec.grace_period, x.files, x.metrics)
+                                                    self.spec.grace_period, x.files, x.metrics,
+                                                    self.secrets or None)
         pids = {}
         for rank, ref in starts.items():  # every start answers, so none is left half done
             try:

@@ -4,8 +4,8 @@ Each attempt is one Ray Job (``raybatch-<job id>-<attempt>``), visible in the Ra
 dashboard under the name ``<name> · <job id> · attempt <n>`` (``metadata.job_name``) with
 the raybatch job id, name, experiment and attempt in its ``raybatch_*`` metadata.
 Secrets and environment values are never put in the metadata. Storage credentials
-go to the driver in ``secrets.json`` (mode 0600, next to the attempt file), which
-the driver removes as soon as it has read it."""
+and the job's secrets (``runtime.secrets``) go to the driver in ``secrets.json`` (mode
+0600, next to the attempt file), which the driver removes as soon as it has read it."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from raybatch.config import ServerSettings
-from raybatch.runtime.code import package_zip
+from raybatch.runtime.code import is_sha256, package_zip
+from raybatch.runtime.secrets import SecretBox, SecretError, attempt_values
 from raybatch.runtime.protocol import (
     AttemptFile, CodeRef, Control, ControlDir, Report, SlotGrant, ray_job_id, write_json_atomic,
 )
@@ -62,6 +63,7 @@ class RayJobLauncher:
         self.state_dir = Path(state_dir)
         self.code_root = Path(code_root)
         self.client = JobSubmissionClient(dashboard_url)
+        self.secret_box = SecretBox(self.state_dir)  # the jobs' secrets at rest (runtime.secrets)
         self.datastores = datastores or Datastores
         self.settings = settings or ServerSettings.from_env()
         # the driver connects to this GCS, not to "auto": Ray resolves "auto" through one
@@ -82,7 +84,13 @@ class RayJobLauncher:
                                       lambda sha: package_zip(self.code_root, sha))
         except (CredentialError, LocationError) as e:
             raise AttemptSetupError(f"storage: {e}") from None
+        try:  # opened and read (Key Vault) at each start, never written anywhere but secrets.json
+            secret_env = attempt_values(spec, job.get("secrets"), self.secret_box) if spec.secrets else {}
+        except SecretError as e:
+            raise AttemptSetupError(str(e)) from None
         sha = job.get("code_package")
+        if sha is not None and not is_sha256(sha):  # a row from before the API checked it
+            raise AttemptSetupError(f"code_package {str(sha)[:80]!r}: not a sha256 (64 lowercase hex digits)")
         settings = self.settings
         write_json_atomic(ctl.attempt, AttemptFile(
             job_id=job["id"], attempt=attempt, spec=spec, job_dir=job["job_dir"], control_dir=str(ctl.path),
@@ -93,8 +101,8 @@ class RayJobLauncher:
             storage_check_s=settings.storage_check_s, final_sync_timeout_s=settings.final_sync_timeout_s,
             placement_timeout_s=settings.placement_timeout_s,
         ).model_dump(mode="json"))
-        if any(a.secret for a in storage.all()):  # mkstemp + rename: mode 0600 from the first byte
-            write_json_atomic(ctl.secrets, storage.to_dict(secrets=True))
+        if secret_env or any(a.secret for a in storage.all()):  # mkstemp + rename: 0600 from the first byte
+            write_json_atomic(ctl.secrets, {"storage": storage.to_dict(secrets=True), "env": secret_env})
         else:
             ctl.secrets.unlink(missing_ok=True)
         ctl.control.unlink(missing_ok=True)

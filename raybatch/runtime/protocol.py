@@ -3,7 +3,8 @@
 The server and the attempt's driver share a control directory on the head node::
 
     <state>/attempts/<job id>/<n>/attempt.json   AttemptFile: what the driver must run (launcher writes)
-    <state>/attempts/<job id>/<n>/secrets.json   storage credentials, 0600, removed by the driver on reading
+    <state>/attempts/<job id>/<n>/secrets.json   {storage: credentials, env: the job's secrets}, 0600,
+                                                 removed by the driver on reading
     <state>/attempts/<job id>/<n>/control.json   Control: stop requests (scheduler writes, driver polls)
     <state>/attempts/<job id>/<n>/status.json    Report: the driver's latest phase (driver writes)
 

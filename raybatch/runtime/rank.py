@@ -26,7 +26,9 @@ import ray
 
 from raybatch.runtime.code import CodeCache
 from raybatch.runtime.metrics import MetricCollector
+from raybatch.private_dir import ensure_private_parents
 from raybatch.runtime.protocol import SpawnError
+from raybatch.runtime.secrets import Masker
 from raybatch.storage.backends import open_backend
 from raybatch.storage.datastores import Access
 from raybatch.storage.plan import AttemptStorage
@@ -62,17 +64,29 @@ def exit_code_of(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
-def _tee(src, path: Path, mirror, activity: list[float], lines: Optional[Callable[[bytes], None]] = None) -> None:
+def _tee(src, path: Path, mirror, activity: list[float], lines: Optional[Callable[[bytes], None]] = None,
+         mask: Optional[Masker] = None) -> None:
     """Copy a pipe to a file and to the actor's own stream; ``lines`` gets each complete
-    line, undecoded (the metric parser, on stdout)."""
+    line, undecoded (the metric parser, on stdout). ``mask``: the job's secret values become
+    ``***`` before anything is written (the file, the actor's stream, which Ray copies
+    into the job's log and its dashboard)."""
     pending = b""
     with open(path, "ab", buffering=0) as out:
         fd = src.fileno()
         while True:
             chunk = os.read(fd, 65536)
             if not chunk:
-                break
-            activity[0] = time.monotonic()
+                if not mask:
+                    break
+                chunk, mask = mask.flush(), None  # the end held back for a value that did not come
+                if not chunk:
+                    break
+            else:
+                activity[0] = time.monotonic()
+                if mask:
+                    chunk = mask.feed(chunk)
+                    if not chunk:
+                        continue
             out.write(chunk)
             try:
                 mirror.write(chunk)
@@ -112,6 +126,7 @@ def child_environment(env: dict[str, str]) -> dict[str, str]:
 
 def _write_files(make_dirs: list[str], files: Optional[dict[str, str]]) -> None:
     for d in make_dirs:
+        ensure_private_parents(d)  # the scratch root is this user's 0700 dir, checked on every node
         Path(d).mkdir(parents=True, exist_ok=True)
     for path, text in (files or {}).items():
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -157,11 +172,12 @@ class RankActor:
 
     def start(self, argv: list[str], env: dict[str, str], cwd: Optional[str], log_dir: str,
               make_dirs: list[str], grace: float, files: Optional[dict[str, str]] = None,
-              metrics: Optional[dict] = None) -> int:
+              metrics: Optional[dict] = None, secrets: Optional[dict[str, str]] = None) -> int:
         """Start the rank's process. ``metrics``: collect its metrics (``runtime.metrics``):
-        {store, file, mlflow_db, regex}."""
+        {store, file, mlflow_db, regex}. ``secrets``: the job's secrets, added to the process's
+        environment only and masked in its output (``runtime.secrets``)."""
         _write_files([log_dir, *make_dirs], files)
-        child_env = child_environment(env)
+        child_env = child_environment({**env, **(secrets or {})})
         self.threads = []  # a warm actor (an array job's slot) runs one process after another
         self.metrics = MetricCollector(metrics["store"], metrics["file"], metrics.get("mlflow_db"),
                                        metrics.get("regex")).start() if metrics else None
@@ -180,8 +196,9 @@ class RankActor:
         for src, name, mirror in ((self.proc.stdout, "stdout", sys.stdout.buffer),
                                   (self.proc.stderr, "stderr", sys.stderr.buffer)):
             parse = self.metrics.raw_line if self.metrics is not None and name == "stdout" else None
+            mask = Masker(secrets.values()) if secrets else None
             t = threading.Thread(target=_tee, args=(src, Path(log_dir) / f"{name}.txt", mirror,
-                                                    self._activity, parse), daemon=True)
+                                                    self._activity, parse, mask), daemon=True)
             t.start()
             self.threads.append(t)
         # Kills the process group if this actor's process disappears first, or its node's
@@ -240,6 +257,7 @@ class RankActor:
             out["staged"][ident] = {"files": res.files, "bytes": res.bytes_total,
                                     "downloaded": res.bytes_downloaded, "seconds": round(res.seconds, 3)}
         if checkpoint_dir and plan.checkpoints.kind != "local":
+            ensure_private_parents(checkpoint_dir)
             Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
             files, _ = download_tree(open_backend(plan.checkpoints), Path(checkpoint_dir), progress("ckpt"))
             out["checkpoint_files"] = files

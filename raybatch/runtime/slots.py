@@ -48,6 +48,7 @@ class UnitSource(Protocol):
     unit_spec: "JobSpec"
     framework: "Framework"
     storage: "AttemptStorage"
+    secret_env: dict[str, str]  # the job's secrets (runtime.secrets): each unit's processes get them
     cache_dir: str
     stop: threading.Event
     stop_reason: Optional[Outcome]
@@ -134,7 +135,7 @@ class Slot:
         self.spec = owner.unit_spec
         self.dirs = AttemptDirs(owner.job_id, owner.n, slot=index)
         self.gang = Gang(self.spec, f"{ray_job_id(owner.job_id, owner.n)}-s{index}", self.nodes,
-                         lambda m: owner.log(f"slot {index}: {m}"))
+                         lambda m: owner.log(f"slot {index}: {m}"), owner.secret_env)
         self.state = "reserving"
         self.since = time.time()
         self.placed_at: Optional[float] = None

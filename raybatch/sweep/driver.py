@@ -191,7 +191,7 @@ class SweepAttempt(Attempt):
                 here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
                 self.pool = SlotPool.options(name=POOL_NAME, max_concurrency=threads,
                                              scheduling_strategy=here).remote(self.info.model_dump_json())
-                known = ray.get(self.pool.ready.remote(self.storage.to_dict(secrets=True)))
+                known = ray.get(self.pool.ready.remote(self.storage.to_dict(secrets=True), self.secret_env))
                 self.sweep_start = min(self.sweep_start, known["first_start"] or self.sweep_start)
                 self.check_control()  # the slots granted so far start now, before Tune is imported
                 self.log(f"slot pool up ({known['ended']} trial(s) ended in earlier attempts)")

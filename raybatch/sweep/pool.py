@@ -81,6 +81,7 @@ class SlotPool(SlotOwner):
         self.framework = frameworks.get(self.spec.framework)
         self.job_id, self.n = self.info.job_id, self.info.attempt
         self.cache_dir = self.info.cache_dir
+        self.secret_env: dict[str, str] = {}  # ready() brings them
         self.maximize = self.sweep.objective.goal == "maximize"
         self.primary = self.sweep.objective.primary_metric
         self.stop = threading.Event()
@@ -98,10 +99,12 @@ class SlotPool(SlotOwner):
         self.t0 = time.monotonic()
 
     # ---- the driver's side ------------------------------------------------------------------
-    def ready(self, storage: dict[str, Any]) -> dict[str, Any]:
+    def ready(self, storage: dict[str, Any], secret_env: Optional[dict[str, str]] = None) -> dict[str, Any]:
         """Read the journal (trials ended in earlier attempts) and the runs trials had there.
-        What is known; a storage error is raised to the driver (transient or not)."""
+        What is known; a storage error is raised to the driver (transient or not).
+        ``secret_env``: the job's secrets, for every trial's processes."""
         self.storage = AttemptStorage.from_dict(storage)
+        self.secret_env = dict(secret_env or {})
         self.journal = TrialJournal(open_backend(self.storage.trials))
         self.ended: dict[int, TrialRecord] = self.journal.records()  # earlier attempts included
         self.by_tune: dict[str, int] = self.journal.ids()

@@ -169,10 +169,9 @@ class _BatchAI(_Converter):
                 self.errors.append(f"{pre}environmentVariables[{i}]: expected {{name, value}}")
                 continue
             env[item["name"]] = "" if item.get("value") is None else str(item["value"])
-        if p.get("secrets"):
-            self.errors.append(f"{pre}secrets: job secrets are not supported yet (they would be stored and "
-                               "shown like environment variables); keep them out of the job file and read "
-                               "them from a file or a datastore credential")
+        secrets = self.secrets(p.get("secrets"))
+        if secrets:
+            out["secrets"] = secrets
         env.update(out.pop("_env", {}))
         if self.mount_root:  # scripts and command lines that read the variables themselves
             env.setdefault("AZ_BATCHAI_MOUNT_ROOT", self.mount_root)
@@ -220,6 +219,34 @@ class _BatchAI(_Converter):
             if p.get(k):
                 self.warnings.append(f"{pre}{k}: ignored")
         return self.finish(out)
+
+    def secrets(self, items: Any) -> dict[str, Any]:
+        """``secrets`` (EnvironmentVariableWithSecretValue: {name, value} or {name,
+        valueSecretReference: {sourceVault: {id}, secretUrl}}) as raybatch's ``secrets``: a
+        value stays a value, a Key Vault reference becomes ``{keyvault: <secretUrl>}``, read
+        by the server with its identity at each start (the vault's resource id is implied
+        by the URL)."""
+        out: dict[str, Any] = {}
+        for i, item in enumerate(items or []):
+            field = f"{self.prefix}secrets[{i}]"
+            if not isinstance(item, dict) or not item.get("name"):
+                self.errors.append(f"{field}: expected {{name, value}} or {{name, valueSecretReference}}")
+                continue
+            ref = item.get("valueSecretReference")
+            if ref is not None and item.get("value") is not None:
+                self.errors.append(f"{field} ({item['name']}): give value or valueSecretReference, not both")
+            elif ref is not None:
+                url = ref.get("secretUrl") if isinstance(ref, dict) else None
+                if not url:
+                    self.errors.append(f"{field}.valueSecretReference.secretUrl: required (the Key Vault "
+                                       "secret's URL, https://<vault>.vault.azure.net/secrets/<name>)")
+                    continue
+                out[str(item["name"])] = {"keyvault": str(url)}
+            elif item.get("value") is None:
+                self.errors.append(f"{field} ({item['name']}): value or valueSecretReference is required")
+            else:
+                out[str(item["name"])] = str(item["value"])
+        return out
 
     def mount_volumes(self, mv: Any) -> None:
         """Job-level mountVolumes: blob file systems become the job's storage; the other file
