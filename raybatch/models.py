@@ -4,9 +4,9 @@ the SDK returns and what ``-o json`` prints. Defined once, here."""
 from __future__ import annotations
 
 import json
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, SecretStr
 
 from raybatch.runtime.protocol import ItemCounts, Phase, Staging
 from raybatch.spec.job import JobSpec
@@ -16,8 +16,20 @@ from raybatch.state.states import JobState
 class SubmitRequest(BaseModel):
     spec: JobSpec
     code_package: Optional[str] = Field(
-        None, description="sha256 of a code package uploaded with PUT /code/{sha}."
+        None, pattern=r"^[0-9a-f]{64}$",
+        description="sha256 (64 lowercase hex digits) of a code package uploaded with PUT /code/{sha}."
     )
+    secrets: dict[str, SecretStr] = Field(
+        default_factory=dict, description="Write-only: the values of the spec's secrets (shown there as '***'), "
+        "sealed by the server and never returned.",
+    )
+
+    def wire(self) -> dict[str, Any]:
+        """The JSON body the SDK sends: the one dump with the secrets' values in it (every
+        other shows them as '***')."""
+        body = self.model_dump(mode="json")
+        body["secrets"] = {k: v.get_secret_value() for k, v in self.secrets.items()}
+        return body
 
 
 class BatchSubmitRequest(BaseModel):
@@ -29,6 +41,7 @@ class JobSummary(BaseModel):
     id: str
     name: str
     experiment: str
+    workspace: str = Field("default", description="The workspace the job belongs to (its roles, quotas, datastores).")
     priority: int
     state: JobState
     attempt: int
@@ -52,7 +65,8 @@ class JobSummary(BaseModel):
         return cls(**{k: row[k] for k in (
             "id", "name", "experiment", "priority", "state", "attempt", "submitted_at",
             "started_at", "ended_at", "exit_code", "reason", "job_dir", "preemptions",
-            "preempted_by")}, evictions=row.get("evictions") or 0, nodes=spec["nodes"])
+            "preempted_by")}, evictions=row.get("evictions") or 0, nodes=spec["nodes"],
+                   workspace=row.get("workspace") or "default")
 
 
 class Transition(BaseModel):
@@ -207,6 +221,8 @@ class FileEntry(BaseModel):
     size: int
     modified: float = Field(description="Last modified, seconds since the epoch.")
     location: str = Field(description="Where it is stored (a path or a blob URI).")
+    type: Literal["file", "link"] = Field("file", description="'link': a symbolic link in the job's tree, "
+                                          "listed (size 0) but never followed or served.")
 
 
 class LogChunk(BaseModel):

@@ -55,17 +55,22 @@ def main(
     cluster: Optional[str] = typer.Option(
         None, "--cluster", envvar="RAYBATCH_CLUSTER",
         help="A cluster `raybatch cluster up` made: talk to the server on its head."),
+    ca_cert: Optional[str] = typer.Option(
+        None, "--ca-cert", envvar="RAYBATCH_CA_CERT",
+        help="CA certificate (PEM) to verify an https server with (a cluster's self-signed one)."),
 ) -> None:
     OPTS.address, OPTS.token = address, token
     OPTS.cluster = cluster
+    OPTS.ca_cert = ca_cert
     if cluster:
-        from raybatch.cluster.lifecycle import ClusterError, connect  # noqa: PLC0415
+        from raybatch.cluster.lifecycle import ClusterError, ca_cert_of, connect  # noqa: PLC0415
 
         try:
             OPTS.address, cluster_token = connect(cluster)
         except ClusterError as e:
             _fail(str(e))
         OPTS.token = token or cluster_token
+        OPTS.ca_cert = ca_cert or ca_cert_of(cluster)  # its server's self-signed certificate (HTTPS)
 
 
 MountRootOpt = typer.Option(
@@ -81,7 +86,7 @@ def _load(job_file: Path, overrides: List[str], mount_root: Optional[str] = None
     except SpecError as e:
         _fail(str(e), code=2)
     for note in notes:
-        render.err_console.print(f"[yellow]warning:[/] {note}", highlight=False)
+        render.err_console.print(f"[yellow]warning:[/] {render.esc(note)}", highlight=False)
     return spec
 
 
@@ -131,7 +136,7 @@ def _wait_with_progress(client: Client, job_id: str, timeout: Optional[float]) -
     if render.err_console.is_terminal:
         render.err_console.print(_progress_line(job, started))
     outputs = "".join(f"\n  output {k}: {v}" for k, v in job.outputs.items())
-    render.console.print(f"logs: {job.logs_dir}{outputs}\ncheckpoints: {job.checkpoint_dir}",
+    render.console.print(render.esc(f"logs: {job.logs_dir}{outputs}\ncheckpoints: {job.checkpoint_dir}"),
                          highlight=False, soft_wrap=True)
     return exit_code_for(job)
 
@@ -167,7 +172,7 @@ def submit(
 def _print_warnings(job) -> None:
     """What the server said about a job it queued (no live node can hold it): stderr, exit 0."""
     for w in job.warnings or ():
-        render.err_console.print(f"[yellow]warning:[/] {job.id}: {w}", highlight=False, soft_wrap=True)
+        render.err_console.print(f"[yellow]warning:[/] {job.id}: {render.esc(w)}", highlight=False, soft_wrap=True)
 
 
 @app.command("list")
@@ -175,13 +180,14 @@ def list_(
     state: List[str] = typer.Option([], "--state", "-s", help="Only jobs in this state (repeatable)."),
     experiment: Optional[str] = typer.Option(None, "--experiment", "-e"),
     limit: int = typer.Option(200, help="At most this many, newest first."),
+    workspace: Optional[str] = typer.Option(None, "--workspace", "-w", help="Only this workspace's jobs."),
     output: Output = OutputOpt,
 ) -> None:
-    """List jobs, newest first."""
+    """List jobs, newest first (those of the workspaces your token may read)."""
     for s in state:
         if s.upper() not in JobState.__members__:
             _fail(f"--state {s}: allowed: {', '.join(JobState.__members__)}", code=2)
-    jobs = _call(_client().list, state=state, experiment=experiment, limit=limit)
+    jobs = _call(_client().list, state=state, experiment=experiment, limit=limit, workspace=workspace)
     if output == Output.json:
         render.print_json([j.model_dump(mode="json") for j in jobs])
     else:
@@ -246,7 +252,7 @@ def logs(
     if item is None and trial is None and attempt is None and split_trial_id(job_id)[1] is None:
         job = _call(client.get, job_id)
         if job.attempt == 0:  # nothing ran: say why there is no log rather than print nothing
-            render.err_console.print(_no_attempt_words(job, follow), highlight=False, soft_wrap=True)
+            render.err_console.print(render.esc(_no_attempt_words(job, follow)), highlight=False, soft_wrap=True)
             if not follow or JobState(job.state).is_final:
                 return
     try:
@@ -549,6 +555,10 @@ app.command("env")(dashboard_cli.env)
 from raybatch.cli import web as web_cli  # noqa: E402
 
 app.command("web")(web_cli.web)
+from raybatch.cli import admin as admin_cli  # noqa: E402
+
+app.add_typer(admin_cli.admin_app, name="admin")  # API tokens (users, service principals), whoami
+app.command("audit")(admin_cli.audit)
 
 sweep_app = typer.Typer(help="Sweeps: their trials ranked, and a picture of them.", no_args_is_help=True)
 app.add_typer(sweep_app, name="sweep")
@@ -613,9 +623,9 @@ def convert(
     except SpecError as e:
         _fail(str(e), code=2)
     for note in notes:
-        render.err_console.print(f"[yellow]warning:[/] {note}", highlight=False)
+        render.err_console.print(f"[yellow]warning:[/] {render.esc(note)}", highlight=False)
     if kind == "raybatch":
-        render.err_console.print(f"{job_file} is already a raybatch job file", highlight=False)
+        render.err_console.print(render.esc(f"{job_file} is already a raybatch job file"), highlight=False)
     if output == Output.json:
         render.print_json(data)
     else:

@@ -192,7 +192,7 @@ class LocalCluster:
     @contextmanager
     def locked(self) -> Iterator[None]:
         """Hold ``<home>/.lock``: whoever changes local.json or starts a part holds it."""
-        self.home.mkdir(parents=True, exist_ok=True)
+        self.home.mkdir(parents=True, exist_ok=True, mode=0o700)
         with open(self.home / ".lock", "w") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             try:
@@ -204,8 +204,9 @@ class LocalCluster:
     def popen(self, argv: list[str], log_name: str, env: dict[str, str]) -> subprocess.Popen:
         self.logs.mkdir(parents=True, exist_ok=True)
         with open(self.logs / log_name, "ab") as log:
+            # umask 077: Ray's, the server's and the jobs' files on this machine are the user's alone
             return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                    env=env, start_new_session=True, cwd=self.home)
+                                    env=env, start_new_session=True, cwd=self.home, umask=0o077)
 
     def _spawn(self, argv: list[str], log_name: str, env: dict[str, str]) -> int:
         return self.popen(argv, log_name, env).pid

@@ -37,13 +37,24 @@ from ray.exceptions import RayActorError, RayError
 from raybatch import frameworks
 from raybatch.runtime import setup, watch
 from raybatch.runtime.gang import Gang, cause_of
-from raybatch.runtime.launch import AttemptDirs, RankLaunch, plan_ranks
+from raybatch.runtime.launch import AttemptDirs, RankLaunch, check_private_dirs, plan_ranks
+from raybatch.runtime.code import is_sha256
 from raybatch.runtime.protocol import (
-    AttemptFile, ControlDir, Outcome, Phase, RankReport, Report, SpawnError, plain_reason, ray_job_id,
+    AttemptFile, CodeRef, ControlDir, Outcome, Phase, RankReport, Report, SpawnError, plain_reason, ray_job_id,
     read_json,
 )
 from raybatch.state.states import AttemptOutcome
 from raybatch.storage.plan import AttemptStorage
+
+
+def check_code_ref(code: Optional[CodeRef]) -> None:
+    """The code package is named by a sha256, and its paths are the store's names for it:
+    anything else would make this driver zip and ship whatever directory it names."""
+    if code is None:
+        return
+    if not is_sha256(code.sha) or Path(code.zip).name != f"{code.sha}.zip" or Path(code.dir).name != code.sha:
+        raise SystemExit(f"the attempt's code package {code.sha[:80]!r} is not a sha256 with the store's "
+                         "paths for it: refusing to ship it")
 
 
 class Attempt:
@@ -52,6 +63,7 @@ class Attempt:
             self.info = AttemptFile.model_validate_json(Path(attempt_file).read_text())
         except (OSError, ValueError) as e:
             raise SystemExit(f"cannot read {attempt_file}: {e}") from None
+        check_code_ref(self.info.code)
         self.spec = self.info.spec
         self.framework = frameworks.get(self.spec.framework)
         self.job_id = self.info.job_id
@@ -62,20 +74,23 @@ class Attempt:
         self.stop_reason: Optional[Outcome] = None
         self.lost_nodes: set[str] = set()
         self.started = time.monotonic()
-        self.gang = Gang(self.spec, ray_job_id(self.job_id, self.n), self.info.nodes, self.log)
+        self.secret_env: dict[str, str] = {}  # the job's secrets (load_storage reads them)
+        self.storage = self.load_storage()
+        self.gang = Gang(self.spec, ray_job_id(self.job_id, self.n), self.info.nodes, self.log, self.secret_env)
         self.ranks: list[RankReport] = []
         self.launches: list[RankLaunch] = []
-        self.storage = self.load_storage()
         self.cache_dir = self.info.cache_dir
         self.synced: Optional[bool] = None  # None: no final upload yet; True: everything is out
         self.unsynced: list[str] = []
 
     def load_storage(self) -> AttemptStorage:
-        """The resolved locations; credentials come in a file only the server's user can
-        read, removed as soon as it is read."""
+        """The resolved locations; credentials, and the job's secrets (``secret_env``), come
+        in a file only the server's user can read, removed as soon as it is read."""
         data = read_json(self.files.secrets)
         self.files.secrets.unlink(missing_ok=True)
-        return AttemptStorage.from_dict(data if data is not None else self.info.storage)
+        data = data if isinstance(data, dict) else {}
+        self.secret_env = dict(data.get("env") or {})
+        return AttemptStorage.from_dict(data.get("storage") or self.info.storage)
 
     # ---- reporting ---------------------------------------------------------
     def report(self, phase: Phase, **extra: Any) -> None:
@@ -123,6 +138,9 @@ class Attempt:
 
     # ---- steps: each returns None to go on, or how the attempt ends --------------------
     def check_storage(self) -> Optional[Outcome]:
+        unsafe = check_private_dirs()  # this node's <tmp>/raybatch-<uid>/{mirror,jobs}: 0700, ours
+        if unsafe:
+            return Outcome(AttemptOutcome.START_FAILED, None, unsafe)
         return setup.check_storage(self.storage, self.info.storage_check_s, self.check_control, self.log)
 
     def reserve(self) -> Optional[Outcome]:
@@ -187,7 +205,7 @@ class Attempt:
         gang = self.gang
         if gang.actors:
             gang.terminate(0)  # reap stragglers left in the ranks' process groups
-            # each node's scratch space of this job: /tmp/raybatch-jobs/<job id>
+            # each node's scratch space of this job: <tmp>/raybatch-<uid>/jobs/<job id>
             temps = [str(Path(x.job_temp).parent) for x in self.launches]
             dirs = list(temps)
             if self.synced or not self.storage.remote:  # else the mirrors may be the only copy

@@ -4,7 +4,7 @@ scheduler loop in a thread and serves the REST API with uvicorn.
     python -m raybatch.server --state-dir DIR --ray-address HOST:PORT \\
         --dashboard-url http://HOST:PORT [--host 127.0.0.1] [--port 8765] \\
         [--policy FILE] [--cluster-config ray-cluster.yaml] [--datastores FILE] \
-        [--jobs-root PATH-OR-URI] [--cache-dir DIR]
+        [--jobs-root PATH-OR-URI] [--cache-dir DIR] [--tls-cert PEM --tls-key PEM]
 
 The scheduler policy (backfill, preemption, fair share, quotas) is read from
 ``--policy`` (default ``<state dir>/policy.yaml``) and re-read when it changes.
@@ -87,9 +87,11 @@ def build(state_dir: Path, ray_address: str, dashboard_url: str, jobs_root: str 
     from raybatch.spec.location import LocationError, parse  # noqa: PLC0415
     from raybatch.state.store import Store  # noqa: PLC0415
     from raybatch.storage.datastores import DatastoresFileWatcher  # noqa: PLC0415
+    from raybatch.private_dir import tighten_state_dir  # noqa: PLC0415
 
     ray_client_env()
     state_dir.mkdir(parents=True, exist_ok=True)
+    tighten_state_dir(state_dir)  # 0700/0600, also what an older version left readable (runtime/private_dir.py)
     token = ensure_token(state_dir / "token")
     store = Store(state_dir / "raybatch.db")
     code_root = state_dir / "code"
@@ -135,6 +137,39 @@ def build(state_dir: Path, ray_address: str, dashboard_url: str, jobs_root: str 
     return app, scheduler
 
 
+def tls_options(cert: Path | None, key: Path | None) -> dict:
+    """uvicorn's TLS arguments: both files or neither (plain HTTP stays possible, e.g. on
+    127.0.0.1 for Ray tasks of the cluster); a file that is missing stops the server here
+    rather than at its first connection."""
+    if (cert is None) != (key is None):
+        raise SystemExit("--tls-cert and --tls-key go together (the certificate and its private key)")
+    if cert is None:
+        return {}
+    for flag, path in (("--tls-cert", cert), ("--tls-key", key)):
+        if not path.is_file():
+            raise SystemExit(f"{flag} {path}: no such file")
+    return {"ssl_certfile": str(cert), "ssl_keyfile": str(key)}
+
+
+ADDRESS_FILE = "server.json"
+
+
+def record_address(state_dir: Path, host: str, port: int, tls_cert: Path | None) -> None:
+    """Write the URL this server answers on (and its TLS certificate, which clients of a
+    self-signed one verify it with) beside its token (``<state dir>/server.json``): the SDK
+    sends the token file of a state dir only to that address (raybatch.client)."""
+    import json  # noqa: PLC0415
+    import os  # noqa: PLC0415
+
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"  # every address: this machine reaches it on loopback
+    url = f"{'https' if tls_cert else 'http'}://{f'[{host}]' if ':' in host else host}:{port}"
+    record = {"url": url, "ca_cert": str(tls_cert.resolve()) if tls_cert else None}
+    tmp = state_dir / f".{ADDRESS_FILE}.tmp"
+    tmp.write_text(json.dumps(record) + "\n")
+    os.replace(tmp, state_dir / ADDRESS_FILE)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m raybatch.server", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -151,7 +186,14 @@ def main(argv: list[str] | None = None) -> None:
                    help="the Ray autoscaler's cluster YAML: enables autoscaling demand")
     p.add_argument("--datastores", type=Path, help="datastores file (default: <state dir>/datastores.yaml)")
     p.add_argument("--cache-dir", help="each node's input cache (default: $RAYBATCH_CACHE_DIR or ~/.cache/raybatch)")
+    p.add_argument("--tls-cert", type=Path, help="serve HTTPS with this certificate (PEM; with --tls-key)")
+    p.add_argument("--tls-key", type=Path, help="the certificate's private key (PEM; with --tls-cert)")
     args = p.parse_args(argv)
+    from raybatch.private_dir import PRIVATE_UMASK  # noqa: PLC0415
+    import os  # noqa: PLC0415
+
+    os.umask(PRIVATE_UMASK)  # raybatch.db (+WAL), code packages, attempt files: the server's user's alone
+    tls = tls_options(args.tls_cert, args.tls_key)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     import uvicorn  # noqa: PLC0415
@@ -159,10 +201,11 @@ def main(argv: list[str] | None = None) -> None:
     app, scheduler = build(args.state_dir.resolve(), args.ray_address, args.dashboard_url,
                            args.jobs_root, args.tick, args.policy, args.cluster_config,
                            args.datastores, args.cache_dir)
+    record_address(args.state_dir.resolve(), args.host, args.port, args.tls_cert)
     loop = threading.Thread(target=scheduler.run_forever, name="scheduler", daemon=True)
     loop.start()
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", **tls)
     finally:
         scheduler.stop()
         loop.join(timeout=5)

@@ -45,14 +45,16 @@ Example::
 from __future__ import annotations
 
 import datetime as dt
+import math
 import re
 from typing import Any, Literal, NamedTuple, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_serializer, field_validator, model_validator
 
 from raybatch.spec.array import DEFAULT_OUTPUT, ArraySpec
 from raybatch.spec.sweep import PARAM_PLACEHOLDER, SweepSpec
 from raybatch.spec.location import parse as parse_location
+from raybatch.spec import secrets as job_secrets
 from raybatch.spec.units import (DURATION_HELP, SIZE_HELP, duration_text, parse_duration, parse_duration_or_time,
                                  parse_size)
 
@@ -65,6 +67,15 @@ PRIORITY_NAMES = {"low": 250, "normal": 500, "high": 750}
 DEFAULT_MAX_WALL_CLOCK = 7 * 86400.0  # Batch AI's default: 7 days
 DEFAULT_GRACE_PERIOD = 30.0
 
+# Sizes a job's commands and environment may have (UTF-8 bytes). Linux refuses to start a
+# process with any single argument or environment entry over 128 KiB (MAX_ARG_STRLEN), and
+# all of them together over ARG_MAX (2 MiB by default): a job over them would be queued,
+# then fail on every node. The job file's own limits are in raybatch.spec.loader.
+MAX_COMMAND_BYTES = 100 << 10        # command, prepare: one `sh -c` argument each
+MAX_ENV_ENTRY_BYTES = 100 << 10      # one environment variable, NAME=value
+MAX_COMMAND_ENV_BYTES = 1 << 20      # the command and the whole environment together
+MAX_SPEC_DEPTH = 64                  # nesting of a spec's mappings and lists (JSON has no aliases)
+
 ITEM_PLACEHOLDER = "${{item}}"  # an array job's item in its command, shell-quoted
 
 # Framework names the runner knows: raybatch.frameworks' registry (tests/test_layers.py pins them
@@ -75,7 +86,9 @@ MPI_FRAMEWORKS = ("mpi", "chainer", "horovod")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # NaN passes every `gt`/`<=` check (cpus: .nan would skip the fit check) and infinity is
+    # no amount of anything: a spec's numbers are finite (JobSpec._finite checks the rest)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class NodeResources(_Strict):
@@ -218,6 +231,11 @@ class TensorFlowSettings(_Strict):
         "Batch AI placed 1 parameter server + 2 workers on 2 nodes (the ps beside the chief)."
     )
 
+    @field_validator("worker_command", "parameter_server_command")
+    @classmethod
+    def _command_limit(cls, v: Optional[str]) -> Optional[str]:
+        return None if v is None else _command_size(v)
+
 
 class MpiSettings(_Strict):
     """framework: mpi / chainer / horovod: rank 0 runs ``mpirun`` over a generated hostfile
@@ -330,6 +348,46 @@ class MetricsSpec(_Strict):
         return v
 
 
+def _check_finite(data: Any, root: tuple[Any, ...]) -> None:
+    """ValueError naming the place of the first NaN or infinity in ``data``, or of nesting
+    past MAX_SPEC_DEPTH; iterative, so no document can exhaust the stack. It runs on every
+    validation of a spec (the server's included), so the walk keeps no paths: only a
+    document that fails is walked again to name the place."""
+    stack: list[tuple[Any, int]] = [(data, len(root))] if type(data) in (dict, list) else []
+    while stack:
+        container, depth = stack.pop()
+        if depth >= MAX_SPEC_DEPTH:
+            return _name_problem(data, root)
+        for value in (container.values() if type(container) is dict else container):
+            kind = type(value)
+            if kind is float and not math.isfinite(value):
+                return _name_problem(data, root)
+            if kind is dict or kind is list:
+                stack.append((value, depth + 1))
+
+
+def _name_problem(data: Any, root: tuple[Any, ...]) -> None:
+    """The slow walk, with paths, of a document ``_check_finite`` found a problem in."""
+    stack: list[tuple[Any, tuple[Any, ...]]] = [(data, root)]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{'.'.join(map(str, path))}: {value} is not allowed; give a finite number")
+        if isinstance(value, (dict, list)):
+            if len(path) >= MAX_SPEC_DEPTH:
+                raise ValueError(f"{'.'.join(map(str, path[:8]))}...: nested deeper than {MAX_SPEC_DEPTH} levels")
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            stack.extend((v, (*path, k)) for k, v in items)
+
+
+def _command_size(v: str) -> str:
+    size = len(v.encode())
+    if size > MAX_COMMAND_BYTES:
+        raise ValueError(f"{size} bytes; a command can be at most {MAX_COMMAND_BYTES >> 10} KiB (Linux refuses a "
+                         "single argument over 128 KiB): put the script in a file shipped with `code` and run that")
+    return v
+
+
 class SlotShape(NamedTuple):
     """What the scheduler needs of a job that runs many units on slots (an array, a sweep)."""
 
@@ -358,6 +416,7 @@ class JobSpec(_Strict):
 
     name: str = Field(..., description="Job name: letters, digits, '-', '_'; 1-64.")
     experiment: str = Field("default", description="Experiment the job belongs to.")
+    workspace: str = Field("default", description="Workspace the job belongs to: its roles, quotas and datastores.")
     priority: Priority = Field("normal", description="low | normal | high, or an integer 0-1000.")
     preemptible: bool = Field(
         True, description="May a higher-priority job stop this one (SIGTERM, grace_period, requeue)?"
@@ -432,6 +491,20 @@ class JobSpec(_Strict):
         "search_space, on up to limits.max_concurrent_trials warm slots (docs/sweeps.md; a sweep file's "
         "trial: becomes this job).")
     metrics: MetricsSpec = Field(default_factory=MetricsSpec)
+    secrets: dict[str, job_secrets.SecretValue] = Field(
+        default_factory=dict, description="Environment variables of the ranks whose values are never shown "
+        "(Batch AI's secrets): a value, {env: NAME} or {file: PATH} (read by the client at submit), or "
+        "{keyvault: VAULT/SECRET} (read by the server at each start); shown as '***' (raybatch.spec.secrets).",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _finite(cls, data: Any) -> Any:
+        """No NaN or infinity anywhere in the document (a sweep's space, an array's values,
+        a custom resource), and no nesting past MAX_SPEC_DEPTH: walked once, iteratively,
+        before any field is validated, so the error names the field."""
+        _check_finite(data, ())
+        return data
 
     @model_validator(mode="before")
     @classmethod
@@ -442,7 +515,7 @@ class JobSpec(_Strict):
             data = {**data, "outputs": {DEFAULT_OUTPUT: {}}}
         return data
 
-    @field_validator("name", "experiment")
+    @field_validator("name", "experiment", "workspace")
     @classmethod
     def _name(cls, v: str) -> str:
         if not re.fullmatch(NAME_PATTERN, v):
@@ -528,7 +601,12 @@ class JobSpec(_Strict):
     def _command(cls, v: str) -> str:
         if not v.strip():
             raise ValueError("the command is empty; give the shell command each rank runs")
-        return v
+        return _command_size(v)
+
+    @field_validator("prepare")
+    @classmethod
+    def _prepare(cls, v: Optional[str]) -> Optional[str]:
+        return None if v is None else _command_size(v)
 
     @field_validator("environment", mode="before")
     @classmethod
@@ -551,8 +629,27 @@ class JobSpec(_Strict):
                 if isinstance(value, bool):
                     value = "true" if value else "false"
                 out[str(name)] = "" if value is None else str(value)
+                entry = len(str(name).encode()) + 1 + len(out[str(name)].encode())
+                if entry > MAX_ENV_ENTRY_BYTES:
+                    raise ValueError(
+                        f"'{name}' is {entry} bytes (NAME=value); at most {MAX_ENV_ENTRY_BYTES >> 10} KiB: Linux "
+                        "refuses a larger environment entry; pass large data as a file (an input or `code`)")
             return out
         return v
+
+    @field_validator("secrets", mode="before")
+    @classmethod
+    def _secrets(cls, v: Any) -> Any:
+        return job_secrets.normalize(v)
+
+    @field_serializer("secrets", when_used="always")
+    def _show_secrets(self, v: dict[str, job_secrets.SecretValue]) -> dict[str, Any]:
+        return job_secrets.shown(v)  # every dump: values as ***, never the values
+
+    @model_validator(mode="after")
+    def _secret_names(self) -> "JobSpec":
+        job_secrets.check_names(self.secrets, self.environment)
+        return self
 
     @field_validator("inputs", mode="before")
     @classmethod
@@ -590,6 +687,18 @@ class JobSpec(_Strict):
         if limit is not None and v > limit:
             raise ValueError(f"must not exceed max_wall_clock ({limit:g} s)")
         return v
+
+    @model_validator(mode="after")
+    def _command_env_size(self) -> "JobSpec":
+        if self.sweep is not None:  # its floats may come as text ('nan'): checked once parsed
+            _check_finite(self.sweep.model_dump(), ("sweep",))
+        total = len(self.command.encode()) + sum(len(k.encode()) + 2 + len(v.encode())
+                                                 for k, v in self.environment.items())
+        if total > MAX_COMMAND_ENV_BYTES:
+            raise ValueError(f"command and environment: {total} bytes together; at most {MAX_COMMAND_ENV_BYTES >> 20} "
+                             "MiB (Linux's limit on a process's arguments and environment is 2 MiB, and "
+                             "raybatch adds its own variables); pass large data as a file")
+        return self
 
     @model_validator(mode="after")
     def _framework_settings(self) -> "JobSpec":

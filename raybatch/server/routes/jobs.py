@@ -6,7 +6,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any, Optional
 
-from fastapi import APIRouter, HTTPException, Query, status
+from fastapi import APIRouter, HTTPException, Query, Request, status
 from starlette.concurrency import run_in_threadpool
 
 from raybatch.models import (
@@ -14,22 +14,28 @@ from raybatch.models import (
     Transition,
 )
 from raybatch.runtime.code import has_package
+from raybatch.runtime.environment import pip_problems
 from raybatch.runtime.protocol import Phase
+from raybatch.runtime.secrets import SecretBox, split_for_store
 from raybatch.runtime.items import ItemStore
-from raybatch.server.common import array_spec, backend_for, job_or_404, sweep_spec
+from raybatch.server.access import visible_workspaces
+from raybatch.server.common import array_spec, job_backend, job_or_404, sweep_spec
 from raybatch.server.routes.dashboard import job_page, ray_of
 from raybatch.server.submit_warnings import SubmitWarnings
 from raybatch.spec.job import JobSpec, split_package
 from raybatch.state.states import InvalidTransition, JobState
 from raybatch.state.store import StoreBusy
 from raybatch.storage import plan as storage_plan
-from raybatch.storage.backends import StorageError
+from raybatch.storage.backends import LinkRefused, StorageError
 from raybatch.sweep.trials import FINAL_STATES, TrialJournal
 
 if TYPE_CHECKING:
     from raybatch.server.app import ServerContext
 
 MAX_LOG_CHUNK = 1 << 20
+# A log offset past any log (1 TiB) and below any file system's largest file (ext4: 16 TiB):
+# a larger one made the read's seek fail (2^63: OverflowError; 2^53 on ext4: EINVAL), a 500
+MAX_LOG_OFFSET = 1 << 40
 STORE_WAIT_S = 0.8  # a submit waits this long for a busy store, then answers 503
 log = logging.getLogger("raybatch.server")
 
@@ -105,18 +111,35 @@ def admission(ctx: ServerContext, req: SubmitRequest, where: str = "") -> dict[s
     if never:
         raise HTTPException(status.HTTP_400_BAD_REQUEST, f"{where}this job can never run: {never}")
     problems = storage_plan.check_locations(spec, spec.output_root, ctx.datastores())
+    problems += ctx.datastores().workspace_problems(spec)
+    # paths/URLs/VCS/options only if the policy allows them; index credentials never
+    problems += pip_problems(spec, ctx.scheduler.policy.allow_pip_sources)
     if spec.array is not None and spec.array.resume_from:
         problems += resume_problems(ctx, spec.array.resume_from)
     try:  # a deadline already past, or too close for runtime_estimate
         deadline_at = spec.deadline_at(time.time())
     except ValueError as e:
         problems.append(str(e))
+    secret_values, problem = split_for_store(spec, {k: v.get_secret_value() for k, v in req.secrets.items()})
+    if problem:
+        problems.append(problem)
     if problems:
         raise HTTPException(status.HTTP_400_BAD_REQUEST, f"{where}" + "; ".join(problems))
     root = spec.output_root or ctx.jobs_root
-    return dict(name=spec.name, experiment=spec.experiment, priority=spec.priority_value,
+    return dict(name=spec.name, experiment=spec.experiment, workspace=spec.workspace, priority=spec.priority_value,
                 spec=spec.model_dump(mode="json"), code_package=req.code_package, deadline_at=deadline_at,
-                job_dir_for=lambda job_id: storage_plan.job_dir_for(root, spec.experiment, job_id))
+                job_dir_for=lambda job_id: storage_plan.job_dir_for(root, spec.experiment, job_id),
+                # sealed with the server's key; the spec above shows their names only
+                secrets=secret_box(ctx).seal(secret_values) if secret_values else None)
+
+
+def secret_box(ctx: ServerContext) -> SecretBox:
+    """The server's key for job secrets, beside its store (``<state dir>/secrets.key``)."""
+    box = getattr(ctx, "_secret_box", None)
+    if box is None:
+        box = SecretBox(ctx.store.path.parent)
+        setattr(ctx, "_secret_box", box)
+    return box
 
 
 def resume_problems(ctx: ServerContext, job_id: str) -> list[str]:
@@ -142,13 +165,14 @@ def router(ctx: ServerContext) -> APIRouter:
     # async, unlike the other routes: one short SQLite transaction, so it runs on the event
     # loop; the thread pool's hop cost more CPU than the insert itself (benchmarks/bench_admission.py)
     @api.post("/jobs", status_code=201)
-    async def submit(req: SubmitRequest) -> JobSummary:
+    async def submit(req: SubmitRequest, request: Request) -> JobSummary:
         fields = admission(ctx, req)
         try:  # never wait on the event loop: a busy store is waited for in the thread pool
             row = store.create_job(**fields, wait=0)
         except StoreBusy:  # up to STORE_WAIT_S, then 503 (app.py), nothing written
             row = await run_in_threadpool(lambda: store.create_job(**fields, wait=STORE_WAIT_S))
         ctx.scheduler.wake()
+        request.state.target = row["id"]  # the audit log's record of this request names the job
         summary = JobSummary.from_row(row)
         try:  # a job no live node can hold is queued all the same, with a warning
             warnings = await submit_warnings.for_spec_async(ctx.scheduler, req.spec, run_in_threadpool)
@@ -160,10 +184,11 @@ def router(ctx: ServerContext) -> APIRouter:
         return summary
 
     @api.post("/jobs/batch", status_code=201)
-    def submit_batch(req: BatchSubmitRequest) -> list[JobSummary]:
+    def submit_batch(req: BatchSubmitRequest, request: Request) -> list[JobSummary]:
         """Many jobs (an array, a sweep) in one request: all queued or none."""
         items = [admission(ctx, r, f"jobs[{i}]: ") for i, r in enumerate(req.jobs)]
         rows = store.create_jobs(items, wait=STORE_WAIT_S)
+        request.state.target = ",".join(r["id"] for r in rows)  # the audit log's
         ctx.scheduler.wake()
         try:
             warnings = submit_warnings.for_specs(ctx.scheduler, [r.spec for r in req.jobs])
@@ -176,8 +201,12 @@ def router(ctx: ServerContext) -> APIRouter:
     def list_jobs(
         state: Optional[list[JobState]] = Query(None), experiment: Optional[str] = None,
         limit: int = Query(200, ge=1, le=100000),
+        workspace: Optional[str] = Query(None, max_length=64, description="Only this workspace's jobs."),
     ) -> list[JobSummary]:
-        rows = store.list_jobs(states=state, experiment=experiment, limit=limit)
+        shown = visible_workspaces()  # a non-admin lists its workspace's jobs only
+        if workspace is not None:
+            shown = frozenset({workspace}) if shown is None else shown & {workspace}
+        rows = store.list_jobs(states=state, experiment=experiment, limit=limit, workspaces=shown)
         return [JobSummary.from_row(r) for r in rows]
 
     @api.get("/jobs/{job_id}")
@@ -204,7 +233,8 @@ def router(ctx: ServerContext) -> APIRouter:
     @api.get("/jobs/{job_id}/logs")
     def logs(
         job_id: str, rank: int = Query(0, ge=0), stream: str = Query("stdout", pattern="^(stdout|stderr)$"),
-        attempt: Optional[int] = Query(None, ge=1), offset: int = Query(0, ge=0),
+        attempt: Optional[int] = Query(None, ge=1),
+        offset: int = Query(0, ge=0, le=MAX_LOG_OFFSET, description="Byte offset to read from (at most 2^40)."),
         max_bytes: int = Query(MAX_LOG_CHUNK, ge=1, le=MAX_LOG_CHUNK),
         item: Optional[int] = Query(None, ge=0, description="An array job's task: its log (``attempt``: its run)."),
         trial: Optional[int] = Query(None, ge=0, description="A sweep's trial: its log (``attempt``: its run)."),
@@ -226,18 +256,20 @@ def router(ctx: ServerContext) -> APIRouter:
                 raise HTTPException(status.HTTP_400_BAD_REQUEST,
                                     f"attempt {n} does not exist: the job has attempts 1-{job['attempt']}")
         over = state.is_final or n < job["attempt"] or (job["attempt"] >= 1 and not state.is_active)
-        return log_chunk(ctx, tree["stdouterr"], f"{storage_plan.rank_logs(n, rank)}/{stream}.txt", offset,
+        return log_chunk(ctx, job, tree["stdouterr"], f"{storage_plan.rank_logs(n, rank)}/{stream}.txt", offset,
                          max_bytes, over, state, attempt=n, rank=rank, stream=stream, latest_attempt=job["attempt"])
 
     return api
 
 
-def log_chunk(ctx: ServerContext, location: str, rel: str, offset: int, max_bytes: int, over: bool,
+def log_chunk(ctx: ServerContext, job: dict[str, Any], location: str, rel: str, offset: int, max_bytes: int, over: bool,
               state: JobState, final: Optional[bool] = None, **fields: Any) -> LogChunk:
     """A chunk of one log file from ``offset``; ``eof`` once the file will not grow (``over``)
     and is read to its end; ``final`` (default: the job's) once no later attempt will come."""
     try:
-        data, size = backend_for(ctx, location).read(rel, offset, max_bytes)
+        data, size = job_backend(ctx, job, location).read(rel, offset, max_bytes)
+    except LinkRefused as e:  # a job replaced its log (or its log directory) with a link
+        raise HTTPException(status.HTTP_403_FORBIDDEN, f"reading the log: {e}") from None
     except StorageError as e:
         raise HTTPException(status.HTTP_502_BAD_GATEWAY, f"reading the log: {e}") from None
     next_offset = offset + len(data)
@@ -266,17 +298,17 @@ def unit_log(ctx: ServerContext, job: dict[str, Any], spec: JobSpec, logs: str, 
         n, kind, rel_of = trial, "trials", storage_plan.trial_logs
     assert n is not None
     try:
-        latest = storage_plan.past_runs(backend_for(ctx, logs), kind, n).get(n, 1)
+        latest = storage_plan.past_runs(job_backend(ctx, job, logs), kind, n).get(n, 1)
         if item is not None:
-            rec = ItemStore(backend_for(ctx, storage_plan.join(job["job_dir"], "items"))).record(n)
+            rec = ItemStore(job_backend(ctx, job, storage_plan.join(job["job_dir"], "items"))).record(n)
             ended_run = rec.runs if rec is not None else None
         else:
-            r = TrialJournal(backend_for(ctx, storage_plan.join(job["job_dir"], "trials"))).records().get(n)
+            r = TrialJournal(job_backend(ctx, job, storage_plan.join(job["job_dir"], "trials"))).records().get(n)
             ended_run = r.runs if r is not None and r.state in FINAL_STATES else None
     except StorageError as e:
         raise HTTPException(status.HTTP_502_BAD_GATEWAY, f"reading the log: {e}") from None
     unit_over = state.is_final or (ended_run is not None and ended_run >= latest)
     run = run or latest
-    return log_chunk(ctx, logs, f"{rel_of(n, run, rank)}/{stream}.txt", offset, max_bytes,
+    return log_chunk(ctx, job, logs, f"{rel_of(n, run, rank)}/{stream}.txt", offset, max_bytes,
                      unit_over or run < latest, state, final=unit_over,
                      attempt=run, item=item, trial=trial, rank=rank, stream=stream, latest_attempt=latest)
