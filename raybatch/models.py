@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from raybatch.runtime.protocol import ItemCounts, Phase, Staging
 from raybatch.spec.job import JobSpec
@@ -14,6 +14,8 @@ from raybatch.state.states import JobState
 
 
 class SubmitRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a field the server does not know is a mistake, not ignored
+
     spec: JobSpec
     code_package: Optional[str] = Field(
         None, pattern=r"^[0-9a-f]{64}$",
@@ -33,6 +35,8 @@ class SubmitRequest(BaseModel):
 
 
 class BatchSubmitRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     jobs: list[SubmitRequest] = Field(min_length=1, max_length=1000,
                                       description="Queued whole or not at all, in this order.")
 

@@ -322,3 +322,82 @@ def test_the_audit_log_is_written_in_the_background_and_its_thread_ends_when_idl
     audit.record(None, None, "PUT", "/x", None, 201)
     audit.flush()
     assert len(store.audit()) == 2
+
+
+# ---- the review's findings: no way around the workspace of a submit ------------------------------
+def test_a_decoy_jobs_key_does_not_choose_the_workspace_checked(api):
+    """A single submit with a "jobs" key was read as a batch by the access rule (no
+    workspace found, so any contributor passed) while the route queued spec.workspace."""
+    eve = make_token(api, "eve", "nlp", "contributor")
+    for body in ({"jobs": [], **spec("pwn", "vision")},
+                 {"jobs": [spec("x", "nlp")], **spec("pwn", "vision")}):
+        r = api.post("/api/v1/jobs", json=body, headers=as_(eve))
+        assert r.status_code in (403, 422), (r.status_code, r.text)
+    assert not [j for j in api.get("/api/v1/jobs").json() if j["name"] == "pwn"]
+    r = api.post("/api/v1/jobs", json={"extra": 1, **spec("ok", "nlp")}, headers=as_(eve))
+    assert r.status_code == 422 and "extra" in r.text  # an unknown field is refused, not ignored
+
+
+def test_a_job_names_no_other_jobs_directory_and_reads_only_its_workspaces_jobs(api, tmp_path):
+    """An output in the jobs root made the server serve every job's files, of every workspace."""
+    root = api.ctx.jobs_root
+    alice = make_token(api, "alice", "vision", "contributor")
+    eve = make_token(api, "eve", "nlp", "contributor")
+    theirs = api.post("/api/v1/jobs", json=spec("model", "vision"), headers=as_(alice)).json()
+    mine = api.post("/api/v1/jobs", json=spec("mine", "nlp"), headers=as_(eve)).json()
+    for field, value in (("outputs", {"o": {"path": root}}), ("outputs", {"o": {"path": theirs["job_dir"]}}),
+                         ("outputs", {"o": {"path": mine["job_dir"] + "/x"}}), ("output_root", root + "/default"),
+                         ("inputs", {"m": {"path": theirs["job_dir"] + "/outputs"}}), ("inputs", {"m": {"path": root}})):
+        r = api.post("/api/v1/jobs", json=spec("steal", "nlp", **{field: value}), headers=as_(eve))
+        assert r.status_code == 400 and "jobs directory" in r.json()["detail"] or "another workspace" in r.text, \
+            (field, value, r.status_code, r.text)
+    # a pipeline's next step reads a job of its own workspace (the batch-scoring recipe's model)
+    ok = api.post("/api/v1/jobs", json=spec("next", "nlp", inputs={"m": {"path": mine["job_dir"] + "/outputs"}}),
+                  headers=as_(eve))
+    assert ok.status_code == 201, ok.text
+    # '..' cannot make a path look like it is below a shared datastore
+    r = api.post("/api/v1/jobs", json=spec("dots", "nlp", outputs={"o": {"path": f"{tmp_path}/shared/../vision-data"}}),
+                 headers=as_(eve))
+    assert r.status_code in (400, 422) and "'..'" in r.text, r.text
+
+
+def test_resume_from_and_key_vaults_stay_in_the_workspace(api):
+    alice = make_token(api, "alice", "vision", "contributor")
+    eve = make_token(api, "eve", "nlp", "contributor")
+    arr = {"array": {"values": ["a", "b"]}, "command": "echo ${{item}}"}
+    theirs = api.post("/api/v1/jobs", json=spec("arr", "vision", **arr), headers=as_(alice)).json()
+    api.post(f"/api/v1/jobs/{theirs['id']}/cancel", headers=as_(alice))
+    r = api.post("/api/v1/jobs", json=spec("again", "nlp", array={"values": ["a", "b"], "resume_from": theirs["id"]},
+                          command="echo ${{item}}"),
+                 headers=as_(eve))
+    assert r.status_code == 400 and "another workspace" in r.json()["detail"], r.text
+    # the server reads Key Vault with its own identity: only the vaults policy.yaml gives a workspace
+    kv = {"secrets": {"DB": {"keyvault": "visionkv/db-password"}}}
+    r = api.post("/api/v1/jobs", json=spec("kv", "nlp", **kv), headers=as_(eve))
+    assert r.status_code == 400 and "may name no Key Vault" in r.json()["detail"], r.text
+    r = api.post("/api/v1/jobs", json=spec("kv", "nlp", secrets={"DB": {"keyvault": "https://169.254.169.254/secrets/x"}}),
+                 headers=as_(eve))
+    assert r.status_code == 422 and "not a Key Vault host" in r.text, r.text
+    assert api.ctx.scheduler.policy.vault_problem("nlp", "nlpkv") is not None
+    from raybatch.spec.policy import SchedulerPolicy
+
+    policy = SchedulerPolicy.model_validate({"key_vaults": {"nlp": ["nlpkv"]}})
+    assert policy.vault_problem("nlp", "NLPKV") is None and "not one of" in policy.vault_problem("nlp", "visionkv")
+    assert policy.vault_problem("default", "anykv") is None  # a one-team server: 'default' unlisted is any
+    # nobody else may call themselves the server owner in the audit log
+    r = api.post("/api/v1/admin/tokens", json={"user": "owner", "workspace": "nlp", "role": "reader"})
+    assert r.status_code == 400 and "owner token" in r.text, r.text
+
+
+def test_a_workspace_container_is_its_own_also_through_a_shared_account_key():
+    """abfs://<vision's container>@<account> matched the shared datastore of the same account,
+    whose key then opened vision's container for any workspace."""
+    from raybatch.storage.datastores import Datastores, DatastoresFile
+
+    ds = Datastores(DatastoresFile.model_validate({"datastores": {
+        "a-shared": {"url": "az://public", "account": "teamacct", "credential": {"account_key": {"env": "K"}}},
+        "vision": {"url": "az://vision-private/data", "account": "teamacct", "workspace": "vision",
+                   "credential": {"account_key": {"env": "K"}}}}}))
+    assert ds.owner_of("abfs://vision-private@teamacct.dfs.core.windows.net/data/x") == ("vision", "vision")
+    assert ds.owner_of("abfs://vision-private@teamacct.dfs.core.windows.net/other") is None  # outside its path
+    assert ds.owner_of("abfs://public@teamacct.dfs.core.windows.net/x") is None

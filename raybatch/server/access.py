@@ -272,7 +272,7 @@ class Access:
                 return
             # no such job: the route answers 404 to whoever may use such a route at all
         elif rule.scope == BODY:
-            spaces = await body_workspaces(request)
+            spaces = await body_workspaces(request, batch=request.url.path.endswith("/batch"))
             if spaces:
                 request.state.workspace = spaces[0] if len(spaces) == 1 else ",".join(spaces)
                 for ws in spaces:
@@ -285,16 +285,19 @@ class Access:
             request.state.workspace = ident.workspace
 
 
-async def body_workspaces(request: Request) -> list[str]:
+async def body_workspaces(request: Request, batch: bool) -> list[str]:
     """The workspaces of the jobs a submit request carries (``spec.workspace``, default
-    'default'), sorted; [] when the body is not what a submit takes (the route answers 422)."""
+    'default'), sorted; [] when the body is not what a submit takes (the route answers 422).
+    Which shape to read comes from the route (``batch``), never from the body: a decoy
+    "jobs" key in a single submit must not choose what is checked. The submit routes check
+    the parsed spec's workspace again (``routes/jobs.admission``)."""
     try:
         body = json.loads(await request.body())
     except (ValueError, UnicodeDecodeError):
         return []
     if not isinstance(body, dict):
         return []
-    items = body.get("jobs") if "jobs" in body else [body]
+    items = body.get("jobs") if batch else [body]
     if not isinstance(items, list):
         return []
     spaces = set()

@@ -119,6 +119,7 @@ async def invalid_request(request: Request, exc: Exception) -> JSONResponse:
 def create_app(ctx: ServerContext, token: str) -> FastAPI:
     registry = TokenRegistry(token, ctx.store)  # the owner token (admin) and the API tokens' hashes
     access, audit = Access(registry, ctx.store, Sessions(registry)), AuditLog(ctx.store)
+    ctx.tokens = registry  # routes that redeem what an identity asked for earlier recheck it (ray-login)
     app = FastAPI(title="raybatch", version=__version__, docs_url=None, redoc_url=None, openapi_url=None,
                   dependencies=[Depends(access)])  # every route: raybatch/server/access.py's rule for it
     app.add_exception_handler(sqlite3.OperationalError, store_unavailable)

@@ -51,19 +51,84 @@ def check_states(state: Optional[list[str]], allowed: tuple[str, ...]) -> None:
 
 def unservable(ctx: ServerContext, job: dict[str, Any], location: str) -> Optional[str]:
     """Why the server must not read this location for a user, or None. It reads the job's
-    own directory, the server's jobs root and datastores: not any path on its machine, nor
-    a storage account through its own identity, just because a job file named them."""
+    own directory and the datastores the job's workspace may use: not any path on its
+    machine, nor another job's directory, nor a storage account through its own identity,
+    just because a job file named them."""
     job_dir = job["job_dir"].rstrip("/")
-    if location == job_dir or location.startswith(job_dir + "/") or ctx.datastores().covers(location):
+    if location == job_dir or location.startswith(job_dir + "/"):
         return None
-    loc = parse_location(location)
-    if loc.is_local:
-        root = parse_location(ctx.jobs_root)
-        if root.is_local and (Path(loc.path) == Path(root.path) or Path(root.path) in Path(loc.path).parents):
-            return None
+    datastores = ctx.datastores()
+    try:
+        owner = datastores.owner_of(location)
+    except (LocationError, ValueError):
+        owner = None
+    if owner is not None and owner[1] != (job.get("workspace") or "default"):
+        return f"{location} is in datastore '{owner[0]}' of another workspace: the server does not serve it"
+    if in_jobs_root(ctx, location):
+        return (f"{location} is in the server's jobs directory but not this job's: the server serves a job's "
+                "own directory only")
+    if datastores.covers(location):
+        return None
+    if parse_location(location).is_local:
         return (f"{location} is outside the job's directory and every datastore: the server does not "
                 "serve it (define a datastore for it, or read it on a node)")
     return f"{location} is in a storage account no datastore describes: the server does not read it"
+
+
+def _jobs_root_parts(ctx: ServerContext, location: str) -> Optional[tuple[str, ...]]:
+    """The parts of the location below the server's jobs root (() for the root itself), or
+    None when it is not in the jobs root. Job directories are <root>/<experiment>/<job id>."""
+    try:
+        loc, root = parse_location(location), parse_location(ctx.jobs_root)
+    except (LocationError, ValueError):
+        return None
+    if loc.is_local and root.is_local:
+        p, r = Path(loc.path), Path(root.path)
+        return p.relative_to(r).parts if p == r or r in p.parents else None
+    if loc.kind == "blob" and root.kind == "blob" and loc.container == root.container \
+            and loc.account in (None, root.account):
+        base, path = root.path.strip("/"), loc.path.strip("/")
+        if not base or path == base or path.startswith(base + "/"):
+            return tuple(p for p in path[len(base):].split("/") if p)
+    return None
+
+
+def in_jobs_root(ctx: ServerContext, location: str) -> bool:
+    """Is the location the server's jobs root or below it (where every job's directory is)?"""
+    return _jobs_root_parts(ctx, location) is not None
+
+
+def local_location_problems(ctx: ServerContext, spec: JobSpec) -> list[str]:
+    """At submit, places in the server's jobs root (every job's directory): a job writes
+    only its own directory, which the server assigns (so no output, output_root or
+    checkpoint location may point there), and reads another job's files (its inputs,
+    array.over: a pipeline's next step) only when that job is of its own workspace."""
+    writes = [(f"outputs.{i}.path", o.path) for i, o in spec.outputs.items() if o.path]
+    if spec.output_root:
+        try:
+            same = parse_location(spec.output_root) == parse_location(ctx.jobs_root)
+        except (LocationError, ValueError):
+            same = False
+        if not same:
+            writes.append(("output_root", spec.output_root))
+    reads = [(f"inputs.{i}.path", inp.path) for i, inp in spec.inputs.items() if inp.mode != "upload"]
+    if spec.array is not None and spec.array.over:
+        reads.append(("array.over", spec.array.base))
+    problems = [f"{name}: {text} is in the server's jobs directory ({ctx.jobs_root}), where other jobs' files "
+                "are; a job's own directory is assigned by the server (outputs without a path go there)"
+                for name, text in writes if text and in_jobs_root(ctx, text)]
+    for name, text in reads:
+        parts = _jobs_root_parts(ctx, text) if text else None
+        if parts is None:
+            continue
+        other = ctx.store.get_job(parts[1]) if len(parts) >= 2 else None
+        if other is None or Path(other["job_dir"]).name != parts[1]:
+            problems.append(f"{name}: {text} is in the server's jobs directory but not in a job's directory: "
+                            "name a job's files (<jobs root>/<experiment>/<job id>/...)")
+        elif (other.get("workspace") or "default") != spec.workspace:
+            problems.append(f"{name}: {text} is a file of job {parts[1]}, of another workspace: a job reads "
+                            f"only its own workspace's ('{spec.workspace}') jobs")
+    return problems
 
 
 def backend_for(ctx: ServerContext, location: str) -> Backend:

@@ -187,6 +187,8 @@ class TokenRegistry:
         """A new token: (the token, shown once; its stored row, without the hash)."""
         if not USER_RE.fullmatch(user):
             raise ValueError(f"user: {user!r}: use 1-128 letters, digits, '-', '_', '.', '@'")
+        if user == OWNER_USER:  # the owner token's name in the audit log: nobody else's
+            raise ValueError(f"user: '{OWNER_USER}' is the server owner token's name; choose another")
         if role is Role.admin:
             workspace = ALL_WORKSPACES
         elif not WORKSPACE_RE.fullmatch(workspace):

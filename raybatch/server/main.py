@@ -205,7 +205,9 @@ def main(argv: list[str] | None = None) -> None:
     loop = threading.Thread(target=scheduler.run_forever, name="scheduler", daemon=True)
     loop.start()
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", **tls)
+        # proxy_headers off: uvicorn would otherwise take X-Forwarded-For/-Proto from any
+        # loopback client (every user of the SSH tunnel), forging the audit log's address
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", proxy_headers=False, **tls)
     finally:
         scheduler.stop()
         loop.join(timeout=5)

@@ -72,6 +72,14 @@ class Location:
         return self.uri
 
 
+def _local(text: str, path: str) -> Location:
+    """A local path, without '..' parts: which datastore (and workspace) a path belongs to is
+    decided on its text, so '/data/b/../a' must not pass for a path below '/data/b'."""
+    if ".." in Path(path).parts:
+        raise LocationError(f"'{text}': '..' is not allowed in a location; give the path without it")
+    return Location("local", path)
+
+
 def parse(text: str) -> Location:
     """Parse a location string; :class:`LocationError` names what is wrong."""
     if not isinstance(text, str) or not text.strip():
@@ -79,7 +87,7 @@ def parse(text: str) -> Location:
     text = text.strip()
     if "://" not in text:
         if text.startswith("~") or text.startswith("/"):
-            return Location("local", str(Path(text).expanduser()))
+            return _local(text, str(Path(text).expanduser()))
         raise LocationError(
             f"'{text}' is a relative path; use an absolute path (or ~/...), az://container/path, "
             "or datastore://name/path"
@@ -89,7 +97,7 @@ def parse(text: str) -> Location:
     if scheme == "file":
         if url.netloc not in ("", "localhost"):
             raise LocationError(f"'{text}': file:// URLs name no host; use file:///absolute/path")
-        return Location("local", str(Path(url.path or "/")))
+        return _local(text, str(Path(url.path or "/")))
     if scheme == "az":
         container, _, account = url.netloc.partition("@")
         return _blob(text, container, account.split(".")[0] if account else None, url.path)

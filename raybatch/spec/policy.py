@@ -15,6 +15,8 @@ Workspaces contain experiments contain jobs. A job of a workspace other than 'de
 grouped by its workspace (its quota and fair-share weight: ``workspaces``); a job of the
 'default' workspace by its experiment, as before workspaces (``quotas``).
     allow_pip_sources: false  # packages.pip: only named requirements (no paths, URLs, VCS, options)
+    key_vaults:           # the Key Vaults whose secrets a workspace's jobs may name (read by the server's identity)
+      nlp: [nlp-kv]       # a workspace not listed: none; 'default' not listed: any (a one-team server)
 """
 
 from __future__ import annotations
@@ -73,6 +75,23 @@ class SchedulerPolicy(BaseModel):
     workspaces: dict[str, QuotaSpec] = Field(
         default_factory=dict, description="Per workspace other than 'default' (whose jobs use `quotas`)."
     )
+    key_vaults: dict[str, list[str]] = Field(
+        default_factory=dict, description="Workspace -> the Key Vault names its jobs' secrets may reference: the "
+        "server reads them with its own identity, so a workspace must not name another's vault. A workspace not "
+        "listed may name none; 'default', when not listed, any.")
+
+    def vault_problem(self, workspace: str, vault: str) -> Optional[str]:
+        """Why a job of ``workspace`` may not read secrets from Key Vault ``vault``, or None."""
+        allowed = self.key_vaults.get(workspace)
+        if allowed is None:
+            if workspace == DEFAULT_GROUP:
+                return None
+            return (f"workspace '{workspace}' may name no Key Vault: a cluster admin lists its vaults in "
+                    f"policy.yaml (key_vaults: {{{workspace}: [<vault>]}})")
+        if vault.lower() not in {v.lower() for v in allowed}:
+            return (f"Key Vault '{vault}' is not one of workspace '{workspace}''s "
+                    f"({', '.join(allowed) or 'none'}; policy.yaml key_vaults)")
+        return None
 
     @field_validator("workspaces")
     @classmethod

@@ -74,6 +74,14 @@ class SecretRef(BaseModel):
 SecretValue = Union[SecretStr, SecretRef]
 
 
+VAULT_DOMAINS = (".vault.azure.net", ".vault.azure.cn", ".vault.usgovcloudapi.net", ".vault.microsoftazure.de")
+
+
+def vault_name(ref: str) -> str:
+    """The vault's name of a reference ('myvault' of 'myvault/secret' or its URL)."""
+    return urlparse(parse_keyvault(ref)[0]).netloc.split(".")[0].lower()
+
+
 def parse_keyvault(ref: str) -> tuple[str, str, Optional[str]]:
     """(vault URL, secret name, version or None) of a Key Vault reference; ValueError
     naming the accepted forms."""
@@ -83,6 +91,11 @@ def parse_keyvault(ref: str) -> tuple[str, str, Optional[str]]:
         parts = [p for p in u.path.split("/") if p]
         if u.scheme != "https" or not u.netloc or len(parts) not in (2, 3) or parts[0] != "secrets":
             raise ValueError(f"keyvault: '{ref}' is not a Key Vault secret URL; use {KEYVAULT_HELP}")
+        host = u.netloc.lower()
+        # the server calls this host with its own identity: Key Vault's, nothing else
+        if u.username or u.password or u.port or not host.endswith(VAULT_DOMAINS) \
+                or not re.fullmatch(r"[a-z0-9-]{3,24}", host.split(".")[0]):
+            raise ValueError(f"keyvault: '{ref}' is not a Key Vault host (<vault>{', <vault>'.join(VAULT_DOMAINS)})")
         return f"https://{u.netloc}", parts[1], parts[2] if len(parts) == 3 else None
     parts = ref.split("/")
     if len(parts) not in (2, 3) or not all(parts) or not re.fullmatch(r"[A-Za-z0-9-]{3,24}", parts[0]):

@@ -286,7 +286,18 @@ class Datastores:
             found = self._datastore_of(loc)
         except LocationError:
             return None  # check() reports it
-        return (found[0], found[1].workspace) if found and found[1].workspace else None
+        if found and found[1].workspace:
+            return found[0], found[1].workspace
+        if loc.kind == "blob" and found is not None:
+            # reached through a shared datastore's credential (its account's, or the default's):
+            # still a workspace's if one of its datastores describes this container and path
+            account = found[1].account
+            for name, ds in sorted(self.spec.datastores.items()):
+                base = ds.location
+                if ds.workspace and base.kind == "blob" and ds.account == account \
+                        and base.container == loc.container and _below(loc.path, base.path):
+                    return name, ds.workspace
+        return None
 
     def workspace_problems(self, spec: Any) -> list[str]:
         """A job may name only its own workspace's datastores (and shared ones): one problem
@@ -435,3 +446,9 @@ class DatastoresFileWatcher:
                     except SpecError as e:
                         self.error = str(e)
             return self._current
+
+
+def _below(path: str, base: str) -> bool:
+    """Is blob path ``path`` ``base`` or below it (both without a leading '/')?"""
+    path, base = path.strip("/"), base.strip("/")
+    return not base or path == base or path.startswith(base + "/")

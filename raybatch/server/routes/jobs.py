@@ -18,11 +18,13 @@ from raybatch.runtime.environment import pip_problems
 from raybatch.runtime.protocol import Phase
 from raybatch.runtime.secrets import SecretBox, split_for_store
 from raybatch.runtime.items import ItemStore
-from raybatch.server.access import visible_workspaces
-from raybatch.server.common import array_spec, job_backend, job_or_404, sweep_spec
+from raybatch.server.access import require, visible_workspaces
+from raybatch.server.common import array_spec, job_backend, job_or_404, local_location_problems, sweep_spec
+from raybatch.server.identity import Role
 from raybatch.server.routes.dashboard import job_page, ray_of
 from raybatch.server.submit_warnings import SubmitWarnings
 from raybatch.spec.job import JobSpec, split_package
+from raybatch.spec.secrets import SecretRef, vault_name
 from raybatch.state.states import InvalidTransition, JobState
 from raybatch.state.store import StoreBusy
 from raybatch.storage import plan as storage_plan
@@ -93,6 +95,8 @@ def job_detail(ctx: ServerContext, job: dict[str, Any]) -> JobDetail:
 def admission(ctx: ServerContext, req: SubmitRequest, where: str = "") -> dict[str, Any]:
     """Check a submission; the store's keyword arguments for it."""
     spec = req.spec
+    # the access rule read the workspace from the raw body; this is the spec that is queued
+    require(Role.contributor, spec.workspace)
     if req.code_package and not has_package(ctx.code_root, req.code_package):
         raise HTTPException(status.HTTP_400_BAD_REQUEST,
                             f"{where}code package {req.code_package} was not uploaded")
@@ -112,14 +116,20 @@ def admission(ctx: ServerContext, req: SubmitRequest, where: str = "") -> dict[s
         raise HTTPException(status.HTTP_400_BAD_REQUEST, f"{where}this job can never run: {never}")
     problems = storage_plan.check_locations(spec, spec.output_root, ctx.datastores())
     problems += ctx.datastores().workspace_problems(spec)
+    problems += local_location_problems(ctx, spec)
     # paths/URLs/VCS/options only if the policy allows them; index credentials never
     problems += pip_problems(spec, ctx.scheduler.policy.allow_pip_sources)
     if spec.array is not None and spec.array.resume_from:
-        problems += resume_problems(ctx, spec.array.resume_from)
+        problems += resume_problems(ctx, spec.array.resume_from, spec.workspace)
     try:  # a deadline already past, or too close for runtime_estimate
         deadline_at = spec.deadline_at(time.time())
     except ValueError as e:
         problems.append(str(e))
+    for name, ref in spec.secrets.items():  # the server reads Key Vault with its own identity
+        why = (ctx.scheduler.policy.vault_problem(spec.workspace, vault_name(ref.keyvault))
+               if isinstance(ref, SecretRef) and ref.keyvault is not None else None)
+        if why:
+            problems.append(f"secrets.{name}: {why}")
     secret_values, problem = split_for_store(spec, {k: v.get_secret_value() for k, v in req.secrets.items()})
     if problem:
         problems.append(problem)
@@ -142,12 +152,16 @@ def secret_box(ctx: ServerContext) -> SecretBox:
     return box
 
 
-def resume_problems(ctx: ServerContext, job_id: str) -> list[str]:
-    """Can an array job resume this one? It must be an array job that is not running:
-    an item never runs twice at once."""
+def resume_problems(ctx: ServerContext, job_id: str, workspace: str) -> list[str]:
+    """Can an array job resume this one? It must be an array job of the same workspace
+    (its items and results are that workspace's) that is not running: an item never runs
+    twice at once."""
     old = ctx.store.get_job(job_id)
     if old is None:
         return [f"array.resume_from: no job with id '{job_id}'"]
+    if (old.get("workspace") or "default") != workspace:
+        return [f"array.resume_from: {job_id} is a job of another workspace; a job resumes only one of its own "
+                f"workspace ('{workspace}')"]
     if JobSpec.model_validate_json(old["spec"]).array is None:
         return [f"array.resume_from: {job_id} is not an array job"]
     state = JobState(old["state"])
