@@ -154,6 +154,19 @@ def test_requirements_check_says_no_only_when_pip_is_sure():
     ("file:///srv/pkg-1.0-py3-none-any.whl", "is a URL"),
     ("http://files.example.com/pkg-1.0-py3-none-any.whl", "is a URL"),
     ("pkg-1.0-py3-none-any.whl", "is a local path or archive"),
+    # pip cuts off extras and a marker and installs what is left as a file, for any of its archive
+    # extensions (pip's install_req_from_line gives a file:// link for each of these)
+    ("x.tar.gz[a]", "is a local path or archive"),
+    ("x.whl[foo]", "is a local path or archive"),
+    ('x.zip[a]; python_version>"3"', "is a local path or archive"),
+    ("x.WHL ; sys_platform == 'linux'", "is a local path or archive"),
+    ("x.tar.lz", "is a local path or archive"),
+    ("x.tbz", "is a local path or archive"),
+    ("x.txz", "is a local path or archive"),
+    ("x.tlz", "is a local path or archive"),
+    ("x.tar.lzma", "is a local path or archive"),
+    # pip would look x.whl up by name, but no project is named like an archive: refused all the same
+    ("x.whl[a]>=1", "is a local path or archive"),
     ("numpy=1.0", "is not a requirement"),
 ])
 def test_pip_sources_and_options_are_refused_unless_the_policy_allows_them(item, what):

@@ -21,6 +21,7 @@ import io
 import os
 import re
 import shutil
+import struct
 import time
 import uuid
 import zipfile
@@ -112,17 +113,54 @@ def has_package(code_root: str | Path, sha: str) -> bool:
 
 
 def open_package(file: str | Path | io.BufferedIOBase, max_entries: int = MAX_ZIP_ENTRIES) -> zipfile.ZipFile:
-    """The zip, its entry count checked from the end record before ``ZipFile`` reads the
-    central directory (a 500 MiB zip of empty entries would otherwise be millions of
-    ZipInfo objects in memory first). BadZipFile, or CodePackageTooLarge."""
+    """The zip, its entries counted before ``ZipFile`` reads the central directory (a
+    500 MiB zip of empty entries would otherwise be millions of ZipInfo objects in memory
+    first). BadZipFile, or CodePackageTooLarge."""
     with open(file, "rb") if isinstance(file, (str, Path)) else _keep_open(file) as f:
-        end = zipfile._EndRecData(f)  # type: ignore[attr-defined]  # stable since Python 2
+        _count_entries(f, max_entries)
+    return zipfile.ZipFile(file)
+
+
+_CENTRAL_HEADER = struct.Struct("<4s24xHHH12x")  # signature; name, extra, comment lengths at 28/30/32
+_CENTRAL_SIGNATURE = b"PK\x01\x02"
+
+
+def _count_entries(f: io.BufferedIOBase, max_entries: int) -> int:
+    """The number of entries ``ZipFile`` would read, at most ``max_entries`` (else
+    CodePackageTooLarge), by walking the central directory's file headers. The end
+    record's entry count is not enough: ``ZipFile`` ignores it and reads headers for as
+    many bytes as the end record's directory size says, so an end record saying 1 entry
+    can front a directory of a million. The walk starts where ``ZipFile`` starts
+    (``_RealGetContents``: the end record's location less the directory's size, and less
+    the zip64 records when ``_EndRecData`` found them) and reads 46 bytes per entry."""
+    end = zipfile._EndRecData(f)  # type: ignore[attr-defined]  # stable since Python 2; reads zip64 too
     if end is None:
         raise zipfile.BadZipFile("File is not a zip file")
-    count = end[zipfile._ECD_ENTRIES_TOTAL]  # type: ignore[attr-defined]
-    if count > max_entries:
-        raise CodePackageTooLarge(f"package has {count} entries, more than the limit of {max_entries}")
-    return zipfile.ZipFile(file)
+    claimed = end[zipfile._ECD_ENTRIES_TOTAL]  # type: ignore[attr-defined]
+    if claimed > max_entries:  # an honest count: refused without the walk
+        raise CodePackageTooLarge(f"package has {claimed} entries, more than the limit of {max_entries}")
+    size = end[zipfile._ECD_SIZE]  # type: ignore[attr-defined]
+    start = end[zipfile._ECD_LOCATION] - size  # type: ignore[attr-defined]
+    if end[zipfile._ECD_SIGNATURE] == zipfile.stringEndArchive64:  # type: ignore[attr-defined]
+        start -= zipfile.sizeEndCentDir64 + zipfile.sizeEndCentDir64Locator  # type: ignore[attr-defined]
+    if start < 0:
+        raise zipfile.BadZipFile("Bad offset for central directory")
+    f.seek(start)
+    count = walked = 0
+    while walked < size:
+        if count == max_entries:
+            raise CodePackageTooLarge(
+                f"package has at least {max_entries + 1} entries, more than the limit of {max_entries}")
+        head = f.read(_CENTRAL_HEADER.size)
+        if len(head) != _CENTRAL_HEADER.size:
+            raise zipfile.BadZipFile("Truncated central directory")
+        signature, name, extra, comment = _CENTRAL_HEADER.unpack(head)
+        if signature != _CENTRAL_SIGNATURE:
+            raise zipfile.BadZipFile("Bad magic number for central directory")
+        f.seek(name + extra + comment, io.SEEK_CUR)
+        walked += _CENTRAL_HEADER.size + name + extra + comment
+        count += 1
+    return count
 
 
 class _keep_open:

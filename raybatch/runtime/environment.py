@@ -110,7 +110,13 @@ _URL_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^\s/@'\"]+@")
 _USERINFO = re.compile(r"(?i)\b[a-z][a-z0-9+.-]*://([^\s/@'\"]+)@")
 _ENV_REFS = re.compile(r"(?:\$\{[A-Za-z_][A-Za-z0-9_]*\}|:)+")
 _VCS = ("git+", "hg+", "svn+", "bzr+")
-_ARCHIVES = (".whl", ".tar.gz", ".tgz", ".zip", ".tar.bz2", ".tar.xz", ".tar")
+# What pip installs as a local file when a requirement ends in it (its extras and marker
+# aside: `x.tar.gz[a]; python_version > "3"` is the file x.tar.gz): a copy of pip's
+# pip._internal.utils.filetypes.ARCHIVE_EXTENSIONS (pip 26.3; it includes WHEEL_EXTENSION,
+# ".whl"), copied rather than imported as pip's internals may move between versions.
+_ARCHIVES = (".zip", ".whl", ".tar.bz2", ".tbz", ".tar.gz", ".tgz", ".tar", ".tar.xz", ".txz", ".tlz",
+             ".tar.lz", ".tar.lzma")
+_TRAILING_EXTRAS = re.compile(r"\[[^\]]*\]\s*$")
 _SECRET_PARAM = re.compile(r"(?i)([?&](?:sig|token|access_token|api_key|key|password|secret)=)[^&\s'\"]+")
 _SECRET_ENV = re.compile(r"(?i)\b([A-Z0-9_]*(?:TOKEN|PASSWORD|SECRET|ACCOUNT_KEY)[A-Z0-9_]*=)\S+")
 
@@ -147,11 +153,13 @@ def source_problem(item: str) -> Optional[str]:
     shown = redact(item)
     if item.startswith("-"):
         return f"'{shown}' is a pip option ({item.split()[0]})"
-    if "://" not in item and item.split(";")[0].strip().lower().endswith(_ARCHIVES):  # pip: `x.whl` is a file
-        return f"'{shown}' is a local path or archive"
     try:
-        req = Requirement(item)
+        req: Optional[Requirement] = Requirement(item)
     except InvalidRequirement:
+        req = None
+    if "://" not in item and _is_archive(item, req.name if req is not None else None):  # pip: `x.whl` is a file
+        return f"'{shown}' is a local path or archive"
+    if req is None:
         low = item.lower()
         if low.startswith(_VCS):
             return f"'{shown}' is a VCS requirement"
@@ -163,6 +171,14 @@ def source_problem(item: str) -> Optional[str]:
     if req.url:
         return f"'{shown}' names its source ({'VCS' if req.url.lower().startswith(_VCS) else 'URL'}: name @ ...)"
     return None
+
+
+def _is_archive(item: str, name: Optional[str]) -> bool:
+    """Does pip take ``item`` for an archive file? pip cuts the marker (``;``) and the
+    extras (``[...]``) off a line that is not a URL and looks at what is left. The name
+    of the parsed requirement (``name``) is checked too: ``x.whl[a]>=1`` names x.whl."""
+    bare = _TRAILING_EXTRAS.sub("", item.split(";", 1)[0].strip()).strip()
+    return any(n.lower().endswith(_ARCHIVES) for n in (bare, name) if n)
 
 
 def pip_problems(spec: JobSpec, allow_sources: bool = False) -> list[str]:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, HTTPException, Request, status
+from starlette.concurrency import run_in_threadpool
 
 from raybatch.config import max_upload_input_bytes
 from raybatch.runtime.code import (
@@ -66,7 +67,8 @@ def router(ctx: ServerContext) -> APIRouter:
 
 async def _receive(root: Path, sha: str, request: Request, limit: int, what: str) -> dict[str, Any]:
     """Stream the body to a temporary file beside the store, never more than ``limit``
-    bytes (a larger Content-Length is refused before a byte is read), then ``_keep`` it."""
+    bytes (a larger Content-Length is refused before a byte is read), then ``_keep`` it
+    (in a worker thread)."""
     mib = f"{limit / 2**20:.4g} MiB"
     try:
         declared = int(request.headers.get("content-length") or 0)
@@ -89,7 +91,9 @@ async def _receive(root: Path, sha: str, request: Request, limit: int, what: str
                 f.write(chunk)
         if digest.hexdigest() != sha:
             raise HTTPException(status.HTTP_400_BAD_REQUEST, "sha256 of the body does not match the URL")
-        return _keep(root, sha, tmp, limit, what)
+        # the zip checks read the file (up to MAX_ZIP_ENTRIES headers, and the sizes):
+        # in a worker thread, so a big upload never holds up the server's event loop
+        return await run_in_threadpool(_keep, root, sha, tmp, limit, what)
     finally:
         tmp.unlink(missing_ok=True)
 
