@@ -7,6 +7,8 @@ import os
 import signal
 import stat
 import socket
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -144,6 +146,7 @@ def test_the_agent_server_refuses_a_connection_without_the_attempts_key(monkeypa
 
     server = mpi_agent.AgentServer(path, {"rbh-1": {"actor": Actor, "env": {}, "cwd": None, "log_dir": "/x"}},
                                    own_uts=False)
+    server.expect_session(os.getsid(0))  # as if this test's process were rank 0's mpirun
     try:
         root = os.path.dirname(os.path.dirname(path))  # <tmp>/raybatch-<uid>/mpi/<x>.sock
         assert root.endswith(f"raybatch-{os.getuid()}")
@@ -170,3 +173,50 @@ def test_the_agent_server_refuses_a_connection_without_the_attempts_key(monkeypa
     finally:
         server.close()
     assert not os.path.exists(path) and not os.path.exists(mpi_agent.key_file(path))
+
+
+ASK = ("import json, socket, sys; c = socket.socket(socket.AF_UNIX); c.connect(sys.argv[1]); "
+       "c.sendall(sys.argv[2].encode() + b'\\n'); print(c.makefile().readline(), end='')")
+
+
+def ask_from_child(path: str, request: dict, new_session: bool) -> dict:
+    """Ask from another process: in this process's session, or in a session of its own (as
+    another job's rank is: each rank's process is started with start_new_session=True)."""
+    out = subprocess.run([sys.executable, "-c", ASK, path, json.dumps(request)], capture_output=True,
+                         text=True, timeout=30, start_new_session=new_session)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def test_the_agent_server_serves_only_rank0s_session_even_with_the_key():
+    """Another job of the same user can read the 0600 key file; its processes are in their
+    own rank's session, not in rank 0's, so the server refuses them (SO_PEERCRED)."""
+    path = agent_socket("jsess", 1)
+    ran = []
+
+    class Actor:
+        class exec_start:  # noqa: N801
+            @staticmethod
+            def remote(*a):
+                ran.append(a)
+                raise RuntimeError("ran")
+
+    server = mpi_agent.AgentServer(path, {"rbh-1": {"actor": Actor, "env": {}, "cwd": None, "log_dir": "/x"}},
+                                   own_uts=False)
+    try:
+        request = {"host": "rbh-1", "command": "prted", "key": server.key}
+        # rank 0's process has not started yet: nobody's session is served
+        answer = ask(path, request)
+        assert answer["exit"] == 255 and answer["error"].startswith("refused: the connecting process"), answer
+        server.expect_session(os.getsid(0))  # rank 0's process: this test's session
+        answer = ask_from_child(path, request, new_session=True)  # another job's rank, with the key
+        assert answer["exit"] == 255 and "not in rank 0's process session" in answer["error"], answer
+        assert ran == []
+        answer = ask_from_child(path, request, new_session=False)  # mpirun's agent: rank 0's session
+        assert len(ran) == 1 and "RuntimeError: ran" in answer["error"], answer
+        # the right session without the key is still refused
+        answer = ask_from_child(path, {**request, "key": "0" * 64}, new_session=False)
+        assert answer["error"].startswith("refused: the request does not carry"), answer
+        assert len(ran) == 1
+    finally:
+        server.close()

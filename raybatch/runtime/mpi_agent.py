@@ -14,7 +14,16 @@ and every request carries the attempt's key, a random secret the server writes 0
 beside its socket (``<socket>.key``) and names in rank 0's environment
 (``RAYBATCH_MPI_AGENT_KEY_FILE``, what mpirun's agents inherit); a connection without it
 is refused (``hmac.compare_digest``). Another process of the same user on the node that
-knows neither path cannot start commands in this attempt's rank actors."""
+knows neither path cannot start commands in this attempt's rank actors.
+
+The key alone does not stop another job of the same user: its ranks run as this uid and
+can read the 0600 key file. So the server also checks who is at the other end of the
+socket (``SO_PEERCRED``): the peer must be in rank 0's process session. Rank 0's process is
+started in a session of its own (``RankActor.start``: ``start_new_session=True``, so its
+session id is its pid), and mpirun and its agents inherit that session; another job's
+processes are in their own rank's session. Until the rank actor names the session
+(``AgentServer.expect_session``, right after it starts rank 0's process) every
+connection is refused."""
 
 from __future__ import annotations
 
@@ -25,11 +34,12 @@ import secrets
 import select
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from raybatch.contract import MPI_AGENT_KEY_ENV as KEY_ENV  # the attempt's key file (rank 0's environment)
 from raybatch.contract import MPI_AGENT_SOCKET_ENV as SOCKET_ENV  # set by the mpi framework on rank 0
@@ -115,17 +125,39 @@ def _write_key(path: str, key: str) -> None:
         f.write(key + "\n")
 
 
+def peer_pid(conn: socket.socket) -> Optional[int]:
+    """The pid of the process at the other end of a Unix socket (``SO_PEERCRED``: the
+    kernel's word, not the peer's), or None if it is not this user's or cannot be told."""
+    try:
+        pid, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                             struct.calcsize("3i")))
+    except (OSError, AttributeError):  # AttributeError: no SO_PEERCRED (not Linux)
+        return None
+    return pid if pid > 0 and uid == os.getuid() else None
+
+
+def session_of(pid: Optional[int]) -> Optional[int]:
+    if pid is None:
+        return None
+    try:
+        return os.getsid(pid)
+    except OSError:  # gone already
+        return None
+
+
 class AgentServer:
     """Serves the agents of one attempt: HOST -> that node's first rank actor; only
-    requests that carry the attempt's key (``self.key``, in ``key_file(path)``)."""
+    requests from a process in rank 0's session (``expect_session``) that carry the
+    attempt's key (``self.key``, in ``key_file(path)``)."""
 
-    def __init__(self, path: str, nodes: dict[str, dict], own_uts: bool):
+    def __init__(self, path: str, nodes: dict[str, dict], own_uts: bool, session: Optional[int] = None):
         from raybatch.private_dir import ensure_private_parents  # noqa: PLC0415
 
         self.path = path
         self.nodes = nodes
         self.own_uts = own_uts
         self.key = secrets.token_hex(32)  # one per attempt: a new server per attempt
+        self.session = session  # rank 0's process session; None: refuse everyone
         ensure_private_parents(path)  # <tmp>/raybatch-<uid>/mpi: created 0700, or checked to be ours
         Path(path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         _write_key(key_file(path), self.key)
@@ -136,6 +168,11 @@ class AgentServer:
         self.sock.listen(64)
         self.closed = False
         threading.Thread(target=self._accept, daemon=True, name="mpi-agent-server").start()
+
+    def expect_session(self, session: int) -> None:
+        """Rank 0's process has started: serve the processes of its session (its pid, as
+        it was started with ``start_new_session=True``)."""
+        self.session = session
 
     def close(self) -> None:
         self.closed = True
@@ -158,6 +195,10 @@ class AgentServer:
         key = request.get("key") if isinstance(request, dict) else None
         return isinstance(key, str) and hmac.compare_digest(key.encode(), self.key.encode())
 
+    def peer_allowed(self, conn: socket.socket) -> bool:
+        """Is the process at the other end in rank 0's session (mpirun's process tree)?"""
+        return self.session is not None and session_of(peer_pid(conn)) == self.session
+
     def _serve(self, conn: socket.socket) -> None:
         with conn:
             try:
@@ -174,6 +215,11 @@ class AgentServer:
                     request = json.loads(data)
                 except ValueError:
                     request = None
+                if not self.peer_allowed(conn):
+                    conn.sendall(json.dumps({"exit": 255, "error": "refused: the connecting process is not in "
+                                             "rank 0's process session (mpirun's process tree)"}).encode()
+                                 + b"\n")
+                    return
                 if not self.allowed(request):
                     conn.sendall(json.dumps({"exit": 255, "error": "refused: the request does not carry this "
                                              f"attempt's key ({KEY_ENV})"}).encode() + b"\n")

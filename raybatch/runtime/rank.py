@@ -192,6 +192,8 @@ class RankActor:
                 self._finish_metrics()
                 raise SpawnError(spawn_words(e, argv, child_env)) from None
         pid = self.proc.pid
+        if self._agent_server is not None:  # rank 0 of an mpi job: serve mpirun's session only
+            self._agent_server.expect_session(pid)  # start_new_session: its session id is its pid
         self._activity[0] = time.monotonic()
         for src, name, mirror in ((self.proc.stdout, "stdout", sys.stdout.buffer),
                                   (self.proc.stderr, "stderr", sys.stderr.buffer)):
