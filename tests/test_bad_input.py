@@ -194,3 +194,53 @@ def test_markup_in_commands_and_paths_and_a_huge_log_offset(server, tmp_path):
     r = httpx.get(url, params={"offset": MAX_LOG_OFFSET}, headers=headers, timeout=30)
     assert r.status_code == 200 and r.json()["data"] == "", r.text
     assert "[/x] [bold]" in httpx.get(url, headers=headers, timeout=30).json()["data"]
+
+
+# ---- durations past any calendar; the web view's times and log offsets ---------------------
+
+def test_wall_clock_and_grace_period_are_bounded():
+    """1e300 s of wall clock made the queue's estimates now + 1e300, and the web queue page a 500."""
+    from raybatch.spec.job import JobSpec
+    from raybatch.spec.loader import parse_job
+
+    def problem(**fields) -> str:
+        with pytest.raises(SpecError) as info:
+            parse_job({"name": "j", "command": "echo", **fields}, check_paths=False)
+        assert len(info.value.problems) == 1, info.value.problems
+        return info.value.problems[0]
+
+    for value in (1e300, "99999999999d", "3651d", 10 * 365 * 86400 + 1):
+        p = problem(max_wall_clock=value)
+        assert p.startswith("max_wall_clock: must be at most 10 years (315360000 s)"), p
+    for value in (1e300, "99999999999d", "2d", 86401):
+        p = problem(max_wall_clock="30d", grace_period=value)
+        assert p.startswith("grace_period: must be at most 1 day (86400 s)"), p
+    spec = JobSpec(name="j", command="echo", max_wall_clock="3650d", grace_period="1d")
+    assert (spec.max_wall_clock, spec.grace_period) == (10 * 365 * 86400, 86400)
+    # a deadline is a time, not a duration the server adds to now: 2e22 s stays allowed
+    spec = JobSpec(name="j", command="echo", deadline=2e22, runtime_estimate="1h")
+    assert spec.deadline == "20000000000000000000000s"
+
+
+def test_web_times_tolerate_any_float():
+    from raybatch.server.web.routes import _dur, _ts
+
+    assert _ts(0) == "" and _ts(None) == ""
+    assert _ts(1_700_000_000) == "2023-11-14 22:13:20Z"
+    for t in (1e300, 2e22, -1e20, float("inf"), float("-inf"), float("nan"), 253402300800.0):
+        assert "(epoch s)" in _ts(t), t
+    assert _dur(float("inf")) == "" and _dur(float("nan")) == "" and _dur(90) == "1m30s"
+
+
+def test_web_log_offset_is_bounded(server):
+    """The web view's log endpoint, like the API's: an offset past MAX_LOG_OFFSET is a 422,
+    not a seek that fails with a 500."""
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        r = http.post("/web/login", data={"token": server.token, "next": "/web/"})
+        assert r.status_code == 303, r.text[:500]
+        assert http.get("/web/").status_code == 200  # the queue page, logged in
+        url = "/web/jobs/no-such-job/logs"
+        for offset in (2**62, MAX_LOG_OFFSET + 1):
+            r = http.get(url, params={"offset": offset})
+            assert r.status_code == 422 and "offset" in r.text, (offset, r.status_code, r.text[:500])
+        assert http.get(url, params={"offset": MAX_LOG_OFFSET}).status_code == 404  # past the bound check

@@ -55,8 +55,8 @@ from raybatch.spec.array import DEFAULT_OUTPUT, ArraySpec
 from raybatch.spec.sweep import PARAM_PLACEHOLDER, SweepSpec
 from raybatch.spec.location import parse as parse_location
 from raybatch.spec import secrets as job_secrets
-from raybatch.spec.units import (DURATION_HELP, SIZE_HELP, duration_text, parse_duration, parse_duration_or_time,
-                                 parse_size)
+from raybatch.spec.units import (DURATION_HELP, MAX_GRACE_PERIOD, MAX_WALL_CLOCK_LIMIT, SIZE_HELP, duration_text,
+                                 parse_bounded_duration, parse_duration, parse_duration_or_time, parse_size)
 
 NAME_PATTERN = r"[-\w]{1,64}"  # matched with re.fullmatch
 ID_PATTERN = r"[A-Za-z_][A-Za-z0-9_]{0,63}"
@@ -463,7 +463,8 @@ class JobSpec(_Strict):
         f"job runs ({DURATION_HELP}); logs are appended every second, and everything once more at the end.",
     )
     max_wall_clock: float = Field(
-        DEFAULT_MAX_WALL_CLOCK, description=f"Maximum wall-clock time of an attempt ({DURATION_HELP})."
+        DEFAULT_MAX_WALL_CLOCK,
+        description=f"Maximum wall-clock time of an attempt ({DURATION_HELP}); at most 10 years.",
     )
     stall_timeout: Optional[float] = Field(
         None, description="Fail an attempt (STALLED) when no rank prints anything for this long "
@@ -472,7 +473,7 @@ class JobSpec(_Strict):
     grace_period: float = Field(
         None, validate_default=True,
         description=f"Time between SIGTERM and SIGKILL on cancel or preemption ({DURATION_HELP}); "
-        "default 30 s (at most max_wall_clock).",
+        "default 30 s (at most max_wall_clock, and at most 1 day).",
     )
     deadline: Optional[str] = Field(
         None, description="Finish by this time: an ISO 8601 time with its time zone ('2030-05-01T18:00:00Z', "
@@ -551,10 +552,15 @@ class JobSpec(_Strict):
             raise ValueError("must be at least 1 s")
         return value
 
-    @field_validator("max_wall_clock", "stall_timeout", mode="before")
+    @field_validator("stall_timeout", mode="before")
     @classmethod
     def _duration(cls, v: Any) -> Optional[float]:
         return None if v is None else parse_duration(v)
+
+    @field_validator("max_wall_clock", mode="before")
+    @classmethod
+    def _max_wall_clock(cls, v: Any) -> float:
+        return parse_bounded_duration(v, MAX_WALL_CLOCK_LIMIT, "10 years")
 
     @field_validator("deadline", mode="before")
     @classmethod
@@ -581,7 +587,7 @@ class JobSpec(_Strict):
     def _grace(cls, v: Any, info: ValidationInfo) -> float:
         if v is None:  # not given: 30 s, or all of a shorter max_wall_clock
             return min(DEFAULT_GRACE_PERIOD, info.data.get("max_wall_clock") or DEFAULT_GRACE_PERIOD)
-        return parse_duration(v)
+        return parse_bounded_duration(v, MAX_GRACE_PERIOD, "1 day")
 
     @field_validator("framework")
     @classmethod

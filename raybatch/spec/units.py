@@ -49,6 +49,22 @@ def parse_duration(value: object) -> float:
     return seconds
 
 
+# Upper bounds of the durations a job's time arithmetic uses (now + max_wall_clock for the
+# queue's estimates, the web view's and CLI's times): anything past them is a typo or an
+# attack, and 1e300 s would overflow every datetime on the way.
+MAX_WALL_CLOCK_LIMIT = 10 * 365 * 86400.0  # 10 years
+MAX_GRACE_PERIOD = 86400.0  # 1 day
+
+
+def parse_bounded_duration(value: object, limit: float, limit_words: str) -> float:
+    """``parse_duration``, at most ``limit`` seconds (``limit_words``: '10 years'); ValueError
+    naming the limit otherwise (the spec's error names the field and the value given)."""
+    seconds = parse_duration(value)
+    if seconds > limit:
+        raise ValueError(f"must be at most {limit_words} ({limit:.0f} s)")
+    return seconds
+
+
 def duration_text(seconds: float) -> str:
     """A duration in seconds as text ``parse_duration`` reads back exactly: ``'1234567s'``,
     ``'1.5s'`` (never an exponent: ``f"{1234567.0:g}"`` is ``'1.23457e+06'``)."""

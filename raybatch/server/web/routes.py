@@ -21,6 +21,7 @@ the lists show only its workspaces' jobs."""
 
 from __future__ import annotations
 
+import math
 import time
 from datetime import datetime, timezone
 from importlib import resources
@@ -37,6 +38,7 @@ from raybatch.server.common import job_or_404
 from raybatch.server.identity import Role
 from raybatch.server.routes import cluster, files, items, jobs, trials
 from raybatch.server.routes.cluster import ESTIMATED_JOBS
+from raybatch.server.routes.jobs import MAX_LOG_OFFSET
 from raybatch.server.web.data import JobList, endpoint, failing_ranks, metric_series
 from raybatch.server.web.session import COOKIE, Sessions, safe_next
 from raybatch.state.states import JobState
@@ -59,11 +61,18 @@ CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' 
 
 
 def _ts(t: Optional[float]) -> str:
-    return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ") if t else ""
+    """Any float: a time past the calendar (a deadline 1e22 s away, an estimate from a job
+    stored before durations were bounded) is shown as a number, never a 500 for the page."""
+    if not t:
+        return ""
+    try:
+        return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+    except (OverflowError, OSError, ValueError):
+        return f"{t:.6g} (epoch s)"
 
 
 def _dur(s: Optional[float]) -> str:
-    if s is None:
+    if s is None or not math.isfinite(s):
         return ""
     s = max(0, int(s))
     if s < 60:
@@ -251,7 +260,8 @@ def router(ctx: ServerContext, sessions: "Sessions | str") -> APIRouter:
     @r.get("/web/jobs/{job_id}/logs")
     def job_logs(request: Request, job_id: str, rank: int = Query(0, ge=0),
                  stream: str = Query("stdout", pattern="^(stdout|stderr)$"),
-                 attempt: Optional[int] = Query(None, ge=1), offset: int = Query(0, ge=0)) -> Any:
+                 attempt: Optional[int] = Query(None, ge=1),
+                 offset: int = Query(0, ge=0, le=MAX_LOG_OFFSET)) -> Any:
         if not sessions.logged_in(request):
             return JSONResponse({"detail": "not logged in: reload the page"}, 401)
         chunk: LogChunk = logs_of(job_id=job_id, rank=rank, stream=stream, attempt=attempt, offset=offset,
