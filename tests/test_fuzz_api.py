@@ -32,6 +32,7 @@ pytestmark = pytest.mark.fuzz
 # RAYBATCH_FUZZ_EXAMPLES=500 RAYBATCH_FUZZ_SEED=<n> pytest tests/test_fuzz_api.py
 EXAMPLES = int(os.environ.get("RAYBATCH_FUZZ_EXAMPLES", "60"))
 EXAMPLES_NO_TOKEN = 8  # without a token most operations stop at the auth check
+EXAMPLES_OTHER = 15    # as another workspace, and the owner on a job with a secret
 SEED = os.environ.get("RAYBATCH_FUZZ_SEED")  # unset: derandomized, the same cases every run
 
 
@@ -52,15 +53,28 @@ def _schema(server: ServerProcess) -> dict:
     return r.json()
 
 
+def _check(case, resp, never: dict[str, str], problems: list[str], statuses: Counter) -> None:
+    """A 5xx, or any of ``never`` (what -> text) in the response: a problem line, with the request."""
+    statuses[resp.status_code] += 1
+    body = "" if isinstance(case.body, NotSet) else f" body={str(case.body)[:300]!r}"
+    where = f"{case.method} {case.formatted_path} query={case.query}{body}"
+    if resp.status_code >= 500:
+        problems.append(f"{resp.status_code} for {where}: {resp.text[:300]}")
+    for what, text in never.items():
+        if text in resp.text or text in str(resp.headers):
+            problems.append(f"{what} in the response to {where}")
+
+
 def _fuzz(server: ServerProcess, headers: dict[str, str], examples: int,
-          job_id: str | None = None, modes: tuple[str, ...] = ("positive", "negative")
-          ) -> tuple[list[str], Counter]:
+          job_id: str | None = None, modes: tuple[str, ...] = ("positive", "negative"),
+          never: dict[str, str] | None = None) -> tuple[list[str], Counter]:
     """Run every operation ``examples`` times (with ``job_id``: only those of one job, with
     that real job's id); the problems found (one line each, with the request) and the
-    statuses answered (status: count). ``modes``: schemathesis' valid requests (positive) and
+    statuses answered (status: count). ``never``: texts no response may hold (what -> text;
+    the owner token always). ``modes``: schemathesis' valid requests (positive) and
     invalid ones (negative: wrong types, out-of-range numbers, missing fields)."""
     schema = schemathesis.openapi.from_dict(_schema(server))
-    token = server.token
+    never = {"the owner token": server.token, **(never or {})}
     problems: list[str] = []
     statuses: Counter = Counter()
     with requests.Session() as session:
@@ -79,13 +93,7 @@ def _fuzz(server: ServerProcess, headers: dict[str, str], examples: int,
             def run(case) -> None:
                 resp = case.call(base_url=server.url, headers=headers, session=session, timeout=30,
                                  allow_redirects=False)
-                statuses[resp.status_code] += 1
-                body = "" if isinstance(case.body, NotSet) else f" body={str(case.body)[:300]!r}"
-                where = f"{case.method} {case.formatted_path} query={case.query}{body}"
-                if resp.status_code >= 500:
-                    problems.append(f"{resp.status_code} for {where}: {resp.text[:300]}")
-                if token in resp.text or token in str(resp.headers):
-                    problems.append(f"the token in the response to {where}")
+                _check(case, resp, never, problems, statuses)
 
             run()
     return problems, statuses
@@ -96,7 +104,7 @@ def _coverage(server: ServerProcess, headers: dict[str, str], per_operation: int
     every declared boundary (minimum, maximum, lengths, patterns, enums, missing and
     unexpected values), not random ones: what finds a 2^70 offset or a 400-digit id."""
     schema = schemathesis.openapi.from_dict(_schema(server))
-    token = server.token
+    never = {"the owner token": server.token}
     problems: list[str] = []
     statuses: Counter = Counter()
     modes = [GenerationMode.POSITIVE, GenerationMode.NEGATIVE]
@@ -109,13 +117,7 @@ def _coverage(server: ServerProcess, headers: dict[str, str], per_operation: int
                     break
                 resp = case.call(base_url=server.url, headers=headers, session=session, timeout=30,
                                  allow_redirects=False)
-                statuses[resp.status_code] += 1
-                body = "" if isinstance(case.body, NotSet) else f" body={str(case.body)[:300]!r}"
-                where = f"{case.method} {case.formatted_path} query={case.query}{body}"
-                if resp.status_code >= 500:
-                    problems.append(f"{resp.status_code} for {where}: {resp.text[:300]}")
-                if token in resp.text or token in str(resp.headers):
-                    problems.append(f"the token in the response to {where}")
+                _check(case, resp, never, problems, statuses)
     return problems, statuses
 
 
@@ -184,3 +186,31 @@ def test_numbers_past_every_bound_in_the_query(fuzz_server):
                         problems.append(f"{r.status_code} for {method.upper()} {path}?{prm['name']}={value}")
     assert sent > 40, sent
     assert not problems, "\n".join(problems)
+
+
+SECRET = "fuzz-secret-value-9f3c1e"   # a job secret's value: no response may hold it
+MARKER = "vision-private-7d2a"        # in another workspace's job: an nlp token must never see it
+
+
+def test_fuzz_as_another_workspace_sees_no_secret_and_none_of_its_data(fuzz_server):
+    """Issue 18: no response leaking a secret or another workspace's data. A job of
+    workspace 'vision' holds a secret and a marked name; every operation is fuzzed with a
+    contributor token of workspace 'nlp', and that job's routes with the owner's (who may
+    see vision's job, never the secret's value)."""
+    client = fuzz_server.client()
+    theirs = client.submit({"name": MARKER, "workspace": "vision", "command": "echo never runs",
+                            "secrets": {"API_KEY": SECRET}})
+    owner = {"Authorization": f"Bearer {fuzz_server.token}"}
+    made = httpx.post(fuzz_server.url + API_PREFIX + "/admin/tokens", headers=owner, timeout=30,
+                      json={"user": "fuzzer", "workspace": "nlp", "role": "contributor"})
+    assert made.status_code == 201, made.text
+    nlp = {"Authorization": f"Bearer {made.json()['token']}"}
+    never = {"the secret's value": SECRET, "vision's job name": MARKER, "vision's job id": theirs.id}
+    problems, statuses = _fuzz(fuzz_server, nlp, EXAMPLES_OTHER, never=never)
+    print(f"{sum(statuses.values())} requests as workspace nlp: {dict(sorted(statuses.items()))}")
+    assert not problems, "\n".join(sorted(set(problems)))
+    assert statuses[403] > 5 and sum(n for code, n in statuses.items() if code < 300) > 20, statuses
+    problems, statuses = _fuzz(fuzz_server, owner, EXAMPLES_OTHER, theirs.id, never={"the secret's value": SECRET})
+    assert not problems, "\n".join(sorted(set(problems)))
+    shown = httpx.get(fuzz_server.url + API_PREFIX + f"/jobs/{theirs.id}", headers=owner, timeout=30)
+    assert MARKER in shown.text and SECRET not in shown.text  # the owner sees the job, not the value
