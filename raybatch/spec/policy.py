@@ -22,7 +22,8 @@ grouped by its workspace (its quota and fair-share weight: ``workspaces``); a jo
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+import re
+from typing import Any, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -96,24 +97,16 @@ class SchedulerPolicy(BaseModel):
     @field_validator("workspaces")
     @classmethod
     def _workspace_names(cls, v: dict[str, QuotaSpec]) -> dict[str, QuotaSpec]:
-        import re  # noqa: PLC0415
-
-        for name in v:
-            if not re.fullmatch(NAME_PATTERN, name):
-                raise ValueError(f"'{name}' is not a workspace name (1-64 letters, digits, '-', '_')")
-            if name == DEFAULT_WORKSPACE:
-                raise ValueError("'default': the default workspace's jobs are grouped by experiment; set their "
-                                 "limits under `quotas`")
+        _check_names(v, "a workspace")
+        if DEFAULT_WORKSPACE in v:
+            raise ValueError("'default': the default workspace's jobs are grouped by experiment; set their "
+                             "limits under `quotas`")
         return v
 
     @field_validator("quotas")
     @classmethod
     def _names(cls, v: dict[str, QuotaSpec]) -> dict[str, QuotaSpec]:
-        import re  # noqa: PLC0415
-
-        for name in v:
-            if not re.fullmatch(NAME_PATTERN, name):
-                raise ValueError(f"'{name}' is not an experiment name (1-64 letters, digits, '-', '_')")
+        _check_names(v, "an experiment")
         return v
 
     def quota(self, group: str) -> QuotaSpec:
@@ -129,6 +122,12 @@ class SchedulerPolicy(BaseModel):
         return frozenset([g for g, q in self.quotas.items() if q.max_nodes is not None or q.max_gpus is not None]
                          + [WORKSPACE_GROUP + w for w, q in self.workspaces.items()
                             if q.max_nodes is not None or q.max_gpus is not None])
+
+
+def _check_names(names: Any, what: str) -> None:
+    for name in names:
+        if not re.fullmatch(NAME_PATTERN, name):
+            raise ValueError(f"'{name}' is not {what} name (1-64 letters, digits, '-', '_')")
 
 
 _NO_QUOTA = QuotaSpec()
