@@ -624,3 +624,28 @@ def test_one_work_lost_and_one_time_parser():
     assert job_spec.parse_deadline("6h") == parse_duration_or_time("6h", "x") == 21600.0
     with pytest.raises(ValueError, match="^deadline: '2030-01-01T00:00' has no time zone"):
         job_spec.parse_deadline("2030-01-01T00:00")
+
+
+def test_a_checkpoints_directory_replaced_by_a_link_is_not_walked(tmp_path):
+    """A job that replaced its checkpoints directory with a link (to /, or to files it
+    dated as it liked) made the scheduler's listing walk wherever the link pointed, and
+    count what it found as the job's progress."""
+    store, launcher, cluster, sched = make(tmp_path)
+    job = submit(store, tmp_path, submitted_ago=200, deadline="4h", runtime_estimate="2h")
+    sched.cycle()
+    t0 = time.time()
+    run(launcher, sched, job, 1, "spot0", at=t0 - 100)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "ck").write_text("x")
+    os.utime(elsewhere / "ck", (t0 - 10, t0 - 10))
+    ckpt = tmp_path / "jobs" / job["id"] / "checkpoints"
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    ckpt.symlink_to(elsewhere)
+    for _ in range(40):  # listings run on threads: give them many cycles to (not) move it
+        sched.cycle()
+        time.sleep(0.05)
+    assert store.get_job(job["id"])["progress_s"] == 0.0, "progress moved through the link"
+    ckpt.unlink()  # a real directory with a real checkpoint is read as before
+    checkpoint(tmp_path, job, "ck-1", t0 - 50)
+    settle(sched, lambda: store.get_job(job["id"])["progress_s"] == pytest.approx(50.0))

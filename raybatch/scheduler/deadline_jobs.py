@@ -134,7 +134,8 @@ def restart_overhead(attempts: list[dict[str, Any]]) -> tuple[float, int]:
 def newest_checkpoint(list_files: Callable[[], list[Any]], after: float, until: Optional[float]) -> Optional[float]:
     """The newest file time in a checkpoint listing that is after ``after`` (the attempt's
     start: restored files do not count) and not after ``until`` (None: no bound)."""
-    times = [e.mtime for e in list_files() if e.mtime > after and (until is None or e.mtime <= until)]
+    times = [e.mtime for e in list_files()
+             if e.kind == "file" and e.mtime > after and (until is None or e.mtime <= until)]
     return max(times, default=None)
 
 
@@ -400,12 +401,15 @@ class DeadlineJobs:
         self._polled[key] = time.monotonic()
         location = storage_plan.job_locations(self._spec(sched, row), row["job_dir"])["checkpoints"]
         after, until = attempt["running_at"], attempt["ended_at"] if final else None
+        job_dir = row["job_dir"]
         datastores = self.datastores
         future: Future = Future()
 
         def run() -> None:
             try:
-                backend = open_backend(datastores().resolve(location))
+                # anchored at the job's directory: a job that replaced its checkpoints directory
+                # with a link (to /) does not make the server walk what the link points to
+                backend = open_backend(datastores().resolve(location), anchor=job_dir)
                 future.set_result(newest_checkpoint(backend.list, after, until))
             except BaseException as e:  # noqa: BLE001 - handed to the loop thread
                 future.set_exception(e)
