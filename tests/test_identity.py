@@ -401,3 +401,24 @@ def test_a_workspace_container_is_its_own_also_through_a_shared_account_key():
     assert ds.owner_of("abfs://vision-private@teamacct.dfs.core.windows.net/data/x") == ("vision", "vision")
     assert ds.owner_of("abfs://vision-private@teamacct.dfs.core.windows.net/other") is None  # outside its path
     assert ds.owner_of("abfs://public@teamacct.dfs.core.windows.net/x") is None
+
+
+def test_cluster_wide_views_hide_other_workspaces_job_ids(api):
+    """The queue's reasons ("behind rb-…", "would delay rb-…"), the nodes' jobs and the
+    autoscaler's demand named every workspace's job ids to any reader."""
+    from raybatch.server import access
+
+    alice = make_token(api, "alice", "vision", "contributor")
+    eve = make_token(api, "eve", "nlp", "reader")
+    theirs = api.post("/api/v1/jobs", json=spec("v", "vision"), headers=as_(alice)).json()["id"]
+    mine = api.post("/api/v1/jobs", json=spec("n", "nlp")).json()["id"]
+    seen = access._current.set(api.ctx.tokens.authenticate(eve.encode()))
+    try:
+        shown = api.ctx.access.redact({"reason": f"behind {theirs} and {mine}", "jobs": [theirs, 3]})
+    finally:
+        access._current.reset(seen)
+    assert shown == {"reason": f"behind a job of another workspace and {mine}", "jobs": [access.OTHER_JOB, 3]}
+    assert api.ctx.access.redact(f"behind {theirs}") == f"behind {theirs}"  # outside a request (the owner): as is
+    for path in ("/api/v1/queue", "/api/v1/nodes/status", "/api/v1/scheduler"):
+        r = api.get(path, headers=as_(eve))
+        assert r.status_code == 200 and theirs not in r.text, (path, r.status_code, r.text[:300])

@@ -32,6 +32,7 @@ from __future__ import annotations
 import atexit
 import json
 import logging
+import re
 import threading
 import time
 from contextvars import ContextVar
@@ -51,6 +52,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("raybatch.server")
 
 PUBLIC, ANY, JOB, BODY, CLUSTER = "public", "any", "job", "body", "cluster"
+_JOB_ID = re.compile(r"\brb-[0-9a-f]{8}\b")  # raybatch.state.store.new_job_id
+OTHER_JOB = "a job of another workspace"
 BEARER, COOKIE, EITHER = "bearer", "cookie", "either"
 WRITES = frozenset(("POST", "PUT", "DELETE", "PATCH"))
 
@@ -227,6 +230,29 @@ class Access:
         if credential in (COOKIE, EITHER):
             return self.sessions.identity(request), None
         return None, None
+
+    def redact(self, data: Any) -> Any:
+        """``data`` (text, or lists and dicts of it) with every job id of a workspace the
+        caller cannot read replaced by 'a job of another workspace': what cluster-wide views
+        (the queue's reasons, the nodes' jobs, the autoscaler's demand) show a non-admin."""
+        ident = _current.get()
+        readable = None if ident is None else ident.readable()
+        if readable is None:
+            return data
+
+        def one(m: re.Match) -> str:
+            return m.group(0) if self.job_workspace(m.group(0)) in readable else OTHER_JOB
+
+        def walk(v: Any) -> Any:
+            if isinstance(v, str):
+                return _JOB_ID.sub(one, v)
+            if isinstance(v, list):
+                return [walk(x) for x in v]
+            if isinstance(v, dict):
+                return {k: walk(x) for k, x in v.items()}
+            return v
+
+        return walk(data)
 
     def job_workspace(self, job_id: str) -> Optional[str]:
         ws = self._job_ws.get(job_id)

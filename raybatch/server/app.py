@@ -80,6 +80,8 @@ class ServerContext:
     code_root: Path
     datastores: Any = Datastores  # () -> the current Datastores (re-read when its file changes)
     login_codes: LoginCodes = field(default_factory=LoginCodes)  # one-time browser logins
+    tokens: Any = None   # the TokenRegistry (create_app): ray-login rechecks the identity behind a code
+    access: Any = None   # the app's Access (create_app): cluster-wide views hide other workspaces' job ids
 
 
 async def store_unavailable(request: Request, exc: Exception) -> JSONResponse:
@@ -119,7 +121,7 @@ async def invalid_request(request: Request, exc: Exception) -> JSONResponse:
 def create_app(ctx: ServerContext, token: str) -> FastAPI:
     registry = TokenRegistry(token, ctx.store)  # the owner token (admin) and the API tokens' hashes
     access, audit = Access(registry, ctx.store, Sessions(registry)), AuditLog(ctx.store)
-    ctx.tokens = registry  # routes that redeem what an identity asked for earlier recheck it (ray-login)
+    ctx.tokens, ctx.access = registry, access
     app = FastAPI(title="raybatch", version=__version__, docs_url=None, redoc_url=None, openapi_url=None,
                   dependencies=[Depends(access)])  # every route: raybatch/server/access.py's rule for it
     app.add_exception_handler(sqlite3.OperationalError, store_unavailable)

@@ -44,7 +44,7 @@ def router(ctx: ServerContext) -> APIRouter:
             policy_error=sched.policy_error, last_cycle_error=sched.last_cycle_error if admin else None,
             reservation=({"job_id": res.job_id if admin else None, "at": res.at if res.at != float("inf") else None,
                           "nodes": res.nodes} if res else None),
-            autoscaler=sched.autoscaler.info() if sched.autoscaler is not None else None,
+            autoscaler=ctx.access.redact(sched.autoscaler.info()) if sched.autoscaler is not None else None,
         )
 
     @api.get("/queue")
@@ -78,7 +78,7 @@ def router(ctx: ServerContext) -> APIRouter:
                 position=pos, id=job_id, name=row["name"], experiment=row["experiment"],
                 priority=row["priority"], nodes=spec.nodes, per_node=spec.resources.as_ray_bundle(),
                 attempt=row["attempt"], submitted_at=row["submitted_at"],
-                waiting_s=now - row["submitted_at"], reason=waiting.get(job_id, "not considered yet"),
+                waiting_s=now - row["submitted_at"], reason=ctx.access.redact(waiting.get(job_id, "not considered yet")),
                 estimated_start=starts.get(job_id), preemptions=row["preemptions"], slots=slots,
                 deadline=DeadlineInfo(**deadline) if deadline else None,
             ))

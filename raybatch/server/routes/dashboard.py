@@ -161,7 +161,7 @@ def login_router(ctx: Any) -> APIRouter:
                                 else ""))
         # spent only now: a dashboard that was down or refused leaves the link good for a retry
         grant = ctx.login_codes.redeem(code, KIND)
-        tokens = getattr(ctx, "tokens", None)
+        tokens = ctx.tokens
         if grant is None or (grant.who is not None and tokens is not None and not tokens.still_valid(grant.who)):
             return _expired()  # also when the token that asked for it was revoked or expired since
         target = dashboard.rstrip("/") + grant.next

@@ -61,7 +61,8 @@ def router(ctx: ServerContext) -> APIRouter:
     @api.get("/nodes/status")
     def status(preempted_window_s: float = Query(3600.0, ge=0)) -> ClusterStatus:
         demand = ctx.scheduler.autoscaler.info() if ctx.scheduler.autoscaler is not None else None
-        return cluster_status(ctx.store, _recorder(ctx), demand, launch_failures(ctx), preempted_window_s)
+        status = cluster_status(ctx.store, _recorder(ctx), demand, launch_failures(ctx), preempted_window_s)
+        return ClusterStatus.model_validate(ctx.access.redact(status.model_dump()))  # other workspaces' job ids
 
     @api.post("/nodes/requeue")
     def requeue(body: RequeueRequest) -> list[str]:
