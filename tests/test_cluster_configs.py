@@ -194,7 +194,10 @@ BROKEN = [
     ("worker without token auth", "worker_start_ray_commands|1", "ray start --address=$RAY_HEAD_IP:6379", "cluster worker_start_ray_commands[1]: `ray start` without RAY_AUTH_MODE=token"),
     ("head without autoscaler", "head_start_ray_commands|1", "RAY_AUTH_MODE=token ray start --head", "cluster head_start_ray_commands[1]: the head's `ray start --head` needs --autoscaling-config"),
     ("no head-setup", "head_start_ray_commands|2", "true", "cluster head_start_ray_commands: must run `raybatch cluster head-setup"),
-    ("no TLS certificate mount", "file_mounts|~/raybatch-tls", ..., "cluster file_mounts.~/raybatch-tls: must be '{render_dir}/tls'"),
+    # the server's TLS key stays on the head: file_mounts reach every worker
+    ("TLS key directory mounted", "file_mounts|~/raybatch-tls", "{render_dir}/tls", "cluster file_mounts.~/raybatch-tls: ships the server's TLS key directory ('{render_dir}/tls'): file_mounts copy to every node, workers included, and the key must stay on the head"),
+    ("TLS key mounted elsewhere", "file_mounts|~/certs", "{render_dir}/tls", "cluster file_mounts.~/certs: ships the server's TLS key directory"),
+    ("a key file mounted", "file_mounts|~/x/server.key", "/home/me/server.key", "cluster file_mounts.~/x/server.key: ships the server's TLS key"),
     ("server without TLS", "head_start_ray_commands|2", "raybatch cluster head-setup --state-dir /mnt/raybatch-state "
      "--cluster-config ~/ray_bootstrap_config.yaml", "cluster head_start_ray_commands: must run `raybatch cluster "
      "head-setup --state-dir /mnt/raybatch-state --cluster-config ~/ray_bootstrap_config.yaml --tls-cert "

@@ -6,8 +6,10 @@ stand-ins for Ray's SDK and the ARM helpers (Azure cannot be reached from here).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -128,10 +130,13 @@ class FakeOps:
     """Records the order of calls `up`/`down` make (Ray's SDK, pre-flight, ARM disk, ssh) and
     answers commands on the head as a head would: the API token (``token_reads``: the
     answers to the successive reads; the last one repeats), stopping the server and
-    unmounting the state disk (``stop_error``: what that raises), whether the head answers."""
+    unmounting the state disk (``stop_error``: what that raises), whether the head answers.
+    ``head_home``: the head's home directory: head-setup makes the server's TLS certificate
+    and key there (with the real ``systemd.ensure_tls``), and reading the certificate reads it."""
 
-    def __init__(self, problems=(), token_reads=(TOKEN_OUT,), stop_error=None, head_answers=True):
+    def __init__(self, problems=(), token_reads=(TOKEN_OUT,), stop_error=None, head_answers=True, head_home=None):
         self.calls: list[tuple] = []
+        self.head_home = head_home
         self.problems = list(problems)
         self.sockets: list = []
         self.token_reads = list(token_reads)
@@ -152,8 +157,17 @@ class FakeOps:
 
         def run(path, cmd=None, with_output=False):
             self.calls.append(("run_on_cluster", (path,), {"cmd": cmd}))
+            if "raybatch cluster head-setup" in cmd:
+                from raybatch.cluster import systemd
+
+                argv = [a.replace("~", str(self.head_home)) for a in shlex.split(cmd)]
+                systemd.ensure_tls(Path(argv[argv.index("--tls-cert") + 1]), Path(argv[argv.index("--tls-key") + 1]))
             if not with_output:
                 return ""
+            if "RAYBATCH-TLS-CERT" in cmd:
+                assert "RAYBATCH-TLS-CERT-BEGIN" not in cmd and "cat ~/raybatch-tls/server.pem;" in cmd, cmd
+                pem = (self.head_home / "raybatch-tls" / "server.pem").read_text().replace("\n", "\r\n")
+                return f"banner\r\nRAYBATCH-TLS-CERT-BEGIN\r\n{pem}RAYBATCH-TLS-CERT-END\r\n".encode()
             if "RAYBATCH-API-TOKEN" in cmd:
                 return self.token_reads.pop(0) if len(self.token_reads) > 1 else self.token_reads[0]
             if not self.head_answers:
@@ -202,7 +216,8 @@ def azure_up(tmp_path, monkeypatch):
     monkeypatch.setenv("RAYBATCH_HOME", str(tmp_path / "home"))
     monkeypatch.setattr(lifecycle, "build_wheel", lambda dist, progress=None: dist)  # (pip wheel: slow)
     monkeypatch.setattr(lifecycle, "_server_healthy", lambda url, ca_cert=None: True)
-    fake = FakeOps(token_reads=(b"banner\nRAYBATCH-API-TOKEN::RAYBATCH-API-TOKEN\n", TOKEN_OUT))
+    fake = FakeOps(token_reads=(b"banner\nRAYBATCH-API-TOKEN::RAYBATCH-API-TOKEN\n", TOKEN_OUT),
+                   head_home=tmp_path / "head")
     mounts = tmp_path / "mounts.yaml"
     mounts.write_text("azureFileShares: [{accountName: sa, accountKey: SECRET-KEY, shareName: s}]\n")
     state = lifecycle.up(azure_config(tmp_path), mounts, progress=lambda m: None, ops=fake.ops())
@@ -230,16 +245,29 @@ def test_azure_up_and_down_steps_in_order(azure_up, tmp_path):
     assert "SECRET-KEY" in (d / "node" / "mounts.yaml").read_text()
     assert "{render_dir}" not in (d / "cluster.yaml").read_text()
     assert state["url"].startswith("https://127.0.0.1:") and state["tunnel"]["head_ip"] == "20.1.2.3"
-    # the server's TLS certificate: made once, shipped by file_mounts, the CLI's CA for this cluster
+    # the server's TLS certificate and key: made on the head by head-setup, the key 0600 in a
+    # 0700 directory there; only the certificate comes back, the CLI's CA for this cluster.
+    # Nothing of it is in file_mounts, which Ray copies to every worker.
+    head_tls = tmp_path / "head" / "raybatch-tls"
+    assert oct(head_tls.stat().st_mode & 0o777) == "0o700"
+    assert oct((head_tls / "server.key").stat().st_mode & 0o777) == "0o600"
     assert state["ca_cert"] == str(d / "tls" / "server.pem") and lifecycle.ca_cert_of(state["name"]) == state["ca_cert"]
-    assert oct((d / "tls" / "server.key").stat().st_mode & 0o777) == "0o600"
-    assert yaml.safe_load((d / "cluster.yaml").read_text())["file_mounts"]["~/raybatch-tls"] == str(d / "tls")
+    assert (d / "tls" / "server.pem").read_bytes() == (head_tls / "server.pem").read_bytes()
+    assert sorted(p.name for p in (d / "tls").iterdir()) == ["server.pem"], "the client never has the key"
+    assert not any("PRIVATE KEY" in p.read_text(errors="replace") for p in d.rglob("*") if p.is_file())
+    assert "raybatch-tls" not in json.dumps(yaml.safe_load((d / "cluster.yaml").read_text())["file_mounts"])
     assert "--tls-cert ~/raybatch-tls/server.pem --tls-key ~/raybatch-tls/server.key" in fake.calls[4][2]["cmd"]
+    cert_reads = [i for i, c in enumerate(fake.calls) if "RAYBATCH-TLS-CERT" in (c[2].get("cmd") or "")]
+    assert cert_reads == [5], "read once, after head-setup made it"
+    key_before = (head_tls / "server.key").read_bytes()
     assert state["tunnel"]["start"] == lifecycle.proc_start(fake.ssh.pid)
     # up again: Ray is not restarted on the running head
     fake.calls.clear()
     lifecycle.up(azure_config(tmp_path), ops=fake.ops())
     assert next(c for c in fake.calls if c[0] == "create_or_update_cluster")[2]["no_restart"] is True
+    # the head keeps its key and certificate across re-runs: clients keep trusting it
+    assert (head_tls / "server.key").read_bytes() == key_before
+    assert (d / "tls" / "server.pem").read_bytes() == (head_tls / "server.pem").read_bytes()
     # down: the server is stopped and the disk unmounted, then detached before Ray's teardown
     # deletes the head's disks
     fake.calls.clear()
@@ -257,10 +285,38 @@ def test_azure_token_never_written_is_a_clear_error(tmp_path, monkeypatch):
 
     monkeypatch.setenv("RAYBATCH_HOME", str(tmp_path / "home"))
     monkeypatch.setattr(lifecycle, "build_wheel", lambda dist, progress=None: dist)
-    fake = FakeOps(token_reads=(b"RAYBATCH-API-TOKEN::RAYBATCH-API-TOKEN\n",))
+    fake = FakeOps(token_reads=(b"RAYBATCH-API-TOKEN::RAYBATCH-API-TOKEN\n",), head_home=tmp_path / "head")
     with pytest.raises(lifecycle.ClusterError, match="could not read the server's API token"):
         lifecycle.up(azure_config(tmp_path), ops=fake.ops())
     assert sum("RAYBATCH-API-TOKEN" in (c[2].get("cmd") or "") for c in fake.calls) == lifecycle.TOKEN_READS
+
+
+def test_azure_certificate_not_on_the_head_is_a_clear_error(tmp_path, monkeypatch):
+    """No certificate to read back: `up` says so; and a key an older raybatch left in the
+    render directory (it shipped it by file_mounts) is removed, never used again."""
+    from raybatch.cluster import lifecycle
+
+    monkeypatch.setenv("RAYBATCH_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(lifecycle, "build_wheel", lambda dist, progress=None: dist)
+    path = azure_config(tmp_path)
+    old = tmp_path / "home" / "clusters" / yaml.safe_load(path.read_text())["cluster_name"] / "tls"
+    old.mkdir(parents=True)
+    (old / "server.key").write_text("-----BEGIN PRIVATE KEY-----\n")
+    fake = FakeOps(head_home=tmp_path / "head")
+    real_ops = fake.ops()
+    real_run = real_ops.run_on_cluster
+
+    def run(path, cmd=None, with_output=False):
+        out = real_run(path, cmd=cmd, with_output=with_output)
+        return b"banner\nRAYBATCH-TLS-CERT-BEGIN\ncat: no such file\nRAYBATCH-TLS-CERT-END\n" if "TLS-CERT" in cmd else out
+
+    ops = lifecycle.AzureOps(*[run if f.name == "run_on_cluster" else getattr(real_ops, f.name)
+                               for f in dataclasses.fields(real_ops)])
+    with pytest.raises(lifecycle.ClusterError, match=r"could not read the server's TLS certificate on the head "
+                       r"\(~/raybatch-tls/server.pem\): not a PEM certificate"):
+        lifecycle.up(path, ops=ops)
+    assert not (old / "server.key").exists() and not (old / "server.pem").exists()
+    assert sum("TLS-CERT" in (c[2].get("cmd") or "") for c in fake.calls) == lifecycle.TOKEN_READS
 
 
 def test_azure_scale_lints_the_rendered_config_and_applies_it(azure_up):

@@ -206,10 +206,10 @@ def test_server_tls_options_go_together(tmp_path):
     assert tls.self_signed(tmp_path / "tls") == (cert, key) and cert.read_bytes() == before
 
 
-def test_the_heads_server_unit_serves_https_with_the_shipped_certificate(tmp_path):
+def test_the_heads_server_unit_serves_https_with_the_heads_certificate(tmp_path):
     """`raybatch cluster head-setup` (what the cluster YAML runs on the head) passes the
-    certificate from file_mounts on to the server."""
-    cert, key = tls.self_signed(tmp_path / "raybatch-tls")
+    certificate and key on to the server; `--print` makes nothing."""
+    cert, key = tmp_path / "raybatch-tls" / "server.pem", tmp_path / "raybatch-tls" / "server.key"
     base = [RAYBATCH, "cluster", "head-setup", "--state-dir", "/mnt/raybatch-state",
             "--cluster-config", str(tmp_path / "ray_bootstrap_config.yaml"), "--print"]
     p = subprocess.run([*base, "--tls-cert", str(cert), "--tls-key", str(key)], capture_output=True, text=True,
@@ -217,5 +217,33 @@ def test_the_heads_server_unit_serves_https_with_the_shipped_certificate(tmp_pat
     assert p.returncode == 0, p.stderr
     exec_start = next(line for line in p.stdout.splitlines() if line.startswith("ExecStart="))
     assert f"--tls-cert {cert} --tls-key {key}" in exec_start
+    assert not (tmp_path / "raybatch-tls").exists()
     p = subprocess.run([*base, "--tls-cert", str(cert)], capture_output=True, text=True, timeout=60)
     assert p.returncode == 1 and "--tls-cert and --tls-key go together" in p.stderr, p.stderr
+
+
+def test_head_setup_makes_the_key_on_the_head_and_keeps_it(tmp_path):
+    """What head-setup runs before installing the unit (systemd.ensure_tls): the certificate
+    and key made where the head's YAML points (~/raybatch-tls), the directory 0700 and the
+    key 0600, the head's own names in the certificate; kept on a re-run (clients keep
+    trusting it), a key left readable by others made 0600 again."""
+    import socket
+
+    from cryptography import x509
+
+    from raybatch.cluster import systemd
+
+    d = tmp_path / "home" / "raybatch-tls"
+    cert, key = systemd.ensure_tls(d / "server.pem", d / "server.key")
+    assert oct(d.stat().st_mode & 0o777) == "0o700" and oct(key.stat().st_mode & 0o777) == "0o600"
+    san = x509.load_pem_x509_certificate(cert.read_bytes()).extensions.get_extension_for_class(
+        x509.SubjectAlternativeName).value
+    names = {*san.get_values_for_type(x509.DNSName), *map(str, san.get_values_for_type(x509.IPAddress))}
+    assert {"localhost", "127.0.0.1", socket.gethostname()} <= names, names
+    before = cert.read_bytes(), key.read_bytes()
+    os.chmod(key, 0o644)
+    assert systemd.ensure_tls(cert, key) == (cert, key) and (cert.read_bytes(), key.read_bytes()) == before
+    assert oct(key.stat().st_mode & 0o777) == "0o600"
+    cert.unlink()  # half a pair: both made again
+    systemd.ensure_tls(cert, key)
+    assert cert.is_file() and key.read_bytes() != before[1]

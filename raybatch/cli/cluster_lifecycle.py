@@ -265,11 +265,14 @@ def head_setup(
     disk_lun: Optional[int] = typer.Option(None, "--disk-lun", help="Mount the state disk at this LUN first."),
     port: int = typer.Option(8765, "--port", help="The server's port on 127.0.0.1."),
     tls_cert: Optional[Path] = typer.Option(None, "--tls-cert", help="The server serves HTTPS with this "
-                                            "certificate (PEM; with --tls-key)."),
-    tls_key: Optional[Path] = typer.Option(None, "--tls-key", help="The certificate's private key (PEM)."),
-    print_unit: bool = typer.Option(False, "--print", help="Print the unit; install nothing."),
+                                            "certificate (PEM; with --tls-key). Made here, with its key, "
+                                            "if either is missing; kept otherwise."),
+    tls_key: Optional[Path] = typer.Option(None, "--tls-key", help="The certificate's private key (PEM, "
+                                           "0600; it never leaves this node)."),
+    print_unit: bool = typer.Option(False, "--print", help="Print the unit; make and install nothing."),
 ) -> None:
-    """On the head node (the cluster YAML runs it): install and start raybatch-server.service."""
+    """On the head node (the cluster YAML runs it): make the server's TLS certificate and key
+    if missing, then install and start raybatch-server.service."""
     from raybatch.cluster import systemd  # noqa: PLC0415
 
     if (tls_cert is None) != (tls_key is None):
@@ -281,6 +284,8 @@ def head_setup(
         print(unit, end="")
         return
     try:
+        if tls:
+            systemd.ensure_tls(Path(tls["tls_cert"]), Path(tls["tls_key"]))
         if disk_lun is not None:
             systemd.mount_state_disk(state_dir, disk_lun)
         path = systemd.install(unit)

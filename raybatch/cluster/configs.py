@@ -22,12 +22,15 @@ only on Azure (``type: azure`` or raybatch's provider subclass):
   * ``auth``: ``ssh_user`` and both ssh keys;
   * every type: ``vmSize`` and an image; a Spot type ``evictionPolicy: Delete`` and a
     ``billingProfile.maxPrice``;
-  * ``file_mounts`` bring the raybatch wheel, the Ray auth token and the server's TLS
-    certificate and key (``~/raybatch-tls``, made by ``raybatch cluster up``) from ``{render_dir}``;
+  * ``file_mounts`` bring the raybatch wheel and the Ray auth token from ``{render_dir}``,
+    and never the server's TLS key: Ray copies file_mounts to every node, workers included,
+    so a mount of ``~/raybatch-tls`` (or of anything holding ``server.key``) is refused; the
+    head makes the certificate and key itself (``head-setup``) and the key stays there;
   * setup commands pin Ray, install the wheel, run ``raybatch node-setup --mounts``;
   * every ``ray start`` runs with ``RAY_AUTH_MODE=token``; the head runs
-    ``raybatch cluster head-setup`` after it, with ``--tls-cert``/``--tls-key`` (the server
-    speaks HTTPS only, also through the SSH tunnel); spot workers start ``raybatch spot-watch``.
+    ``raybatch cluster head-setup`` after it, with ``--tls-cert``/``--tls-key`` (made there if
+    missing; the server speaks HTTPS only, also through the SSH tunnel); spot workers start
+    ``raybatch spot-watch``.
 
 A problem is one line: ``<source>: <node type|cluster> <field>: <what is wrong> (<what is
 allowed>)``.
@@ -54,15 +57,14 @@ COMMAND_LISTS = ("initialization_commands", "setup_commands", "head_setup_comman
                  "worker_setup_commands", "head_start_ray_commands", "worker_start_ray_commands")
 # the file_mounts every Azure config carries ({render_dir}: `raybatch cluster up` fills it in)
 RENDER_DIR = "{render_dir}"
-TLS_DIR = "tls"            # in the render dir: the server's certificate and key (raybatch.cluster.tls)
-TLS_ON_NODE = "~/raybatch-tls"
-FILE_MOUNTS = {"~/raybatch-setup": f"{RENDER_DIR}/node", "~/.ray/auth_token": f"{RENDER_DIR}/ray_auth_token",
-               TLS_ON_NODE: f"{RENDER_DIR}/{TLS_DIR}"}
+TLS_DIR = "tls"            # in the render dir: the server's certificate only, read back from the head
+TLS_ON_HEAD = "~/raybatch-tls"  # on the head: the certificate and its key (0700; made by head-setup)
+FILE_MOUNTS = {"~/raybatch-setup": f"{RENDER_DIR}/node", "~/.ray/auth_token": f"{RENDER_DIR}/ray_auth_token"}
 WHEEL_GLOB = "~/raybatch-setup/dist/raybatch-"
 NODE_SETUP = "raybatch node-setup --mounts ~/raybatch-setup/mounts.yaml"
 HEAD_SETUP = ("raybatch cluster head-setup --state-dir /mnt/raybatch-state "
               "--cluster-config ~/ray_bootstrap_config.yaml "
-              f"--tls-cert {TLS_ON_NODE}/{CERT_NAME} --tls-key {TLS_ON_NODE}/{KEY_NAME}")
+              f"--tls-cert {TLS_ON_HEAD}/{CERT_NAME} --tls-key {TLS_ON_HEAD}/{KEY_NAME}")
 SPOT_WATCH = "raybatch spot-watch --gcs-address $RAY_HEAD_IP:6379"
 SPOT_PRIORITY = "Spot"
 _GUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
@@ -258,8 +260,24 @@ def _lint_azure(config: dict, types: dict, head: Any, bad) -> None:
             got = mounts.get(remote) if isinstance(mounts, dict) else mounts
             bad("cluster", f"file_mounts.{remote}", f"must be {local!r} (raybatch cluster up renders "
                 f"{RENDER_DIR}), got {got!r}")
+    if isinstance(mounts, dict):
+        for remote, local in mounts.items():
+            if _ships_tls_key(str(remote), str(local)):
+                bad("cluster", f"file_mounts.{remote}", f"ships the server's TLS key directory ({local!r}): "
+                    f"file_mounts copy to every node, workers included, and the key must stay on the "
+                    f"head (`{HEAD_SETUP.split(' --')[0]}` makes it in {TLS_ON_HEAD}); remove this mount")
 
     _lint_azure_commands(config, types, bad)
+
+
+def _ships_tls_key(remote: str, local: str) -> bool:
+    """Whether a file_mounts entry copies the server's TLS key (or its directory) to the nodes."""
+    def parts(p: str) -> list[str]:
+        return [x for x in p.replace("\\", "/").split("/") if x]
+
+    r, loc = parts(remote), parts(local)
+    return ("raybatch-tls" in r or KEY_NAME in r or KEY_NAME in loc
+            or (bool(loc) and loc[-1] == TLS_DIR and loc[:-1] == [RENDER_DIR]))
 
 
 def _lint_azure_type(name: str, t: dict, bad) -> None:

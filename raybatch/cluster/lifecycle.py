@@ -8,8 +8,9 @@ Everything ``up`` knows about a cluster lives in its render directory,
     node/dist/        the raybatch wheel the nodes install (Azure)
     node/mounts.yaml  the file systems every node mounts (``--mounts``, or {}; 0600: storage keys)
     ray_auth_token    the Ray cluster's auth token (0600, made once, never printed)
-    tls/              the server's self-signed TLS certificate and key (Azure; made once,
-                      shipped to the head by file_mounts; the CLI verifies the server with it)
+    tls/server.pem    the server's self-signed TLS certificate (Azure; made with its key on
+                      the head by head-setup, read back here; the CLI verifies the server
+                      with it). Never the key: it stays on the head
     api_token         the raybatch server's API token (0600, fetched from the head)
     state.json        what ``up`` started: provider kind, server url, pids/tunnel
     logs/             what ``up`` started logs here
@@ -19,9 +20,10 @@ Two providers:
 **Azure** (``provider.type: azure`` or raybatch's subclass): lint -> pre-flight
 (quota, sizes, credentials) -> render -> ``ray.autoscaler.sdk.create_or_update_cluster``
 (the head's ``head_start_ray_commands`` run ``raybatch cluster head-setup``, which
-installs the server's systemd unit) -> the state disk (created or re-attached, then
-mounted on the head by ``head-setup --disk-lun``; the server starts once it is mounted)
--> the server's API token, read on the head through Ray's command runner -> an SSH
+installs the server's systemd unit and makes its TLS certificate and key there) -> the
+state disk (created or re-attached, then mounted on the head by ``head-setup --disk-lun``;
+the server starts once it is mounted) -> the server's certificate (not its key) and API
+token, read on the head through Ray's command runner -> an SSH
 tunnel from a local port to the server's 127.0.0.1 port on the head. ``down`` stops the
 server and unmounts the state disk on the head (a head that answers but cannot do so
 stops ``down``, unless ``--force``), detaches the disk (Ray deletes the data disks of the
@@ -259,8 +261,9 @@ def render(source: Path, mounts: Optional[Path] = None, progress: Progress = lam
         os.chmod(node / "mounts.yaml", 0o600)
     if wheel:
         build_wheel(node / "dist", progress)
-    if configs.is_azure(config):  # the server on the head speaks HTTPS (raybatch.cluster.tls)
-        tls.self_signed(cluster.dir / configs.TLS_DIR)
+    stale_key = cluster.dir / configs.TLS_DIR / tls.KEY_NAME
+    if stale_key.exists():  # an older raybatch made the key here and shipped it to every node
+        stale_key.unlink()
     rendered = _replace_render_dir(copy.deepcopy(config), str(cluster.dir))
     return cluster, rendered
 
@@ -604,6 +607,34 @@ def _fetch_api_token(ops: AzureOps, config_path: str) -> str:
                        "systemctl status raybatch-server; journalctl -u raybatch-server)")
 
 
+CERT_BEGIN = "RAYBATCH-TLS-CERT-BEGIN"
+CERT_END = "RAYBATCH-TLS-CERT-END"
+
+
+def _fetch_certificate(ops: AzureOps, config_path: str) -> str:
+    """The server's TLS certificate (PEM), read on the head where ``head-setup`` made it
+    (between markers: a login shell may print banners). Only the certificate: its key
+    never leaves the head."""
+    from cryptography import x509  # noqa: PLC0415
+
+    f = f"{configs.TLS_ON_HEAD}/{tls.CERT_NAME}"
+    cmd = f"{_marked(CERT_BEGIN)}; cat {f}; {_marked(CERT_END)}"
+    problem = "nothing between the markers"
+    for _ in range(TOKEN_READS):
+        out = _output(ops.run_on_cluster(config_path, cmd=cmd, with_output=True)).replace("\r\n", "\n")
+        start = out.find(CERT_BEGIN + "\n")
+        end = out.find(CERT_END, start + 1)
+        pem = out[start + len(CERT_BEGIN) + 1:end].strip() + "\n" if start >= 0 and end > start else ""
+        if pem.strip():
+            try:
+                x509.load_pem_x509_certificate(pem.encode())
+                return pem
+            except ValueError as e:
+                problem = f"not a PEM certificate ({e})"
+    raise ClusterError(f"could not read the server's TLS certificate on the head ({f}): {problem}; "
+                       "`raybatch cluster head-setup ... --tls-cert ... --tls-key ...` makes it there")
+
+
 def ensure_tunnel(cluster: Cluster, state: dict[str, Any], ops: Optional[AzureOps] = None) -> dict[str, Any]:
     """Make sure the SSH tunnel to the head's server is open (reopen it if it died)."""
     tunnel = state.get("tunnel") or {}
@@ -643,6 +674,13 @@ def _azure_up(cluster: Cluster, config: dict, progress: Progress, ops: AzureOps,
     lun = disk.get("lun")
     progress(f"mounting it at {STATE_DIR_ON_HEAD} and starting the raybatch server (systemd)")
     ops.run_on_cluster(path, cmd=f"{configs.HEAD_SETUP}" + (f" --disk-lun {int(lun)}" if lun is not None else ""))
+    progress("reading the server's TLS certificate on the head (its key stays there)")
+    tls_dir = cluster.dir / configs.TLS_DIR
+    tls_dir.mkdir(mode=0o700, exist_ok=True)
+    cert = tls_dir / tls.CERT_NAME
+    tmp = cert.with_suffix(".tmp")
+    tmp.write_text(_fetch_certificate(ops, path))
+    tmp.replace(cert)
     progress("reading the server's API token on the head")
     _secret_file(cluster.dir / "api_token", _fetch_api_token(ops, path))
     progress("opening the SSH tunnel to the server")

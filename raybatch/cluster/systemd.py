@@ -3,7 +3,9 @@
 ``raybatch cluster head-setup`` (run on the head by the cluster YAML's
 ``head_start_ray_commands``, after ``ray start --head``) renders
 ``raybatch-server.service``, writes it to /etc/systemd/system (through ``sudo``: the
-YAML's commands run as the ssh user), reloads systemd and enables the unit. The server
+YAML's commands run as the ssh user), reloads systemd and enables the unit. With
+``--tls-cert/--tls-key`` it first makes the server's certificate and key there if they are
+missing (``ensure_tls``): the key is made on the head and never leaves it. The server
 listens on 127.0.0.1 only: clients reach it through an SSH tunnel (``raybatch cluster up``
 opens one) and never over the network.
 
@@ -38,7 +40,8 @@ def render_unit(*, state_dir: str, cluster_config: str, user: Optional[str] = No
     """The unit file's text. ``python``: the interpreter raybatch is installed in (the one
     Ray runs from on the head); ``home``: the user's home, where Ray's auth token is
     (``~/.ray/auth_token``, put there by the YAML's file_mounts). ``tls_cert``/``tls_key``:
-    the server serves HTTPS with them (``~/raybatch-tls``, also from file_mounts)."""
+    the server serves HTTPS with them (``~/raybatch-tls``, made on the head by
+    ``head-setup``: the key never leaves it)."""
     user = user or getpass.getuser()
     home = home or os.path.expanduser(f"~{user}")
     python = python or sys.executable
@@ -76,6 +79,17 @@ def render_unit(*, state_dir: str, cluster_config: str, user: Optional[str] = No
         "",
     ]
     return "\n".join(unit)
+
+
+def ensure_tls(cert: Path, key: Path) -> tuple[Path, Path]:
+    """The server's certificate and key on the head (``head-setup --tls-cert --tls-key``):
+    made here if either is missing (self-signed; the head's host name and addresses among its
+    names), kept otherwise, the key 0600. Made on the head because the key must never be in
+    ``file_mounts``, which reach every worker; ``raybatch cluster up`` reads back only the
+    certificate."""
+    from raybatch.cluster import tls  # noqa: PLC0415
+
+    return tls.pair(cert, key, hosts=tls.local_names())
 
 
 def _sudo(argv: list[str]) -> list[str]:
