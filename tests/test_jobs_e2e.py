@@ -90,8 +90,9 @@ def test_an_environment_the_kernel_would_refuse_is_refused_at_submit(client):
     # times on the infrastructure budget, with a coloured traceback for a reason; later a
     # USER_ERROR); the job file's limits now refuse it before anything is queued.
     from raybatch.client import RaybatchError  # noqa: PLC0415
+    from raybatch.errors import SpecError  # noqa: PLC0415
 
-    with pytest.raises(RaybatchError) as err:
+    with pytest.raises((SpecError, RaybatchError)) as err:  # the SDK checks the spec before sending it
         job(client, name="e2big", nodes=2, command="echo never", environment={"HUGE": "x" * 200_000})
     text = str(err.value)
     assert "environment" in text and "'HUGE' is 200005 bytes" in text and "at most 100 KiB" in text, text

@@ -70,7 +70,11 @@ def test_bad_secrets_are_refused_naming_them(secrets, environment, words):
 def test_keyvault_references():
     assert parse_keyvault("myvault/db-pass") == ("https://myvault.vault.azure.net", "db-pass", None)
     assert parse_keyvault("myvault/db-pass/0a1b") == ("https://myvault.vault.azure.net", "db-pass", "0a1b")
-    assert parse_keyvault("https://v1.vault.azure.cn/secrets/x/v2") == ("https://v1.vault.azure.cn", "x", "v2")
+    assert parse_keyvault("https://kv1.vault.azure.cn/secrets/x/v2") == ("https://kv1.vault.azure.cn", "x", "v2")
+    for url in ("https://evil.example.com/secrets/x", "https://kv1.vault.azure.net:8443/secrets/x",
+                "https://u:p@kv1.vault.azure.net/secrets/x", "https://v1.vault.azure.net/secrets/x"):
+        with pytest.raises(ValueError, match="not a Key Vault host"):  # the server calls it with its identity
+            parse_keyvault(url)
 
 
 def test_env_and_file_references_are_read_at_submit_relative_to_the_job_file(tmp_path, monkeypatch):

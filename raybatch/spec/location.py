@@ -15,6 +15,8 @@ resolved when an attempt starts (``raybatch.storage.datastores``)."""
 
 from __future__ import annotations
 
+import os
+
 import posixpath
 import re
 from dataclasses import dataclass
@@ -73,11 +75,10 @@ class Location:
 
 
 def _local(text: str, path: str) -> Location:
-    """A local path, without '..' parts: which datastore (and workspace) a path belongs to is
-    decided on its text, so '/data/b/../a' must not pass for a path below '/data/b'."""
-    if ".." in Path(path).parts:
-        raise LocationError(f"'{text}': '..' is not allowed in a location; give the path without it")
-    return Location("local", path)
+    """A local path with its '..' parts resolved as text: which datastore (and workspace) a
+    path belongs to, and whether it is in the server's jobs root, are decided on its text, so
+    '/data/b/../a' must be seen as '/data/a', not as a path below '/data/b'."""
+    return Location("local", os.path.normpath(path))
 
 
 def parse(text: str) -> Location:
