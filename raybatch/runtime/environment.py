@@ -302,6 +302,15 @@ class RequirementsCheck:
         self.verdict = pip_verdict(code, text)
         return self.verdict
 
+    def wait(self, timeout_s: float) -> Optional[str]:
+        """``poll`` until the check has answered or ``timeout_s`` passed: when Ray's build
+        has failed first, pip's own words (which name the package) are worth a few seconds."""
+        import ray  # noqa: PLC0415
+
+        if not self.done and self.ref is not None:
+            ray.wait([self.ref], timeout=timeout_s)
+        return self.poll()
+
     def stop(self) -> None:
         if not self.done and self.ref is not None:
             import ray  # noqa: PLC0415

@@ -33,6 +33,7 @@ from raybatch.storage.plan import AttemptStorage, environment_log, prepare_logs
 from raybatch.storage.plan import join as storage_join
 
 TICK_S = 0.5  # how often a step that waits checks for a stop and reports progress
+CHECK_GRACE_S = 30.0  # a failed build waits this long for the pip check's words (it names the package)
 
 Log = Callable[[str], None]
 Stopped = Callable[[], bool]
@@ -120,6 +121,11 @@ def build_environment(gang: Gang, storage: AttemptStorage, attempt: int, cache_d
             if done is not None:
                 waiting.discard(done.key)
                 if isinstance(done.error, RuntimeEnvSetupError):
+                    # the dry-run check names what cannot be installed; Ray's error often only
+                    # the command that failed: wait a little for the check when it is still running
+                    verdict = check.wait(CHECK_GRACE_S) if check is not None else None
+                    if verdict is not None:
+                        return _environment_failed(spec, storage, attempt, None, verdict, log)
                     return _environment_failed(spec, storage, attempt, gang.node_rank(done.key), str(done.error), log)
                 if done.error is not None:
                     raise done.error
