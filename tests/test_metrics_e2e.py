@@ -65,7 +65,7 @@ def run(server, client):
     low = client.submit({"name": "low", "priority": "low", "nodes": 2, "grace_period": "5s",
                          "command": "echo RAYBATCH_METRIC loss=0.5 step=1; sleep 60"})
     # the per-job metric shows while the job runs (rank 0's last value)
-    wait_for(lambda: job_metric(server, low.id, "loss") == 0.5, 60, "low's metric in /metrics")
+    wait_for(lambda: job_metric(server, low.id, "loss") == 0.5, 120, "low's metric in /metrics")
     shown_while_running = client.get(low.id).state.value
     # one node is enough to preempt the 2-node gang; the failing job takes the other meanwhile
     high = client.submit({"name": "high", "priority": "high", "command": "sleep 0.2"})
