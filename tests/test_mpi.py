@@ -128,16 +128,12 @@ def ask(path: str, request: dict) -> dict:
         return json.loads(c.makefile().readline())
 
 
-def test_the_agent_server_refuses_a_connection_without_the_attempts_key(monkeypatch, capsys):
-    """Any process of the user could connect to the socket; only mpirun's agents, which
-    were handed the attempt's key, get a command run in a rank actor."""
-    s = spec()
-    env0 = frameworks.get("mpi").rank_env(s, ctx(0))
-    path = env0[mpi_agent.SOCKET_ENV]
-    assert env0[mpi_agent.KEY_ENV] == mpi_agent.key_file(path)
-    ran = []
+def _recording_server(path: str):
+    """An agent server for one host whose rank actor only records what reaches its
+    exec_start (what a refused request must never reach); (server, the calls it got)."""
+    ran: list = []
 
-    class Actor:  # a rank actor's exec_start: what a refused request must never reach
+    class Actor:
         class exec_start:  # noqa: N801
             @staticmethod
             def remote(*a):
@@ -146,6 +142,17 @@ def test_the_agent_server_refuses_a_connection_without_the_attempts_key(monkeypa
 
     server = mpi_agent.AgentServer(path, {"rbh-1": {"actor": Actor, "env": {}, "cwd": None, "log_dir": "/x"}},
                                    own_uts=False)
+    return server, ran
+
+
+def test_the_agent_server_refuses_a_connection_without_the_attempts_key(monkeypatch, capsys):
+    """Any process of the user could connect to the socket; only mpirun's agents, which
+    were handed the attempt's key, get a command run in a rank actor."""
+    s = spec()
+    env0 = frameworks.get("mpi").rank_env(s, ctx(0))
+    path = env0[mpi_agent.SOCKET_ENV]
+    assert env0[mpi_agent.KEY_ENV] == mpi_agent.key_file(path)
+    server, ran = _recording_server(path)
     server.expect_session(os.getsid(0))  # as if this test's process were rank 0's mpirun
     try:
         root = os.path.dirname(os.path.dirname(path))  # <tmp>/raybatch-<uid>/mpi/<x>.sock
@@ -192,17 +199,7 @@ def test_the_agent_server_serves_only_rank0s_session_even_with_the_key():
     """Another job of the same user can read the 0600 key file; its processes are in their
     own rank's session, not in rank 0's, so the server refuses them (SO_PEERCRED)."""
     path = agent_socket("jsess", 1)
-    ran = []
-
-    class Actor:
-        class exec_start:  # noqa: N801
-            @staticmethod
-            def remote(*a):
-                ran.append(a)
-                raise RuntimeError("ran")
-
-    server = mpi_agent.AgentServer(path, {"rbh-1": {"actor": Actor, "env": {}, "cwd": None, "log_dir": "/x"}},
-                                   own_uts=False)
+    server, ran = _recording_server(path)
     try:
         request = {"host": "rbh-1", "command": "prted", "key": server.key}
         # rank 0's process has not started yet: nobody's session is served
