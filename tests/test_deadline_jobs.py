@@ -157,8 +157,12 @@ def end(launcher, sched, job, n, node, outcome="EVICTED"):
 def checkpoint(tmp_path, job, name, mtime):
     d = tmp_path / "jobs" / job["id"] / "checkpoints"
     d.mkdir(parents=True, exist_ok=True)
-    (d / name).write_text(name)
-    os.utime(d / name, (mtime, mtime))
+    # written and dated beside the directory, then renamed in: a listing running on the
+    # scheduler's thread never sees the file with the time of its writing
+    tmp = d.parent / f".{name}.tmp"
+    tmp.write_text(name)
+    os.utime(tmp, (mtime, mtime))
+    os.replace(tmp, d / name)
 
 
 def settle(sched, check, timeout=20.0):
