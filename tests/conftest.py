@@ -5,6 +5,7 @@ raybatch server process on top of it with its own SQLite file."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -113,7 +114,14 @@ class RayTestCluster:
         return out
 
     def shutdown(self) -> None:
+        head = self.cluster.head_node
+        session = Path(head.get_session_dir_path()) if head is not None else None
         self.cluster.shutdown()
+        if session is not None:
+            # the nodes' pip/uv environments, each a full copy of this virtualenv (GBs): Ray
+            # keeps them with the session's logs after the cluster is gone
+            for d in session.glob("runtime_resources*"):
+                shutil.rmtree(d, ignore_errors=True)
 
 
 class ServerProcess:
