@@ -357,9 +357,13 @@ class LocalCluster:
         cpus = cpus_per_node or max(1, (os.cpu_count() or 2) // nodes)
         ray_bin = str(Path(sys.executable).with_name("ray"))
         gcs, dash = free_port(), free_port()
+        # The head's own temp dir too (not Ray's shared /tmp/ray): its per-job environments
+        # are copies of this virtualenv (GBs each), and `down` removes them with the dir.
+        # Short: it holds Unix socket paths.
+        head_temp = str(Path(tempfile.gettempdir()) / f"raybatch-ray-{gcs}-0")
         pids: dict[str, Any] = {"workers": []}
         pids["head"] = self._spawn(
-            [ray_bin, "start", "--head", "--port", str(gcs), "--dashboard-host", "127.0.0.1",
+            [ray_bin, "start", "--head", "--port", str(gcs), "--temp-dir", head_temp, "--dashboard-host", "127.0.0.1",
              "--dashboard-port", str(dash), "--include-dashboard", "true",
              "--ray-client-server-port", str(free_port()),
              "--dashboard-agent-listen-port", str(free_port()),
@@ -369,7 +373,7 @@ class LocalCluster:
         )
         info = {"url": None, "ray_address": f"127.0.0.1:{gcs}", "dashboard_url": f"http://127.0.0.1:{dash}",
                 "nodes": nodes, "cpus_per_node": cpus, "pids": pids, "started_at": time.time(),
-                "temp_dirs": [], "starts": {}, "restarts": {}, "last_restart": {}}
+                "temp_dirs": [], "head_temp_dir": head_temp, "starts": {}, "restarts": {}, "last_restart": {}}
         self._note(info, pids["head"])
         self._write(info)
 
@@ -415,8 +419,8 @@ class LocalCluster:
         for pid in pids.get("workers", []):
             _stop_pid(pid, 30, starts.get(str(pid)))
         _stop_pid(pids.get("head"), 30, starts.get(str(pids.get("head"))))
-        for temp_dir in info.get("temp_dirs", []):  # logs and per-job environments (GBs each)
-            shutil.rmtree(temp_dir, ignore_errors=True)
+        for temp_dir in [*info.get("temp_dirs", []), *filter(None, [info.get("head_temp_dir")])]:
+            shutil.rmtree(temp_dir, ignore_errors=True)  # logs and per-job environments (GBs each)
         self.info_file.unlink(missing_ok=True)
         return True
 
