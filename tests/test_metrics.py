@@ -10,6 +10,7 @@ import importlib
 import json
 import pkgutil
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -265,6 +266,32 @@ def test_a_running_jobs_logged_metrics_show_while_it_runs_and_go_when_it_ends(tm
     sched.cycle()
     metrics.tail.poll()
     assert not scrape(http)["raybatch_job_metric"]
+
+
+def test_a_metrics_file_replaced_by_a_link_is_not_read(tmp_path):
+    """A job that made its metrics file (or its rank's log directory) a link, to another
+    job's metrics or any file of the head, must not get those values shown as its own."""
+    http, store, launcher, sched, metrics = _app(tmp_path)
+    other = tmp_path / "other-metrics.jsonl"
+    other.write_text(json.dumps({"name": "secret_metric", "value": 42.0}) + "\n")
+    job = submit(store, name="linker", experiment="mnist")
+    job_dir = Path(store.get_job(job["id"])["job_dir"])
+    sched.cycle()
+    _running(launcher, sched, store, job, ["node0"])
+    rank0 = job_dir / "stdouterr" / "attempt-1" / "rank-0"
+    rank0.mkdir(parents=True)
+    (rank0 / "metrics.jsonl").symlink_to(other)
+    metrics.tail.poll()
+    assert not scrape(http).get("raybatch_job_metric"), "read through a link"
+    assert "symbolic link" in metrics.tail._errors[job["id"]], metrics.tail._errors
+    # the whole log directory replaced by a link to another job's
+    elsewhere = tmp_path / "elsewhere" / "attempt-1" / "rank-0"
+    elsewhere.mkdir(parents=True)
+    (elsewhere / "metrics.jsonl").write_text(other.read_text())
+    shutil.rmtree(job_dir / "stdouterr")
+    (job_dir / "stdouterr").symlink_to(tmp_path / "elsewhere")
+    metrics.tail.poll()
+    assert not scrape(http).get("raybatch_job_metric"), "read through a linked log directory"
 
 
 # ---- the Grafana dashboard ------------------------------------------------------------

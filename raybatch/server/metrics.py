@@ -399,9 +399,9 @@ class JobMetricTail:
 
     def _tail(self, job: dict[str, Any]) -> None:
         from raybatch.runtime.launch import METRICS_STORE  # noqa: PLC0415
+        from raybatch.server.common import job_backend  # noqa: PLC0415
         from raybatch.spec.job import JobSpec  # noqa: PLC0415
         from raybatch.storage import plan as storage_plan  # noqa: PLC0415
-        from raybatch.storage.backends import open_backend  # noqa: PLC0415
 
         tail = self._tails.get(job["id"])
         if tail is None:
@@ -410,9 +410,11 @@ class JobMetricTail:
                 tail = {"skip": True}
             else:
                 logs = storage_plan.job_locations(spec, job["job_dir"])["stdouterr"]
-                access = self.ctx.datastores().resolve(logs)
-                tail = {"backend": open_backend(access), "attempt": 0, "offset": 0, "next": 0.0,
-                        "every": 0.0 if access.kind == "local" else JOB_METRIC_REMOTE_S}
+                # the routes' backend: a job that made its metrics file a link (to the db,
+                # another job's metrics, a FIFO) is not read through it
+                backend = job_backend(self.ctx, job, logs)
+                tail = {"backend": backend, "attempt": 0, "offset": 0, "next": 0.0,
+                        "every": 0.0 if backend.access.kind == "local" else JOB_METRIC_REMOTE_S}
             self._tails[job["id"]] = tail
         if tail.get("skip") or time.monotonic() < tail["next"]:
             return
