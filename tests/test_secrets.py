@@ -182,6 +182,32 @@ def test_keyvault_is_read_by_the_server_with_its_identity(monkeypatch):
     assert "secrets.G: Key Vault https://myvault.vault.azure.net, secret 'gone': ResourceNotFoundError" in str(err.value)
 
 
+def test_a_vault_taken_from_the_workspace_after_submit_is_refused_at_start_and_never_read():
+    """key_vaults is checked at submit (the API) and again before each start's read, with
+    the policy as it is then: a vault an admin took from the workspace while the job was
+    queued is refused, naming it, and Key Vault is not called."""
+    from raybatch.spec.policy import SchedulerPolicy
+
+    s = JobSpec.model_validate_json(spec(workspace="nlp", secrets={"KV": {"keyvault": "nlpvault/db"}}).model_dump_json())
+    reads = []
+
+    def read(ref):
+        reads.append(ref)
+        return "from-key-vault"
+
+    def at_start(policy):
+        return rs.attempt_values(s, None, rs.SecretBox("/nonexistent"), read_keyvault=read,
+                                 vault_problem=lambda vault: policy.vault_problem(s.workspace, vault))
+
+    assert at_start(SchedulerPolicy.model_validate({"key_vaults": {"nlp": ["NLPVault"]}})) == {"KV": "from-key-vault"}
+    with pytest.raises(rs.SecretError) as err:
+        at_start(SchedulerPolicy.model_validate({"key_vaults": {"nlp": ["othervault"]}}))
+    assert "secrets.KV: Key Vault 'nlpvault' is not one of workspace 'nlp''s (othervault" in str(err.value)
+    with pytest.raises(rs.SecretError, match="workspace 'nlp' may name no Key Vault"):
+        at_start(SchedulerPolicy.model_validate({}))
+    assert reads == ["nlpvault/db"]
+
+
 # ---- output --------------------------------------------------------------------------------
 def test_masker_replaces_values_split_anywhere():
     values = [VALUE, "line-one-of-a-key\nline-two-of-a-key", "abc"]

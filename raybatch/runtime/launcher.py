@@ -64,6 +64,9 @@ class RayJobLauncher:
         self.code_root = Path(code_root)
         self.client = JobSubmissionClient(dashboard_url)
         self.secret_box = SecretBox(self.state_dir)  # the jobs' secrets at rest (runtime.secrets)
+        # (workspace, vault) -> why its jobs may not read that Key Vault now (the server's
+        # current policy; set by the server once its scheduler has one), or None
+        self.vault_problem: Optional[Callable[[str, str], Optional[str]]] = None
         self.datastores = datastores or Datastores
         self.settings = settings or ServerSettings.from_env()
         # the driver connects to this GCS, not to "auto": Ray resolves "auto" through one
@@ -85,7 +88,11 @@ class RayJobLauncher:
         except (CredentialError, LocationError) as e:
             raise AttemptSetupError(f"storage: {e}") from None
         try:  # opened and read (Key Vault) at each start, never written anywhere but secrets.json
-            secret_env = attempt_values(spec, job.get("secrets"), self.secret_box) if spec.secrets else {}
+            policy = self.vault_problem
+            secret_env = attempt_values(
+                spec, job.get("secrets"), self.secret_box,
+                vault_problem=(lambda vault: policy(spec.workspace, vault)) if policy is not None else None,
+            ) if spec.secrets else {}
         except SecretError as e:
             raise AttemptSetupError(str(e)) from None
         sha = job.get("code_package")

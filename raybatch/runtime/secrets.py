@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional
 
 from raybatch.spec.job import JobSpec
-from raybatch.spec.secrets import MASK, SecretRef, parse_keyvault, values
+from raybatch.spec.secrets import MASK, SecretRef, parse_keyvault, values, vault_name
 
 KEY_FILE = "secrets.key"
 MIN_MASKED = 4  # shorter values are not masked in output: "1" or "yes" would garble every log
@@ -127,13 +127,19 @@ def keyvault_value(ref: str, credential: Any = None) -> str:
 
 
 def attempt_values(spec: JobSpec, sealed: Optional[str], box: SecretBox,
-                   read_keyvault: Callable[[str], str] = keyvault_value) -> dict[str, str]:
+                   read_keyvault: Callable[[str], str] = keyvault_value,
+                   vault_problem: Optional[Callable[[str], Optional[str]]] = None) -> dict[str, str]:
     """Every secret of the job, by name: the sealed values opened, Key Vault references read
-    now (a rotated secret is read anew at each attempt). SecretError names the one missing."""
+    now (a rotated secret is read anew at each attempt). SecretError names the one missing.
+    ``vault_problem`` (a vault's name -> why the job may not read it, or None): the server's
+    policy as it is now, checked again before each read (it may have changed since submit)."""
     kept = box.open(sealed) if sealed else {}
     out: dict[str, str] = {}
     for name, v in spec.secrets.items():
         if isinstance(v, SecretRef) and v.keyvault is not None:
+            why = vault_problem(vault_name(v.keyvault)) if vault_problem is not None else None
+            if why:
+                raise SecretError(f"secrets.{name}: {why} (the server's policy, read again at each start)")
             try:
                 out[name] = read_keyvault(v.keyvault)
             except SecretError as e:

@@ -121,6 +121,7 @@ def build(state_dir: Path, ray_address: str, dashboard_url: str, jobs_root: str 
     scheduler.load_policy()
     if scheduler.policy_error:
         raise SystemExit(scheduler.policy_error)
+    launcher.vault_problem = lambda workspace, vault: scheduler.policy.vault_problem(workspace, vault)
     stranded = store.requeue_stranded()  # a chain a crash left half done goes on to QUEUED
     if stranded:
         log.warning("requeued %d job(s) left RESTARTING or PREEMPTED: %s", len(stranded), ", ".join(stranded[:20]))
