@@ -324,6 +324,31 @@ def test_the_audit_log_is_written_in_the_background_and_its_thread_ends_when_idl
     assert len(store.audit()) == 2
 
 
+def test_audit_records_older_than_the_policys_retention_are_deleted(api, tmp_path):
+    """policy.yaml's audit_retention_days (default 90): the server deletes older records
+    (at its first audit write or read, then hourly), through the real app and policy file."""
+    now = time.time()
+    api.ctx.store.add_audit([(now - 40 * 86400, "old", None, "vision", "POST", "/api/v1/jobs", "10.0.0.9", 201, None),
+                             (now - 20 * 86400, "kept", None, "vision", "POST", "/api/v1/jobs", "10.0.0.9", 201, None)])
+    (tmp_path / "policy.yaml").write_text("audit_retention_days: 30\n")
+    api.ctx.scheduler.policy_file = tmp_path / "policy.yaml"
+    api.ctx.scheduler.load_policy()
+    assert api.ctx.scheduler.policy.audit_retention_days == 30
+    assert [r["user"] for r in api.get("/api/v1/audit").json()] == ["kept"]
+
+
+def test_pruning_deletes_in_batches_and_stops_at_the_first_newer_record(tmp_path):
+    from raybatch.state.store import Store
+
+    store = Store(tmp_path / "db.sqlite")
+    now = time.time()
+    rec = lambda at, user: (at, user, None, None, "POST", "/x", None, 201, None)  # noqa: E731
+    store.add_audit([rec(now - 100 - i, f"old{i}") for i in range(25)] + [rec(now, f"new{i}") for i in range(5)])
+    assert store.prune_audit(now - 50, batch=10) == 25
+    assert sorted(r["user"] for r in store.audit()) == [f"new{i}" for i in range(5)]
+    assert store.prune_audit(now - 50, batch=10) == 0
+
+
 # ---- the review's findings: no way around the workspace of a submit ------------------------------
 def test_a_decoy_jobs_key_does_not_choose_the_workspace_checked(api):
     """A single submit with a "jobs" key was read as a batch by the access rule (no

@@ -37,7 +37,7 @@ import threading
 import time
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional
 
 from fastapi import HTTPException, Request, status
 
@@ -344,9 +344,13 @@ class AuditLog:
 
     MAX_PENDING = 100_000  # a flood of refused requests cannot grow memory without bound
     IDLE_PERIODS = 40
+    PRUNE_EVERY_S = 3600.0
 
-    def __init__(self, store: "Store", period: float = 0.25):
+    def __init__(self, store: "Store", period: float = 0.25,
+                 retention_days: Callable[[], float] = lambda: 90.0):
         self.store, self.period = store, period
+        self.retention_days = retention_days  # the policy's audit_retention_days, as it is now
+        self._pruned_at = 0.0  # monotonic; the first write prunes
         self._pending: list[tuple] = []
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -377,6 +381,23 @@ class AuditLog:
                 log.warning("could not write %d audit record(s); retrying", len(batch), exc_info=True)
                 with self._lock:
                     self._pending[:0] = batch
+        self.prune()
+
+    def prune(self, force: bool = False) -> int:
+        """Delete the records older than the retention, at most once an hour (a server that
+        writes nothing deletes nothing, and its records are not growing either)."""
+        now = time.monotonic()
+        if not force and self._pruned_at and now - self._pruned_at < self.PRUNE_EVERY_S:
+            return 0
+        self._pruned_at = now
+        try:
+            n = self.store.prune_audit(time.time() - self.retention_days() * 86400)
+        except Exception:  # noqa: BLE001 - the next hour tries again
+            log.warning("could not delete old audit records", exc_info=True)
+            return 0
+        if n:
+            log.info("deleted %d audit record(s) older than %g day(s)", n, self.retention_days())
+        return n
 
     def _run(self) -> None:
         """Flush every ``period``; after ``IDLE_PERIODS`` with nothing to write the thread ends

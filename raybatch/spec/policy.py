@@ -76,6 +76,9 @@ class SchedulerPolicy(BaseModel):
     workspaces: dict[str, QuotaSpec] = Field(
         default_factory=dict, description="Per workspace other than 'default' (whose jobs use `quotas`)."
     )
+    audit_retention_days: float = Field(
+        90.0, gt=0, le=36500, description="Audit log records older than this many days are deleted (hourly, by "
+        "the server). Azure's activity log keeps 90 days.")
     key_vaults: dict[str, list[str]] = Field(
         default_factory=dict, description="Workspace -> the Key Vault names its jobs' secrets may reference: the "
         "server reads them with its own identity, so a workspace must not name another's vault. A workspace not "

@@ -671,6 +671,19 @@ class Store:
             db.executemany(f"INSERT INTO audit ({', '.join(self.AUDIT_FIELDS)}) VALUES "
                            f"({','.join('?' * len(self.AUDIT_FIELDS))})", records)
 
+    def prune_audit(self, before: float, batch: int = 10_000) -> int:
+        """Delete audit records made before ``before`` (a time), oldest first, ``batch`` per
+        transaction (other writers wait for one batch at most); how many were deleted. Ids
+        follow time, so each batch reads the oldest ids only and no index on ``at`` is needed."""
+        deleted = 0
+        while True:
+            with self._tx() as db:
+                n = db.execute("DELETE FROM audit WHERE id IN (SELECT id FROM audit ORDER BY id LIMIT ?) AND at < ?",
+                               (batch, before)).rowcount
+            deleted += n
+            if n < batch:
+                return deleted
+
     def audit(self, workspace: Optional[str] = None, limit: int = 200,
               before: Optional[int] = None) -> list[dict[str, Any]]:
         """Audit records, newest first (``workspace``: only that one's; ``before``: ids below)."""
