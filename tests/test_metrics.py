@@ -243,14 +243,19 @@ def test_a_cycle_hook_error_in_metrics_never_reaches_the_scheduler(tmp_path):
     assert metrics.observer._failed and sched.hook_errors == {}
 
 
-def test_a_running_jobs_logged_metrics_show_while_it_runs_and_go_when_it_ends(tmp_path):
+def _running_job(tmp_path, name: str):
+    """A running job of experiment 'mnist' and its rank 0's (made) log directory."""
     http, store, launcher, sched, metrics = _app(tmp_path)
-    job = submit(store, name="train", experiment="mnist")
-    job_dir = Path(store.get_job(job["id"])["job_dir"])
+    job = submit(store, name=name, experiment="mnist")
     sched.cycle()
     _running(launcher, sched, store, job, ["node0"])
-    rank0 = job_dir / "stdouterr" / "attempt-1" / "rank-0"
+    rank0 = Path(store.get_job(job["id"])["job_dir"]) / "stdouterr" / "attempt-1" / "rank-0"
     rank0.mkdir(parents=True)
+    return http, launcher, sched, metrics, job, rank0
+
+
+def test_a_running_jobs_logged_metrics_show_while_it_runs_and_go_when_it_ends(tmp_path):
+    http, launcher, sched, metrics, job, rank0 = _running_job(tmp_path, "train")
     lines = [{"name": "loss", "value": 0.9, "step": 0}, {"name": "loss", "value": 0.4, "step": 1},
              {"name": "acc", "value": 0.8, "step": 1}]
     (rank0 / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in lines) + '{"name": "lo')
@@ -271,15 +276,9 @@ def test_a_running_jobs_logged_metrics_show_while_it_runs_and_go_when_it_ends(tm
 def test_a_metrics_file_replaced_by_a_link_is_not_read(tmp_path):
     """A job that made its metrics file (or its rank's log directory) a link, to another
     job's metrics or any file of the head, must not get those values shown as its own."""
-    http, store, launcher, sched, metrics = _app(tmp_path)
+    http, launcher, sched, metrics, job, rank0 = _running_job(tmp_path, "linker")
     other = tmp_path / "other-metrics.jsonl"
     other.write_text(json.dumps({"name": "secret_metric", "value": 42.0}) + "\n")
-    job = submit(store, name="linker", experiment="mnist")
-    job_dir = Path(store.get_job(job["id"])["job_dir"])
-    sched.cycle()
-    _running(launcher, sched, store, job, ["node0"])
-    rank0 = job_dir / "stdouterr" / "attempt-1" / "rank-0"
-    rank0.mkdir(parents=True)
     (rank0 / "metrics.jsonl").symlink_to(other)
     metrics.tail.poll()
     assert not scrape(http).get("raybatch_job_metric"), "read through a link"
@@ -288,8 +287,9 @@ def test_a_metrics_file_replaced_by_a_link_is_not_read(tmp_path):
     elsewhere = tmp_path / "elsewhere" / "attempt-1" / "rank-0"
     elsewhere.mkdir(parents=True)
     (elsewhere / "metrics.jsonl").write_text(other.read_text())
-    shutil.rmtree(job_dir / "stdouterr")
-    (job_dir / "stdouterr").symlink_to(tmp_path / "elsewhere")
+    stdouterr = rank0.parent.parent
+    shutil.rmtree(stdouterr)
+    stdouterr.symlink_to(tmp_path / "elsewhere")
     metrics.tail.poll()
     assert not scrape(http).get("raybatch_job_metric"), "read through a linked log directory"
 
