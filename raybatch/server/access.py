@@ -350,7 +350,7 @@ class AuditLog:
                  retention_days: Callable[[], float] = lambda: 90.0):
         self.store, self.period = store, period
         self.retention_days = retention_days  # the policy's audit_retention_days, as it is now
-        self._pruned_at = 0.0  # monotonic; the first write prunes
+        self._pruned_at = 0.0  # monotonic; the writer's first batch prunes
         self._pending: list[tuple] = []
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -381,11 +381,11 @@ class AuditLog:
                 log.warning("could not write %d audit record(s); retrying", len(batch), exc_info=True)
                 with self._lock:
                     self._pending[:0] = batch
-        self.prune()
 
     def prune(self, force: bool = False) -> int:
-        """Delete the records older than the retention, at most once an hour (a server that
-        writes nothing deletes nothing, and its records are not growing either)."""
+        """Delete the records older than the retention, at most once an hour; called by the
+        writer thread only (never on a request, nor at exit). A server that writes nothing
+        deletes nothing, and its log is not growing either."""
         now = time.monotonic()
         if not force and self._pruned_at and now - self._pruned_at < self.PRUNE_EVERY_S:
             return 0
@@ -400,11 +400,13 @@ class AuditLog:
         return n
 
     def _run(self) -> None:
-        """Flush every ``period``; after ``IDLE_PERIODS`` with nothing to write the thread ends
-        (the next record starts another): an idle server, or a test's many apps, keep none."""
+        """Flush every ``period`` (and prune, hourly); after ``IDLE_PERIODS`` with nothing to
+        write the thread ends (the next record starts another): an idle server, or a test's
+        many apps, keep none."""
         idle = 0
         while True:
             self._wake.wait(self.period)
+            self.prune()  # before looking for work: a reader's flush may have taken it all
             with self._lock:
                 if not self._pending:
                     idle += 1
