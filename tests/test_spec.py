@@ -659,8 +659,8 @@ def test_policy_file_defaults_and_quotas(tmp_path):
     ("quotas: {vision: {max_nodez: 1}}", "quotas.vision.max_nodez: unknown field; allowed: max_gpus, max_nodes, share"),
     ("quotas: {vision: {share: 0}}", "quotas.vision.share: Input should be greater than 0"),
     ("quotas: {'bad name': {}}", "quotas: 'bad name' is not an experiment name"),
-    ("backfil: true", "backfil: unknown field; allowed: allow_pip_sources, backfill, fair_share, key_vaults, preemption, "
-     "quotas, workspaces"),
+    ("backfil: true", "backfil: unknown field; allowed: allow_pip_sources, audit_retention_days, backfill, fair_share, "
+     "key_vaults, preemption, quotas, workspaces"),
     ("- a list", "(top level): the policy file must be a YAML mapping"),
 ])
 def test_policy_file_errors_name_the_field(tmp_path, text, problem):
