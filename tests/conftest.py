@@ -97,21 +97,9 @@ class RayTestCluster:
     def node_pids(self, node) -> list[int]:
         """Every process of that node, as a machine holds them: its raylet and what the raylet
         started (workers, agents, the ranks' processes), and the node's own helpers."""
-        children: dict[int, list[int]] = {}
-        for p in Path("/proc").iterdir():
-            try:
-                ppid = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1]) if p.name.isdigit() else None
-            except (OSError, IndexError, ValueError):
-                continue
-            if ppid is not None:
-                children.setdefault(ppid, []).append(int(p.name))
-        todo, out = [self.raylet_pid(node), *(proc.pid for _, proc in node.live_processes())], []
-        while todo:
-            pid = todo.pop()
-            if pid not in out:
-                out.append(pid)
-                todo.extend(children.get(pid, []))
-        return out
+        from tests.fake_autoscaling import with_descendants
+
+        return with_descendants([self.raylet_pid(node), *(proc.pid for _, proc in node.live_processes())])
 
     def shutdown(self) -> None:
         head = self.cluster.head_node

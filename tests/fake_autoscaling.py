@@ -213,6 +213,40 @@ def spot_cloud(worker_node_types: dict, **kwargs) -> FakeAutoscalingCluster:
     return c.start()
 
 
+def with_descendants(roots: list[int]) -> list[int]:
+    """``roots`` and every process under them (by parent pid, read from /proc)."""
+    children: dict[int, list[int]] = {}
+    for p in Path("/proc").iterdir():
+        try:
+            ppid = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1]) if p.name.isdigit() else None
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid is not None:
+            children.setdefault(ppid, []).append(int(p.name))
+    todo, out = list(roots), []
+    while todo:
+        pid = todo.pop()
+        if pid not in out:
+            out.append(pid)
+            todo.extend(children.get(pid, []))
+    return out
+
+
+def kill_node(cluster: FakeAutoscalingCluster, node_id: str) -> list[int]:
+    """A VM lost without notice: SIGKILL to the node's raylet and every process under it
+    (its workers and the ranks' processes) at once, so no process of the node outlives its
+    raylet to act on what happens next. The pids signalled."""
+    raylet = raylet_pid(cluster, node_id)
+    assert raylet is not None, f"no raylet found for node {node_id}"
+    pids = with_descendants([raylet])
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return pids
+
+
 def raylet_pid(cluster: FakeAutoscalingCluster, node_id: str) -> int | None:
     """The raylet of that node, if this cluster started it (its temp dir in the command line)."""
     for pid in pids_mentioning(f"--node_id={node_id}"):
