@@ -63,7 +63,8 @@ class TlsServer(ServerProcess):
 def server(tmp_path_factory):
     cluster = RayTestCluster(nodes=1)
     state = tmp_path_factory.mktemp("tls-server")
-    cert, key = tls.self_signed(tmp_path_factory.mktemp("tls"))
+    d = tmp_path_factory.mktemp("tls")
+    cert, key = tls.pair(d / tls.CERT_NAME, d / tls.KEY_NAME)
     s = TlsServer(cluster, state, cert, key).start()
     yield s
     s.stop()
@@ -193,7 +194,8 @@ def test_a_token_over_plain_http_off_loopback_warns_once(capsys):
 
 
 def test_server_tls_options_go_together(tmp_path):
-    cert, key = tls.self_signed(tmp_path / "tls", hosts=["head.example", "10.0.0.4"])
+    cert, key = tls.pair(tmp_path / "tls" / tls.CERT_NAME, tmp_path / "tls" / tls.KEY_NAME,
+                         hosts=["head.example", "10.0.0.4"])
     assert tls_options(cert, key) == {"ssl_certfile": str(cert), "ssl_keyfile": str(key)}
     assert tls_options(None, None) == {}
     with pytest.raises(SystemExit, match="go together"):
@@ -203,7 +205,7 @@ def test_server_tls_options_go_together(tmp_path):
     assert oct(key.stat().st_mode & 0o777) == "0o600"
     # kept once made: clients that trust it keep trusting it
     before = cert.read_bytes()
-    assert tls.self_signed(tmp_path / "tls") == (cert, key) and cert.read_bytes() == before
+    assert tls.pair(cert, key) == (cert, key) and cert.read_bytes() == before
 
 
 def test_the_heads_server_unit_serves_https_with_the_heads_certificate(tmp_path):

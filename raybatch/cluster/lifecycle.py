@@ -584,6 +584,14 @@ def _output(value: Any) -> str:
     return value.decode(errors="replace") if isinstance(value, bytes) else str(value or "")
 
 
+def _between(out: str, begin: str, end: str) -> str:
+    """What a command printed between ``begin`` and the next ``end`` ('' when either is
+    missing): a login shell on the head may print banners around it."""
+    start = out.find(begin)
+    stop = out.find(end, start + len(begin)) if start >= 0 else -1
+    return out[start + len(begin):stop] if stop >= 0 else ""
+
+
 TOKEN_MARK = "RAYBATCH-API-TOKEN"
 TOKEN_WAIT_S = 90      # on the head, per read: the server writes its token once it has imported Ray
 TOKEN_READS = 3        # reads before giving up (an ssh session may also fail to start)
@@ -597,9 +605,7 @@ def _fetch_api_token(ops: AzureOps, config_path: str) -> str:
            f"echo {TOKEN_MARK}:$(cat {f} 2>/dev/null):{TOKEN_MARK}")
     for _ in range(TOKEN_READS):
         out = _output(ops.run_on_cluster(config_path, cmd=cmd, with_output=True))
-        start = out.find(TOKEN_MARK + ":")
-        end = out.find(":" + TOKEN_MARK, start + 1)
-        token = out[start + len(TOKEN_MARK) + 1:end].strip() if start >= 0 and end > start else ""
+        token = _between(out, TOKEN_MARK + ":", ":" + TOKEN_MARK).strip()
         if token:
             return token
     raise ClusterError(f"could not read the server's API token on the head ({f}) within "
@@ -622,9 +628,7 @@ def _fetch_certificate(ops: AzureOps, config_path: str) -> str:
     problem = "nothing between the markers"
     for _ in range(TOKEN_READS):
         out = _output(ops.run_on_cluster(config_path, cmd=cmd, with_output=True)).replace("\r\n", "\n")
-        start = out.find(CERT_BEGIN + "\n")
-        end = out.find(CERT_END, start + 1)
-        pem = out[start + len(CERT_BEGIN) + 1:end].strip() + "\n" if start >= 0 and end > start else ""
+        pem = _between(out, CERT_BEGIN + "\n", CERT_END).strip() + "\n"
         if pem.strip():
             try:
                 x509.load_pem_x509_certificate(pem.encode())

@@ -8,7 +8,8 @@ It is self-signed and is its own CA: clients verify the server with it
 (``RAYBATCH_CA_CERT`` / ``--ca-cert``), which ``raybatch env`` prints. Its names are
 the loopback addresses (the client reaches the head's server through an SSH tunnel to
 127.0.0.1) plus any the caller adds (``head-setup``: the head's host name and addresses,
-``local_names``, for when the server's port is opened on a network). The key is an EC P-256 key (made in milliseconds), 0600."""
+``local_names``, for when the server's port is opened on a network). The key is an EC
+P-256 key (made in milliseconds), 0600."""
 
 from __future__ import annotations
 
@@ -23,15 +24,6 @@ CERT_NAME = "server.pem"   # the certificate, and the CA clients verify the serv
 KEY_NAME = "server.key"    # its private key (0600)
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 VALID_DAYS = 3650
-
-
-def self_signed(directory: Path, hosts: Iterable[str] = (), days: int = VALID_DAYS) -> tuple[Path, Path]:
-    """(certificate, key) in ``directory``: made if either is missing, else kept as they are.
-    ``hosts``: names or IP addresses the certificate also covers (loopback always)."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    os.chmod(directory, 0o700)
-    return pair(directory / CERT_NAME, directory / KEY_NAME, hosts, days)
 
 
 def pair(cert_path: Path, key_path: Path, hosts: Iterable[str] = (), days: int = VALID_DAYS) -> tuple[Path, Path]:
