@@ -382,12 +382,12 @@ class AuditLog:
                 with self._lock:
                     self._pending[:0] = batch
 
-    def prune(self, force: bool = False) -> int:
+    def prune(self) -> int:
         """Delete the records older than the retention, at most once an hour; called by the
         writer thread only (never on a request, nor at exit). A server that writes nothing
         deletes nothing, and its log is not growing either."""
         now = time.monotonic()
-        if not force and self._pruned_at and now - self._pruned_at < self.PRUNE_EVERY_S:
+        if self._pruned_at and now - self._pruned_at < self.PRUNE_EVERY_S:
             return 0
         self._pruned_at = now
         try:

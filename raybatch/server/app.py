@@ -121,8 +121,7 @@ async def invalid_request(request: Request, exc: Exception) -> JSONResponse:
 def create_app(ctx: ServerContext, token: str) -> FastAPI:
     registry = TokenRegistry(token, ctx.store)  # the owner token (admin) and the API tokens' hashes
     access = Access(registry, ctx.store, Sessions(registry))
-    audit = AuditLog(ctx.store, retention_days=lambda: getattr(getattr(ctx.scheduler, "policy", None),
-                                                               "audit_retention_days", 90.0))
+    audit = AuditLog(ctx.store, retention_days=lambda: ctx.scheduler.policy.audit_retention_days)
     ctx.tokens, ctx.access = registry, access
     app = FastAPI(title="raybatch", version=__version__, docs_url=None, redoc_url=None, openapi_url=None,
                   dependencies=[Depends(access)])  # every route: raybatch/server/access.py's rule for it

@@ -16,7 +16,6 @@ resolved when an attempt starts (``raybatch.storage.datastores``)."""
 from __future__ import annotations
 
 import os
-
 import posixpath
 import re
 from dataclasses import dataclass
